@@ -1,0 +1,1 @@
+"""pipeline: run an LLM prompt over every row of a table."""

@@ -1,0 +1,147 @@
+"""The durable record of finished rows: SQLite in WAL mode beside the output.
+
+Why SQLite: one file, atomic multi-row commits, readers (`pipeline status`, the final
+assembly) that never block the writer, and point look-ups by row key, so neither a
+rerun nor the final assembly has to hold a million results in memory. A kill -9
+loses at most the rows not yet committed (the writer commits about twice a second).
+
+A row is keyed by its id AND the hash of the exact request it was: a finished row is
+reused only while its request is unchanged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.types import RowResult
+
+RESULT_FIELDS = (
+    "response",
+    "reasoning",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "total_tokens",
+    "cost_usd",
+    "finish_reason",
+    "model",
+    "latency_s",
+    "attempts",
+    "error",
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS results (
+    row_key TEXT PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    {", ".join(RESULT_FIELDS)},
+    finished_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+_LOOKUP_CHUNK = 900  # under SQLite's historical limit of 999 bound parameters
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request_hash: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    rows: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class Checkpoint:
+    """One writer connection and one reader connection on the same database file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect()
+        self._writer.executescript(_SCHEMA)
+        self._reader = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        # The writer runs in worker threads, one call at a time; the reader on the loop.
+        connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=10000")
+        return connection
+
+    def write(self, results: Iterable[RowResult]) -> None:
+        """Commit a batch of finished rows atomically."""
+        now = time.time()
+        rows = [_row(result, now) for result in results]
+        if not rows:
+            return
+        marks = ", ".join("?" * (len(RESULT_FIELDS) + 3))
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.executemany(f"INSERT OR REPLACE INTO results VALUES ({marks})", rows)
+
+    def finished(self, keys: list[str]) -> dict[str, Finished]:
+        """Which of these rows already have a result, and for which request."""
+        found: dict[str, Finished] = {}
+        for key, request_hash, error in self._select(
+            "row_key, request_hash, error IS NOT NULL", keys
+        ):
+            found[key] = Finished(request_hash, not error)
+        return found
+
+    def fetch(self, keys: list[str]) -> dict[str, tuple[object, ...]]:
+        """The stored result fields (in RESULT_FIELDS order) with their request hash first."""
+        columns = "row_key, request_hash, " + ", ".join(RESULT_FIELDS)
+        return {row[0]: row[1:] for row in self._select(columns, keys)}
+
+    def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[object, ...]]:
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start : start + _LOOKUP_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            yield from self._reader.execute(
+                f"SELECT {columns} FROM results WHERE row_key IN ({marks})", chunk
+            )
+
+    def totals(self) -> Totals:
+        row = self._reader.execute(
+            "SELECT count(*), count(error), total(prompt_tokens), "
+            "total(completion_tokens), total(reasoning_tokens), total(cost_usd) FROM results"
+        ).fetchone()
+        return Totals(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+
+def _row(result: RowResult, now: float) -> tuple[object, ...]:
+    completion = result.completion
+    usage = completion.usage if completion else None
+    return (
+        result.key,
+        result.request_hash,
+        completion.response if completion else None,
+        completion.reasoning if completion else None,
+        usage.prompt_tokens if usage else None,
+        usage.completion_tokens if usage else None,
+        usage.reasoning_tokens if usage else None,
+        usage.cached_tokens if usage else None,
+        usage.total_tokens if usage else None,
+        result.cost_usd,
+        completion.finish_reason if completion else None,
+        completion.model if completion else None,
+        result.latency_s,
+        result.attempts,
+        result.error,
+        now,
+    )

@@ -1,0 +1,137 @@
+"""Provider presets and prices from `configs/`, merged with a job's model section."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import SpecError
+from pipeline.spec import ModelSpec, Pricing
+from pipeline.types import Usage
+
+AuthMode = Literal["bearer", "body_key", "x_api_key"]
+
+
+class ProviderPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    auth: list[AuthMode] = Field(default_factory=lambda: ["bearer"])
+    model_keys: list[str] = Field(default_factory=lambda: ["model"])
+    default_params: dict[str, Any] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)
+    embedded_simulator: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float
+
+    def cost(self, usage: Usage) -> float:
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        uncached = usage.prompt_tokens - cached
+        return (
+            uncached * self.input + cached * self.cached_input + usage.output_tokens * self.output
+        ) / 1_000_000
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """Everything an adapter needs to talk to one model; the key never prints."""
+
+    name: str
+    preset: ProviderPreset
+    model: str
+    base_url: str | None
+    api_key_env: str | None
+    params: dict[str, Any]
+    price: Price | None
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def needs_key(self) -> bool:
+        return self.api_key_env is not None
+
+
+def config_dir() -> Path:
+    """Where presets live: $PIPELINE_CONFIG_DIR, the source tree, or the installed copy."""
+    override = os.environ.get("PIPELINE_CONFIG_DIR")
+    if override:
+        return Path(override)
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "configs", package / "_configs"):
+        if candidate.is_dir():
+            return candidate
+    raise SpecError("cannot find the configs/ folder; set PIPELINE_CONFIG_DIR to it")
+
+
+def available_providers() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "providers").glob("*.yaml"))
+
+
+@cache
+def load_preset(name: str) -> ProviderPreset:
+    path = config_dir() / "providers" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_providers())
+        raise SpecError(f"model.provider: unknown provider '{name}' (known: {known})")
+    try:
+        return ProviderPreset.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise SpecError(f"{path}: invalid provider preset: {exc}") from None
+
+
+@cache
+def load_prices() -> dict[str, Pricing]:
+    path = config_dir() / "pricing.yaml"
+    if not path.is_file():
+        return {}
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return {model: Pricing.model_validate(entry) for model, entry in raw.items()}
+    except ValidationError as exc:
+        raise SpecError(f"{path}: invalid price entry: {exc}") from None
+
+
+def resolve_price(model: ModelSpec) -> Price | None:
+    pricing = model.pricing or load_prices().get(model.model)
+    if pricing is None:
+        return None
+    cached = pricing.cached_input if pricing.cached_input is not None else pricing.input
+    return Price(input=pricing.input, output=pricing.output, cached_input=cached)
+
+
+def resolve_provider(model: ModelSpec, *, read_key: bool = True) -> ProviderSettings:
+    """Merge preset and job; with `read_key`, require the key variable to be set."""
+    preset = load_preset(model.provider)
+    key_env = model.api_key_env if model.api_key_env is not None else preset.api_key_env
+    api_key = None
+    if key_env and read_key:
+        api_key = os.environ.get(key_env)
+        if not api_key:
+            raise SpecError(
+                f"model.api_key_env: environment variable {key_env} is not set; "
+                f"export {key_env}=<your key> (provider '{model.provider}' needs a key)"
+            )
+    return ProviderSettings(
+        name=model.provider,
+        preset=preset,
+        model=model.model,
+        base_url=model.base_url or preset.base_url,
+        api_key_env=key_env,
+        params={**preset.default_params, **model.params},
+        price=resolve_price(model),
+        api_key=api_key,
+    )

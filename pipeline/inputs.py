@@ -1,0 +1,126 @@
+"""The input table: one CSV or Parquet file, or a glob of them, read lazily in batches."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.errors import SpecError
+
+SUPPORTED = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+CSV_SCHEMA_ROWS = 10_000
+
+
+class InputTable:
+    """A lazily scanned input; nothing but the schema is read until asked."""
+
+    def __init__(self, pattern: str, id_column: str | None = None) -> None:
+        self.pattern = pattern
+        self.id_column = id_column
+        self.paths = _expand(pattern)
+        self.format = _format_of(self.paths, pattern)
+        self._scan = self._open()
+        try:
+            self.schema = self._scan.collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise SpecError(f"input.path: cannot read {pattern}: {_short(exc)}") from None
+        if not self.schema:
+            raise SpecError(f"input.path: {pattern} has no columns")
+        if id_column is not None and id_column not in self.schema:
+            raise SpecError(
+                f"input.id_column: column '{id_column}' is not in {pattern} "
+                f"(columns: {', '.join(self.schema)})"
+            )
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema)
+
+    def _open(self) -> pl.LazyFrame:
+        sources = [str(p) for p in self.paths]
+        if self.format == "csv":
+            return pl.scan_csv(sources, infer_schema_length=CSV_SCHEMA_ROWS)
+        return pl.scan_parquet(sources)
+
+    def check(self) -> int:
+        """Read the whole input once; returns the row count. Refuses bad ids and bad rows."""
+        checks: list[pl.Expr] = [pl.len().alias("rows")]
+        if self.format == "csv":
+            # Parses every value, so a type that changes after row 10,000 fails here, not mid-run.
+            checks.append(pl.sum_horizontal(pl.all().null_count()).alias("_nulls"))
+        if self.id_column:
+            ids = pl.col(self.id_column)
+            checks += [ids.null_count().alias("null_ids"), ids.n_unique().alias("unique_ids")]
+        try:
+            stats = self._scan.select(checks).collect().row(0, named=True)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise SpecError(f"input.path: cannot read {self.pattern}: {_short(exc)}") from None
+        rows = int(stats["rows"])
+        if self.id_column:
+            self._check_ids(stats, rows)
+        return rows
+
+    def _check_ids(self, stats: dict[str, int], rows: int) -> None:
+        if stats["null_ids"]:
+            raise SpecError(
+                f"input.id_column: column '{self.id_column}' has {stats['null_ids']} empty "
+                "value(s); every row needs an id"
+            )
+        if stats["unique_ids"] != rows:
+            duplicates = (
+                self._scan.group_by(self.id_column)
+                .len()
+                .filter(pl.col("len") > 1)
+                .head(3)
+                .collect()
+            )
+            shown = ", ".join(repr(v) for v in duplicates[self.id_column].to_list())
+            raise SpecError(
+                f"input.id_column: column '{self.id_column}' must be unique, "
+                f"but {rows - stats['unique_ids']} value(s) repeat, e.g. {shown}"
+            )
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[pl.DataFrame]:
+        """Yield the input in order, `batch_size` rows at a time, at most `limit` rows."""
+        scan = self._scan if limit is None else self._scan.head(limit)
+        for batch in scan.collect_batches(chunk_size=batch_size):
+            if batch.height:
+                yield batch
+
+
+def _expand(pattern: str) -> list[Path]:
+    if glob.has_magic(pattern):
+        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if not paths:
+            raise SpecError(f"input.path: no file matches '{pattern}'")
+        return paths
+    path = Path(pattern)
+    if not path.exists():
+        raise SpecError(f"input.path: file not found: {pattern}")
+    if path.is_dir():
+        raise SpecError(f"input.path: {pattern} is a folder; name a file or a glob like dir/*.csv")
+    return [path]
+
+
+def _format_of(paths: list[Path], pattern: str) -> str:
+    formats = {SUPPORTED.get(p.suffix.lower()) for p in paths}
+    if None in formats:
+        odd = next(p for p in paths if p.suffix.lower() not in SUPPORTED)
+        raise SpecError(f"input.path: {odd} is neither .csv nor .parquet")
+    if len(formats) > 1:
+        raise SpecError(f"input.path: '{pattern}' mixes CSV and Parquet files; use one format")
+    return formats.pop()  # type: ignore[return-value]
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+def row_keys(batch: pl.DataFrame, offset: int, id_column: str | None) -> list[str]:
+    """The key each row is checkpointed under: its id, else its position in the input."""
+    if id_column is None:
+        return [str(i) for i in range(offset, offset + batch.height)]
+    return [str(v) for v in batch.get_column(id_column).to_list()]

@@ -1,0 +1,87 @@
+"""The final Parquet: every input row once, in input order, with its result columns.
+
+Assembled batch by batch from the input and the checkpoint, written to a temporary
+file beside the target and renamed over it, so the output path only ever holds a
+complete file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.checkpoint import RESULT_FIELDS, Checkpoint
+from pipeline.inputs import InputTable, row_keys
+
+READ_BATCH_ROWS = 10_000
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("response", pa.string()),
+        ("reasoning", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("finish_reason", pa.string()),
+        ("model", pa.string()),
+        ("latency_s", pa.float64()),
+        ("attempts", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+OUTPUT_COLUMNS = tuple(RESULT_SCHEMA.names)
+assert OUTPUT_COLUMNS == RESULT_FIELDS, "checkpoint and output disagree on the result columns"
+_MISSING = (None,) * (len(RESULT_FIELDS) - 1) + ("not_processed: no result was recorded",)
+
+
+def write_output(
+    table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None = None
+) -> int:
+    """Write the output atomically; returns the number of rows written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        offset = 0
+        for batch in table.batches(READ_BATCH_ROWS, limit):
+            keys = row_keys(batch, offset, table.id_column)
+            joined = _with_results(batch.to_arrow(), keys, checkpoint)
+            if writer is None:
+                writer = pq.ParquetWriter(temporary, joined.schema, compression="zstd")
+            writer.write_table(joined)
+            offset += batch.height
+            rows += batch.height
+        if writer is None:
+            empty = pl.DataFrame(schema=table.schema).to_arrow()
+            writer = pq.ParquetWriter(temporary, _with_results(empty, [], checkpoint).schema)
+        writer.close()
+        writer = None
+        _fsync(temporary)
+        os.replace(temporary, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        temporary.unlink(missing_ok=True)
+    return rows
+
+
+def _with_results(inputs: pa.Table, keys: list[str], checkpoint: Checkpoint) -> pa.Table:
+    stored = checkpoint.fetch(keys)
+    records = [stored[key][1:] if key in stored else _MISSING for key in keys]
+    columns = list(zip(*records, strict=True)) if records else [()] * len(RESULT_FIELDS)
+    for field, values in zip(RESULT_SCHEMA, columns, strict=True):
+        inputs = inputs.append_column(field, pa.array(values, type=field.type))
+    return inputs
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -1,0 +1,237 @@
+"""The one place that wires the concrete parts of a run together.
+
+prepare(): spec -> provider settings -> input -> templates -> every check, nothing sent.
+execute(): client -> provider -> plan -> scheduler -> checkpoint -> output Parquet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from pipeline.checkpoint import Checkpoint, Totals
+from pipeline.config import ProviderSettings, resolve_provider
+from pipeline.errors import JobFatalError, SpecError
+from pipeline.http import make_client
+from pipeline.inputs import InputTable
+from pipeline.output import OUTPUT_COLUMNS, write_output
+from pipeline.plan import WorkPlan
+from pipeline.progress import Progress
+from pipeline.providers import create_provider
+from pipeline.ratelimit import Pacer
+from pipeline.render import PromptRenderer
+from pipeline.retry import RetryPolicy
+from pipeline.scheduler import Outcome, Scheduler
+from pipeline.spec import JobSpec, load_spec
+from pipeline.types import RowResult
+
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_INVALID, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass
+class PreparedJob:
+    spec: JobSpec
+    settings: ProviderSettings
+    table: InputTable
+    renderer: PromptRenderer
+    rows: int
+    output_path: Path
+    limit: int | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        out = self.output_path
+        return out.with_name(f"{out.name}.run") / "checkpoint.sqlite"
+
+
+@dataclass
+class RunSummary:
+    rows: int
+    reused: int
+    sent: int
+    totals: Totals
+    outcome: Outcome
+    wall_s: float
+    output_path: Path | None
+    exit_code: int
+    fatal: JobFatalError | None = None
+    run_cost: float = 0.0
+    run_failed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(
+    job: str | Path | JobSpec,
+    *,
+    output: str | Path | None = None,
+    limit: int | None = None,
+    read_key: bool = True,
+) -> PreparedJob:
+    """Load and check everything a run needs; raises SpecError naming the problem."""
+    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    if limit is not None and limit < 0:
+        raise SpecError("--limit must be zero or more")
+    settings = resolve_provider(spec.model, read_key=read_key)
+    renderer = PromptRenderer(spec.prompt)
+    table = InputTable(spec.input.path, spec.input.id_column)
+    renderer.check_columns(table.columns)
+    clashes = sorted(set(OUTPUT_COLUMNS) & set(table.columns))
+    if clashes:
+        raise SpecError(
+            f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
+            f"of the same name; rename them in {spec.input.path}"
+        )
+    rows = table.check()
+    output_path = Path(output) if output else spec.output_path
+    _check_writable(output_path)
+    if limit is not None:
+        rows = min(rows, limit)
+    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit)
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise SpecError(f"output.path: {path} is a folder; name a .parquet file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".pipeline-write-test"):
+            pass
+    except OSError as exc:
+        raise SpecError(f"output.path: cannot write to {path.parent} ({exc.strerror})") from None
+
+
+def execute(
+    job: PreparedJob, *, handle_signals: bool = False, show_progress: bool = True
+) -> RunSummary:
+    """Run a prepared job to the end (or to a job-level stop) and write its output."""
+    started = time.monotonic()
+    with ExitStack() as stack:
+        settings = job.settings
+        if settings.preset.embedded_simulator is not None and not job.spec.model.base_url:
+            settings = _start_embedded_simulator(settings, stack)
+        checkpoint = Checkpoint(job.checkpoint_path)
+        stack.callback(checkpoint.close)
+        plan = WorkPlan(
+            job.table, job.renderer, checkpoint, settings.model, settings.params, job.limit
+        )
+        progress = Progress(job.rows, enabled=show_progress)
+        stack.callback(progress.close)
+        tally = _Tally()
+        outcome = anyio.run(
+            _pump,
+            job,
+            settings,
+            plan,
+            checkpoint,
+            progress,
+            tally,
+            handle_signals,
+            backend="asyncio",
+            backend_options={"use_uvloop": True},
+        )
+        return _finish(job, checkpoint, plan, outcome, tally, time.monotonic() - started)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass
+class _Tally:
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+    priced: bool = False
+
+
+async def _pump(
+    job: PreparedJob,
+    settings: ProviderSettings,
+    plan: WorkPlan,
+    checkpoint: Checkpoint,
+    progress: Progress,
+    tally: _Tally,
+    handle_signals: bool,
+) -> Outcome:
+    limits = job.spec.limits
+
+    async def record(batch: list[RowResult]) -> None:
+        await anyio.to_thread.run_sync(checkpoint.write, batch)
+        for result in batch:
+            tally.done += 1
+            tally.failed += result.error is not None
+            if result.completion is not None:
+                usage = result.completion.usage
+                tally.tokens += usage.prompt_tokens + usage.output_tokens
+            if result.cost_usd is not None:
+                tally.cost += result.cost_usd
+                tally.priced = True
+        progress.update(
+            plan.reused + tally.done,
+            tally.failed,
+            tally.tokens,
+            tally.cost if tally.priced else None,
+        )
+
+    async with make_client(limits.concurrency, limits.timeout_s) as client:
+        scheduler = Scheduler(
+            create_provider(settings, client),
+            Pacer(limits.requests_per_minute, limits.tokens_per_minute),
+            RetryPolicy(max_attempts=limits.max_attempts),
+            settings.price,
+            concurrency=limits.concurrency,
+            timeout_s=limits.timeout_s,
+        )
+        return await scheduler.run(plan.requests(), record, handle_signals=handle_signals)
+
+
+def _finish(
+    job: PreparedJob,
+    checkpoint: Checkpoint,
+    plan: WorkPlan,
+    outcome: Outcome,
+    tally: _Tally,
+    wall_s: float,
+) -> RunSummary:
+    output_path: Path | None = None
+    if outcome.fatal is not None:
+        code = EXIT_STOPPED
+    elif outcome.interrupted:
+        code = EXIT_INTERRUPTED
+    else:
+        write_output(job.table, checkpoint, job.output_path, job.limit)
+        output_path = job.output_path
+        code = EXIT_ROW_ERRORS if _failed_rows(job, checkpoint) else EXIT_OK
+    return RunSummary(
+        rows=job.rows,
+        reused=plan.reused,
+        sent=plan.planned,
+        totals=checkpoint.totals(),
+        outcome=outcome,
+        wall_s=wall_s,
+        output_path=output_path,
+        exit_code=code,
+        fatal=outcome.fatal,
+        run_cost=tally.cost,
+        run_failed=tally.failed,
+    )
+
+
+def _failed_rows(job: PreparedJob, checkpoint: Checkpoint) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    errors = pq.read_table(job.output_path, columns=["error"]).column("error")
+    return int(pc.sum(pc.is_valid(errors)).as_py() or 0)
+
+
+def _start_embedded_simulator(settings: ProviderSettings, stack: ExitStack) -> ProviderSettings:
+    from pipeline.simulator import SimulatorConfig, start_in_thread
+
+    options = {"accept_any_model": True, **(settings.preset.embedded_simulator or {})}
+    simulator = stack.enter_context(start_in_thread(SimulatorConfig(**options)))
+    return dataclasses.replace(settings, base_url=simulator.base_url)

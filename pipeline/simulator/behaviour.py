@@ -1,0 +1,231 @@
+"""Deterministic answers, token counting and in-band triggers of the simulator.
+
+Everything here is a pure function so that tests can compute, from the prompt alone,
+exactly what the simulator will answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_TRIGGER_RE = re.compile(r"\[\[sim:([a-z_]+)(?:=([0-9]+))?\]\]")
+
+
+def message_text(content: Any) -> str:
+    """Text of a message content: a string, or a list of text parts/blocks."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+        return "".join(parts)
+    return str(content)
+
+
+def normalize_messages(messages: Any, system: Any = None) -> list[dict[str, Any]]:
+    """The ``[{role, content}]`` list used for digests and token estimates.
+
+    For Anthropic requests the ``system`` prompt is prepended as a system message so
+    that both protocols give the same digest for the same prompt.
+    """
+    out: list[dict[str, Any]] = []
+    if system is not None and system != "" and system != []:
+        out.append({"role": "system", "content": system})
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                out.append({"role": m.get("role"), "content": m.get("content")})
+    return out
+
+
+def request_digest(model: str, messages: list[dict[str, Any]]) -> str:
+    """First 12 hex chars of sha256(orjson([model, messages], sorted keys))."""
+    msgs = normalize_messages(messages)
+    raw = orjson.dumps([model, msgs], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """sha256 of the canonical request body without its ``key`` field."""
+    if "key" in body:
+        body = {k: v for k, v in body.items() if k != "key"}
+    raw = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """Content of the last user message (raw text, may be empty)."""
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return message_text(m.get("content"))
+    return ""
+
+
+def _topic(messages: list[dict[str, Any]]) -> str:
+    return " ".join(last_user_text(messages).split())
+
+
+def _answer_text(digest: str, topic: str) -> str:
+    return f"Answer {digest}: {topic[:80]}"
+
+
+def _reasoning_text(digest: str, topic: str) -> str:
+    return f"Reasoning {digest}: the user asks about {topic[:40]}."
+
+
+def expected_response(model: str, messages: list[dict[str, Any]]) -> str:
+    """The answer text the simulator gives for this prompt (before any truncation)."""
+    return _answer_text(request_digest(model, messages), _topic(messages))
+
+
+def expected_reasoning(model: str, messages: list[dict[str, Any]]) -> str:
+    """The reasoning trace the simulator gives for this prompt."""
+    return _reasoning_text(request_digest(model, messages), _topic(messages))
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """sum(3 + ceil(len(content) / 4)) + 3, the simulator's prompt_tokens."""
+    total = 3
+    for m in messages:
+        if isinstance(m, dict):
+            total += 3 + math.ceil(len(message_text(m.get("content"))) / 4)
+    return total
+
+
+def text_tokens(text: str) -> int:
+    """Tokens of a generated text: ceil(len / 4), at least 1."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+@dataclass(slots=True)
+class Triggers:
+    """In-band ``[[sim:...]]`` directives found in the last user message."""
+
+    status: int | None = None
+    quota: bool = False
+    context: bool = False
+    filter: bool = False
+    length: bool = False
+    fail_first: int = 0
+    drop_first: int = 0
+    slow_ms: int = 0
+
+    @property
+    def any_first(self) -> bool:
+        return self.fail_first > 0 or self.drop_first > 0
+
+
+def parse_triggers(messages: list[dict[str, Any]]) -> Triggers | None:
+    """Triggers of the last user message, or None when it has none (the common case)."""
+    text = last_user_text(messages)
+    if "[[sim:" not in text:
+        return None
+    t = Triggers()
+    for name, value in _TRIGGER_RE.findall(text):
+        n = int(value) if value else 0
+        if name == "status" and value:
+            t.status = n
+        elif name == "quota":
+            t.quota = True
+        elif name == "context":
+            t.context = True
+        elif name == "filter":
+            t.filter = True
+        elif name == "length":
+            t.length = True
+        elif name == "fail_first":
+            t.fail_first = n
+        elif name == "drop_first":
+            t.drop_first = n
+        elif name == "slow":
+            t.slow_ms = n
+    return t
+
+
+@dataclass(slots=True)
+class Completion:
+    """A generated answer with its token accounting (protocol independent)."""
+
+    content: str
+    reasoning: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    finish: str  # "stop" | "length" | "content_filter"
+
+
+def make_completion(
+    model: str,
+    messages: list[dict[str, Any]],
+    *,
+    with_reasoning: bool,
+    max_tokens: int | None,
+    cached_fraction: float,
+    triggers: Triggers | None,
+) -> Completion:
+    """Build the deterministic answer for a (normalized) prompt."""
+    prompt = estimate_prompt_tokens(messages)
+    cached = math.floor(prompt * cached_fraction)
+    if triggers is not None and triggers.filter:
+        return Completion("", None, prompt, 0, 0, cached, "content_filter")
+    digest = request_digest(model, messages)
+    topic = _topic(messages)
+    content = _answer_text(digest, topic)
+    reasoning = _reasoning_text(digest, topic) if with_reasoning else None
+    finish = "stop"
+    if max_tokens is not None and max_tokens >= 0 and max_tokens < text_tokens(content):
+        content = content[: max_tokens * 4]
+        finish = "length"
+    elif triggers is not None and triggers.length:
+        content = content[: max(1, len(content) // 2)]
+        finish = "length"
+    completion = math.ceil(len(content) / 4) if finish == "length" else text_tokens(content)
+    reasoning_tokens = math.ceil(len(reasoning) / 4) if reasoning else 0
+    return Completion(content, reasoning, prompt, completion, reasoning_tokens, cached, finish)
+
+
+def go_duration(seconds: float) -> str:
+    """Format a duration like Go's time.Duration: ``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        ms = round(seconds * 1000, 3)
+        if ms >= 1000:
+            return "1s"
+        return f"{_trim(ms)}ms"
+    total = round(seconds, 3)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = ""
+    if hours:
+        out += f"{int(hours)}h"
+    if hours or minutes:
+        out += f"{int(minutes)}m"
+    return out + f"{_trim(round(secs, 3))}s"
+
+
+def _trim(x: float) -> str:
+    s = f"{x:.3f}".rstrip("0").rstrip(".")
+    return s or "0"
+
+
+def mask_key(key: str) -> str:
+    """``ab***yz``: never echo a full key."""
+    if len(key) <= 6:
+        return "***"
+    return f"{key[:2]}***{key[-2:]}"

@@ -1,0 +1,104 @@
+"""Configuration of the provider simulator (every field has a default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Probability = float
+_PROB = {"ge": 0.0, "le": 1.0}
+
+FAULT_KINDS: tuple[str, ...] = (
+    "fail_500",
+    "fail_503",
+    "fail_529",
+    "drop_connection",
+    "hang",
+    "malformed",
+    "status_error_200",
+    "truncate_stream",
+)
+
+
+class SimulatorConfig(BaseModel):
+    """How the simulated provider behaves.
+
+    Load from YAML with :meth:`from_yaml`; unknown keys are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- authentication -------------------------------------------------------------
+    api_key: str | None = None
+    """None accepts any key (or none). Otherwise the key must arrive as
+    ``Authorization: Bearer <k>``, ``x-api-key: <k>`` or ``"key"`` in the JSON body."""
+    auth_error_style: Literal["openai", "xai", "modelslab"] = "openai"
+
+    # --- models ---------------------------------------------------------------------
+    models: list[str] = Field(
+        default_factory=lambda: ["x-ai-grok-3-mini", "grok-3-mini", "gpt-4o-mini", "sim-model"]
+    )
+    accept_any_model: bool = False
+
+    # --- answers --------------------------------------------------------------------
+    latency_ms: tuple[float, float] = (0.0, 0.0)
+    """Uniform (min, max) latency per request; (0, 0) means no sleep at all."""
+    reasoning_style: Literal["reasoning_content", "reasoning", "think", "none"] = (
+        "reasoning_content"
+    )
+    usage_style: Literal["xai", "openai"] = "xai"
+    """xai: reasoning tokens are NOT in completion_tokens; openai: they are."""
+    cached_fraction: float = Field(0.0, **_PROB)
+    stream_chunk_chars: int = Field(24, ge=1)
+    """Characters of text per streamed delta."""
+
+    # --- rate limits ----------------------------------------------------------------
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+    limit_window: Literal["second", "minute"] = "second"
+    send_ratelimit_headers: bool = True
+    max_concurrent: int | None = Field(None, ge=1)
+    """ModelsLab-style queue slots: more requests in flight than this get a 429."""
+    default_max_tokens: int = Field(1000, ge=1)
+    """Output tokens charged against TPM when the request names no max_tokens."""
+
+    # --- faults (probabilities, drawn with random.Random(seed)) ----------------------
+    seed: int = 0
+    fail_500: Probability = Field(0.0, **_PROB)
+    fail_503: Probability = Field(0.0, **_PROB)
+    fail_529: Probability = Field(0.0, **_PROB)
+    drop_connection: Probability = Field(0.0, **_PROB)
+    hang: Probability = Field(0.0, **_PROB)
+    hang_s: float = Field(3600.0, ge=0)
+    malformed: Probability = Field(0.0, **_PROB)
+    status_error_200: Probability = Field(0.0, **_PROB)
+    truncate_stream: Probability = Field(0.0, **_PROB)
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulatorConfig:
+        lo, hi = self.latency_ms
+        if lo < 0 or hi < lo:
+            raise ValueError("latency_ms must be (min, max) with 0 <= min <= max")
+        if self.fault_total() > 1.0 + 1e-9:
+            raise ValueError("fault probabilities must sum to at most 1")
+        return self
+
+    def fault_total(self) -> float:
+        return sum(float(getattr(self, k)) for k in FAULT_KINDS)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SimulatorConfig:
+        """Read a YAML mapping (an empty file gives the defaults)."""
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.model_validate(data)
+
+    def updated(self, **fields: Any) -> SimulatorConfig:
+        """A validated copy with some fields changed."""
+        return type(self).model_validate({**self.model_dump(), **fields})

@@ -1,0 +1,218 @@
+"""Success payloads (plain and streamed) for the OpenAI and Anthropic wire formats."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from .behaviour import Completion
+
+_ids = itertools.count(1)
+FINGERPRINT = "fp_sim"
+
+
+def next_id(prefix: str) -> str:
+    return f"{prefix}sim{next(_ids):015x}"
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    for i in range(0, len(text), size):
+        yield text[i : i + size]
+
+
+# --- OpenAI Chat Completions --------------------------------------------------------
+
+
+def openai_content(c: Completion, reasoning_style: str) -> str:
+    """Message content as sent (with an inline ``<think>`` block for that style)."""
+    if reasoning_style == "think" and c.reasoning:
+        return f"<think>{c.reasoning}</think>{c.content}"
+    return c.content
+
+
+def openai_usage(c: Completion, usage_style: str) -> dict[str, Any]:
+    completion = c.completion_tokens
+    if usage_style == "openai":
+        completion += c.reasoning_tokens
+    usage: dict[str, Any] = {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": c.prompt_tokens + c.completion_tokens + c.reasoning_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": c.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    if usage_style == "xai":
+        usage["prompt_tokens_details"]["text_tokens"] = c.prompt_tokens
+        usage["prompt_tokens_details"]["image_tokens"] = 0
+        usage["num_sources_used"] = 0
+    return usage
+
+
+def openai_response(
+    c: Completion, model: str, reasoning_style: str, usage_style: str
+) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": openai_content(c, reasoning_style),
+        "refusal": None,
+    }
+    if c.reasoning and reasoning_style in ("reasoning_content", "reasoning"):
+        message[reasoning_style] = c.reasoning
+    return {
+        "id": next_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": c.finish}],
+        "usage": openai_usage(c, usage_style),
+        "system_fingerprint": FINGERPRINT,
+    }
+
+
+def openai_stream_events(
+    c: Completion,
+    model: str,
+    reasoning_style: str,
+    usage_style: str,
+    include_usage: bool,
+    chunk_chars: int,
+) -> list[bytes]:
+    """Every SSE event of a streamed completion, ``data: [DONE]`` included."""
+    cid = next_id("chatcmpl-")
+    created = int(time.time())
+    events: list[bytes] = []
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
+        obj: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            obj["usage"] = None
+        events.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+    chunk({"role": "assistant", "content": ""})
+    if c.reasoning and reasoning_style in ("reasoning_content", "reasoning"):
+        for piece in _pieces(c.reasoning, chunk_chars):
+            chunk({"content": None, reasoning_style: piece})
+    for piece in _pieces(openai_content(c, reasoning_style), chunk_chars):
+        chunk({"content": piece})
+    chunk({}, c.finish)
+    if include_usage:
+        obj = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [],
+            "usage": openai_usage(c, usage_style),
+        }
+        events.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+# --- Anthropic Messages ---------------------------------------------------------------
+
+_STOP = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}
+
+
+def anthropic_usage(c: Completion) -> dict[str, Any]:
+    return {
+        "input_tokens": c.prompt_tokens - c.cached_tokens,
+        "output_tokens": c.completion_tokens + c.reasoning_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": c.cached_tokens,
+    }
+
+
+def anthropic_response(c: Completion, model: str) -> dict[str, Any]:
+    blocks: list[dict[str, Any]] = []
+    if c.reasoning:
+        blocks.append({"type": "thinking", "thinking": c.reasoning, "signature": "sig"})
+    blocks.append({"type": "text", "text": c.content})
+    return {
+        "id": next_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "content": blocks,
+        "model": model,
+        "stop_reason": _STOP.get(c.finish, "end_turn"),
+        "stop_sequence": None,
+        "usage": anthropic_usage(c),
+    }
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def anthropic_stream_events(c: Completion, model: str, chunk_chars: int) -> list[bytes]:
+    usage = anthropic_usage(c)
+    start_usage = {**usage, "output_tokens": 1}
+    message = {
+        "id": next_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "model": model,
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": start_usage,
+    }
+    ev = [_sse("message_start", {"type": "message_start", "message": message})]
+    index = 0
+
+    def block(start: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
+        ev.append(
+            _sse(
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": start},
+            )
+        )
+        for d in deltas:
+            ev.append(
+                _sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index, "delta": d},
+                )
+            )
+        ev.append(_sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+
+    if c.reasoning:
+        deltas = [
+            {"type": "thinking_delta", "thinking": p} for p in _pieces(c.reasoning, chunk_chars)
+        ]
+        deltas.append({"type": "signature_delta", "signature": "sig"})
+        block({"type": "thinking", "thinking": "", "signature": ""}, deltas)
+        index += 1
+    block(
+        {"type": "text", "text": ""},
+        [{"type": "text_delta", "text": p} for p in _pieces(c.content, chunk_chars)],
+    )
+    ev.append(
+        _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": _STOP.get(c.finish, "end_turn"), "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        )
+    )
+    ev.append(_sse("message_stop", {"type": "message_stop"}))
+    return ev

@@ -1,0 +1,137 @@
+"""The job spec: YAML in, a strict and fully validated `JobSpec` out.
+
+The key names are a public contract. Unknown keys are refused with a hint, so a
+typo in an overnight job fails in a second instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    path: str = Field(min_length=1)
+    id_column: str | None = None
+
+
+class Pricing(_Strict):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
+class ModelSpec(_Strict):
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    pricing: Pricing | None = None
+
+    @field_validator("params")
+    @classmethod
+    def _params_owned_elsewhere(cls, params: dict[str, Any]) -> dict[str, Any]:
+        owned = {"messages": "prompt", "model": "model.model", "stream": "(not supported yet)"}
+        for key, owner in owned.items():
+            if key in params:
+                raise ValueError(f"'{key}' cannot be set in model.params; it comes from {owner}")
+        return params
+
+
+class PromptSpec(_Strict):
+    system: str | None = None
+    template: str = Field(min_length=1)
+
+
+class LimitsSpec(_Strict):
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    timeout_s: float = Field(default=120.0, gt=0)
+
+
+class OutputSpec(_Strict):
+    path: str | None = None
+
+
+class JobSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    input: InputSpec
+    model: ModelSpec
+    prompt: PromptSpec
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output.path or f"out/{self.name}.parquet")
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job file; every problem is a `SpecError` naming file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read job file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a job file must be a YAML mapping with input, model and prompt")
+    data.setdefault("name", path.stem)
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(data: dict[str, Any], *, source: str = "job") -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(err)}" for err in exc.errors())
+        raise SpecError(f"{source}: invalid job spec:\n{problems}") from None
+
+
+def _describe(err: Any) -> str:
+    location = [str(part) for part in err["loc"]]
+    where = ".".join(location) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key{_did_you_mean(location)}"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    return f"{where}: {err['msg']}"
+
+
+def _did_you_mean(location: list[str]) -> str:
+    model: type[BaseModel] = JobSpec
+    for part in location[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None) if field else None
+        candidates = [
+            arg
+            for arg in (annotation, *getattr(annotation, "__args__", ()))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    matches = difflib.get_close_matches(location[-1], list(model.model_fields), n=1, cutoff=0.6)
+    if matches:
+        return f" (did you mean '{matches[0]}'?)"
+    return f" (allowed: {', '.join(model.model_fields)})"

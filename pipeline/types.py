@@ -1,0 +1,93 @@
+"""Small value types shared by every stage of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One rendered row, ready to send."""
+
+    index: int
+    key: str
+    messages: list[Message]
+    request_hash: str
+    token_estimate: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts exactly as the provider reported them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    total_tokens: int = 0
+
+    @property
+    def reasoning_billed_separately(self) -> bool:
+        """True when reasoning is not part of completion_tokens (xAI style).
+
+        xAI reports total = prompt + completion + reasoning; OpenAI counts reasoning
+        inside completion. The arithmetic of the usage block tells them apart.
+        """
+        if self.reasoning_tokens <= 0:
+            return False
+        return (
+            self.total_tokens == self.prompt_tokens + self.completion_tokens + self.reasoning_tokens
+        )
+
+    @property
+    def output_tokens(self) -> int:
+        """Every token billed at the output price."""
+        if self.reasoning_billed_separately:
+            return self.completion_tokens + self.reasoning_tokens
+        return self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """What a response's headers said about the remaining budget."""
+
+    limit_requests: float | None = None
+    limit_tokens: float | None = None
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A successful answer, normalised across wire protocols."""
+
+    response: str
+    reasoning: str | None
+    usage: Usage
+    finish_reason: str | None
+    model: str | None
+    rate_limits: RateLimitInfo | None = None
+
+
+@dataclass(slots=True)
+class RowResult:
+    """The final state of one row: a completion or an error, never both."""
+
+    index: int
+    key: str
+    request_hash: str
+    attempts: int
+    latency_s: float | None
+    completion: Completion | None = None
+    error: str | None = None
+    cost_usd: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

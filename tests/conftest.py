@@ -1,0 +1,113 @@
+"""Shared fixtures: a real simulator on loopback and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from pipeline.simulator import RunningSimulator, SimulatorConfig, start_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_KEY = "sk-test-4f9c2d1e8b7a6350"
+KEY_VARIABLES = ("OPENAI_API_KEY", "MODELSLAB_API_KEY", "XAI_API_KEY", "OPENROUTER_API_KEY")
+
+
+@pytest.fixture(autouse=True)
+def _no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*KEY_VARIABLES, "SIM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def _shared_simulator() -> Iterator[RunningSimulator]:
+    with start_in_thread(SimulatorConfig(api_key=SIM_KEY)) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def simulator(_shared_simulator: RunningSimulator) -> RunningSimulator:
+    """The session's simulator, with default behaviour and zeroed counters."""
+    _shared_simulator.configure(**SimulatorConfig(api_key=SIM_KEY).model_dump())
+    _shared_simulator.reset()
+    return _shared_simulator
+
+
+def reviews(n: int = 12) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "review_id": [f"R{i:03d}" for i in range(n)],
+            "product": [["kettle", "lamp", "shoes"][i % 3] for i in range(n)],
+            "rating": [1 + i % 5 for i in range(n)],
+            "text": [
+                f"Review number {i}: the product was {'good' if i % 2 else 'bad'}."
+                for i in range(n)
+            ],
+        }
+    )
+
+
+def make_job(
+    workdir: Path,
+    simulator: RunningSimulator | None,
+    *,
+    input_path: str = "reviews.csv",
+    name: str = "test-job",
+    **overrides: Any,
+) -> Path:
+    """Write a job spec into `workdir` that targets the simulator; returns its path."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "input": {"path": input_path, "id_column": "review_id"},
+        "model": {
+            "provider": "openai",
+            "model": "x-ai-grok-3-mini",
+            "base_url": simulator.base_url if simulator else "http://127.0.0.1:9/v1",
+            "api_key_env": "SIM_API_KEY",
+            "params": {"max_tokens": 200},
+        },
+        "prompt": {"system": "You are terse.", "template": "Summarize: {{ text }}"},
+        "limits": {"concurrency": 8, "max_attempts": 4, "timeout_s": 20},
+        "output": {"path": "out/result.parquet"},
+    }
+    for dotted, value in overrides.items():
+        _set(spec, dotted.split("__"), value)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _set(spec: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        spec = spec.setdefault(key, {})
+    if value is None:
+        spec.pop(keys[-1], None)
+    else:
+        spec[keys[-1]] = value
+
+
+def run_cli(
+    *args: str, cwd: Path, key: str | None = SIM_KEY, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `pipeline ARGS` as a real subprocess."""
+    environment = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
+    environment.pop("SIM_API_KEY", None)
+    if key is not None:
+        environment["SIM_API_KEY"] = key
+    environment["PIPELINE_CONFIG_DIR"] = str(ROOT / "configs")
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
