@@ -25,6 +25,11 @@ at the boundary; everything downstream decides by type only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.types import RateLimitInfo
+
 
 class PipelineError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -54,6 +59,7 @@ class ProviderError(PipelineError):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        self.rate_limits: RateLimitInfo | None = None
 
     def describe(self) -> str:
         """A one-line description for the output's `error` column."""

@@ -58,8 +58,9 @@ class WorkPlan:
         if unchanged and (previous.ok or not self.retry_failed):
             self.reused += 1
             return None
-        estimate = estimate_prompt_tokens(messages) + max_tokens
-        return ChatRequest(index, key, messages, digest, estimate)
+        return ChatRequest(
+            index, key, messages, digest, estimate_prompt_tokens(messages), max_tokens
+        )
 
 
 def _max_tokens(params: dict[str, Any]) -> int:

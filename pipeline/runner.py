@@ -31,6 +31,8 @@ from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, load_spec
 from pipeline.types import RowResult
 
+ADAPTIVE_MAX_CONCURRENCY = 256
+ADAPTIVE_START_CONCURRENCY = 16
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_INVALID, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -177,13 +179,21 @@ async def _pump(
             tally.cost if tally.priced else None,
         )
 
-    async with make_client(limits.concurrency, limits.timeout_s) as client:
+    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
+    pacer = Pacer(
+        limits.requests_per_minute,
+        limits.tokens_per_minute,
+        max_concurrency=cap,
+        # A cap the user chose is used from the start; otherwise start small and grow.
+        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
+    )
+    async with make_client(cap, limits.timeout_s) as client:
         scheduler = Scheduler(
             create_provider(settings, client),
-            Pacer(limits.requests_per_minute, limits.tokens_per_minute),
+            pacer,
             RetryPolicy(max_attempts=limits.max_attempts),
             settings.price,
-            concurrency=limits.concurrency,
+            concurrency=cap,
             timeout_s=limits.timeout_s,
         )
         return await scheduler.run(plan.requests(), record, handle_signals=handle_signals)

@@ -27,7 +27,6 @@ from pipeline.types import ChatRequest, Completion, RowResult
 
 FLUSH_INTERVAL_S = 0.5
 FLUSH_MAX_ROWS = 2000
-DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 
 RecordBatch = Callable[[list[RowResult]], Awaitable[None]]
 Planned = ChatRequest | RowResult
@@ -152,9 +151,10 @@ class Scheduler:
 
     async def _process(self, request: ChatRequest) -> RowResult:
         attempt = 0
+        pacer = self.pacer
         while True:
             attempt += 1
-            await self.pacer.acquire(request.token_estimate)
+            await pacer.acquire(request.prompt_estimate * pacer.prompt_scale + request.reply_budget)
             started = anyio.current_time()
             try:
                 with anyio.fail_after(self.timeout_s):
@@ -163,12 +163,21 @@ class Scheduler:
                 error: ProviderError = TransportError(f"no answer within {self.timeout_s:g}s")
             except ProviderError as exc:
                 error = exc
+            except BaseException:
+                pacer.release(succeeded=False)
+                raise
             else:
+                pacer.release(succeeded=True)
+                pacer.observe(completion.rate_limits)
+                usage = completion.usage
+                pacer.learn_prompt_scale(request.prompt_estimate, usage.prompt_tokens)
                 return self._success(request, completion, attempt, anyio.current_time() - started)
+            pacer.release(succeeded=False)
+            pacer.observe(error.rate_limits)
             latency = anyio.current_time() - started
             if isinstance(error, RateLimited):
                 self.outcome.rate_limited += 1
-                self.pacer.pause(error.retry_after or DEFAULT_RATE_LIMIT_PAUSE_S)
+                pacer.rate_limited(error.retry_after)
             if isinstance(error, JobFatalError):
                 raise error
             delay = self.policy.delay(attempt, error)

@@ -57,7 +57,7 @@ class PromptSpec(_Strict):
 
 
 class LimitsSpec(_Strict):
-    concurrency: int = Field(default=32, ge=1, le=4096)
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=100)

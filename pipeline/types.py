@@ -16,7 +16,8 @@ class ChatRequest:
     key: str
     messages: list[Message]
     request_hash: str
-    token_estimate: int
+    prompt_estimate: int
+    reply_budget: int
 
 
 @dataclass(frozen=True, slots=True)

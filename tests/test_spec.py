@@ -23,7 +23,8 @@ def test_minimal_spec_gets_defaults(tmp_path: Path) -> None:
     )
     spec = load_spec(job)
     assert spec.name == "my-job"
-    assert spec.limits.concurrency > 0 and spec.limits.max_attempts > 1
+    assert spec.limits.concurrency is None, "unset concurrency means adaptive"
+    assert spec.limits.max_attempts > 1
     assert spec.output_path == Path("out/my-job.parquet")
 
 

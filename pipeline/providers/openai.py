@@ -65,7 +65,9 @@ class OpenAIChat(Provider):
         except orjson.JSONDecodeError:
             payload = None
         if status >= 400:
-            raise self.classify(status, payload, response.headers)
+            error = self.classify(status, payload, response.headers)
+            error.rate_limits = parse_rate_limits(response.headers)
+            raise error
         if not isinstance(payload, dict):
             raise errors.MalformedResponse("response body is not a JSON object", status=status)
         choices = payload.get("choices")

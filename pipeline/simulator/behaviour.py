@@ -54,8 +54,11 @@ def normalize_messages(messages: Any, system: Any = None) -> list[dict[str, Any]
 
 def request_digest(model: str, messages: list[dict[str, Any]]) -> str:
     """First 12 hex chars of sha256(orjson([model, messages], sorted keys))."""
-    msgs = normalize_messages(messages)
-    raw = orjson.dumps([model, msgs], option=orjson.OPT_SORT_KEYS)
+    return _digest(model, normalize_messages(messages))
+
+
+def _digest(model: str, normalized: list[dict[str, Any]]) -> str:
+    raw = orjson.dumps([model, normalized], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(raw).hexdigest()[:12]
 
 
@@ -177,13 +180,15 @@ def make_completion(
     max_tokens: int | None,
     cached_fraction: float,
     triggers: Triggers | None,
+    prompt_tokens: int | None = None,
 ) -> Completion:
-    """Build the deterministic answer for a (normalized) prompt."""
-    prompt = estimate_prompt_tokens(messages)
+    """Build the deterministic answer for a prompt already passed through
+    :func:`normalize_messages`."""
+    prompt = estimate_prompt_tokens(messages) if prompt_tokens is None else prompt_tokens
     cached = math.floor(prompt * cached_fraction)
     if triggers is not None and triggers.filter:
         return Completion("", None, prompt, 0, 0, cached, "content_filter")
-    digest = request_digest(model, messages)
+    digest = _digest(model, messages)
     topic = _topic(messages)
     content = _answer_text(digest, topic)
     reasoning = _reasoning_text(digest, topic) if with_reasoning else None

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Probability = float
-_PROB = {"ge": 0.0, "le": 1.0}
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 FAULT_KINDS: tuple[str, ...] = (
     "fail_500",
@@ -51,31 +50,31 @@ class SimulatorConfig(BaseModel):
     )
     usage_style: Literal["xai", "openai"] = "xai"
     """xai: reasoning tokens are NOT in completion_tokens; openai: they are."""
-    cached_fraction: float = Field(0.0, **_PROB)
-    stream_chunk_chars: int = Field(24, ge=1)
+    cached_fraction: Probability = 0.0
+    stream_chunk_chars: int = Field(default=24, ge=1)
     """Characters of text per streamed delta."""
 
     # --- rate limits ----------------------------------------------------------------
-    rpm: float | None = Field(None, gt=0)
-    tpm: float | None = Field(None, gt=0)
+    rpm: float | None = Field(default=None, gt=0)
+    tpm: float | None = Field(default=None, gt=0)
     limit_window: Literal["second", "minute"] = "second"
     send_ratelimit_headers: bool = True
-    max_concurrent: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
     """ModelsLab-style queue slots: more requests in flight than this get a 429."""
-    default_max_tokens: int = Field(1000, ge=1)
+    default_max_tokens: int = Field(default=1000, ge=1)
     """Output tokens charged against TPM when the request names no max_tokens."""
 
     # --- faults (probabilities, drawn with random.Random(seed)) ----------------------
     seed: int = 0
-    fail_500: Probability = Field(0.0, **_PROB)
-    fail_503: Probability = Field(0.0, **_PROB)
-    fail_529: Probability = Field(0.0, **_PROB)
-    drop_connection: Probability = Field(0.0, **_PROB)
-    hang: Probability = Field(0.0, **_PROB)
-    hang_s: float = Field(3600.0, ge=0)
-    malformed: Probability = Field(0.0, **_PROB)
-    status_error_200: Probability = Field(0.0, **_PROB)
-    truncate_stream: Probability = Field(0.0, **_PROB)
+    fail_500: Probability = 0.0
+    fail_503: Probability = 0.0
+    fail_529: Probability = 0.0
+    drop_connection: Probability = 0.0
+    hang: Probability = 0.0
+    hang_s: float = Field(default=3600.0, ge=0)
+    malformed: Probability = 0.0
+    status_error_200: Probability = 0.0
+    truncate_stream: Probability = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _BUSY = {"status": "error", "message": "Server busy, try again"}
-DROPPED = "sim_dropped"
+
+
+class Dropped(web.Response):
+    """Returned when the connection was closed without (a complete) answer."""
 
 
 def _int(v: Any) -> int | None:
@@ -49,8 +52,7 @@ def drop(request: web.Request) -> web.Response:
     transport = request.transport
     if transport is not None:
         transport.close()
-    request[DROPPED] = True
-    return web.Response()
+    return Dropped()
 
 
 def status_response(
@@ -166,15 +168,18 @@ async def _write_stream(
     request: web.Request, events: list[bytes], headers: dict[str, str] | None, truncate: bool
 ) -> web.StreamResponse:
     resp = web.StreamResponse(status=200, headers=_merge(dict(_SSE_HEADERS), headers))
-    await resp.prepare(request)
-    if truncate:
-        await resp.write(b"".join(events[: max(1, len(events) // 2)]))
-        transport = request.transport
-        if transport is not None:
-            transport.close()
-        return resp
-    await resp.write(b"".join(events))
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        if truncate:
+            await resp.write(b"".join(events[: max(1, len(events) // 2)]))
+            transport = request.transport
+            if transport is not None:
+                transport.close()
+            return resp
+        await resp.write(b"".join(events))
+        await resp.write_eof()
+    except ConnectionResetError:  # the client went away before or while we wrote
+        return Dropped()
     return resp
 
 
@@ -242,13 +247,12 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         sim.stats_obj.faults[fault] += 1
         if fault == "hang":
             if not await _hang(request, cfg.hang_s):
-                request[DROPPED] = True
-                return web.Response()
+                return Dropped()
         elif fault != "truncate_stream":
             return _fault_response(fault, request, anthropic, model)
 
     await sim.sleep(sim.latency_s(triggers))
-    c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers)
+    c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt)
     truncate = fault == "truncate_stream"
     if not truncate:
         sim.stats_obj.paid(key, c)

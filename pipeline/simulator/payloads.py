@@ -164,7 +164,7 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 def anthropic_stream_events(c: Completion, model: str, chunk_chars: int) -> list[bytes]:
     usage = anthropic_usage(c)
     start_usage = {**usage, "output_tokens": 1}
-    message = {
+    message: dict[str, Any] = {
         "id": next_id("msg_"),
         "type": "message",
         "role": "assistant",

@@ -20,7 +20,7 @@ from .behaviour import (
     normalize_messages,
 )
 from .config import FAULT_KINDS, SimulatorConfig
-from .handlers import DROPPED, complete
+from .handlers import Dropped, complete
 from .ratelimit import RateLimiter
 
 MODEL_CREATED = 1700000000
@@ -215,7 +215,7 @@ class Simulator:
                 resp = await complete(self, request, anthropic)
             except E.Reject as r:
                 resp = r.response
-            if not request.get(DROPPED):
+            if not isinstance(resp, Dropped):
                 status = resp.status
             return resp
         finally:
@@ -328,6 +328,7 @@ class Simulator:
         max_tokens: int | None,
         with_reasoning: bool,
         triggers: Triggers | None,
+        prompt_tokens: int | None = None,
     ) -> Completion:
         return make_completion(
             model,
@@ -336,6 +337,7 @@ class Simulator:
             max_tokens=max_tokens,
             cached_fraction=self._config.cached_fraction,
             triggers=triggers,
+            prompt_tokens=prompt_tokens,
         )
 
     def limit_headers(self, anthropic: bool, now: float) -> dict[str, str] | None:
