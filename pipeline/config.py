@@ -116,7 +116,9 @@ def resolve_price(model: ModelSpec) -> Price | None:
 def resolve_provider(model: ModelSpec, *, read_key: bool = True) -> ProviderSettings:
     """Merge preset and job; with `read_key`, require the key variable to be set."""
     preset = load_preset(model.provider)
-    key_env = model.api_key_env if model.api_key_env is not None else preset.api_key_env
+    # An explicit `api_key_env: null` means "this server needs no key".
+    explicit = "api_key_env" in model.model_fields_set
+    key_env = model.api_key_env if explicit else preset.api_key_env
     api_key = None
     if key_env and read_key:
         api_key = os.environ.get(key_env)

@@ -1,40 +1,78 @@
-"""The one shared HTTP client of a run.
+"""The one shared HTTP client of a run, and the boundary where transport failures
+become `TransportError`.
 
-httpx's API over an aiohttp transport: httpx's own connection pool costs 10-30x the
-CPU of aiohttp at the tens to hundreds of requests a rate-limited job keeps in
-flight (see docs/BENCHMARKS.md), and a batch job is CPU-bound on the client side
-when the provider is fast.
+It is aiohttp's client session behind a one-method interface. httpx was measured
+first (see docs/BENCHMARKS.md): its request and response models alone cost about
+0.65 CPU seconds per 1,000 completions even over an aiohttp transport, more than
+the whole budget of this program, while aiohttp's keep-alive pool costs about 0.1.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
+
+from pipeline.errors import TransportError
 
 CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_S = 30.0
 
 
-class _Transport(AiohttpTransport):
-    """Maps every aiohttp failure onto httpx's tree, so adapters catch one family."""
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    content: bytes
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+
+class HttpClient:
+    """A keep-alive pool sized to the requests in flight; every call has a deadline."""
+
+    def __init__(self, max_connections: int, timeout_s: float) -> None:
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=self.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, self.timeout_s)
+        )
+        return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+    async def request(
+        self, method: str, url: str, *, body: bytes | None = None, headers: Mapping[str, str]
+    ) -> HttpResponse:
+        session = self._session or self._start()
         try:
-            return await super().handle_async_request(request)
-        except aiohttp.ClientError as exc:
-            raise httpx.TransportError(f"{type(exc).__name__}: {exc}") from exc
+            async with session.request(method, url, data=body, headers=headers) as response:
+                content = await response.read()
+                return HttpResponse(response.status, response.headers, content)
+        except TimeoutError:
+            raise TransportError(f"no answer within {self.timeout_s:g}s") from None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise TransportError(f"connection failed: {type(exc).__name__}: {detail}") from None
 
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> HttpResponse:
+        return await self.request("POST", url, body=body, headers=headers)
 
-def make_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:
-    """A keep-alive pool sized to the number of requests in flight."""
-    limits = httpx.Limits(
-        max_connections=concurrency,
-        max_keepalive_connections=concurrency,
-        keepalive_expiry=30.0,
-    )
-    timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
-    return httpx.AsyncClient(
-        transport=_Transport(limits=limits),
-        timeout=timeout,
-        follow_redirects=False,
-    )
+    def _start(self) -> aiohttp.ClientSession:
+        self._session = self._open()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from jinja2 import TemplateError
 
 from pipeline.checkpoint import Checkpoint
@@ -30,8 +29,11 @@ class WorkPlan:
     reused: int = 0
     planned: int = 0
 
-    async def requests(self) -> AsyncIterator[ChatRequest | RowResult]:
-        """Every row that needs work, in input order; render failures come as results."""
+    def requests(self) -> Iterator[ChatRequest | RowResult]:
+        """Every row that needs work, in input order; render failures come as results.
+
+        Lazy: rows are read, looked up and rendered only as workers ask for them.
+        """
         max_tokens = _max_tokens(self.params)
         offset = 0
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit):
@@ -44,7 +46,6 @@ class WorkPlan:
                         self.planned += 1
                         yield item
                 offset += chunk.height
-                await anyio.lowlevel.checkpoint()
 
     def _plan_row(
         self, index: int, key: str, row: dict[str, Any], max_tokens: int, previous: Any

@@ -18,6 +18,8 @@ for requests in flight, under the job's hard cap.
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import anyio
@@ -41,9 +43,17 @@ class Gate:
         self._next_free = 0.0
 
     @property
+    def known_limit(self) -> float | None:
+        declared, learned = self.declared, self.learned
+        if declared is None or learned is None:
+            return declared if learned is None else learned
+        return min(declared, learned)
+
+    @property
     def rate(self) -> float | None:
-        known = [r for r in (self.declared, self.learned) if r is not None]
-        limit = min(known) * HEADROOM if known else None
+        limit = self.known_limit
+        if limit is not None:
+            limit *= HEADROOM
         if self.adaptive is not None:
             return self.adaptive if limit is None else min(limit, self.adaptive)
         return limit
@@ -79,20 +89,25 @@ class Pacer:
         self.requests = Gate(requests_per_minute)
         self.tokens = Gate(tokens_per_minute)
         self.max_concurrency = max_concurrency
-        window = initial_concurrency or max_concurrency
-        self._slots = anyio.CapacityLimiter(window)
-        self._slow_start = window < max_concurrency
+        self.window = initial_concurrency or max_concurrency
+        self.in_flight = 0
+        self._slot_waiters: deque[anyio.Event] = deque()
+        self._slow_start = self.window < max_concurrency
         self._paused_until = 0.0
         self._window_grown_at = 0.0
         self._rate_grown_at = 0.0
-        self._sent_times: list[float] = []
+        # Send times on the process clock (cheap to read), only to estimate the recent rate.
+        self._sent_times: deque[float] = deque(maxlen=4096)
         self.prompt_scale = 1.0
 
     # -- before and after each attempt ------------------------------------------------
 
     async def acquire(self, tokens: float) -> None:
         """Wait for a free slot in the window, then for this request's turn."""
-        await self._slots.acquire()
+        await self._take_slot()
+        if self.requests.rate is None and self.tokens.rate is None and not self._paused_until:
+            self._sent_times.append(time.monotonic())
+            return  # nothing to pace against (yet): no reservation needed
         try:
             while True:
                 now = anyio.current_time()
@@ -104,16 +119,16 @@ class Pacer:
                 # A 429 elsewhere may have paused the pool while this one slept.
                 if anyio.current_time() >= self._paused_until:
                     break
-            self._note_sent(anyio.current_time())
+            self._sent_times.append(time.monotonic())
         except BaseException:
-            self._slots.release()
+            self._give_slot()
             raise
 
     def release(self, *, succeeded: bool) -> None:
         """Give the slot back; successes open the window wider, as TCP does."""
-        self._slots.release()
         if succeeded:
             self._grow()
+        self._give_slot()
 
     # -- what the server said ----------------------------------------------------------
 
@@ -141,8 +156,7 @@ class Pacer:
     def rate_limited(self, retry_after: float | None) -> None:
         """A 429: hold the whole pool as long as asked, and back off where no limit is known."""
         self.pause(retry_after if retry_after is not None else 1.0)
-        window = max(1, math.floor(self._slots.total_tokens * BACKOFF_FACTOR))
-        self._slots.total_tokens = window
+        self.window = max(1, math.floor(self.window * BACKOFF_FACTOR))
         self._slow_start = False
         if self.requests.declared is None and self.requests.learned is None:
             observed = self._recent_rate()
@@ -161,33 +175,47 @@ class Pacer:
 
     def state(self) -> PacerState:
         paused = max(0.0, self._paused_until - anyio.current_time())
-        return PacerState(
-            self.requests.rate, self.tokens.rate, int(self._slots.total_tokens), paused
-        )
+        return PacerState(self.requests.rate, self.tokens.rate, self.window, paused)
 
     # -- internals ----------------------------------------------------------------------
 
+    async def _take_slot(self) -> None:
+        if self.in_flight < self.window and not self._slot_waiters:
+            self.in_flight += 1
+            return
+        granted = anyio.Event()
+        self._slot_waiters.append(granted)
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self._give_slot()
+            else:
+                self._slot_waiters.remove(granted)
+            raise
+
+    def _give_slot(self) -> None:
+        self.in_flight -= 1
+        while self._slot_waiters and self.in_flight < self.window:
+            self.in_flight += 1
+            self._slot_waiters.popleft().set()
+
     def _grow(self) -> None:
+        if self.window >= self.max_concurrency and self.requests.adaptive is None:
+            return
         now = anyio.current_time()
-        window = int(self._slots.total_tokens)
-        if window < self.max_concurrency and (
+        if self.window < self.max_concurrency and (
             self._slow_start or now - self._window_grown_at >= 1.0
         ):
-            self._slots.total_tokens = window + 1
+            self.window += 1
             self._window_grown_at = now
         adaptive = self.requests.adaptive
         if adaptive is not None and (elapsed := now - self._rate_grown_at) >= 1.0:
             self.requests.adaptive = adaptive * (1 + RECOVERY_PER_S * elapsed)
             self._rate_grown_at = now
 
-    def _note_sent(self, now: float) -> None:
-        times = self._sent_times
-        times.append(now)
-        if len(times) > 4096:
-            del times[:2048]
-
     def _recent_rate(self) -> float | None:
-        now = anyio.current_time()
+        now = time.monotonic()
         recent = [t for t in self._sent_times if now - t <= 2.0]
         if len(recent) < 2:
             return None

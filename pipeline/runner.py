@@ -18,7 +18,7 @@ import anyio
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.errors import JobFatalError, SpecError
-from pipeline.http import make_client
+from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import OUTPUT_COLUMNS, write_output
 from pipeline.plan import WorkPlan
@@ -187,14 +187,13 @@ async def _pump(
         # A cap the user chose is used from the start; otherwise start small and grow.
         initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
     )
-    async with make_client(cap, limits.timeout_s) as client:
+    async with HttpClient(cap, limits.timeout_s) as client:
         scheduler = Scheduler(
             create_provider(settings, client),
             pacer,
             RetryPolicy(max_attempts=limits.max_attempts),
             settings.price,
             concurrency=cap,
-            timeout_s=limits.timeout_s,
         )
         return await scheduler.run(plan.requests(), record, handle_signals=handle_signals)
 

@@ -1,25 +1,25 @@
-"""The worker pool: planned rows -> bounded stream -> workers -> results -> recorder.
+"""The worker pool: planned rows -> workers -> pending results -> recorder.
 
-Everything lives in task groups; fan-out and fan-in go through bounded memory
-streams, so a slow provider holds the reader back instead of filling memory. A fixed
-number of workers is the concurrency cap. Results are recorded in batches by one
-recorder task, inside shielded scopes, so cancellation never loses a finished row
-that reached it.
+A fixed number of workers (the concurrency cap) share one lazy plan: a worker that
+is free pulls the next row, which is rendered only then, so nothing runs ahead of
+the pool and memory stays flat. Pulling is a plain `next()` on a generator that
+never awaits, which is safe to share on one event loop and costs nothing per row.
+Finished rows are appended to a list that one recorder task hands to the
+checkpoint in batches, inside shielded scopes: a result that exists is never lost
+to cancellation. Everything lives in task groups.
 """
 
 from __future__ import annotations
 
-import math
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.config import Price
-from pipeline.errors import JobFatalError, ProviderError, RateLimited, TransportError
+from pipeline.errors import JobFatalError, ProviderError, RateLimited
 from pipeline.providers import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -41,7 +41,6 @@ class Outcome:
     recorded: int = 0
     retries: int = 0
     rate_limited: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -53,7 +52,6 @@ class Scheduler:
         price: Price | None,
         *,
         concurrency: int,
-        timeout_s: float,
         grace_s: float = 10.0,
     ) -> None:
         self.provider = provider
@@ -61,32 +59,29 @@ class Scheduler:
         self.policy = policy
         self.price = price
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
         self.grace_s = grace_s
         self.outcome = Outcome()
         self._stopping = False
         self._work: TaskGroup | None = None
-        self._producer_scope = anyio.CancelScope()
-        self._signal_scope = anyio.CancelScope()
+        self._pending: list[RowResult] = []
+        self._flush_wanted = anyio.Event()
 
     async def run(
-        self, planned: AsyncIterator[Planned], record: RecordBatch, *, handle_signals: bool = False
+        self, planned: Iterator[Planned], record: RecordBatch, *, handle_signals: bool = False
     ) -> Outcome:
-        send_work, receive_work = anyio.create_memory_object_stream[ChatRequest](
-            self.concurrency * 2
-        )
-        send_done, receive_done = anyio.create_memory_object_stream[RowResult](self.concurrency * 4)
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self._record, receive_done, record)
-            if handle_signals:
-                outer.start_soon(self._watch_signals)
-            async with send_done, anyio.create_task_group() as work:
-                self._work = work
-                work.start_soon(self._produce, planned, send_work, send_done.clone())
-                for _ in range(self.concurrency):
-                    work.start_soon(self._worker, receive_work.clone(), send_done.clone())
-                receive_work.close()
-            self._signal_scope.cancel()
+        """Process every planned row; returns when all are recorded or the run stopped."""
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._record_periodically, record)
+                if handle_signals:
+                    outer.start_soon(self._watch_signals)
+                async with anyio.create_task_group() as work:
+                    self._work = work
+                    for _ in range(self.concurrency):
+                        work.start_soon(self._worker, planned)
+                outer.cancel_scope.cancel()
+        finally:
+            await self._flush(record)
         return self.outcome
 
     def stop(self) -> None:
@@ -95,59 +90,42 @@ class Scheduler:
             return
         self._stopping = True
         self.outcome.interrupted = True
-        self._producer_scope.cancel()
         self._work.cancel_scope.deadline = anyio.current_time() + self.grace_s
 
     def stop_now(self) -> None:
+        self._stopping = True
         self.outcome.interrupted = True
         if self._work is not None:
             self._work.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with (
-            self._signal_scope,
-            anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
-        ):
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 if self._stopping:
                     self.stop_now()
                 else:
                     self.stop()
 
-    async def _produce(
-        self,
-        planned: AsyncIterator[Planned],
-        send_work: MemoryObjectSendStream[ChatRequest],
-        send_done: MemoryObjectSendStream[RowResult],
-    ) -> None:
-        with self._producer_scope:
-            async with send_work, send_done:
-                async for item in planned:
-                    if isinstance(item, RowResult):
-                        await send_done.send(item)
-                    else:
-                        await send_work.send(item)
-
-    async def _worker(
-        self,
-        receive_work: MemoryObjectReceiveStream[ChatRequest],
-        send_done: MemoryObjectSendStream[RowResult],
-    ) -> None:
-        async with receive_work, send_done:
-            async for request in receive_work:
-                if self._stopping:
-                    return
+    async def _worker(self, planned: Iterator[Planned]) -> None:
+        for item in planned:
+            if self._stopping:
+                return
+            if isinstance(item, ChatRequest):
                 try:
-                    result = await self._process(request)
+                    item = await self._process(item)
                 except JobFatalError as exc:
-                    if self.outcome.fatal is None:
-                        self.outcome.fatal = exc
-                    self._stopping = True
-                    if self._work is not None:
-                        self._work.cancel_scope.cancel()
+                    self._fail_job(exc)
                     return
-                with anyio.CancelScope(shield=True):
-                    await send_done.send(result)
+            self._pending.append(item)
+            if len(self._pending) >= FLUSH_MAX_ROWS:
+                self._flush_wanted.set()
+
+    def _fail_job(self, error: JobFatalError) -> None:
+        if self.outcome.fatal is None:
+            self.outcome.fatal = error
+        self._stopping = True
+        if self._work is not None:
+            self._work.cancel_scope.cancel()
 
     async def _process(self, request: ChatRequest) -> RowResult:
         attempt = 0
@@ -157,20 +135,17 @@ class Scheduler:
             await pacer.acquire(request.prompt_estimate * pacer.prompt_scale + request.reply_budget)
             started = anyio.current_time()
             try:
-                with anyio.fail_after(self.timeout_s):
-                    completion = await self.provider.complete(request)
-            except TimeoutError:
-                error: ProviderError = TransportError(f"no answer within {self.timeout_s:g}s")
+                # The deadline (limits.timeout_s) is the HTTP client's, set once for the pool.
+                completion = await self.provider.complete(request)
             except ProviderError as exc:
-                error = exc
+                error: ProviderError = exc
             except BaseException:
                 pacer.release(succeeded=False)
                 raise
             else:
                 pacer.release(succeeded=True)
                 pacer.observe(completion.rate_limits)
-                usage = completion.usage
-                pacer.learn_prompt_scale(request.prompt_estimate, usage.prompt_tokens)
+                pacer.learn_prompt_scale(request.prompt_estimate, completion.usage.prompt_tokens)
                 return self._success(request, completion, attempt, anyio.current_time() - started)
             pacer.release(succeeded=False)
             pacer.observe(error.rate_limits)
@@ -212,31 +187,16 @@ class Scheduler:
             cost_usd=cost,
         )
 
-    async def _record(
-        self, receive_done: MemoryObjectReceiveStream[RowResult], record: RecordBatch
-    ) -> None:
-        pending: list[RowResult] = []
-        due = math.inf
-        async with receive_done:
-            while True:
-                wait = None if due == math.inf else max(0.0, due - anyio.current_time())
-                with anyio.move_on_after(wait):
-                    try:
-                        pending.append(await receive_done.receive())
-                    except anyio.EndOfStream:
-                        break
-                    if len(pending) == 1:
-                        due = anyio.current_time() + FLUSH_INTERVAL_S
-                    if len(pending) < FLUSH_MAX_ROWS and anyio.current_time() < due:
-                        continue
-                if pending:
-                    await self._flush(pending, record)
-                    pending = []
-                    due = math.inf
-        if pending:
-            await self._flush(pending, record)
+    async def _record_periodically(self, record: RecordBatch) -> None:
+        while True:
+            with anyio.move_on_after(FLUSH_INTERVAL_S):
+                await self._flush_wanted.wait()
+            self._flush_wanted = anyio.Event()
+            await self._flush(record)
 
-    async def _flush(self, pending: list[RowResult], record: RecordBatch) -> None:
-        with anyio.CancelScope(shield=True):
-            await record(pending)
-        self.outcome.recorded += len(pending)
+    async def _flush(self, record: RecordBatch) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            with anyio.CancelScope(shield=True):
+                await record(batch)
+            self.outcome.recorded += len(batch)

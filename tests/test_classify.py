@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import orjson
 import pytest
+from multidict import CIMultiDict
 
 from pipeline import errors
 from pipeline.config import resolve_provider
+from pipeline.http import HttpClient, HttpResponse
 from pipeline.providers.openai import OpenAIChat
 from pipeline.spec import ModelSpec
 
@@ -21,13 +23,13 @@ def adapter(monkeypatch: pytest.MonkeyPatch) -> OpenAIChat:
     settings = resolve_provider(
         ModelSpec(provider="openai", model="m", base_url="http://x/v1", api_key_env="CLASSIFY_KEY")
     )
-    return OpenAIChat(settings, httpx.AsyncClient())
+    return OpenAIChat(settings, HttpClient(1, 10))
 
 
 def outcome(
     adapter: OpenAIChat, status: int, body: Any, headers: dict[str, str] | None = None
 ) -> Any:
-    response = httpx.Response(status, json=body, headers=headers or {})
+    response = HttpResponse(status, CIMultiDict(headers or {}), orjson.dumps(body))
     try:
         return adapter.parse(response)
     except errors.ProviderError as exc:
@@ -96,7 +98,7 @@ def test_families_decide_what_happens() -> None:
 
 
 def test_truncated_body_is_retryable(adapter: OpenAIChat) -> None:
-    response = httpx.Response(200, content=b'{"id": "x", "choices": [{"mess')
+    response = HttpResponse(200, CIMultiDict(), b'{"id": "x", "choices": [{"mess')
     with pytest.raises(errors.MalformedResponse):
         adapter.parse(response)
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-import httpx
-
 from pipeline.config import ProviderSettings
 from pipeline.errors import SpecError
+from pipeline.http import HttpClient
 from pipeline.types import ChatRequest, Completion
 
 
 class Provider(ABC):
     """One model endpoint speaking one wire protocol."""
 
-    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: ProviderSettings, client: HttpClient) -> None:
         self.settings = settings
         self.client = client
 
@@ -35,7 +34,7 @@ class Provider(ABC):
         return text.replace(key, "***") if key else text
 
 
-ProviderFactory = Callable[[ProviderSettings, httpx.AsyncClient], Provider]
+ProviderFactory = Callable[[ProviderSettings, HttpClient], Provider]
 _REGISTRY: dict[str, ProviderFactory] = {}
 
 
@@ -47,7 +46,7 @@ def register(protocol: str) -> Callable[[ProviderFactory], ProviderFactory]:
     return add
 
 
-def create_provider(settings: ProviderSettings, client: httpx.AsyncClient) -> Provider:
+def create_provider(settings: ProviderSettings, client: HttpClient) -> Provider:
     protocol = settings.preset.protocol
     factory = _REGISTRY.get(protocol)
     if factory is None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import httpx
 import orjson
 
 from pipeline import errors
 from pipeline.config import ProviderSettings
+from pipeline.http import HttpClient, HttpResponse
 from pipeline.providers.base import Provider, register
 from pipeline.providers.headers import parse_rate_limits, parse_retry_after
 from pipeline.types import ChatRequest, Completion, Usage
@@ -30,7 +30,7 @@ _MAX_MESSAGE = 500
 
 @register("openai")
 class OpenAIChat(Provider):
-    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: ProviderSettings, client: HttpClient) -> None:
         super().__init__(settings, client)
         if not settings.base_url:
             raise errors.SpecError(f"provider '{settings.name}' needs model.base_url")
@@ -50,16 +50,10 @@ class OpenAIChat(Provider):
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = orjson.dumps({**self.body_base, "messages": request.messages})
-        try:
-            response = await self.client.post(self.url, content=body, headers=self.headers)
-        except httpx.TimeoutException as exc:
-            raise errors.TransportError(f"timed out: {self._why(exc)}") from exc
-        except httpx.HTTPError as exc:
-            raise errors.TransportError(f"connection failed: {self._why(exc)}") from exc
-        return self.parse(response)
+        return self.parse(await self.client.post(self.url, body, self.headers))
 
-    def parse(self, response: httpx.Response) -> Completion:
-        status = response.status_code
+    def parse(self, response: HttpResponse) -> Completion:
+        status = response.status
         try:
             payload = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -100,9 +94,6 @@ class OpenAIChat(Provider):
         if codes & FILTER_CODES:
             return errors.ContentFiltered(message, status=status)
         return errors.BadRequest(message, status=status)
-
-    def _why(self, exc: BaseException) -> str:
-        return self.redact(str(exc) or type(exc).__name__)[:_MAX_MESSAGE]
 
 
 def _error_fields(payload: Any) -> tuple[str | None, str | None, str]:

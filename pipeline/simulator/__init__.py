@@ -2,6 +2,16 @@
 xAI, ModelsLab, Anthropic Messages) with deterministic answers, rate limits and faults.
 
 Self-contained: imports nothing from the rest of ``pipeline``.
+
+Endpoints (any prefix): ``POST .../chat/completions`` (OpenAI / xAI / ModelsLab, with
+``"model"`` or ``"model_id"`` and the key as Bearer, ``x-api-key`` or body ``"key"``),
+``POST .../messages`` and ``.../messages/count_tokens`` (Anthropic), ``GET .../models``;
+control: ``GET /_sim/stats[?full=1]``, ``POST /_sim/reset``, ``GET /_sim/health``,
+``GET|POST /_sim/config`` (POST a JSON object of fields to change them live).
+
+In-band triggers in the last user message: ``[[sim:status=NNN]]``, ``[[sim:quota]]``,
+``[[sim:context]]``, ``[[sim:filter]]``, ``[[sim:length]]``, ``[[sim:fail_first=N]]``,
+``[[sim:drop_first=N]]``, ``[[sim:slow=MS]]``.
 """
 
 from .behaviour import (

@@ -1,0 +1,474 @@
+"""The Pacer: even spacing, limits learned from headers, pool-wide 429 pauses, AIMD window.
+
+Every test runs on an asyncio loop with a virtual clock: time only moves when every
+task is waiting, and then jumps straight to the next timer. Spacing is therefore
+exact, and a test that "waits" a minute finishes in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import selectors
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import pytest
+
+from pipeline.ratelimit import BACKOFF_FACTOR, HEADROOM, Pacer
+from pipeline.types import RateLimitInfo
+
+T = TypeVar("T")
+EPS = 1e-6
+
+# -- virtual clock -----------------------------------------------------------------------
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Polls real I/O without blocking; where the loop would sleep, the clock jumps instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:
+            raise RuntimeError("virtual clock: every task waits and no timer is due (deadlock)")
+        self.now += timeout
+        return []
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main` under anyio on a loop whose clock only moves when every task is idle."""
+    return anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_virtual_clock_skips_idle_time() -> None:
+    async def main() -> float:
+        start = anyio.current_time()
+        await anyio.sleep(3600)
+        return anyio.current_time() - start
+
+    wall = time.monotonic()
+    assert run_virtual(main) == pytest.approx(3600)
+    assert time.monotonic() - wall < 1.0
+
+
+# -- pacing by requests and tokens ---------------------------------------------------------
+
+
+def test_requests_are_evenly_spaced_with_no_initial_burst() -> None:
+    async def main() -> tuple[float, list[float]]:
+        pacer = Pacer(6000, None, max_concurrency=100)
+        times: list[float] = []
+
+        async def one() -> None:
+            await pacer.acquire(0)
+            times.append(anyio.current_time())
+            pacer.release(succeeded=True)
+
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+        return start, sorted(times)
+
+    start, times = run_virtual(main)
+    spacing = 1 / (6000 / 60 * HEADROOM)
+    assert len(times) == 20
+    assert times[0] == pytest.approx(start)
+    assert all(gap == pytest.approx(spacing, abs=EPS) for gap in gaps(times))
+    # No burst: 20 requests at 100/s take ~0.2 s, not ~0.
+    assert times[-1] - start == pytest.approx(19 * spacing, abs=EPS)
+    assert times[-1] - start > 0.18
+
+
+def test_tokens_are_charged_by_amount() -> None:
+    amounts = [100, 200, 100, 400, 50, 100]
+
+    async def main() -> list[float]:
+        pacer = Pacer(None, 60_000, max_concurrency=4)
+        times = []
+        for amount in amounts:
+            await pacer.acquire(amount)
+            times.append(anyio.current_time())
+            pacer.release(succeeded=True)
+        return times
+
+    times = run_virtual(main)
+    per_s = 60_000 / 60 * HEADROOM
+    # Request n+1 waits for the tokens request n booked: a 2x request costs 2x the spacing.
+    expected = [amount / per_s for amount in amounts[:-1]]
+    assert gaps(times) == pytest.approx(expected, abs=EPS)
+    assert gaps(times)[1] == pytest.approx(2 * gaps(times)[0], abs=EPS)
+
+
+@pytest.mark.parametrize(
+    ("rpm", "tpm", "tokens", "spacing"),
+    [
+        # 100 req/s allowed, but 1000 tok/s at 100 tokens each is only 10 req/s.
+        (6000, 60_000, 100, 100 / (1000 * HEADROOM)),
+        # 10 req/s allowed, tokens would allow 10_000 tok/s / 100 = 100 req/s.
+        (600, 600_000, 100, 1 / (10 * HEADROOM)),
+    ],
+    ids=["tokens-bind", "requests-bind"],
+)
+def test_the_binding_limit_wins(rpm: float, tpm: float, tokens: int, spacing: float) -> None:
+    async def main() -> list[float]:
+        pacer = Pacer(rpm, tpm, max_concurrency=50)
+        times: list[float] = []
+
+        async def one() -> None:
+            await pacer.acquire(tokens)
+            times.append(anyio.current_time())
+            pacer.release(succeeded=True)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(one)
+        return sorted(times)
+
+    times = run_virtual(main)
+    assert gaps(times) == pytest.approx([spacing] * 9, abs=EPS)
+
+
+# -- limits learned from headers -----------------------------------------------------------
+
+
+def test_learned_limit_is_adopted_when_none_was_declared() -> None:
+    async def main() -> tuple[float | None, float | None, list[float]]:
+        pacer = Pacer(None, None, max_concurrency=20)
+        before = pacer.state().requests_per_s
+        pacer.observe(RateLimitInfo(limit_requests=600, remaining_requests=500))
+        times = []
+        for _ in range(5):
+            await pacer.acquire(0)
+            times.append(anyio.current_time())
+            pacer.release(succeeded=True)
+        return before, pacer.state().requests_per_s, times
+
+    before, after, times = run_virtual(main)
+    assert before is None
+    assert after == pytest.approx(10 * HEADROOM)
+    assert gaps(times) == pytest.approx([1 / (10 * HEADROOM)] * 4, abs=EPS)
+
+
+@pytest.mark.parametrize(
+    ("declared", "learned", "per_s"),
+    [(6000, 600, 10), (300, 600, 5), (600, 600, 10)],
+    ids=["learned-lower", "declared-lower", "equal"],
+)
+def test_learned_limit_combines_with_declared_as_minimum(
+    declared: float, learned: float, per_s: float
+) -> None:
+    async def main() -> tuple[float | None, float | None]:
+        pacer = Pacer(declared, declared * 1000, max_concurrency=20)
+        pacer.observe(RateLimitInfo(limit_requests=learned, limit_tokens=learned * 1000))
+        state = pacer.state()
+        return state.requests_per_s, state.tokens_per_s
+
+    requests, tokens = run_virtual(main)
+    assert requests == pytest.approx(per_s * HEADROOM)
+    assert tokens == pytest.approx(per_s * 1000 * HEADROOM)
+
+
+def test_observe_none_changes_nothing() -> None:
+    async def main() -> tuple[float | None, float]:
+        pacer = Pacer(600, None, max_concurrency=4)
+        pacer.observe(None)
+        return pacer.state().requests_per_s, pacer.state().paused_s
+
+    rate, paused = run_virtual(main)
+    assert rate == pytest.approx(10 * HEADROOM)
+    assert paused == 0.0
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        RateLimitInfo(limit_requests=600, remaining_requests=1, reset_requests_s=0.5),
+        RateLimitInfo(limit_tokens=100_000, remaining_tokens=1500, reset_tokens_s=0.5),
+    ],
+    ids=["requests", "tokens"],
+)
+def test_nearly_spent_budget_pauses_the_pool_until_reset(info: RateLimitInfo) -> None:
+    async def main() -> tuple[float, float]:
+        pacer = Pacer(6000, None, max_concurrency=4)
+        seen = anyio.current_time()
+        pacer.observe(info)
+        paused = pacer.state().paused_s
+        await pacer.acquire(10)
+        waited = anyio.current_time() - seen
+        pacer.release(succeeded=True)
+        return paused, waited
+
+    paused, waited = run_virtual(main)
+    assert paused == pytest.approx(0.5)
+    assert waited == pytest.approx(0.5, abs=EPS)
+
+
+def test_plenty_remaining_does_not_pause() -> None:
+    async def main() -> float:
+        pacer = Pacer(6000, None, max_concurrency=4)
+        seen = anyio.current_time()
+        pacer.observe(RateLimitInfo(limit_requests=600, remaining_requests=300, reset_requests_s=5))
+        await pacer.acquire(10)
+        pacer.release(succeeded=True)
+        return anyio.current_time() - seen
+
+    assert run_virtual(main) == pytest.approx(0.0)
+
+
+# -- 429s ----------------------------------------------------------------------------------
+
+
+def test_rate_limited_holds_every_waiting_acquirer() -> None:
+    async def main() -> tuple[float, list[float]]:
+        pacer = Pacer(6000, None, max_concurrency=20)
+        times: list[float] = []
+
+        async def one() -> None:
+            await pacer.acquire(0)
+            times.append(anyio.current_time())
+            pacer.release(succeeded=False)
+
+        async with anyio.create_task_group() as tg:
+            await pacer.acquire(0)  # books the first slot; the others queue behind it
+            for _ in range(9):
+                tg.start_soon(one)
+            # Every waiter has booked a slot ~10 ms apart and is asleep until it.
+            await anyio.sleep(0.005)
+            hit = anyio.current_time()
+            pacer.rate_limited(0.3)
+            pacer.release(succeeded=False)
+        return hit, sorted(times)
+
+    hit, times = run_virtual(main)
+    assert len(times) == 9
+    assert times[0] >= hit + 0.3 - EPS
+    # After the pause the queue is still paced, not released as a burst.
+    assert all(gap >= 1 / 100 - EPS for gap in gaps(times))
+
+
+def test_rate_limited_pause_never_shortens_an_existing_pause() -> None:
+    async def main() -> tuple[float, float]:
+        pacer = Pacer(None, None, max_concurrency=2)
+        pacer.rate_limited(2.0)
+        pacer.rate_limited(0.1)
+        paused = pacer.state().paused_s
+        start = anyio.current_time()
+        await pacer.acquire(0)
+        pacer.release(succeeded=True)
+        return paused, anyio.current_time() - start
+
+    paused, waited = run_virtual(main)
+    assert paused == pytest.approx(2.0)
+    assert waited == pytest.approx(2.0)
+
+
+def test_rate_limited_without_known_limit_backs_off_then_recovers() -> None:
+    async def main() -> dict[str, float | None]:
+        pacer = Pacer(None, None, max_concurrency=4)
+        # Ten requests over one second: the pool is sending ~10/s unpaced.
+        for _ in range(10):
+            await pacer.acquire(0)
+            pacer.release(succeeded=True)
+            await anyio.sleep(0.1)
+        unpaced = pacer.state().requests_per_s
+        pacer.rate_limited(0.3)
+        backed_off = pacer.state().requests_per_s
+        assert backed_off is not None
+
+        times = []
+        for _ in range(4):
+            await pacer.acquire(0)
+            times.append(anyio.current_time())
+            pacer.release(succeeded=True)
+        spacing = min(gaps(times))
+
+        # Successes over the next ~20 s raise the rate again, gradually.
+        soon_after = None
+        end = anyio.current_time() + 20
+        while anyio.current_time() < end:
+            await pacer.acquire(0)
+            await anyio.sleep(0.25)
+            pacer.release(succeeded=True)
+            if soon_after is None and anyio.current_time() - times[0] >= 1.5:
+                soon_after = pacer.state().requests_per_s
+        return {
+            "unpaced": unpaced,
+            "backed_off": backed_off,
+            "spacing": spacing,
+            "soon_after": soon_after,
+            "recovered": pacer.state().requests_per_s,
+        }
+
+    r = run_virtual(main)
+    backed_off, recovered = r["backed_off"], r["recovered"]
+    assert r["unpaced"] is None
+    assert backed_off is not None and recovered is not None
+    assert 0 < backed_off < 10  # below the ~10/s that drew the 429
+    assert r["spacing"] == pytest.approx(1 / backed_off, abs=EPS)
+    assert r["soon_after"] is not None
+    assert backed_off < r["soon_after"] < backed_off * 1.1  # creeps, does not jump
+    assert recovered > backed_off * 1.2
+
+
+def test_rate_limited_with_known_limit_keeps_the_rate() -> None:
+    async def main() -> tuple[float | None, float | None]:
+        pacer = Pacer(600, None, max_concurrency=4)
+        for _ in range(5):
+            await pacer.acquire(0)
+            pacer.release(succeeded=True)
+        pacer.rate_limited(0.1)
+        return pacer.requests.adaptive, pacer.state().requests_per_s
+
+    adaptive, rate = run_virtual(main)
+    assert adaptive is None
+    assert rate == pytest.approx(10 * HEADROOM)
+
+
+# -- concurrency window ----------------------------------------------------------------------
+
+
+def test_window_starts_at_initial_concurrency() -> None:
+    async def main() -> tuple[list[int], int]:
+        pacer = Pacer(None, None, max_concurrency=8, initial_concurrency=2)
+        holding = 0
+        seen: list[int] = []
+        go = anyio.Event()
+
+        async def hold() -> None:
+            nonlocal holding
+            await pacer.acquire(0)
+            holding += 1
+            await go.wait()
+            holding -= 1
+            pacer.release(succeeded=False)  # failures never widen the window
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(hold)
+            await anyio.sleep(1)
+            seen.append(holding)
+            go.set()
+        return seen, pacer.state().window
+
+    seen, window = run_virtual(main)
+    assert seen == [2]
+    assert window == 2
+
+
+def test_successes_grow_the_window_up_to_the_cap() -> None:
+    async def main() -> tuple[int, list[int]]:
+        pacer = Pacer(None, None, max_concurrency=8, initial_concurrency=2)
+        in_flight = 0
+        peak = 0
+        windows: list[int] = []
+
+        async def one() -> None:
+            nonlocal in_flight, peak
+            await pacer.acquire(0)
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await anyio.sleep(0.01)
+            in_flight -= 1
+            pacer.release(succeeded=True)
+            windows.append(pacer.state().window)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(60):
+                tg.start_soon(one)
+        return peak, windows
+
+    peak, windows = run_virtual(main)
+    assert peak == 8
+    assert max(windows) == 8
+    assert windows == sorted(windows)  # slow start: only ever grows without a 429
+    assert windows[:6] == [3, 4, 5, 6, 7, 8]  # one per success while below the cap
+    assert windows[-1] == 8
+
+
+def test_rate_limited_shrinks_the_window_multiplicatively() -> None:
+    async def main() -> tuple[list[int], list[int]]:
+        pacer = Pacer(None, None, max_concurrency=8)
+        shrinking = [pacer.state().window]
+        for _ in range(5):
+            pacer.rate_limited(0)
+            shrinking.append(pacer.state().window)
+
+        # After a 429 the window grows by one per second of success, not per success.
+        growing = []
+        for wait in (0.5, 0.6, 0.2, 0.9):
+            await pacer.acquire(0)
+            await anyio.sleep(wait)
+            pacer.release(succeeded=True)
+            growing.append(pacer.state().window)
+        return shrinking, growing
+
+    shrinking, growing = run_virtual(main)
+    assert shrinking == [8, int(8 * BACKOFF_FACTOR), 3, 2, 1, 1]
+    assert growing == [1, 2, 2, 3]
+
+
+def test_rate_limited_ends_slow_start() -> None:
+    async def main() -> list[int]:
+        pacer = Pacer(None, None, max_concurrency=8, initial_concurrency=2)
+        windows = []
+        for _ in range(4):
+            await pacer.acquire(0)
+            pacer.release(succeeded=True)
+        windows.append(pacer.state().window)
+        pacer.rate_limited(0)
+        windows.append(pacer.state().window)
+        for _ in range(4):
+            await pacer.acquire(0)
+            pacer.release(succeeded=True)
+        windows.append(pacer.state().window)
+        return windows
+
+    assert run_virtual(main) == [6, 4, 4]
+
+
+# -- prompt-size correction ------------------------------------------------------------------
+
+
+def test_learn_prompt_scale_converges_to_actual_over_estimated() -> None:
+    pacer = Pacer(None, None, max_concurrency=1)
+    assert pacer.prompt_scale == 1.0
+    history = []
+    for _ in range(60):
+        pacer.learn_prompt_scale(100, 150)
+        history.append(pacer.prompt_scale)
+    assert history == sorted(history)
+    assert history[0] == pytest.approx(1.05)
+    assert pacer.prompt_scale == pytest.approx(1.5, abs=0.005)
+
+    for _ in range(80):
+        pacer.learn_prompt_scale(200, 100)
+    assert pacer.prompt_scale == pytest.approx(0.5, abs=0.005)
+
+
+def test_learn_prompt_scale_ignores_missing_counts() -> None:
+    pacer = Pacer(None, None, max_concurrency=1)
+    pacer.learn_prompt_scale(0, 100)
+    pacer.learn_prompt_scale(100, 0)
+    assert pacer.prompt_scale == 1.0

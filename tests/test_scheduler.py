@@ -1,0 +1,558 @@
+"""The worker pool, driven directly with a scripted fake provider.
+
+Every test runs on an asyncio loop with a virtual clock: time only moves when every
+task is waiting, and then jumps straight to the next timer. Latencies, timeouts,
+Retry-After pauses and grace periods are exact and cost no real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import selectors
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+import pytest
+from conftest import SIM_KEY
+
+from pipeline import errors
+from pipeline.config import resolve_provider
+from pipeline.http import HttpClient
+from pipeline.providers import Provider, create_provider
+from pipeline.ratelimit import HEADROOM, Pacer
+from pipeline.retry import RetryPolicy
+from pipeline.scheduler import Outcome, Planned, Scheduler
+from pipeline.simulator import RunningSimulator
+from pipeline.spec import ModelSpec
+from pipeline.types import ChatRequest, Completion, RateLimitInfo, RowResult, Usage
+
+T = TypeVar("T")
+EPS = 1e-6
+FAST = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05)
+
+# -- virtual clock -----------------------------------------------------------------------
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Polls real I/O without blocking; where the loop would sleep, the clock jumps instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:
+            raise RuntimeError("virtual clock: every task waits and no timer is due (deadlock)")
+        self.now += timeout
+        return []
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main` under anyio on a loop whose clock only moves when every task is idle."""
+    return anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+# -- a scripted provider -----------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    index: int
+    attempt: int
+    at: float
+
+
+Script = Callable[[ChatRequest, int], Awaitable[Completion]]
+
+
+def completion(text: str = "ok", **overrides: object) -> Completion:
+    fields: dict[str, object] = {
+        "response": text,
+        "reasoning": None,
+        "usage": Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15),
+        "finish_reason": "stop",
+        "model": "fake-model",
+    }
+    fields.update(overrides)
+    return Completion(**fields)  # type: ignore[arg-type]
+
+
+class FakeProvider(Provider):
+    """Answers through `script(request, attempt)`; logs every call with its start time."""
+
+    def __init__(self, script: Script) -> None:
+        super().__init__(settings=None, client=None)  # type: ignore[arg-type]
+        self.script = script
+        self.calls: list[Call] = []
+        self._attempts: Counter[int] = Counter()
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        self._attempts[request.index] += 1
+        attempt = self._attempts[request.index]
+        self.calls.append(Call(request.index, attempt, anyio.current_time()))
+        return await self.script(request, attempt)
+
+    def calls_for(self, index: int) -> list[Call]:
+        return [call for call in self.calls if call.index == index]
+
+
+def request(index: int, prompt_estimate: int = 10, reply_budget: int = 10) -> ChatRequest:
+    return ChatRequest(
+        index=index,
+        key=f"K{index:04d}",
+        messages=[{"role": "user", "content": f"row {index}"}],
+        request_hash=f"hash-{index}",
+        prompt_estimate=prompt_estimate,
+        reply_budget=reply_budget,
+    )
+
+
+async def planned(n: int, extra: list[RowResult] | None = None) -> AsyncIterator[Planned]:
+    for index in range(n):
+        yield request(index)
+    for result in extra or []:
+        yield result
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[RowResult]] = []
+
+    async def __call__(self, batch: list[RowResult]) -> None:
+        self.batches.append(list(batch))
+
+    @property
+    def results(self) -> list[RowResult]:
+        return [result for batch in self.batches for result in batch]
+
+    def by_index(self) -> dict[int, RowResult]:
+        results = self.results
+        indexed = {result.index: result for result in results}
+        assert len(indexed) == len(results), "a row was recorded twice"
+        return indexed
+
+
+def scheduler(
+    provider: Provider,
+    *,
+    concurrency: int = 4,
+    pacer: Pacer | None = None,
+    policy: RetryPolicy = FAST,
+    timeout_s: float = 5.0,
+    grace_s: float = 10.0,
+) -> Scheduler:
+    return Scheduler(
+        provider,
+        pacer or Pacer(None, None, max_concurrency=concurrency),
+        policy,
+        None,
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        grace_s=grace_s,
+    )
+
+
+# -- every row, exactly once -------------------------------------------------------------
+
+
+def test_every_request_yields_exactly_one_result_with_attempts_and_errors() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(0.01 * (1 + req.index % 3))
+        kind = req.index % 10
+        if kind == 3 and attempt <= 2:
+            raise errors.ServerError("overloaded", status=503)
+        if kind == 7:
+            raise errors.BadRequest("bad field", status=400)
+        if kind == 9:
+            raise errors.MalformedResponse("no choices")
+        if kind == 5:
+            return completion(finish_reason="content_filter")
+        return completion(f"answer {req.index}")
+
+    skipped = RowResult(500, "K0500", "hash-500", 0, None, error="skipped upstream")
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> Outcome:
+        return await scheduler(provider, concurrency=5).run(planned(60, [skipped]), record)
+
+    outcome = run_virtual(main)
+    results = record.by_index()
+    assert sorted(results) == [*range(60), 500]
+    assert outcome.recorded == 61
+    assert outcome.fatal is None and not outcome.interrupted
+    assert results[500] is skipped  # pre-made results pass straight through
+
+    for index in range(60):
+        result = results[index]
+        assert (result.key, result.request_hash) == (f"K{index:04d}", f"hash-{index}")
+        assert result.latency_s is not None and result.latency_s > 0
+        assert result.attempts == len(provider.calls_for(index))
+        kind = index % 10
+        if kind == 3:
+            assert result.ok and result.attempts == 3
+            assert result.completion is not None
+            assert result.completion.response == f"answer {index}"
+        elif kind == 7:
+            assert result.attempts == 1
+            assert result.error == "bad_request (HTTP 400): bad field"
+            assert result.completion is None
+        elif kind == 9:
+            assert result.attempts == 3
+            assert result.error == "malformed_response: no choices after 3 attempts"
+        elif kind == 5:
+            assert result.attempts == 1 and result.completion is not None
+            assert result.error is not None and result.error.startswith("content_filtered")
+        else:
+            assert result.ok and result.attempts == 1
+    # 6 rows x 2 server errors + 6 rows x 2 malformed retries
+    assert outcome.retries == 24
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 5])
+def test_retryable_errors_are_retried_up_to_max_attempts(max_attempts: int) -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        raise errors.TransportError("connection reset")
+
+    provider = FakeProvider(script)
+    record = Recorder()
+    policy = RetryPolicy(max_attempts=max_attempts, base_delay_s=0.01, max_delay_s=0.05)
+
+    async def main() -> Outcome:
+        return await scheduler(provider, policy=policy).run(planned(3), record)
+
+    outcome = run_virtual(main)
+    results = record.by_index()
+    assert sorted(results) == [0, 1, 2]
+    tried = f" after {max_attempts} attempts" if max_attempts > 1 else ""
+    for index, result in results.items():
+        assert result.attempts == max_attempts == len(provider.calls_for(index))
+        assert result.error == f"transport_error: connection reset{tried}"
+    assert outcome.retries == 3 * (max_attempts - 1)
+
+
+def test_retries_back_off_between_attempts() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        if attempt < 4:
+            raise errors.ServerError("busy", status=502)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+    policy = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
+
+    async def main() -> Outcome:
+        return await scheduler(provider, policy=policy).run(planned(1), record)
+
+    run_virtual(main)
+    starts = [call.at for call in provider.calls]
+    waits = gaps(starts)
+    # Exponential backoff with jitter: ceiling/2 <= wait <= ceiling, ceilings 0.01, 0.02, 0.04.
+    for wait, ceiling in zip(waits, (0.01, 0.02, 0.04), strict=True):
+        assert ceiling / 2 - EPS <= wait <= ceiling + EPS
+    assert record.by_index()[0].attempts == 4
+
+
+def test_row_errors_are_recorded_after_one_attempt() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        if req.index == 1:
+            raise errors.ContextLengthExceeded("prompt too long", status=400)
+        raise errors.BadRequest("invalid", status=422)
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> Outcome:
+        return await scheduler(provider).run(planned(3), record)
+
+    outcome = run_virtual(main)
+    results = record.by_index()
+    assert len(provider.calls) == 3
+    assert all(result.attempts == 1 for result in results.values())
+    assert results[0].error == "bad_request (HTTP 422): invalid"
+    assert results[1].error == "context_length_exceeded (HTTP 400): prompt too long"
+    assert outcome.retries == 0
+
+
+# -- job-fatal errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing_from", [0, 30])
+def test_job_fatal_error_stops_the_run(failing_from: int) -> None:
+    concurrency = 8
+
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(0.05)
+        if req.index >= failing_from:
+            raise errors.AuthenticationError("invalid api key", status=401)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> Outcome:
+        return await scheduler(provider, concurrency=concurrency).run(planned(1000), record)
+
+    outcome = run_virtual(main)
+    assert isinstance(outcome.fatal, errors.AuthenticationError)
+    assert outcome.fatal.status == 401
+    assert not outcome.interrupted
+    # Nothing new is sent once the key is known to be bad.
+    assert len(provider.calls) <= failing_from + concurrency + 2
+    called = {call.index for call in provider.calls}
+    results = record.by_index()
+    # Unsent rows (and the rejected ones) produce no results; the finished ones are kept.
+    assert set(results) <= called
+    assert set(results) <= set(range(failing_from))
+    assert len(results) >= failing_from - concurrency
+    assert all(result.ok for result in results.values())
+    assert outcome.recorded == len(results)
+
+
+# -- 429s and timeouts ---------------------------------------------------------------------
+
+
+def test_rate_limited_pauses_every_worker_for_retry_after() -> None:
+    retry_after = 0.3
+    hit: list[int] = []
+
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(0.05)
+        if req.index == 10 and attempt == 1:
+            hit.append(len(provider.calls))
+            raise errors.RateLimited("slow down", status=429, retry_after=retry_after)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> Outcome:
+        return await scheduler(provider, concurrency=4).run(planned(40), record)
+
+    outcome = run_virtual(main)
+    assert len(hit) == 1
+    # The 429 is raised 0.05 s after its call started.
+    at = provider.calls_for(10)[0].at + 0.05
+    later = [call for call in provider.calls if call.at > at - EPS]
+    assert len(later) > 10  # other rows kept going afterwards...
+    assert min(call.at for call in later) >= at + retry_after - EPS  # ...but only after the pause
+    # Calls that had started before the 429 were not affected.
+    assert all(call.at < at for call in provider.calls[: hit[0]])
+
+    results = record.by_index()
+    assert sorted(results) == list(range(40))
+    assert all(result.ok for result in results.values())
+    assert results[10].attempts == 2
+    assert outcome.rate_limited == 1 and outcome.retries == 1
+
+
+def test_rate_limit_headers_in_completions_pace_the_pool() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(0.01)
+        return completion(rate_limits=RateLimitInfo(limit_requests=600, remaining_requests=500))
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> Outcome:
+        return await scheduler(provider, concurrency=4).run(planned(20), record)
+
+    run_virtual(main)
+    starts = sorted(call.at for call in provider.calls)
+    # After the first answers arrive the learned 600/min (10/s) paces every call.
+    tail = gaps(starts[8:])
+    assert tail == pytest.approx([1 / (10 * HEADROOM)] * len(tail), abs=EPS)
+    assert len(record.results) == 20
+
+
+def test_token_estimates_drive_pacing() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        return completion(usage=Usage(prompt_tokens=req.prompt_estimate))
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def rows() -> AsyncIterator[Planned]:
+        for index in range(6):
+            yield request(index, prompt_estimate=50, reply_budget=50)
+
+    async def main() -> Outcome:
+        pacer = Pacer(None, 60_000, max_concurrency=4)
+        return await scheduler(provider, pacer=pacer).run(rows(), record)
+
+    run_virtual(main)
+    starts = sorted(call.at for call in provider.calls)
+    spacing = 100 / (1000 * HEADROOM)  # 50 prompt + 50 reply tokens at 1000 tok/s
+    assert gaps(starts) == pytest.approx([spacing] * 5, abs=EPS)
+
+
+def test_a_timed_out_call_is_retried_as_a_transport_error() -> None:
+    """What the HTTP client raises at its deadline is retried like any transport failure."""
+
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        if req.index == 2 and attempt == 1:
+            await anyio.sleep(0.5)
+            raise errors.TransportError("no answer within 0.5s")
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> Outcome:
+        return await scheduler(provider, timeout_s=0.5).run(planned(5), record)
+
+    outcome = run_virtual(main)
+    results = record.by_index()
+    assert sorted(results) == list(range(5))
+    assert results[2].ok and results[2].attempts == 2
+    first, second = provider.calls_for(2)
+    assert second.at >= first.at + 0.5 - EPS
+    assert outcome.retries == 1
+
+
+def test_a_call_over_timeout_becomes_a_transport_error_and_is_retried(
+    simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end over loopback with the real adapter, in real time: one row's answer takes
+    1 s, the deadline is 0.3 s, so that row fails twice with a transport error."""
+    monkeypatch.setenv("SIM_API_KEY", SIM_KEY)
+    settings = resolve_provider(
+        ModelSpec(
+            provider="openai",
+            model="x-ai-grok-3-mini",
+            base_url=simulator.base_url,
+            api_key_env="SIM_API_KEY",
+            params={"max_tokens": 20},
+        )
+    )
+    record = Recorder()
+    policy = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05)
+
+    async def rows() -> AsyncIterator[Planned]:
+        for index in range(4):
+            slow = " [[sim:slow=1000]]" if index == 1 else ""
+            yield ChatRequest(
+                index,
+                f"K{index}",
+                [{"role": "user", "content": f"row {index}{slow}"}],
+                f"hash-{index}",
+                10,
+                20,
+            )
+
+    async def main() -> Outcome:
+        async with HttpClient(4, 0.3) as client:
+            sched = scheduler(create_provider(settings, client), policy=policy, timeout_s=0.3)
+            return await sched.run(rows(), record)
+
+    started = time.monotonic()
+    try:
+        outcome = anyio.run(main)
+        elapsed = time.monotonic() - started
+    finally:
+        _drain(simulator)
+    results = record.by_index()
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(results[i].ok for i in (0, 2, 3))
+    slow = results[1]
+    assert slow.attempts == 2 and slow.completion is None
+    assert slow.error is not None
+    assert slow.error.startswith("transport_error") and slow.error.endswith("after 2 attempts")
+    assert outcome.retries == 1
+    assert elapsed < 1.5  # did not wait for the slow answers
+
+
+def _drain(simulator: RunningSimulator, limit_s: float = 5.0) -> None:
+    """Let the abandoned slow answers finish, so they never count in another test's stats."""
+    deadline = time.monotonic() + limit_s
+    while simulator.stats(full=False)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# -- stopping ------------------------------------------------------------------------------
+
+
+def test_stop_lets_in_flight_rows_finish_and_takes_no_new_ones() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(1.0)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> tuple[Outcome, float, float]:
+        sched = scheduler(provider, concurrency=4)
+        outcome: list[Outcome] = []
+
+        async def run() -> None:
+            outcome.append(await sched.run(planned(1000), record))
+
+        async with anyio.create_task_group() as tg:
+            start = anyio.current_time()
+            tg.start_soon(run)
+            await anyio.sleep(2.5)
+            stopped = anyio.current_time()
+            sched.stop()
+            sched.stop()  # a second stop() is a no-op
+        return outcome[0], stopped - start, anyio.current_time() - start
+
+    outcome, stopped, finished = run_virtual(main)
+    assert outcome.interrupted and outcome.fatal is None
+    # Rows in flight at t=2.5 finish at t=3.0; nothing starts after stop().
+    assert finished == pytest.approx(3.0)
+    assert all(call.at - provider.calls[0].at <= stopped for call in provider.calls)
+    assert len(provider.calls) == 12  # three rounds of four workers
+    results = record.by_index()
+    assert set(results) == {call.index for call in provider.calls}
+    assert all(result.ok for result in results.values())
+    assert outcome.recorded == 12
+
+
+def test_stop_abandons_rows_still_in_flight_after_the_grace_period() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(5.0 if req.index >= 4 else 0.5)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> tuple[Outcome, float]:
+        sched = scheduler(provider, concurrency=4, grace_s=1.0)
+        outcome: list[Outcome] = []
+
+        async def run() -> None:
+            outcome.append(await sched.run(planned(100), record))
+
+        async with anyio.create_task_group() as tg:
+            start = anyio.current_time()
+            tg.start_soon(run)
+            await anyio.sleep(2.0)
+            sched.stop()
+        return outcome[0], anyio.current_time() - start
+
+    outcome, finished = run_virtual(main)
+    assert outcome.interrupted
+    assert finished == pytest.approx(3.0)  # stop at 2.0 + 1.0 grace, not the 5.5 s rows
+    assert sorted(record.by_index()) == [0, 1, 2, 3]  # the slow in-flight rows are not recorded
+    assert {call.index for call in provider.calls} == set(range(8))
