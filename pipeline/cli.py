@@ -69,7 +69,8 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
         f"tokens (all finished rows): {totals.prompt_tokens} in, {totals.output_tokens} out, "
         f"{totals.reasoning_tokens} reasoning",
         f"cost: ${summary.run_cost:.6f} this run, ${totals.cost_usd:.6f} all finished rows",
-        f"time: {summary.wall_s:.1f}s, retries {summary.outcome.retries}, "
+        f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
+        f"to last answer; retries {summary.outcome.retries}, "
         f"rate limited {summary.outcome.rate_limited}",
     ]
     if summary.fatal is not None:

@@ -41,6 +41,15 @@ class Outcome:
     recorded: int = 0
     retries: int = 0
     rate_limited: int = 0
+    first_sent_at: float | None = None  # loop clock: the first attempt's start
+    last_answer_at: float | None = None  # loop clock: the last attempt's end
+
+    @property
+    def active_s(self) -> float:
+        """From the first request sent to the last answer received."""
+        if self.first_sent_at is None or self.last_answer_at is None:
+            return 0.0
+        return self.last_answer_at - self.first_sent_at
 
 
 class Scheduler:
@@ -134,6 +143,8 @@ class Scheduler:
             attempt += 1
             await pacer.acquire(request.prompt_estimate * pacer.prompt_scale + request.reply_budget)
             started = anyio.current_time()
+            if self.outcome.first_sent_at is None:
+                self.outcome.first_sent_at = started
             try:
                 # The deadline (limits.timeout_s) is the HTTP client's, set once for the pool.
                 completion = await self.provider.complete(request)
@@ -143,13 +154,15 @@ class Scheduler:
                 pacer.release(succeeded=False)
                 raise
             else:
+                self.outcome.last_answer_at = anyio.current_time()
                 pacer.release(succeeded=True)
                 pacer.observe(completion.rate_limits)
                 pacer.learn_prompt_scale(request.prompt_estimate, completion.usage.prompt_tokens)
                 return self._success(request, completion, attempt, anyio.current_time() - started)
             pacer.release(succeeded=False)
             pacer.observe(error.rate_limits)
-            latency = anyio.current_time() - started
+            self.outcome.last_answer_at = anyio.current_time()
+            latency = self.outcome.last_answer_at - started
             if isinstance(error, RateLimited):
                 self.outcome.rate_limited += 1
                 pacer.rate_limited(error.retry_after)
