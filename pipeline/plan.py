@@ -8,9 +8,9 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, Finished
 from pipeline.inputs import InputTable, row_keys
-from pipeline.render import PromptRenderer, estimate_prompt_tokens, request_hash
+from pipeline.render import PromptRenderer, estimate_prompt_tokens
 from pipeline.types import ChatRequest, RowResult
 
 READ_BATCH_ROWS = 10_000
@@ -35,33 +35,37 @@ class WorkPlan:
         Lazy: rows are read, looked up and rendered only as workers ask for them.
         """
         max_tokens = _max_tokens(self.params)
+        digest = self.renderer.request_hasher(self.model, self.params)
+        variables = list(self.renderer.variables)
         offset = 0
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit):
             for chunk in batch.iter_slices(RENDER_CHUNK_ROWS):
                 keys = row_keys(chunk, offset, self.table.id_column)
+                rows = chunk.select(variables).rows() if variables else [()] * chunk.height
                 finished = self.checkpoint.finished(keys)
-                for i, (key, row) in enumerate(zip(keys, chunk.iter_rows(named=True), strict=True)):
-                    item = self._plan_row(offset + i, key, row, max_tokens, finished.get(key))
-                    if item is not None:
-                        self.planned += 1
-                        yield item
+                for i, (key, values) in enumerate(zip(keys, rows, strict=True)):
+                    request_hash = digest(values)
+                    if self._reusable(finished.get(key), request_hash):
+                        self.reused += 1
+                        continue
+                    self.planned += 1
+                    yield self._request(offset + i, key, values, request_hash, max_tokens)
                 offset += chunk.height
 
-    def _plan_row(
-        self, index: int, key: str, row: dict[str, Any], max_tokens: int, previous: Any
-    ) -> ChatRequest | RowResult | None:
+    def _reusable(self, previous: Finished | None, request_hash: str) -> bool:
+        if previous is None or previous.request_hash != request_hash:
+            return False
+        return previous.ok or not self.retry_failed
+
+    def _request(
+        self, index: int, key: str, values: tuple[Any, ...], request_hash: str, max_tokens: int
+    ) -> ChatRequest | RowResult:
         try:
-            messages = self.renderer.render(row)
+            messages = self.renderer.render(values)
         except TemplateError as exc:
-            return RowResult(index, key, "", 0, None, error=f"render_error: {exc}")
-        digest = request_hash(self.model, self.params, messages)
-        unchanged = previous is not None and previous.request_hash == digest
-        if unchanged and (previous.ok or not self.retry_failed):
-            self.reused += 1
-            return None
-        return ChatRequest(
-            index, key, messages, digest, estimate_prompt_tokens(messages), max_tokens
-        )
+            return RowResult(index, key, request_hash, 0, None, error=f"render_error: {exc}")
+        prompt_estimate = estimate_prompt_tokens(messages)
+        return ChatRequest(index, key, messages, request_hash, prompt_estimate, max_tokens)
 
 
 def _max_tokens(params: dict[str, Any]) -> int:

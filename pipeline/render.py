@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,37 +29,56 @@ class PromptRenderer:
             undefined=StrictUndefined, autoescape=False, finalize=_blank_for_none
         )
         self._parts: list[tuple[str, Any]] = []
-        self.variables: set[str] = set()
+        self._sources: list[tuple[str, str]] = []
+        found: set[str] = set()
         if prompt.system:
-            self._add("system", prompt.system, "prompt.system")
-        self._add("user", prompt.template, "prompt.template")
+            found |= self._add("system", prompt.system, "prompt.system")
+        found |= self._add("user", prompt.template, "prompt.template")
+        # Sorted, so a row's values always hash in the same order.
+        self.variables: tuple[str, ...] = tuple(sorted(found - set(self._env.globals)))
 
-    def _add(self, role: str, source: str, where: str) -> None:
+    def _add(self, role: str, source: str, where: str) -> set[str]:
         try:
             parsed = self._env.parse(source)
         except TemplateSyntaxError as exc:
             raise SpecError(
                 f"{where}: template error on line {exc.lineno}: {exc.message}"
             ) from None
-        self.variables |= meta.find_undeclared_variables(parsed)
         self._parts.append((role, self._env.from_string(source)))
+        self._sources.append((role, source))
+        return meta.find_undeclared_variables(parsed)
 
     def check_columns(self, columns: list[str]) -> None:
-        missing = sorted(self.variables - set(columns))
+        missing = sorted(set(self.variables) - set(columns))
         if missing:
             raise SpecError(
                 f"prompt: template variable(s) {', '.join(missing)} not found among the input "
                 f"columns ({', '.join(columns)})"
             )
 
-    def render(self, row: dict[str, Any]) -> list[Message]:
+    def render(self, values: tuple[Any, ...]) -> list[Message]:
+        """The messages for one row, given its values of `variables` in that order."""
+        row = dict(zip(self.variables, values, strict=True))
         return [{"role": role, "content": template.render(row)} for role, template in self._parts]
 
+    def request_hasher(
+        self, model: str, params: dict[str, Any]
+    ) -> Callable[[tuple[Any, ...]], str]:
+        """A function from a row's values to the hash of the exact request it renders to.
 
-def request_hash(model: str, params: dict[str, Any], messages: list[Message]) -> str:
-    """Identifies the exact request a row was: same hash, same paid answer."""
-    payload = orjson.dumps([model, params, messages], option=orjson.OPT_SORT_KEYS)
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+        Templates are deterministic in their variables, so hashing the templates, model
+        and params once, then each row's values, identifies the request without
+        rendering it: a resumed run skips finished rows at hashing speed.
+        """
+        spec = orjson.dumps([model, params, self._sources], option=orjson.OPT_SORT_KEYS)
+        base = hashlib.blake2b(spec, digest_size=16)
+
+        def digest(values: tuple[Any, ...]) -> str:
+            h = base.copy()
+            h.update(orjson.dumps(values, default=str))
+            return h.hexdigest()
+
+        return digest
 
 
 def estimate_prompt_tokens(messages: list[Message]) -> int:
