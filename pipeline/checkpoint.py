@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS results (
     {", ".join(RESULT_FIELDS)},
     finished_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _LOOKUP_CHUNK = 900  # under SQLite's historical limit of 999 bound parameters
 
@@ -70,6 +71,20 @@ class Checkpoint:
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
         self._reader = self._connect()
+        self.since = float(self.get_meta("fresh_since") or 0.0)
+
+    def get_meta(self, name: str) -> str | None:
+        row = self._reader.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    def start_fresh(self) -> None:
+        """Ignore every result recorded so far (kept on disk until replaced)."""
+        self.since = time.time()
+        self.set_meta("fresh_since", repr(self.since))
+        self.set_meta("output_stamp", "")
 
     def _connect(self) -> sqlite3.Connection:
         # The writer runs in worker threads, one call at a time; the reader on the loop.
@@ -109,13 +124,24 @@ class Checkpoint:
             chunk = keys[start : start + _LOOKUP_CHUNK]
             marks = ", ".join("?" * len(chunk))
             yield from self._reader.execute(
-                f"SELECT {columns} FROM results WHERE row_key IN ({marks})", chunk
+                f"SELECT {columns} FROM results WHERE row_key IN ({marks}) AND finished_at >= ?",
+                [*chunk, self.since],
             )
+
+    def state(self) -> tuple[int, float]:
+        """Changes whenever a result is added or replaced: (rows, latest finish time)."""
+        row = self._reader.execute(
+            "SELECT count(*), coalesce(max(finished_at), 0) FROM results WHERE finished_at >= ?",
+            (self.since,),
+        ).fetchone()
+        return int(row[0]), float(row[1])
 
     def totals(self) -> Totals:
         row = self._reader.execute(
             "SELECT count(*), count(error), total(prompt_tokens), "
-            "total(completion_tokens), total(reasoning_tokens), total(cost_usd) FROM results"
+            "total(completion_tokens), total(reasoning_tokens), total(cost_usd) FROM results "
+            "WHERE finished_at >= ?",
+            (self.since,),
         ).fetchone()
         return Totals(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
 

@@ -44,14 +44,28 @@ def validate(job: Path) -> None:
     "--output", type=click.Path(path_type=Path), help="Write here instead of output.path."
 )
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def run(job: Path, limit: int | None, output: Path | None, quiet: bool) -> None:
-    """Run JOB: send every row that has no result yet, then write the output Parquet."""
+@click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
+@click.option("--retry-failed", is_flag=True, help="Send rows that ended in error again.")
+def run(
+    job: Path, limit: int | None, output: Path | None, quiet: bool, fresh: bool, retry_failed: bool
+) -> None:
+    """Run JOB: send every row that has no result yet, then write the output Parquet.
+
+    Rerun the same command to resume: finished rows whose request is unchanged are
+    reused, so only new, changed or unfinished rows are sent.
+    """
     try:
         prepared = prepare(job, output=output, limit=limit)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     try:
-        summary = execute(prepared, handle_signals=True, show_progress=not quiet)
+        summary = execute(
+            prepared,
+            handle_signals=True,
+            show_progress=not quiet,
+            fresh=fresh,
+            retry_failed=retry_failed,
+        )
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except PipelineError as exc:
@@ -83,7 +97,10 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
     elif summary.output_path is not None:
         lines.append(f"output: {summary.output_path}")
         if totals.failed:
-            lines.append(f"{totals.failed} row(s) ended in error; see the `error` column")
+            lines.append(
+                f"{totals.failed} row(s) ended in error; see the `error` column, "
+                f"or send them again with `{rerun} --retry-failed`"
+            )
     click.echo("\n".join(lines), err=True)
 
 

@@ -42,9 +42,16 @@ class SpecError(PipelineError):
 class JobStopped(PipelineError):
     """The run stopped early for a job-level reason; a rerun resumes it."""
 
+    advice = "fix the cause and rerun; finished rows are kept"
+
+    def describe(self) -> str:
+        return str(self)
+
 
 class BudgetExceeded(JobStopped):
     """Sending more would cross `limits.max_cost_usd` or `limits.max_tokens_total`."""
+
+    advice = "raise limits.max_cost_usd or limits.max_tokens_total in the job"
 
 
 class ProviderError(PipelineError):

@@ -41,6 +41,27 @@ assert OUTPUT_COLUMNS == RESULT_FIELDS, "checkpoint and output disagree on the r
 _MISSING = (None,) * (len(RESULT_FIELDS) - 1) + ("not_processed: no result was recorded",)
 
 
+def output_is_current(
+    table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None
+) -> bool:
+    """True when `path` is exactly what write_output wrote last for these inputs and results."""
+    return path.exists() and checkpoint.get_meta("output_stamp") == _stamp(
+        table, checkpoint, path, limit
+    )
+
+
+def _stamp(table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None) -> str:
+    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in table.paths]
+    output = path.stat()
+    state = checkpoint.state()
+    return repr((str(path.resolve()), inputs, limit, state, output.st_size, output.st_mtime_ns))
+
+
+def count_failed(path: Path) -> int:
+    errors = pq.read_table(path, columns=["error"]).column("error")
+    return len(errors) - errors.null_count
+
+
 def write_output(
     table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None = None
 ) -> int:
@@ -66,6 +87,7 @@ def write_output(
         writer = None
         _fsync(temporary)
         os.replace(temporary, path)
+        checkpoint.set_meta("output_stamp", _stamp(table, checkpoint, path, limit))
     finally:
         if writer is not None:
             writer.close()

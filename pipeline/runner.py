@@ -15,12 +15,13 @@ from pathlib import Path
 
 import anyio
 
+from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
-from pipeline.errors import JobFatalError, SpecError
+from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
-from pipeline.output import OUTPUT_COLUMNS, write_output
+from pipeline.output import OUTPUT_COLUMNS, count_failed, output_is_current, write_output
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
 from pipeline.providers import create_provider
@@ -62,7 +63,7 @@ class RunSummary:
     wall_s: float
     output_path: Path | None
     exit_code: int
-    fatal: JobFatalError | None = None
+    fatal: JobFatalError | BudgetExceeded | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -109,9 +110,18 @@ def _check_writable(path: Path) -> None:
 
 
 def execute(
-    job: PreparedJob, *, handle_signals: bool = False, show_progress: bool = True
+    job: PreparedJob,
+    *,
+    handle_signals: bool = False,
+    show_progress: bool = True,
+    fresh: bool = False,
+    retry_failed: bool = False,
 ) -> RunSummary:
-    """Run a prepared job to the end (or to a job-level stop) and write its output."""
+    """Run a prepared job to the end (or to a job-level stop) and write its output.
+
+    `fresh` ignores every result recorded so far; `retry_failed` sends rows that
+    ended in error again. Otherwise finished rows with unchanged requests are reused.
+    """
     started = time.monotonic()
     with ExitStack() as stack:
         settings = job.settings
@@ -119,8 +129,16 @@ def execute(
             settings = _start_embedded_simulator(settings, stack)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
+        if fresh:
+            checkpoint.start_fresh()
         plan = WorkPlan(
-            job.table, job.renderer, checkpoint, settings.model, settings.params, job.limit
+            job.table,
+            job.renderer,
+            checkpoint,
+            settings.model,
+            settings.params,
+            job.limit,
+            retry_failed=retry_failed,
         )
         progress = Progress(job.rows, enabled=show_progress)
         stack.callback(progress.close)
@@ -160,6 +178,14 @@ async def _pump(
     handle_signals: bool,
 ) -> Outcome:
     limits = job.spec.limits
+    spent = checkpoint.totals()
+    budget = Budget(
+        limits.max_cost_usd,
+        limits.max_tokens_total,
+        settings.price,
+        spent_usd=spent.cost_usd,
+        spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
+    )
 
     async def record(batch: list[RowResult]) -> None:
         await anyio.to_thread.run_sync(checkpoint.write, batch)
@@ -194,6 +220,7 @@ async def _pump(
             RetryPolicy(max_attempts=limits.max_attempts),
             settings.price,
             concurrency=cap,
+            budget=budget,
         )
         return await scheduler.run(plan.requests(), record, handle_signals=handle_signals)
 
@@ -212,9 +239,11 @@ def _finish(
     elif outcome.interrupted:
         code = EXIT_INTERRUPTED
     else:
-        write_output(job.table, checkpoint, job.output_path, job.limit)
+        # A rerun that found everything done leaves an up-to-date output untouched.
+        if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
+            write_output(job.table, checkpoint, job.output_path, job.limit)
         output_path = job.output_path
-        code = EXIT_ROW_ERRORS if _failed_rows(job, checkpoint) else EXIT_OK
+        code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
@@ -228,14 +257,6 @@ def _finish(
         run_cost=tally.cost,
         run_failed=tally.failed,
     )
-
-
-def _failed_rows(job: PreparedJob, checkpoint: Checkpoint) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    errors = pq.read_table(job.output_path, columns=["error"]).column("error")
-    return int(pc.sum(pc.is_valid(errors)).as_py() or 0)
 
 
 def _start_embedded_simulator(settings: ProviderSettings, stack: ExitStack) -> ProviderSettings:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskGroup
 
+from pipeline.budget import Budget
 from pipeline.config import Price
-from pipeline.errors import JobFatalError, ProviderError, RateLimited
+from pipeline.errors import BudgetExceeded, JobFatalError, ProviderError, RateLimited
 from pipeline.providers import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -36,7 +37,7 @@ Planned = ChatRequest | RowResult
 class Outcome:
     """How the pool ended."""
 
-    fatal: JobFatalError | None = None
+    fatal: JobFatalError | BudgetExceeded | None = None
     interrupted: bool = False
     recorded: int = 0
     retries: int = 0
@@ -61,6 +62,7 @@ class Scheduler:
         price: Price | None,
         *,
         concurrency: int,
+        budget: Budget | None = None,
         grace_s: float = 10.0,
     ) -> None:
         self.provider = provider
@@ -68,6 +70,7 @@ class Scheduler:
         self.policy = policy
         self.price = price
         self.concurrency = concurrency
+        self.budget = budget if budget is not None and budget.active else None
         self.grace_s = grace_s
         self.outcome = Outcome()
         self._stopping = False
@@ -122,14 +125,14 @@ class Scheduler:
             if isinstance(item, ChatRequest):
                 try:
                     item = await self._process(item)
-                except JobFatalError as exc:
+                except (JobFatalError, BudgetExceeded) as exc:
                     self._fail_job(exc)
                     return
             self._pending.append(item)
             if len(self._pending) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
 
-    def _fail_job(self, error: JobFatalError) -> None:
+    def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
         if self.outcome.fatal is None:
             self.outcome.fatal = error
         self._stopping = True
@@ -142,23 +145,30 @@ class Scheduler:
         while True:
             attempt += 1
             await pacer.acquire(request.prompt_estimate * pacer.prompt_scale + request.reply_budget)
+            reservation = None
             started = anyio.current_time()
             if self.outcome.first_sent_at is None:
                 self.outcome.first_sent_at = started
             try:
+                if self.budget is not None:
+                    reservation = self.budget.reserve(request)
                 # The deadline (limits.timeout_s) is the HTTP client's, set once for the pool.
                 completion = await self.provider.complete(request)
             except ProviderError as exc:
                 error: ProviderError = exc
             except BaseException:
                 pacer.release(succeeded=False)
+                self._settle(reservation, None)
                 raise
             else:
                 self.outcome.last_answer_at = anyio.current_time()
                 pacer.release(succeeded=True)
                 pacer.observe(completion.rate_limits)
                 pacer.learn_prompt_scale(request.prompt_estimate, completion.usage.prompt_tokens)
-                return self._success(request, completion, attempt, anyio.current_time() - started)
+                result = self._success(request, completion, attempt, anyio.current_time() - started)
+                self._settle(reservation, result)
+                return result
+            self._settle(reservation, None)
             pacer.release(succeeded=False)
             pacer.observe(error.rate_limits)
             self.outcome.last_answer_at = anyio.current_time()
@@ -181,6 +191,12 @@ class Scheduler:
                 )
             self.outcome.retries += 1
             await anyio.sleep(delay)
+
+    def _settle(self, reservation: tuple[float, float] | None, result: RowResult | None) -> None:
+        if self.budget is None or reservation is None:
+            return
+        usage = result.completion.usage if result and result.completion else None
+        self.budget.settle(reservation, usage, result.cost_usd if result else None)
 
     def _success(
         self, request: ChatRequest, completion: Completion, attempts: int, latency: float

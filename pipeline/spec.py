@@ -62,6 +62,8 @@ class LimitsSpec(_Strict):
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=100)
     timeout_s: float = Field(default=120.0, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_tokens_total: int | None = Field(default=None, gt=0)
 
 
 class OutputSpec(_Strict):

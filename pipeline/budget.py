@@ -1,0 +1,81 @@
+"""Spending limits: stop sending before the projected spend would cross them.
+
+Every attempt reserves its projected cost before it is sent and settles with the
+real usage when it comes back, so requests in flight count against the limit
+too. Until a few answers have come back the projection is the worst case (the
+whole `max_tokens` reply); after that it is the mean of the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import Price
+from pipeline.errors import BudgetExceeded
+from pipeline.types import ChatRequest, Usage
+
+WARMUP_ANSWERS = 5
+
+
+@dataclass
+class Budget:
+    max_cost_usd: float | None
+    max_tokens_total: int | None
+    price: Price | None
+    spent_usd: float = 0.0
+    spent_tokens: int = 0
+    _reserved_usd: float = 0.0
+    _reserved_tokens: float = 0.0
+    _answers: int = 0
+    _answer_usd: float = 0.0
+    _answer_tokens: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.max_cost_usd is not None or self.max_tokens_total is not None
+
+    def projection(self, request: ChatRequest) -> tuple[float, float]:
+        """(USD, tokens) one attempt of `request` is expected to cost."""
+        if self._answers >= WARMUP_ANSWERS:
+            return self._answer_usd / self._answers, self._answer_tokens / self._answers
+        worst = Usage(prompt_tokens=request.prompt_estimate, completion_tokens=request.reply_budget)
+        usd = self.price.cost(worst) if self.price else 0.0
+        return usd, float(request.prompt_estimate + request.reply_budget)
+
+    def reserve(self, request: ChatRequest) -> tuple[float, float]:
+        """Claim room for one attempt, or raise BudgetExceeded if there is none."""
+        usd, tokens = self.projection(request)
+        if self.max_cost_usd is not None:
+            projected = self.spent_usd + self._reserved_usd + usd
+            if projected > self.max_cost_usd:
+                raise BudgetExceeded(
+                    f"budget reached: ${self.spent_usd:.4f} spent, and the next request would "
+                    f"take the projected spend to ${projected:.4f}, over "
+                    f"limits.max_cost_usd = ${self.max_cost_usd:g}"
+                )
+        if self.max_tokens_total is not None:
+            projected_tokens = self.spent_tokens + self._reserved_tokens + tokens
+            if projected_tokens > self.max_tokens_total:
+                raise BudgetExceeded(
+                    f"token budget reached: {self.spent_tokens} tokens used, and the next request "
+                    f"would take the projection to {projected_tokens:.0f}, over "
+                    f"limits.max_tokens_total = {self.max_tokens_total}"
+                )
+        self._reserved_usd += usd
+        self._reserved_tokens += tokens
+        return usd, tokens
+
+    def settle(
+        self, reserved: tuple[float, float], usage: Usage | None, cost: float | None
+    ) -> None:
+        """Replace a reservation with what the attempt really cost (nothing if it failed)."""
+        self._reserved_usd -= reserved[0]
+        self._reserved_tokens -= reserved[1]
+        if usage is None:
+            return
+        tokens = usage.prompt_tokens + usage.output_tokens
+        self.spent_usd += cost or 0.0
+        self.spent_tokens += tokens
+        self._answers += 1
+        self._answer_usd += cost or 0.0
+        self._answer_tokens += tokens
