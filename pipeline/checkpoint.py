@@ -136,6 +136,15 @@ class Checkpoint:
         ).fetchone()
         return int(row[0]), float(row[1])
 
+    def recent(self, window_s: float) -> tuple[int, float | None]:
+        """Rows finished in the last `window_s` seconds, and when the last one finished."""
+        row = self._reader.execute(
+            "SELECT count(*) FILTER (WHERE finished_at >= ?), max(finished_at) FROM results "
+            "WHERE finished_at >= ?",
+            (time.time() - window_s, self.since),
+        ).fetchone()
+        return int(row[0]), row[1]
+
     def totals(self) -> Totals:
         row = self._reader.execute(
             "SELECT count(*), count(error), total(prompt_tokens), "

@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from pipeline.errors import PipelineError, SpecError
-from pipeline.runner import EXIT_INVALID, EXIT_STOPPED, RunSummary, execute, prepare
+from pipeline.runner import (
+    EXIT_INVALID,
+    EXIT_STOPPED,
+    RunSummary,
+    execute,
+    export_partial,
+    prepare,
+    status,
+)
 
 
 def _fail(message: str, code: int) -> None:
@@ -102,6 +110,49 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
                 f"or send them again with `{rerun} --retry-failed`"
             )
     click.echo("\n".join(lines), err=True)
+
+
+@main.command(name="status")
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="The run's --output, if given.")
+def status_command(job: Path, output: Path | None) -> None:
+    """Show progress of JOB from its checkpoint: done, failed, pending, tokens, cost, ETA."""
+    try:
+        prepared = prepare(job, output=output, read_key=False)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    report = status(prepared)
+    if report is None:
+        click.echo(f"{prepared.spec.name}: not started ({prepared.rows} rows pending)")
+        return
+    totals = report.totals
+    eta = report.eta_s
+    lines = [
+        f"{prepared.spec.name}: {report.finished}/{report.rows} rows finished "
+        f"({report.failed} failed), {report.pending} pending",
+        f"tokens: {totals.prompt_tokens} in, {totals.output_tokens} out, "
+        f"{totals.reasoning_tokens} reasoning; cost ${totals.cost_usd:.6f}",
+        f"rate: {report.recent_rows_per_s:.1f} rows/s over the last minute; "
+        + ("done" if eta == 0 else f"about {eta:.0f}s left" if eta else "not running"),
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="The run's --output, if given.")
+@click.option(
+    "--to", "destination", type=click.Path(path_type=Path), help="Where to write the export."
+)
+def export(job: Path, output: Path | None, destination: Path | None) -> None:
+    """Write the rows of JOB finished so far to a Parquet file (safe while it runs)."""
+    try:
+        prepared = prepare(job, output=output, read_key=False)
+        target = destination or prepared.output_path.with_suffix(".partial.parquet")
+        rows = export_partial(prepared, target)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    click.echo(f"wrote {rows} finished row(s) to {target}")
 
 
 @main.command()

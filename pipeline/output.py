@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.checkpoint import RESULT_FIELDS, Checkpoint
@@ -63,9 +64,18 @@ def count_failed(path: Path) -> int:
 
 
 def write_output(
-    table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None = None
+    table: InputTable,
+    checkpoint: Checkpoint,
+    path: Path,
+    limit: int | None = None,
+    *,
+    finished_only: bool = False,
 ) -> int:
-    """Write the output atomically; returns the number of rows written."""
+    """Write the output atomically; returns the number of rows written.
+
+    `finished_only` writes just the rows that have a result (a partial export of a
+    run in progress) and leaves the record of the last full output alone.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rows = 0
@@ -75,11 +85,14 @@ def write_output(
         for batch in table.batches(READ_BATCH_ROWS, limit):
             keys = row_keys(batch, offset, table.id_column)
             joined = _with_results(batch.to_arrow(), keys, checkpoint)
+            if finished_only:
+                missing = pc.fill_null(pc.equal(joined["error"], _MISSING[-1]), False)
+                joined = joined.filter(pc.invert(missing))
             if writer is None:
                 writer = pq.ParquetWriter(temporary, joined.schema, compression="zstd")
             writer.write_table(joined)
             offset += batch.height
-            rows += batch.height
+            rows += joined.num_rows
         if writer is None:
             empty = pl.DataFrame(schema=table.schema).to_arrow()
             writer = pq.ParquetWriter(temporary, _with_results(empty, [], checkpoint).schema)
@@ -87,7 +100,8 @@ def write_output(
         writer = None
         _fsync(temporary)
         os.replace(temporary, path)
-        checkpoint.set_meta("output_stamp", _stamp(table, checkpoint, path, limit))
+        if not finished_only:
+            checkpoint.set_meta("output_stamp", _stamp(table, checkpoint, path, limit))
     finally:
         if writer is not None:
             writer.close()

@@ -265,3 +265,54 @@ def _start_embedded_simulator(settings: ProviderSettings, stack: ExitStack) -> P
     options = {"accept_any_model": True, **(settings.preset.embedded_simulator or {})}
     simulator = stack.enter_context(start_in_thread(SimulatorConfig(**options)))
     return dataclasses.replace(settings, base_url=simulator.base_url)
+
+
+@dataclass
+class Status:
+    rows: int
+    finished: int
+    failed: int
+    pending: int
+    totals: Totals
+    recent_rows_per_s: float
+    last_finished_at: float | None
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.pending == 0:
+            return 0.0
+        return self.pending / self.recent_rows_per_s if self.recent_rows_per_s > 0 else None
+
+
+def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
+    """What the checkpoint says about a job, running or not; None before its first run."""
+    if not job.checkpoint_path.exists():
+        return None
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        totals = checkpoint.totals()
+        recent, last = checkpoint.recent(window_s)
+    finally:
+        checkpoint.close()
+    finished = min(totals.rows, job.rows)
+    rate = recent / window_s if last is not None and time.time() - last < window_s else 0.0
+    return Status(
+        rows=job.rows,
+        finished=finished,
+        failed=totals.failed,
+        pending=job.rows - finished,
+        totals=totals,
+        recent_rows_per_s=rate,
+        last_finished_at=last,
+    )
+
+
+def export_partial(job: PreparedJob, path: Path) -> int:
+    """Write the rows finished so far to `path`; safe while the job runs."""
+    if not job.checkpoint_path.exists():
+        raise SpecError(f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist")
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        return write_output(job.table, checkpoint, path, job.limit, finished_only=True)
+    finally:
+        checkpoint.close()
