@@ -11,6 +11,7 @@ from pipeline.errors import PipelineError, SpecError
 from pipeline.runner import (
     EXIT_INVALID,
     EXIT_STOPPED,
+    RunOptions,
     RunSummary,
     execute,
     export_partial,
@@ -67,13 +68,10 @@ def run(
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     try:
-        summary = execute(
-            prepared,
-            handle_signals=True,
-            show_progress=not quiet,
-            fresh=fresh,
-            retry_failed=retry_failed,
+        options = RunOptions(
+            handle_signals=True, show_progress=not quiet, fresh=fresh, retry_failed=retry_failed
         )
+        summary = execute(prepared, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except PipelineError as exc:

@@ -7,21 +7,30 @@ import time
 from typing import TextIO
 
 from tqdm import tqdm
+from tqdm.auto import tqdm as notebook_tqdm
 
 LOG_EVERY_S = 10.0
 
 
 class Progress:
-    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool = True,
+        notebook: bool = False,
+        stream: TextIO | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
         self.total = total
         self.enabled = enabled
-        self.interactive = enabled and self.stream.isatty()
+        self.interactive = enabled and (notebook or self.stream.isatty())
         self._started = time.monotonic()
         self._last_log = self._started
         self._done = 0
+        bar = notebook_tqdm if notebook else tqdm
         self._bar = (
-            tqdm(total=total, unit="row", file=self.stream, mininterval=0.5, dynamic_ncols=True)
+            bar(total=total, unit="row", file=self.stream, mininterval=0.5, dynamic_ncols=True)
             if self.interactive
             else None
         )

@@ -28,7 +28,7 @@ from pipeline.types import RateLimitInfo
 
 HEADROOM = 0.99  # pace 1% under a known limit: arrival jitter must not tip a window over
 BACKOFF_FACTOR = 0.7
-RECOVERY_PER_S = 0.02  # additive increase: +2% of the rate per second without a 429
+RECOVERY_PER_S = 0.02  # additive increase: +2% of the backed-off rate per second
 LOW_REMAINING_FRACTION = 0.02
 MAX_HEADER_PAUSE_S = 60.0
 
@@ -96,6 +96,8 @@ class Pacer:
         self._paused_until = 0.0
         self._window_grown_at = 0.0
         self._rate_grown_at = 0.0
+        self._backed_off_at = -math.inf
+        self._rate_step = 0.0
         # Send times on the process clock (cheap to read), only to estimate the recent rate.
         self._sent_times: deque[float] = deque(maxlen=4096)
         self.prompt_scale = 1.0
@@ -153,17 +155,25 @@ class Pacer:
             if nearly_spent:
                 self.pause(min(float(reset), MAX_HEADER_PAUSE_S))  # type: ignore[arg-type]
 
-    def rate_limited(self, retry_after: float | None) -> None:
-        """A 429: hold the whole pool as long as asked, and back off where no limit is known."""
+    def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
+        """A 429: hold the whole pool as long as asked, and back off where no limit is known.
+
+        Requests sent before the last back-off were part of the same overload: they extend
+        the pause but do not shrink the window and rate again.
+        """
         self.pause(retry_after if retry_after is not None else 1.0)
+        if sent_at is not None and sent_at < self._backed_off_at:
+            return
+        now = anyio.current_time()
+        self._backed_off_at = now
         self.window = max(1, math.floor(self.window * BACKOFF_FACTOR))
         self._slow_start = False
         if self.requests.declared is None and self.requests.learned is None:
-            observed = self._recent_rate()
-            current = self.requests.adaptive or observed
+            current = self.requests.adaptive or self._recent_rate()
             if current:
                 self.requests.adaptive = max(0.1, current * BACKOFF_FACTOR)
-        self._window_grown_at = self._rate_grown_at = anyio.current_time()
+                self._rate_step = self.requests.adaptive * RECOVERY_PER_S
+        self._window_grown_at = self._rate_grown_at = now
 
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, anyio.current_time() + seconds)
@@ -204,14 +214,17 @@ class Pacer:
         if self.window >= self.max_concurrency and self.requests.adaptive is None:
             return
         now = anyio.current_time()
+        # Time spent paused at the server's request is not evidence of spare capacity.
         if self.window < self.max_concurrency and (
-            self._slow_start or now - self._window_grown_at >= 1.0
+            self._slow_start or now - max(self._window_grown_at, self._paused_until) >= 1.0
         ):
             self.window += 1
             self._window_grown_at = now
         adaptive = self.requests.adaptive
-        if adaptive is not None and (elapsed := now - self._rate_grown_at) >= 1.0:
-            self.requests.adaptive = adaptive * (1 + RECOVERY_PER_S * elapsed)
+        elapsed = now - max(self._rate_grown_at, self._paused_until)
+        if adaptive is not None and elapsed >= 1.0:
+            # Additive increase: a fixed step a second, a few seconds' worth at most.
+            self.requests.adaptive = adaptive + self._rate_step * min(elapsed, 3.0)
             self._rate_grown_at = now
 
     def _recent_rate(self) -> float | None:
@@ -219,4 +232,4 @@ class Pacer:
         recent = [t for t in self._sent_times if now - t <= 2.0]
         if len(recent) < 2:
             return None
-        return len(recent) / max(now - recent[0], 0.05)
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 0.05)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,19 +110,32 @@ def _check_writable(path: Path) -> None:
         raise SpecError(f"output.path: cannot write to {path.parent} ({exc.strerror})") from None
 
 
-def execute(
-    job: PreparedJob,
-    *,
-    handle_signals: bool = False,
-    show_progress: bool = True,
-    fresh: bool = False,
-    retry_failed: bool = False,
-) -> RunSummary:
-    """Run a prepared job to the end (or to a job-level stop) and write its output.
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, beyond what the job says.
 
     `fresh` ignores every result recorded so far; `retry_failed` sends rows that
-    ended in error again. Otherwise finished rows with unchanged requests are reused.
+    ended in error again; otherwise finished rows with unchanged requests are reused.
+    `on_result` is called with each finished row as it is committed.
     """
+
+    handle_signals: bool = False
+    show_progress: bool = True
+    notebook: bool = False
+    fresh: bool = False
+    retry_failed: bool = False
+    on_result: Callable[[RowResult], None] | None = None
+
+
+def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
+    """Run a prepared job to the end (or to a job-level stop) and write its output."""
+    return anyio.run(
+        execute_async, job, options, backend="asyncio", backend_options={"use_uvloop": True}
+    )
+
+
+async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
+    """`execute` for code that already runs an event loop (asyncio backend)."""
     started = time.monotonic()
     with ExitStack() as stack:
         settings = job.settings
@@ -129,7 +143,7 @@ def execute(
             settings = _start_embedded_simulator(settings, stack)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
-        if fresh:
+        if options.fresh:
             checkpoint.start_fresh()
         plan = WorkPlan(
             job.table,
@@ -138,24 +152,15 @@ def execute(
             settings.model,
             settings.params,
             job.limit,
-            retry_failed=retry_failed,
+            retry_failed=options.retry_failed,
         )
-        progress = Progress(job.rows, enabled=show_progress)
+        progress = Progress(job.rows, enabled=options.show_progress, notebook=options.notebook)
         stack.callback(progress.close)
         tally = _Tally()
-        outcome = anyio.run(
-            _pump,
-            job,
-            settings,
-            plan,
-            checkpoint,
-            progress,
-            tally,
-            handle_signals,
-            backend="asyncio",
-            backend_options={"use_uvloop": True},
+        outcome = await _pump(job, settings, plan, checkpoint, progress, tally, options)
+        return await anyio.to_thread.run_sync(
+            _finish, job, checkpoint, plan, outcome, tally, time.monotonic() - started
         )
-        return _finish(job, checkpoint, plan, outcome, tally, time.monotonic() - started)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -175,7 +180,7 @@ async def _pump(
     checkpoint: Checkpoint,
     progress: Progress,
     tally: _Tally,
-    handle_signals: bool,
+    options: RunOptions,
 ) -> Outcome:
     limits = job.spec.limits
     spent = checkpoint.totals()
@@ -190,6 +195,8 @@ async def _pump(
     async def record(batch: list[RowResult]) -> None:
         await anyio.to_thread.run_sync(checkpoint.write, batch)
         for result in batch:
+            if options.on_result is not None:
+                options.on_result(result)
             tally.done += 1
             tally.failed += result.error is not None
             if result.completion is not None:
@@ -222,7 +229,7 @@ async def _pump(
             concurrency=cap,
             budget=budget,
         )
-        return await scheduler.run(plan.requests(), record, handle_signals=handle_signals)
+        return await scheduler.run(plan.requests(), record, handle_signals=options.handle_signals)
 
 
 def _finish(

@@ -89,8 +89,9 @@ class Scheduler:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
                     self._work = work
+                    shared = iter(planned)
                     for _ in range(self.concurrency):
-                        work.start_soon(self._worker, planned)
+                        work.start_soon(self._worker, shared)
                 outer.cancel_scope.cancel()
         finally:
             await self._flush(record)
@@ -100,9 +101,14 @@ class Scheduler:
         """Stop taking new rows; requests in flight may finish within the grace period."""
         if self._stopping or self._work is None:
             return
-        self._stopping = True
         self.outcome.interrupted = True
-        self._work.cancel_scope.deadline = anyio.current_time() + self.grace_s
+        self._stop_taking_rows()
+
+    def _stop_taking_rows(self) -> None:
+        # Requests already sent are paid for: let them land (and be recorded) for a while.
+        self._stopping = True
+        if self._work is not None:
+            self._work.cancel_scope.deadline = anyio.current_time() + self.grace_s
 
     def stop_now(self) -> None:
         self._stopping = True
@@ -124,10 +130,13 @@ class Scheduler:
                 return
             if isinstance(item, ChatRequest):
                 try:
-                    item = await self._process(item)
+                    result = await self._process(item)
                 except (JobFatalError, BudgetExceeded) as exc:
                     self._fail_job(exc)
                     return
+                if result is None:
+                    return
+                item = result
             self._pending.append(item)
             if len(self._pending) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
@@ -135,16 +144,18 @@ class Scheduler:
     def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
         if self.outcome.fatal is None:
             self.outcome.fatal = error
-        self._stopping = True
-        if self._work is not None:
-            self._work.cancel_scope.cancel()
+        self._stop_taking_rows()
 
-    async def _process(self, request: ChatRequest) -> RowResult:
+    async def _process(self, request: ChatRequest) -> RowResult | None:
+        """The row's final result, or None when the run stopped before it was sent."""
         attempt = 0
         pacer = self.pacer
         while True:
             attempt += 1
             await pacer.acquire(request.prompt_estimate * pacer.prompt_scale + request.reply_budget)
+            if self._stopping:
+                pacer.release(succeeded=False)
+                return None
             reservation = None
             started = anyio.current_time()
             if self.outcome.first_sent_at is None:
@@ -175,7 +186,7 @@ class Scheduler:
             latency = self.outcome.last_answer_at - started
             if isinstance(error, RateLimited):
                 self.outcome.rate_limited += 1
-                pacer.rate_limited(error.retry_after)
+                pacer.rate_limited(error.retry_after, sent_at=started)
             if isinstance(error, JobFatalError):
                 raise error
             delay = self.policy.delay(attempt, error)

@@ -2,7 +2,8 @@
 
 Every test runs on an asyncio loop with a virtual clock: time only moves when every
 task is waiting, and then jumps straight to the next timer. Spacing is therefore
-exact, and a test that "waits" a minute finishes in milliseconds.
+exact, and a test that "waits" a minute finishes in milliseconds. The helper is
+duplicated in test_scheduler.py; it could move to conftest.py.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import selectors
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from unittest import mock
 
 import anyio
 import pytest
@@ -26,7 +29,7 @@ EPS = 1e-6
 # -- virtual clock -----------------------------------------------------------------------
 
 
-class _VirtualSelector(selectors.DefaultSelector):
+class _VirtualClock(selectors.DefaultSelector):
     """Polls real I/O without blocking; where the loop would sleep, the clock jumps instead."""
 
     def __init__(self) -> None:
@@ -43,18 +46,34 @@ class _VirtualSelector(selectors.DefaultSelector):
         return []
 
 
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector()
-        super().__init__(self._virtual)
+class _VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self, clock: _VirtualClock) -> None:
+        self._clock = clock
+        super().__init__(clock)
 
     def time(self) -> float:
-        return self._virtual.now
+        return self._clock.now
 
 
 def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
-    """Run `main` under anyio on a loop whose clock only moves when every task is idle."""
-    return anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
+    """Run `main` under anyio on a loop whose clock only moves when every task is idle.
+
+    `time.monotonic()` reads the same virtual clock, but only on this thread (the Pacer
+    estimates its recent send rate with it; a simulator thread must keep real time).
+    """
+    clock = _VirtualClock()
+    real_monotonic = time.monotonic
+    thread = threading.get_ident()
+
+    def monotonic() -> float:
+        return clock.now if threading.get_ident() == thread else real_monotonic()
+
+    with mock.patch("time.monotonic", monotonic):
+        return anyio.run(
+            main,
+            backend="asyncio",
+            backend_options={"loop_factory": lambda: _VirtualClockLoop(clock)},
+        )
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -330,6 +349,26 @@ def test_rate_limited_without_known_limit_backs_off_then_recovers() -> None:
     assert r["soon_after"] is not None
     assert backed_off < r["soon_after"] < backed_off * 1.1  # creeps, does not jump
     assert recovered > backed_off * 1.2
+
+
+def test_a_long_pause_is_not_counted_as_recovery_time() -> None:
+    async def main() -> tuple[float | None, float | None]:
+        pacer = Pacer(None, None, max_concurrency=8)
+        for _ in range(20):  # ~10/s for two seconds
+            await pacer.acquire(0)
+            pacer.release(succeeded=True)
+            await anyio.sleep(0.1)
+        pacer.rate_limited(60.0)  # Retry-After: 60
+        backed_off = pacer.state().requests_per_s
+        await pacer.acquire(0)  # waits out the pause
+        pacer.release(succeeded=True)
+        return backed_off, pacer.state().requests_per_s
+
+    backed_off, after = run_virtual(main)
+    assert backed_off is not None and after is not None
+    # One success right after the pause must not lift the rate above the ~10/s that drew
+    # the 429 (today it jumps to 0.7 * 10 * (1 + 0.02 * 60) = 15.4/s).
+    assert after < 10
 
 
 def test_rate_limited_with_known_limit_keeps_the_rate() -> None:

@@ -1,8 +1,9 @@
 """The worker pool, driven directly with a scripted fake provider.
 
-Every test runs on an asyncio loop with a virtual clock: time only moves when every
-task is waiting, and then jumps straight to the next timer. Latencies, timeouts,
-Retry-After pauses and grace periods are exact and cost no real time.
+Every test but one runs on an asyncio loop with a virtual clock: time only moves when
+every task is waiting, and then jumps straight to the next timer. Latencies, Retry-After
+pauses and grace periods are exact and cost no real time. The exception is the
+end-to-end timeout test, which needs real sockets and takes about a second.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import selectors
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
+from unittest import mock
 
 import anyio
 import pytest
@@ -38,7 +41,7 @@ FAST = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05)
 # -- virtual clock -----------------------------------------------------------------------
 
 
-class _VirtualSelector(selectors.DefaultSelector):
+class _VirtualClock(selectors.DefaultSelector):
     """Polls real I/O without blocking; where the loop would sleep, the clock jumps instead."""
 
     def __init__(self) -> None:
@@ -55,18 +58,34 @@ class _VirtualSelector(selectors.DefaultSelector):
         return []
 
 
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector()
-        super().__init__(self._virtual)
+class _VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self, clock: _VirtualClock) -> None:
+        self._clock = clock
+        super().__init__(clock)
 
     def time(self) -> float:
-        return self._virtual.now
+        return self._clock.now
 
 
 def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
-    """Run `main` under anyio on a loop whose clock only moves when every task is idle."""
-    return anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
+    """Run `main` under anyio on a loop whose clock only moves when every task is idle.
+
+    `time.monotonic()` reads the same virtual clock, but only on this thread (the Pacer
+    estimates its recent send rate with it; a simulator thread must keep real time).
+    """
+    clock = _VirtualClock()
+    real_monotonic = time.monotonic
+    thread = threading.get_ident()
+
+    def monotonic() -> float:
+        return clock.now if threading.get_ident() == thread else real_monotonic()
+
+    with mock.patch("time.monotonic", monotonic):
+        return anyio.run(
+            main,
+            backend="asyncio",
+            backend_options={"loop_factory": lambda: _VirtualClockLoop(clock)},
+        )
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -105,13 +124,16 @@ class FakeProvider(Provider):
         super().__init__(settings=None, client=None)  # type: ignore[arg-type]
         self.script = script
         self.calls: list[Call] = []
+        self.answered: list[int] = []  # rows whose call returned a completion
         self._attempts: Counter[int] = Counter()
 
     async def complete(self, request: ChatRequest) -> Completion:
         self._attempts[request.index] += 1
         attempt = self._attempts[request.index]
         self.calls.append(Call(request.index, attempt, anyio.current_time()))
-        return await self.script(request, attempt)
+        answer = await self.script(request, attempt)
+        self.answered.append(request.index)
+        return answer
 
     def calls_for(self, index: int) -> list[Call]:
         return [call for call in self.calls if call.index == index]
@@ -128,11 +150,10 @@ def request(index: int, prompt_estimate: int = 10, reply_budget: int = 10) -> Ch
     )
 
 
-async def planned(n: int, extra: list[RowResult] | None = None) -> AsyncIterator[Planned]:
+def planned(n: int, extra: list[RowResult] | None = None) -> Iterator[Planned]:
     for index in range(n):
         yield request(index)
-    for result in extra or []:
-        yield result
+    yield from extra or []
 
 
 class Recorder:
@@ -159,7 +180,6 @@ def scheduler(
     concurrency: int = 4,
     pacer: Pacer | None = None,
     policy: RetryPolicy = FAST,
-    timeout_s: float = 5.0,
     grace_s: float = 10.0,
 ) -> Scheduler:
     return Scheduler(
@@ -168,7 +188,6 @@ def scheduler(
         policy,
         None,
         concurrency=concurrency,
-        timeout_s=timeout_s,
         grace_s=grace_s,
     )
 
@@ -330,6 +349,75 @@ def test_job_fatal_error_stops_the_run(failing_from: int) -> None:
     assert outcome.recorded == len(results)
 
 
+def test_job_fatal_error_lets_requests_in_flight_land() -> None:
+    """They are paid for: recording them saves sending them again on the rerun."""
+
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        if req.index == 1:
+            await anyio.sleep(0.05)
+            raise errors.ModelNotFound("no such model", status=404)
+        await anyio.sleep(10)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> tuple[Outcome, float]:
+        start = anyio.current_time()
+        outcome = await scheduler(provider, concurrency=4).run(planned(100), record)
+        return outcome, anyio.current_time() - start
+
+    outcome, elapsed = run_virtual(main)
+    assert isinstance(outcome.fatal, errors.ModelNotFound)
+    assert elapsed == pytest.approx(10.0)  # the answers in flight, within the grace period
+    assert len(provider.calls) == 4, "nothing new is sent after a job-fatal error"
+    assert sorted(r.index for r in record.results) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["fatal", "stop_now"])
+def test_answered_rows_are_recorded_even_when_the_run_is_cut_short(how: str) -> None:
+    """The run ends while the recorder is busy writing a batch: nothing answered is lost."""
+
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(0.1)
+        if how == "fatal" and req.index == 20:
+            raise errors.QuotaExceeded("insufficient_quota", status=429)
+        return completion()
+
+    provider = FakeProvider(script)
+    batches_started = 0
+
+    class SlowRecorder(Recorder):
+        async def __call__(self, batch: list[RowResult]) -> None:
+            nonlocal batches_started
+            batches_started += 1
+            await anyio.sleep(1.0)  # a slow checkpoint write, 0.5 s .. 1.5 s into the run
+            await super().__call__(batch)
+
+    record = SlowRecorder()
+
+    async def main() -> Outcome:
+        sched = scheduler(provider, concurrency=4)
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await sched.run(planned(100), record)
+
+            tg.start_soon(run)
+            if how == "stop_now":
+                await anyio.sleep(0.65)
+                sched.stop_now()
+        return sched.outcome
+
+    outcome = run_virtual(main)
+    assert (outcome.fatal is not None) == (how == "fatal")
+    assert outcome.interrupted == (how == "stop_now")
+    assert len(provider.calls) < 40
+    assert batches_started == len(record.batches) >= 2  # every batch started was written
+    assert sorted(record.by_index()) == sorted(provider.answered)
+    assert outcome.recorded == len(provider.answered)
+
+
 # -- 429s and timeouts ---------------------------------------------------------------------
 
 
@@ -352,13 +440,13 @@ def test_rate_limited_pauses_every_worker_for_retry_after() -> None:
 
     outcome = run_virtual(main)
     assert len(hit) == 1
-    # The 429 is raised 0.05 s after its call started.
+    # The 429 is raised 0.05 s after its call started; calls made before it in the same
+    # instant are unaffected, every call made after it waits out the pause.
     at = provider.calls_for(10)[0].at + 0.05
-    later = [call for call in provider.calls if call.at > at - EPS]
-    assert len(later) > 10  # other rows kept going afterwards...
-    assert min(call.at for call in later) >= at + retry_after - EPS  # ...but only after the pause
-    # Calls that had started before the 429 were not affected.
-    assert all(call.at < at for call in provider.calls[: hit[0]])
+    before, after = provider.calls[: hit[0]], provider.calls[hit[0] :]
+    assert all(call.at <= at + EPS for call in before)
+    assert len(after) > 10  # other rows kept going afterwards...
+    assert min(call.at for call in after) >= at + retry_after - EPS  # ...but only after the pause
 
     results = record.by_index()
     assert sorted(results) == list(range(40))
@@ -393,7 +481,7 @@ def test_token_estimates_drive_pacing() -> None:
     provider = FakeProvider(script)
     record = Recorder()
 
-    async def rows() -> AsyncIterator[Planned]:
+    def rows() -> Iterator[Planned]:
         for index in range(6):
             yield request(index, prompt_estimate=50, reply_budget=50)
 
@@ -420,7 +508,7 @@ def test_a_timed_out_call_is_retried_as_a_transport_error() -> None:
     record = Recorder()
 
     async def main() -> Outcome:
-        return await scheduler(provider, timeout_s=0.5).run(planned(5), record)
+        return await scheduler(provider).run(planned(5), record)
 
     outcome = run_virtual(main)
     results = record.by_index()
@@ -449,7 +537,7 @@ def test_a_call_over_timeout_becomes_a_transport_error_and_is_retried(
     record = Recorder()
     policy = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05)
 
-    async def rows() -> AsyncIterator[Planned]:
+    def rows() -> Iterator[Planned]:
         for index in range(4):
             slow = " [[sim:slow=1000]]" if index == 1 else ""
             yield ChatRequest(
@@ -463,7 +551,7 @@ def test_a_call_over_timeout_becomes_a_transport_error_and_is_retried(
 
     async def main() -> Outcome:
         async with HttpClient(4, 0.3) as client:
-            sched = scheduler(create_provider(settings, client), policy=policy, timeout_s=0.3)
+            sched = scheduler(create_provider(settings, client), policy=policy)
             return await sched.run(rows(), record)
 
     started = time.monotonic()
@@ -508,25 +596,56 @@ def test_stop_lets_in_flight_rows_finish_and_takes_no_new_ones() -> None:
         async def run() -> None:
             outcome.append(await sched.run(planned(1000), record))
 
+        start = anyio.current_time()
         async with anyio.create_task_group() as tg:
-            start = anyio.current_time()
             tg.start_soon(run)
             await anyio.sleep(2.5)
             stopped = anyio.current_time()
             sched.stop()
             sched.stop()  # a second stop() is a no-op
-        return outcome[0], stopped - start, anyio.current_time() - start
+        return outcome[0], stopped, anyio.current_time() - start
 
     outcome, stopped, finished = run_virtual(main)
     assert outcome.interrupted and outcome.fatal is None
     # Rows in flight at t=2.5 finish at t=3.0; nothing starts after stop().
     assert finished == pytest.approx(3.0)
-    assert all(call.at - provider.calls[0].at <= stopped for call in provider.calls)
+    assert all(call.at < stopped for call in provider.calls)
     assert len(provider.calls) == 12  # three rounds of four workers
     results = record.by_index()
     assert set(results) == {call.index for call in provider.calls}
     assert all(result.ok for result in results.values())
     assert outcome.recorded == 12
+
+
+@pytest.mark.parametrize(
+    "pacer",
+    [
+        lambda: Pacer(600, None, max_concurrency=4),  # waiting for its paced turn
+        lambda: Pacer(None, None, max_concurrency=4, initial_concurrency=1),  # for a slot
+    ],
+    ids=["paced", "window"],
+)
+def test_stop_sends_nothing_new_from_workers_waiting_on_the_pacer(
+    pacer: Callable[[], Pacer],
+) -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        await anyio.sleep(1.0)
+        return completion()
+
+    provider = FakeProvider(script)
+    record = Recorder()
+
+    async def main() -> float:
+        sched = scheduler(provider, concurrency=4, pacer=pacer())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sched.run, planned(100), record)
+            await anyio.sleep(0.05)
+            stopped = anyio.current_time()
+            sched.stop()
+        return stopped
+
+    stopped = run_virtual(main)
+    assert [call.index for call in provider.calls if call.at > stopped] == []
 
 
 def test_stop_abandons_rows_still_in_flight_after_the_grace_period() -> None:
@@ -544,8 +663,8 @@ def test_stop_abandons_rows_still_in_flight_after_the_grace_period() -> None:
         async def run() -> None:
             outcome.append(await sched.run(planned(100), record))
 
+        start = anyio.current_time()
         async with anyio.create_task_group() as tg:
-            start = anyio.current_time()
             tg.start_soon(run)
             await anyio.sleep(2.0)
             sched.stop()

@@ -1,0 +1,188 @@
+"""The Python API: DataFrame in, DataFrame out, on the same engine as the CLI.
+
+    import pipeline
+    job = pipeline.Job.from_yaml("jobs/classify.yaml")
+    results = pipeline.run(job, data=my_dataframe)        # scripts
+    results = await pipeline.arun(job, data=my_dataframe) # notebooks, async code
+
+Runs checkpoint and resume exactly as `pipeline run` does: the run is identified
+by the job's output path (`output=` overrides it), and calling `run` again after
+an interruption sends only what is not finished yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import polars as pl
+import pyarrow as pa
+
+from pipeline.errors import PipelineError, SpecError
+from pipeline.runner import (
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    PreparedJob,
+    RunOptions,
+    RunSummary,
+    execute_async,
+    prepare,
+)
+from pipeline.spec import JobSpec, load_spec, parse_spec
+from pipeline.types import RowResult
+
+DataLike = pl.DataFrame | pa.Table | str | Path | Any  # Any: a pandas DataFrame
+NO_INPUT = "(pass data= to run)"
+
+
+class Job:
+    """A validated job spec. Build it from YAML or from keyword arguments / dicts."""
+
+    def __init__(self, spec: JobSpec | None = None, /, **sections: Any) -> None:
+        if spec is not None and sections:
+            raise TypeError("pass either a JobSpec or keyword sections, not both")
+        if spec is None:
+            sections.setdefault("name", "job")
+            sections.setdefault("input", {"path": NO_INPUT})
+            spec = parse_spec(sections, source="Job(...)")
+        self.spec = spec
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Job:
+        return cls(load_spec(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        return cls(**data)
+
+    def __repr__(self) -> str:
+        return f"Job(name={self.spec.name!r}, model={self.spec.model.model!r})"
+
+
+class RunFailed(PipelineError):
+    """The run stopped before every row had a result (job-level stop or interrupt)."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def run(
+    job: Job,
+    data: DataLike | None = None,
+    *,
+    output: str | Path | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    on_result: Callable[[RowResult], None] | None = None,
+) -> pl.DataFrame:
+    """Run `job` over `data` (or the job's own input) and return the output rows.
+
+    Raises RuntimeError inside a running event loop: use `await arun(...)` there.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "pipeline.run() was called inside a running event loop (a notebook or async "
+            "code); use `await pipeline.arun(...)` instead"
+        )
+    return anyio.run(
+        lambda: arun(
+            job,
+            data,
+            output=output,
+            limit=limit,
+            progress=progress,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            on_result=on_result,
+            _notebook=False,
+        ),
+        backend="asyncio",
+        backend_options={"use_uvloop": True},
+    )
+
+
+async def arun(
+    job: Job,
+    data: DataLike | None = None,
+    *,
+    output: str | Path | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    on_result: Callable[[RowResult], None] | None = None,
+    _notebook: bool = True,
+) -> pl.DataFrame:
+    """`run` for code that already has an event loop (Jupyter, async applications)."""
+    prepared = await anyio.to_thread.run_sync(lambda: _prepare(job, data, output, limit))
+    options = RunOptions(
+        show_progress=progress,
+        notebook=_notebook,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        on_result=on_result,
+    )
+    summary = await execute_async(prepared, options)
+    if summary.exit_code in (EXIT_STOPPED, EXIT_INTERRUPTED) or summary.output_path is None:
+        reason = summary.fatal.describe() if summary.fatal else "interrupted"
+        raise RunFailed(f"{reason}; finished rows are kept, call again to resume", summary)
+    return await anyio.to_thread.run_sync(pl.read_parquet, summary.output_path)
+
+
+def _prepare(
+    job: Job, data: DataLike | None, output: str | Path | None, limit: int | None
+) -> PreparedJob:
+    spec = job.spec
+    output_path = Path(output) if output else spec.output_path
+    if data is None and spec.input.path == NO_INPUT:
+        raise SpecError("this job names no input: pass data= (a DataFrame, Arrow table or path)")
+    if data is not None:
+        source = _stage(data, output_path)
+        spec = spec.model_copy(update={"input": spec.input.model_copy(update={"path": source})})
+    return prepare(spec, output=output_path, limit=limit)
+
+
+def _stage(data: DataLike, output_path: Path) -> str:
+    """A path polars can scan: the given file, or the data written beside the run."""
+    if isinstance(data, str | Path):
+        return str(data)
+    frame = _to_polars(data)
+    run_dir = output_path.with_name(f"{output_path.name}.run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "input.parquet"
+    frame.write_parquet(path)
+    # Keep the staged copy's modification time stable when the data is unchanged, so a
+    # rerun on the same data can recognise its finished output.
+    digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    marker = run_dir / f"input.{digest}.parquet"
+    if not marker.exists():
+        for old in run_dir.glob("input.*.parquet"):
+            old.unlink()
+        path.replace(marker)
+    else:
+        path.unlink()
+    return str(marker)
+
+
+def _to_polars(data: Any) -> pl.DataFrame:
+    if isinstance(data, pl.DataFrame):
+        return data
+    if isinstance(data, pa.Table):
+        return pl.from_arrow(data)  # type: ignore[return-value]
+    if type(data).__module__.startswith("pandas"):
+        return pl.from_pandas(data)
+    raise SpecError(
+        f"data: expected a polars or pandas DataFrame, an Arrow table or a path, "
+        f"not {type(data).__name__}"
+    )
