@@ -1,0 +1,56 @@
+"""Every example in jobs/ runs as shipped, on the bundled simulator."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import ROOT, run_cli
+
+from pipeline.output import OUTPUT_COLUMNS
+from pipeline.spec import load_spec
+
+SIMULATED = [
+    path.name
+    for path in sorted((ROOT / "jobs").glob("*.yaml"))
+    if load_spec(path).model.provider == "simulator"
+]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs")
+    return tmp_path
+
+
+def test_every_simulated_example_is_covered() -> None:
+    assert {"example.yaml", "summarize.yaml", "classify.yaml", "extract.yaml"} <= set(SIMULATED)
+
+
+@pytest.mark.parametrize("name", SIMULATED)
+def test_example_job_runs(project: Path, name: str) -> None:
+    result = run_cli("run", f"jobs/{name}", "--quiet", cwd=project, key=None)
+
+    assert result.returncode == 0, result.stderr
+    spec = load_spec(project / "jobs" / name)
+    out = pl.read_parquet(project / spec.output_path)
+    assert out.columns[-len(OUTPUT_COLUMNS) :] == list(OUTPUT_COLUMNS)
+    assert out["error"].null_count() == out.height > 0
+
+
+def test_python_api_example_runs(project: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "jobs/python_api_example.py"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "a1" in result.stdout and "Answer" in result.stdout
