@@ -29,6 +29,7 @@ from pipeline.providers import create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
+from pipeline.runlog import RunLog
 from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, load_spec
 from pipeline.types import RowResult
@@ -49,9 +50,17 @@ class PreparedJob:
     limit: int | None = None
 
     @property
-    def checkpoint_path(self) -> Path:
+    def run_dir(self) -> Path:
         out = self.output_path
-        return out.with_name(f"{out.name}.run") / "checkpoint.sqlite"
+        return out.with_name(f"{out.name}.run")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.sqlite"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "events.jsonl"
 
 
 @dataclass
@@ -192,8 +201,15 @@ async def _pump(
         spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
     )
 
+    log = RunLog(job.log_path, secrets=(settings.api_key or "",))
+    log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
+
+    def commit(batch: list[RowResult], lines: list[bytes]) -> None:
+        checkpoint.write(batch)
+        log.write(lines)
+
     async def record(batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(checkpoint.write, batch)
+        await anyio.to_thread.run_sync(commit, batch, log.take())
         for result in batch:
             if options.on_result is not None:
                 options.on_result(result)
@@ -228,8 +244,24 @@ async def _pump(
             settings.price,
             concurrency=cap,
             budget=budget,
+            log=log,
         )
-        return await scheduler.run(plan.requests(), record, handle_signals=options.handle_signals)
+        try:
+            return await scheduler.run(
+                plan.requests(), record, handle_signals=options.handle_signals
+            )
+        finally:
+            outcome = scheduler.outcome
+            log.event(
+                "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
+                sent=plan.planned,
+                reused=plan.reused,
+                retries=outcome.retries,
+                rate_limited=outcome.rate_limited,
+                stop=outcome.fatal.describe() if outcome.fatal else None,
+                interrupted=outcome.interrupted,
+            )
+            log.flush()
 
 
 def _finish(

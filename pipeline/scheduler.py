@@ -20,10 +20,17 @@ from anyio.abc import TaskGroup
 
 from pipeline.budget import Budget
 from pipeline.config import Price
-from pipeline.errors import BudgetExceeded, JobFatalError, ProviderError, RateLimited
+from pipeline.errors import (
+    BudgetExceeded,
+    JobFatalError,
+    ProviderError,
+    RateLimited,
+    RetryableError,
+)
 from pipeline.providers import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
+from pipeline.runlog import RunLog
 from pipeline.types import ChatRequest, Completion, RowResult
 
 FLUSH_INTERVAL_S = 0.5
@@ -63,6 +70,7 @@ class Scheduler:
         *,
         concurrency: int,
         budget: Budget | None = None,
+        log: RunLog | None = None,
         grace_s: float = 10.0,
     ) -> None:
         self.provider = provider
@@ -71,6 +79,7 @@ class Scheduler:
         self.price = price
         self.concurrency = concurrency
         self.budget = budget if budget is not None and budget.active else None
+        self.log = log or RunLog(None)
         self.grace_s = grace_s
         self.outcome = Outcome()
         self._stopping = False
@@ -176,8 +185,17 @@ class Scheduler:
                 pacer.release(succeeded=True)
                 pacer.observe(completion.rate_limits)
                 pacer.learn_prompt_scale(request.prompt_estimate, completion.usage.prompt_tokens)
-                result = self._success(request, completion, attempt, anyio.current_time() - started)
+                latency = anyio.current_time() - started
+                result = self._success(request, completion, attempt, latency)
                 self._settle(reservation, result)
+                self.log.attempt(
+                    request.key,
+                    attempt,
+                    status=200,
+                    latency_s=latency,
+                    outcome="ok",
+                    in_flight=pacer.in_flight,
+                )
                 return result
             self._settle(reservation, None)
             pacer.release(succeeded=False)
@@ -187,9 +205,20 @@ class Scheduler:
             if isinstance(error, RateLimited):
                 self.outcome.rate_limited += 1
                 pacer.rate_limited(error.retry_after, sent_at=started)
+            delay = None if isinstance(error, JobFatalError) else self.policy.delay(attempt, error)
+            self.log.attempt(
+                request.key,
+                attempt,
+                status=error.status,
+                latency_s=latency,
+                outcome=error.kind,
+                in_flight=pacer.in_flight,
+                wait_s=delay,
+                why=self._why(error, attempt, delay),
+                message=error.message[:300],
+            )
             if isinstance(error, JobFatalError):
                 raise error
-            delay = self.policy.delay(attempt, error)
             if delay is None:
                 tried = f" after {attempt} attempts" if attempt > 1 else ""
                 return RowResult(
@@ -202,6 +231,20 @@ class Scheduler:
                 )
             self.outcome.retries += 1
             await anyio.sleep(delay)
+
+    def _why(self, error: ProviderError, attempt: int, delay: float | None) -> str:
+        if isinstance(error, JobFatalError):
+            return "job-fatal: stop sending"
+        if delay is None:
+            if attempt >= self.policy.max_attempts and isinstance(error, RetryableError):
+                return f"gave up after {attempt} attempts"
+            return "not retryable: recorded as the row's error"
+        if isinstance(error, RateLimited):
+            hint = f"{error.retry_after:g}s as the server asked" if error.retry_after else "1s"
+            return f"rate limited: whole pool paused {hint}"
+        if error.retry_after is not None:
+            return f"server asked to retry after {error.retry_after:g}s"
+        return "exponential backoff with jitter"
 
     def _settle(self, reservation: tuple[float, float] | None, result: RowResult | None) -> None:
         if self.budget is None or reservation is None:

@@ -1,0 +1,92 @@
+"""The run log: one JSON line per request attempt, in the run's directory.
+
+`<output>.run/events.jsonl` says, for every attempt, which row, which attempt,
+the HTTP status, the latency, the error class, and how long the run chose to
+wait before the next attempt and why; plus a line when a run starts and ends.
+Lines are buffered and appended with each checkpoint commit. API keys never
+reach it: provider adapters redact them from every message at the boundary, and
+`RunLog` redacts the key again before writing, in case any text slipped through.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+class RunLog:
+    def __init__(self, path: Path | None, secrets: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self._secrets = tuple(s for s in secrets if s)
+        self._buffer: list[bytes] = []
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.path is None:
+            return
+        record = {"t": round(time.time(), 4), "event": kind, **fields}
+        line = orjson.dumps(record, default=str)
+        for secret in self._secrets:
+            secret_bytes = secret.encode()
+            if secret_bytes in line:
+                line = line.replace(secret_bytes, b"***")
+        self._buffer.append(line)
+
+    def attempt(
+        self,
+        row: str,
+        attempt: int,
+        *,
+        status: int | None,
+        latency_s: float,
+        outcome: str,
+        in_flight: int,
+        wait_s: float | None = None,
+        why: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """One request attempt and what the run decided after it."""
+        if self.path is None:
+            return
+        self.event(
+            "attempt",
+            row=row,
+            attempt=attempt,
+            status=status,
+            latency_s=round(latency_s, 4),
+            outcome=outcome,
+            in_flight=in_flight,
+            wait_s=None if wait_s is None else round(wait_s, 3),
+            why=why,
+            message=message,
+        )
+
+    def take(self) -> list[bytes]:
+        """The buffered lines, handed over on the event loop's thread."""
+        lines, self._buffer = self._buffer, []
+        return lines
+
+    def write(self, lines: list[bytes]) -> None:
+        """Append lines to the file (safe to call from a worker thread)."""
+        if self.path is None or not lines:
+            return
+        with open(self.path, "ab") as handle:
+            handle.write(b"\n".join(lines) + b"\n")
+
+    def flush(self) -> None:
+        self.write(self.take())
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every event of a run log; a torn last line (a killed run) is skipped."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_bytes().splitlines():
+        try:
+            events.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return events
