@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from pipeline.types import RowResult
 
 RESULT_FIELDS = (
@@ -34,11 +36,13 @@ RESULT_FIELDS = (
     "attempts",
     "error",
 )
+# Stored as JSON text; they become columns only for jobs with tools or a schema.
+EXTRA_FIELDS = ("tool_calls", "parsed")
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS results (
     row_key TEXT PRIMARY KEY,
     request_hash TEXT NOT NULL,
-    {", ".join(RESULT_FIELDS)},
+    {", ".join(RESULT_FIELDS + EXTRA_FIELDS)},
     finished_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -100,7 +104,7 @@ class Checkpoint:
         rows = [_row(result, now) for result in results]
         if not rows:
             return
-        marks = ", ".join("?" * (len(RESULT_FIELDS) + 3))
+        marks = ", ".join("?" * (len(RESULT_FIELDS) + len(EXTRA_FIELDS) + 3))
         with self._writer:
             self._writer.execute("BEGIN")
             self._writer.executemany(f"INSERT OR REPLACE INTO results VALUES ({marks})", rows)
@@ -115,8 +119,8 @@ class Checkpoint:
         return found
 
     def fetch(self, keys: list[str]) -> dict[str, tuple[object, ...]]:
-        """The stored result fields (in RESULT_FIELDS order) with their request hash first."""
-        columns = "row_key, request_hash, " + ", ".join(RESULT_FIELDS)
+        """The stored fields (RESULT_FIELDS, then EXTRA_FIELDS) with the request hash first."""
+        columns = "row_key, request_hash, " + ", ".join(RESULT_FIELDS + EXTRA_FIELDS)
         return {row[0]: row[1:] for row in self._select(columns, keys)}
 
     def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[object, ...]]:
@@ -178,5 +182,11 @@ def _row(result: RowResult, now: float) -> tuple[object, ...]:
         result.latency_s,
         result.attempts,
         result.error,
+        _json(completion.tool_calls if completion else None),
+        _json(result.parsed),
         now,
     )
+
+
+def _json(value: object) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()

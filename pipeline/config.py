@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import SpecError
 from pipeline.spec import ModelSpec, Pricing
+from pipeline.structured import OutputSchema
 from pipeline.types import Usage
 
 AuthMode = Literal["bearer", "body_key", "x_api_key"]
@@ -29,6 +30,11 @@ class ProviderPreset(BaseModel):
     default_params: dict[str, Any] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
     embedded_simulator: dict[str, Any] | None = None
+    # How this provider returns output that must match a schema.
+    structured_output: Literal["json_schema", "json_object", "tool"] = "json_schema"
+    # Anthropic-style providers: the default max_tokens, which their API requires.
+    default_max_tokens: int = 1024
+    count_tokens: bool = False  # has a count_tokens endpoint
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class ProviderSettings:
     params: dict[str, Any]
     price: Price | None
     api_key: str | None = field(default=None, repr=False)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    schema: OutputSchema | None = None
 
     @property
     def needs_key(self) -> bool:
@@ -113,7 +123,9 @@ def resolve_price(model: ModelSpec) -> Price | None:
     return Price(input=pricing.input, output=pricing.output, cached_input=cached)
 
 
-def resolve_provider(model: ModelSpec, *, read_key: bool = True) -> ProviderSettings:
+def resolve_provider(
+    model: ModelSpec, *, read_key: bool = True, schema: OutputSchema | None = None
+) -> ProviderSettings:
     """Merge preset and job; with `read_key`, require the key variable to be set."""
     preset = load_preset(model.provider)
     # An explicit `api_key_env: null` means "this server needs no key".
@@ -136,4 +148,8 @@ def resolve_provider(model: ModelSpec, *, read_key: bool = True) -> ProviderSett
         params={**preset.default_params, **model.params},
         price=resolve_price(model),
         api_key=api_key,
+        stream=model.stream,
+        tools=model.tools,
+        tool_choice=model.tool_choice,
+        schema=schema,
     )

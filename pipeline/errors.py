@@ -13,6 +13,7 @@
         ├── RowError              this row can never succeed as sent: recorded, not retried
         │   ├── BadRequest            400 / 422
         │   ├── ContextLengthExceeded prompt too long for the model
+        │   ├── SchemaViolation       the answer does not match output.schema
         │   └── ContentFiltered       the provider refused the content
         └── JobFatalError         no row can succeed: stop sending, exit 3
             ├── AuthenticationError   401, 403, a rejected key
@@ -120,6 +121,12 @@ class ContextLengthExceeded(RowError):
     """The prompt does not fit the model's context window."""
 
     kind = "context_length_exceeded"
+
+
+class SchemaViolation(RowError):
+    """The answer does not match `output.schema` (retried `output.schema_retries` times)."""
+
+    kind = "schema_violation"
 
 
 class ContentFiltered(RowError):

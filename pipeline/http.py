@@ -10,7 +10,8 @@ the whole budget of this program, while aiohttp's keep-alive pool costs about 0.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +27,22 @@ class HttpResponse:
     status: int
     headers: Mapping[str, str]  # case-insensitive
     content: bytes
+
+
+class HttpStream:
+    """An answer being received: status and headers now, the body line by line."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+        self._response = response
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        async for line in self._response.content:
+            yield line
 
 
 class HttpClient:
@@ -61,6 +78,21 @@ class HttpClient:
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> HttpResponse:
         return await self.request("POST", url, body=body, headers=headers)
+
+    @asynccontextmanager
+    async def stream(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> AsyncIterator[HttpStream]:
+        """POST and read the answer as it arrives (server-sent events)."""
+        session = self._session or self._start()
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                yield HttpStream(response)
+        except TimeoutError:
+            raise TransportError(f"no answer within {self.timeout_s:g}s") from None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise TransportError(f"connection failed: {type(exc).__name__}: {detail}") from None
 
     def _start(self) -> aiohttp.ClientSession:
         self._session = self._open()

@@ -8,15 +8,18 @@ complete file.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.checkpoint import RESULT_FIELDS, Checkpoint
+from pipeline.checkpoint import EXTRA_FIELDS, RESULT_FIELDS, Checkpoint
 from pipeline.inputs import InputTable, row_keys
+from pipeline.structured import OutputSchema
 
 READ_BATCH_ROWS = 10_000
 
@@ -39,12 +42,28 @@ RESULT_SCHEMA = pa.schema(
 )
 OUTPUT_COLUMNS = tuple(RESULT_SCHEMA.names)
 assert OUTPUT_COLUMNS == RESULT_FIELDS, "checkpoint and output disagree on the result columns"
-_MISSING = (None,) * (len(RESULT_FIELDS) - 1) + ("not_processed: no result was recorded",)
+NOT_PROCESSED = "not_processed: no result was recorded"
+_MISSING = (None,) * (len(RESULT_FIELDS) - 1) + (NOT_PROCESSED,) + (None,) * len(EXTRA_FIELDS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which optional columns follow the standard ones: `tool_calls`, then one per
+    property of `output.schema`."""
+
+    tool_calls: bool = False
+    schema: OutputSchema | None = None
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return (["tool_calls"] if self.tool_calls else []) + (
+            self.schema.columns if self.schema else []
+        )
 
 
 def output_is_current(
     table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None
-) -> bool:
+) -> bool:  # the layout is part of the request hash, so results change when it does
     """True when `path` is exactly what write_output wrote last for these inputs and results."""
     return path.exists() and checkpoint.get_meta("output_stamp") == _stamp(
         table, checkpoint, path, limit
@@ -69,6 +88,7 @@ def write_output(
     path: Path,
     limit: int | None = None,
     *,
+    layout: Layout = Layout(),
     finished_only: bool = False,
 ) -> int:
     """Write the output atomically; returns the number of rows written.
@@ -84,9 +104,9 @@ def write_output(
         offset = 0
         for batch in table.batches(READ_BATCH_ROWS, limit):
             keys = row_keys(batch, offset, table.id_column)
-            joined = _with_results(batch.to_arrow(), keys, checkpoint)
+            joined = _with_results(batch.to_arrow(), keys, checkpoint, layout)
             if finished_only:
-                missing = pc.fill_null(pc.equal(joined["error"], _MISSING[-1]), False)
+                missing = pc.fill_null(pc.equal(joined["error"], NOT_PROCESSED), False)
                 joined = joined.filter(pc.invert(missing))
             if writer is None:
                 writer = pq.ParquetWriter(temporary, joined.schema, compression="zstd")
@@ -95,7 +115,8 @@ def write_output(
             rows += joined.num_rows
         if writer is None:
             empty = pl.DataFrame(schema=table.schema).to_arrow()
-            writer = pq.ParquetWriter(temporary, _with_results(empty, [], checkpoint).schema)
+            schema = _with_results(empty, [], checkpoint, layout).schema
+            writer = pq.ParquetWriter(temporary, schema)
         writer.close()
         writer = None
         _fsync(temporary)
@@ -109,12 +130,23 @@ def write_output(
     return rows
 
 
-def _with_results(inputs: pa.Table, keys: list[str], checkpoint: Checkpoint) -> pa.Table:
+def _with_results(
+    inputs: pa.Table, keys: list[str], checkpoint: Checkpoint, layout: Layout
+) -> pa.Table:
     stored = checkpoint.fetch(keys)
     records = [stored[key][1:] if key in stored else _MISSING for key in keys]
-    columns = list(zip(*records, strict=True)) if records else [()] * len(RESULT_FIELDS)
-    for field, values in zip(RESULT_SCHEMA, columns, strict=True):
+    width = len(RESULT_FIELDS) + len(EXTRA_FIELDS)
+    columns = list(zip(*records, strict=True)) if records else [()] * width
+    for field, values in zip(RESULT_SCHEMA, columns, strict=False):
         inputs = inputs.append_column(field, pa.array(values, type=field.type))
+    tool_calls, parsed = columns[len(RESULT_FIELDS) :]
+    if layout.tool_calls:
+        inputs = inputs.append_column("tool_calls", pa.array(tool_calls, type=pa.string()))
+    if layout.schema is not None:
+        objects = [None if text is None else orjson.loads(text) for text in parsed]
+        fields = layout.schema.arrow_fields()
+        for field, array in zip(fields, layout.schema.arrays(objects), strict=True):
+            inputs = inputs.append_column(field.with_type(array.type), array)
     return inputs
 
 

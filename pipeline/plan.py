@@ -26,6 +26,7 @@ class WorkPlan:
     params: dict[str, Any]
     limit: int | None = None
     retry_failed: bool = False
+    request_extra: Any = None
     reused: int = 0
     planned: int = 0
 
@@ -35,7 +36,7 @@ class WorkPlan:
         Lazy: rows are read, looked up and rendered only as workers ask for them.
         """
         max_tokens = _max_tokens(self.params)
-        digest = self.renderer.request_hasher(self.model, self.params)
+        digest = self.renderer.request_hasher(self.model, self.params, self.request_extra)
         variables = list(self.renderer.variables)
         offset = 0
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit):

@@ -31,9 +31,8 @@ class PromptRenderer:
         self._parts: list[tuple[str, Any]] = []
         self._sources: list[tuple[str, str]] = []
         found: set[str] = set()
-        if prompt.system:
-            found |= self._add("system", prompt.system, "prompt.system")
-        found |= self._add("user", prompt.template, "prompt.template")
+        for role, source, where in prompt.parts():
+            found |= self._add(role, source, where)
         # Sorted, so a row's values always hash in the same order.
         self.variables: tuple[str, ...] = tuple(sorted(found - set(self._env.globals)))
 
@@ -62,7 +61,7 @@ class PromptRenderer:
         return [{"role": role, "content": template.render(row)} for role, template in self._parts]
 
     def request_hasher(
-        self, model: str, params: dict[str, Any]
+        self, model: str, params: dict[str, Any], extra: Any = None
     ) -> Callable[[tuple[Any, ...]], str]:
         """A function from a row's values to the hash of the exact request it renders to.
 
@@ -70,7 +69,7 @@ class PromptRenderer:
         and params once, then each row's values, identifies the request without
         rendering it: a resumed run skips finished rows at hashing speed.
         """
-        spec = orjson.dumps([model, params, self._sources], option=orjson.OPT_SORT_KEYS)
+        spec = orjson.dumps([model, params, self._sources, extra], option=orjson.OPT_SORT_KEYS)
         base = hashlib.blake2b(spec, digest_size=16)
 
         def digest(values: tuple[Any, ...]) -> str:

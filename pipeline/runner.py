@@ -22,7 +22,13 @@ from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
-from pipeline.output import OUTPUT_COLUMNS, count_failed, output_is_current, write_output
+from pipeline.output import (
+    OUTPUT_COLUMNS,
+    Layout,
+    count_failed,
+    output_is_current,
+    write_output,
+)
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
 from pipeline.providers import create_provider
@@ -32,6 +38,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, load_spec
+from pipeline.structured import OutputSchema
 from pipeline.types import RowResult
 
 ADAPTIVE_MAX_CONCURRENCY = 256
@@ -48,6 +55,14 @@ class PreparedJob:
     rows: int
     output_path: Path
     limit: int | None = None
+    layout: Layout = field(default_factory=Layout)
+
+    @property
+    def request_extra(self) -> dict[str, object]:
+        """What shapes the answer beyond model, params and messages: part of the hash."""
+        model = self.spec.model
+        schema = self.layout.schema.schema if self.layout.schema else None
+        return {"schema": schema, "tools": model.tools, "tool_choice": model.tool_choice}
 
     @property
     def run_dir(self) -> Path:
@@ -90,22 +105,34 @@ def prepare(
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     if limit is not None and limit < 0:
         raise SpecError("--limit must be zero or more")
-    settings = resolve_provider(spec.model, read_key=read_key)
+    schema = OutputSchema(spec.output.schema_) if spec.output.schema_ else None
+    layout = Layout(tool_calls=bool(spec.model.tools), schema=schema)
+    settings = resolve_provider(spec.model, read_key=read_key, schema=schema)
     renderer = PromptRenderer(spec.prompt)
     table = InputTable(spec.input.path, spec.input.id_column)
     renderer.check_columns(table.columns)
-    clashes = sorted(set(OUTPUT_COLUMNS) & set(table.columns))
-    if clashes:
-        raise SpecError(
-            f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
-            f"of the same name; rename them in {spec.input.path}"
-        )
+    _check_column_names(spec, table, layout)
     rows = table.check()
     output_path = Path(output) if output else spec.output_path
     _check_writable(output_path)
     if limit is not None:
         rows = min(rows, limit)
-    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit)
+    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit, layout)
+
+
+def _check_column_names(spec: JobSpec, table: InputTable, layout: Layout) -> None:
+    reserved = set(OUTPUT_COLUMNS) | {"tool_calls"}
+    if clashes := sorted(reserved & set(layout.schema.columns if layout.schema else [])):
+        raise SpecError(
+            f"output.schema: propert(ies) {', '.join(clashes)} would clash with the output "
+            "columns of the same name; rename them"
+        )
+    produced = [*OUTPUT_COLUMNS, *layout.extra_columns]
+    if clashes := sorted(set(produced) & set(table.columns)):
+        raise SpecError(
+            f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
+            f"of the same name; rename them in {spec.input.path}"
+        )
 
 
 def _check_writable(path: Path) -> None:
@@ -162,6 +189,7 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
             settings.params,
             job.limit,
             retry_failed=options.retry_failed,
+            request_extra=job.request_extra,
         )
         progress = Progress(job.rows, enabled=options.show_progress, notebook=options.notebook)
         stack.callback(progress.close)
@@ -245,6 +273,8 @@ async def _pump(
             concurrency=cap,
             budget=budget,
             log=log,
+            schema=job.layout.schema,
+            schema_retries=job.spec.output.schema_retries,
         )
         try:
             return await scheduler.run(
@@ -280,7 +310,7 @@ def _finish(
     else:
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
-            write_output(job.table, checkpoint, job.output_path, job.limit)
+            write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
         output_path = job.output_path
         code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
     return RunSummary(
@@ -352,6 +382,8 @@ def export_partial(job: PreparedJob, path: Path) -> int:
         raise SpecError(f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist")
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
-        return write_output(job.table, checkpoint, path, job.limit, finished_only=True)
+        return write_output(
+            job.table, checkpoint, path, job.limit, layout=job.layout, finished_only=True
+        )
     finally:
         checkpoint.close()

@@ -26,11 +26,13 @@ from pipeline.errors import (
     ProviderError,
     RateLimited,
     RetryableError,
+    SchemaViolation,
 )
 from pipeline.providers import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
+from pipeline.structured import OutputSchema
 from pipeline.types import ChatRequest, Completion, RowResult
 
 FLUSH_INTERVAL_S = 0.5
@@ -71,6 +73,8 @@ class Scheduler:
         concurrency: int,
         budget: Budget | None = None,
         log: RunLog | None = None,
+        schema: OutputSchema | None = None,
+        schema_retries: int = 1,
         grace_s: float = 10.0,
     ) -> None:
         self.provider = provider
@@ -80,6 +84,8 @@ class Scheduler:
         self.concurrency = concurrency
         self.budget = budget if budget is not None and budget.active else None
         self.log = log or RunLog(None)
+        self.schema = schema
+        self.schema_retries = schema_retries
         self.grace_s = grace_s
         self.outcome = Outcome()
         self._stopping = False
@@ -158,6 +164,7 @@ class Scheduler:
     async def _process(self, request: ChatRequest) -> RowResult | None:
         """The row's final result, or None when the run stopped before it was sent."""
         attempt = 0
+        schema_failures = 0
         pacer = self.pacer
         while True:
             attempt += 1
@@ -188,15 +195,24 @@ class Scheduler:
                 latency = anyio.current_time() - started
                 result = self._success(request, completion, attempt, latency)
                 self._settle(reservation, result)
+                invalid = self._check_schema(result)
+                retry = invalid is not None and schema_failures < self.schema_retries
                 self.log.attempt(
                     request.key,
                     attempt,
                     status=200,
                     latency_s=latency,
-                    outcome="ok",
+                    outcome="ok" if invalid is None else invalid.kind,
                     in_flight=pacer.in_flight,
+                    wait_s=0.0 if retry else None,
+                    why="answer does not match output.schema: asking again" if retry else None,
+                    message=invalid.message[:300] if invalid else None,
                 )
-                return result
+                if not retry:
+                    return result
+                schema_failures += 1
+                self.outcome.retries += 1
+                continue
             self._settle(reservation, None)
             pacer.release(succeeded=False)
             pacer.observe(error.rate_limits)
@@ -245,6 +261,17 @@ class Scheduler:
         if error.retry_after is not None:
             return f"server asked to retry after {error.retry_after:g}s"
         return "exponential backoff with jitter"
+
+    def _check_schema(self, result: RowResult) -> SchemaViolation | None:
+        """Parse the answer into `result.parsed`; a mismatch becomes the row's error."""
+        if self.schema is None or result.completion is None or result.error is not None:
+            return None
+        try:
+            result.parsed = self.schema.parse(result.completion.response)
+        except SchemaViolation as exc:
+            result.error = exc.describe()
+            return exc
+        return None
 
     def _settle(self, reservation: tuple[float, float] | None, result: RowResult | None) -> None:
         if self.budget is None or reservation is None:

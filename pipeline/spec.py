@@ -7,11 +7,19 @@ typo in an overnight job fails in a second instead of silently using a default.
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import SpecError
 
@@ -40,20 +48,72 @@ class ModelSpec(_Strict):
     api_key_env: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     pricing: Pricing | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @field_validator("params")
     @classmethod
     def _params_owned_elsewhere(cls, params: dict[str, Any]) -> dict[str, Any]:
-        owned = {"messages": "prompt", "model": "model.model", "stream": "(not supported yet)"}
+        owned = {
+            "messages": "prompt",
+            "model": "model.model",
+            "stream": "model.stream",
+            "stream_options": "model.stream",
+            "tools": "model.tools",
+            "tool_choice": "model.tool_choice",
+        }
         for key, owner in owned.items():
             if key in params:
-                raise ValueError(f"'{key}' cannot be set in model.params; it comes from {owner}")
+                raise ValueError(f"'{key}' cannot be set in model.params; use {owner}")
         return params
+
+    @model_validator(mode="after")
+    def _warn_known_rejections(self) -> ModelSpec:
+        # xAI's reasoning models refuse these; better a warning now than a failed night.
+        rejected = {"presence_penalty", "frequency_penalty", "stop"} & set(self.params)
+        if rejected and "grok-3-mini" in self.model:
+            warnings.warn(
+                f"model.params: {', '.join(sorted(rejected))} may be rejected by {self.model} "
+                "(xAI reasoning models refuse them)",
+                SpecWarning,
+                stacklevel=2,
+            )
+        return self
+
+
+class SpecWarning(UserWarning):
+    """Something in the job will probably not work as intended."""
+
+
+class MessageSpec(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
 
 
 class PromptSpec(_Strict):
     system: str | None = None
-    template: str = Field(min_length=1)
+    template: str | None = Field(default=None, min_length=1)
+    messages: list[MessageSpec] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PromptSpec:
+        if (self.template is None) == (self.messages is None):
+            raise ValueError("give either prompt.template or prompt.messages (not both)")
+        if self.messages is not None and not any(m.role == "user" for m in self.messages):
+            raise ValueError("prompt.messages needs at least one user message")
+        return self
+
+    def parts(self) -> list[tuple[str, str, str]]:
+        """(role, template source, where) for every message, in order."""
+        parts = [("system", self.system, "prompt.system")] if self.system else []
+        if self.messages is not None:
+            parts += [
+                (m.role, m.content, f"prompt.messages.{i}") for i, m in enumerate(self.messages)
+            ]
+        else:
+            parts.append(("user", self.template or "", "prompt.template"))
+        return parts
 
 
 class LimitsSpec(_Strict):
@@ -67,7 +127,12 @@ class LimitsSpec(_Strict):
 
 
 class OutputSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     path: str | None = None
+    # "schema" would shadow a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_retries: int = Field(default=1, ge=0, le=10)
 
 
 class JobSpec(_Strict):
@@ -123,17 +188,25 @@ def _describe(err: Any) -> str:
 def _did_you_mean(location: list[str]) -> str:
     model: type[BaseModel] = JobSpec
     for part in location[:-1]:
+        if part.isdigit():
+            continue  # an index into a list of sections
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None) if field else None
-        candidates = [
-            arg
-            for arg in (annotation, *getattr(annotation, "__args__", ()))
-            if isinstance(arg, type) and issubclass(arg, BaseModel)
-        ]
-        if not candidates:
+        nested = _section_model(field.annotation if field else None)
+        if nested is None:
             return ""
-        model = candidates[0]
-    matches = difflib.get_close_matches(location[-1], list(model.model_fields), n=1, cutoff=0.6)
+        model = nested
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    matches = difflib.get_close_matches(location[-1], names, n=1, cutoff=0.6)
     if matches:
         return f" (did you mean '{matches[0]}'?)"
-    return f" (allowed: {', '.join(model.model_fields)})"
+    return f" (allowed: {', '.join(names)})"
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The spec section class inside an annotation like `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if (found := _section_model(arg)) is not None:
+            return found
+    return None

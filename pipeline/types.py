@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, str]
@@ -73,6 +73,7 @@ class Completion:
     finish_reason: str | None
     model: str | None
     rate_limits: RateLimitInfo | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -87,7 +88,7 @@ class RowResult:
     completion: Completion | None = None
     error: str | None = None
     cost_usd: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    parsed: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -10,22 +11,14 @@ import orjson
 from pipeline import errors
 from pipeline.config import ProviderSettings
 from pipeline.http import HttpClient, HttpResponse
+from pipeline.providers import sse, tools
 from pipeline.providers.base import Provider, register
-from pipeline.providers.headers import parse_rate_limits, parse_retry_after
+from pipeline.providers.classify import classify, has_error
+from pipeline.providers.headers import parse_rate_limits
+from pipeline.structured import SCHEMA_NAME
 from pipeline.types import ChatRequest, Completion, Usage
 
-QUOTA_CODES = frozenset(
-    {
-        "insufficient_quota",
-        "billing_hard_limit_reached",
-        "billing_not_active",
-        "enforced_spend_limit_reached",
-    }
-)
-CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
-FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
-_MAX_MESSAGE = 500
 
 
 @register("openai")
@@ -47,10 +40,76 @@ class OpenAIChat(Provider):
             self.body_base[name] = settings.model
         if key and "body_key" in auth:
             self.body_base["key"] = key
+        if settings.tools:
+            self.body_base["tools"] = tools.to_openai(settings.tools)
+        if settings.tool_choice is not None:
+            self.body_base["tool_choice"] = settings.tool_choice
+        self.schema_instructions: str | None = None
+        self.schema_via_tool = False
+        if settings.schema is not None:
+            self._ask_for_schema(settings)
+        if settings.stream:
+            self.body_base["stream"] = True
+            self.body_base["stream_options"] = {"include_usage": True}
+
+    def _ask_for_schema(self, settings: ProviderSettings) -> None:
+        schema = settings.schema
+        assert schema is not None
+        mode = settings.preset.structured_output
+        if mode == "json_schema":
+            self.body_base["response_format"] = schema.response_format()
+        elif mode == "json_object":
+            self.body_base["response_format"] = {"type": "json_object"}
+            self.schema_instructions = schema.instructions()
+        else:
+            name = SCHEMA_NAME
+            self.body_base["tools"] = [
+                *self.body_base.get("tools", []),
+                {"type": "function", "function": {"name": name, "parameters": schema.schema}},
+            ]
+            self.body_base["tool_choice"] = {"type": "function", "function": {"name": name}}
+            self.schema_via_tool = True
+
+    def _messages(self, request: ChatRequest) -> list[dict[str, str]]:
+        if self.schema_instructions is None:
+            return request.messages
+        messages = list(request.messages)
+        if messages and messages[0]["role"] == "system":
+            content = f"{messages[0]['content']}\n\n{self.schema_instructions}"
+            messages[0] = {"role": "system", "content": content}
+        else:
+            messages.insert(0, {"role": "system", "content": self.schema_instructions})
+        return messages
 
     async def complete(self, request: ChatRequest) -> Completion:
-        body = orjson.dumps({**self.body_base, "messages": request.messages})
-        return self.parse(await self.client.post(self.url, body, self.headers))
+        body = orjson.dumps({**self.body_base, "messages": self._messages(request)})
+        if self.settings.stream:
+            completion = await self._stream(body)
+        else:
+            completion = self.parse(await self.client.post(self.url, body, self.headers))
+        if self.schema_via_tool:
+            return _schema_answer_from_tool(completion)
+        return completion
+
+    async def _stream(self, body: bytes) -> Completion:
+        async with self.client.stream(self.url, body, self.headers) as response:
+            if response.status >= 400:
+                return self.parse(
+                    HttpResponse(response.status, response.headers, await response.read())
+                )
+            assembler = _StreamAssembler()
+            async for _, data in sse.events(response.lines()):
+                if data.strip() == "[DONE]":
+                    assembler.done = True
+                    break
+                chunk = _loads(data)
+                if not isinstance(chunk, dict):
+                    raise errors.MalformedResponse("a stream event is not a JSON object")
+                if "error" in chunk or chunk.get("status") == "error":
+                    raise self.classify(200, chunk, response.headers)
+                assembler.add(chunk)
+            payload, choice = assembler.finish()
+            return _completion(payload, choice, parse_rate_limits(response.headers))
 
     def parse(self, response: HttpResponse) -> Completion:
         status = response.status
@@ -66,63 +125,13 @@ class OpenAIChat(Provider):
             raise errors.MalformedResponse("response body is not a JSON object", status=status)
         choices = payload.get("choices")
         if not isinstance(choices, list) or not choices:
-            if _error_fields(payload) != (None, None, ""):
+            if has_error(payload):
                 raise self.classify(status, payload, response.headers)
             raise errors.MalformedResponse("response has no choices", status=status)
         return _completion(payload, choices[0], parse_rate_limits(response.headers))
 
     def classify(self, status: int, payload: Any, headers: Any) -> errors.ProviderError:
-        """Map status and body error code to the error class; message text is only shown."""
-        code, kind, message = _error_fields(payload)
-        message = self.redact(message)[:_MAX_MESSAGE] or f"HTTP {status}"
-        codes = {code, kind}
-        retry_after = parse_retry_after(headers, payload)
-        if status == 429:
-            if codes & QUOTA_CODES:
-                return errors.QuotaExceeded(message, status=status)
-            return errors.RateLimited(message, status=status, retry_after=retry_after)
-        if status in (401, 403) or _is_xai_rejected_key(status, payload):
-            return errors.AuthenticationError(message, status=status)
-        if status == 402 or codes & QUOTA_CODES:
-            return errors.QuotaExceeded(message, status=status)
-        if status == 404:
-            return errors.ModelNotFound(message, status=status)
-        if status in (408, 409) or status >= 500 or status < 400:
-            return errors.ServerError(message, status=status, retry_after=retry_after)
-        if codes & CONTEXT_CODES:
-            return errors.ContextLengthExceeded(message, status=status)
-        if codes & FILTER_CODES:
-            return errors.ContentFiltered(message, status=status)
-        return errors.BadRequest(message, status=status)
-
-
-def _error_fields(payload: Any) -> tuple[str | None, str | None, str]:
-    """(code, type, message) from OpenAI, xAI-flat or ModelsLab error bodies."""
-    if not isinstance(payload, dict):
-        return None, None, ""
-    error = payload.get("error")
-    if isinstance(error, dict):
-        return _str(error.get("code")), _str(error.get("type")), str(error.get("message") or "")
-    if isinstance(error, str):  # xAI: {"code": "...", "error": "..."}
-        return _str(payload.get("code")), None, error
-    if payload.get("status") == "error":  # ModelsLab
-        return None, None, str(payload.get("message") or "status: error")
-    return None, None, ""
-
-
-def _is_xai_rejected_key(status: int, payload: Any) -> bool:
-    # xAI rejects a key with HTTP 400 and only prose to say so; this documented shape is
-    # the one place a message is read, and only to pick the class, here at the boundary.
-    return (
-        status == 400
-        and isinstance(payload, dict)
-        and isinstance(payload.get("error"), str)
-        and payload["error"].startswith("Incorrect API key")
-    )
-
-
-def _str(value: Any) -> str | None:
-    return str(value) if value is not None else None
+        return classify(status, payload, headers, self.redact)
 
 
 def _completion(payload: dict[str, Any], choice: Any, rate_limits: Any) -> Completion:
@@ -134,6 +143,15 @@ def _completion(payload: dict[str, Any], choice: Any, rate_limits: Any) -> Compl
     if reasoning is None and (think := _THINK.match(content)):
         reasoning = think.group(1).strip()
         content = content[think.end() :]
+    calls = [
+        tools.normalized_call(
+            (call.get("function") or {}).get("name", ""),
+            (call.get("function") or {}).get("arguments", ""),
+            call.get("id"),
+        )
+        for call in message.get("tool_calls") or []
+        if isinstance(call, dict)
+    ]
     return Completion(
         response=content,
         reasoning=reasoning,
@@ -141,7 +159,80 @@ def _completion(payload: dict[str, Any], choice: Any, rate_limits: Any) -> Compl
         finish_reason=choice.get("finish_reason"),
         model=payload.get("model"),
         rate_limits=rate_limits,
+        tool_calls=calls or None,
     )
+
+
+def _schema_answer_from_tool(completion: Completion) -> Completion:
+    """With schemas asked for as a forced tool call, the call's arguments are the answer."""
+    for call in completion.tool_calls or []:
+        if call["name"] == SCHEMA_NAME:
+            arguments = call["arguments"]
+            text = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+            return dataclasses.replace(completion, response=text, tool_calls=None)
+    return completion
+
+
+def _loads(data: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise errors.MalformedResponse("a stream event is not valid JSON") from None
+
+
+class _StreamAssembler:
+    """Joins OpenAI chunks into the body a non-streamed call would have returned."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: dict[str, list[str]] = {"reasoning_content": [], "reasoning": []}
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+        self.model: str | None = None
+        self.done = False
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.model = chunk.get("model") or self.model
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                self.content.append(delta["content"])
+            for field, parts in self.reasoning.items():
+                if isinstance(delta.get(field), str):
+                    parts.append(delta[field])
+            for call in delta.get("tool_calls") or []:
+                entry = self.calls.setdefault(
+                    call.get("index", 0), {"id": None, "name": "", "args": []}
+                )
+                entry["id"] = call.get("id") or entry["id"]
+                function = call.get("function") or {}
+                entry["name"] += function.get("name") or ""
+                entry["args"].append(function.get("arguments") or "")
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not self.done or self.finish_reason is None:
+            # A half answer must never be stored as a success: this is retried.
+            raise errors.MalformedResponse("the stream was cut off before the answer finished")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        for field, parts in self.reasoning.items():
+            if parts:
+                message[field] = "".join(parts)
+        if self.calls:
+            message["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": "".join(c["args"])},
+                }
+                for _, c in sorted(self.calls.items())
+            ]
+        payload = {"model": self.model, "usage": self.usage}
+        return payload, {"message": message, "finish_reason": self.finish_reason}
 
 
 def _reasoning(message: dict[str, Any]) -> str | None:
