@@ -74,8 +74,16 @@ class Checkpoint:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._reader = self._connect()
         self.since = float(self.get_meta("fresh_since") or 0.0)
+
+    def _add_missing_columns(self) -> None:
+        # A checkpoint written by an earlier version lacks the newer (nullable) columns.
+        present = {row[1] for row in self._writer.execute("PRAGMA table_info(results)")}
+        for column in EXTRA_FIELDS:
+            if column not in present:
+                self._writer.execute(f"ALTER TABLE results ADD COLUMN {column}")
 
     def get_meta(self, name: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -104,10 +112,14 @@ class Checkpoint:
         rows = [_row(result, now) for result in results]
         if not rows:
             return
-        marks = ", ".join("?" * (len(RESULT_FIELDS) + len(EXTRA_FIELDS) + 3))
+        columns = ("row_key", "request_hash", *RESULT_FIELDS, *EXTRA_FIELDS, "finished_at")
+        statement = (
+            f"INSERT OR REPLACE INTO results ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))})"
+        )
         with self._writer:
             self._writer.execute("BEGIN")
-            self._writer.executemany(f"INSERT OR REPLACE INTO results VALUES ({marks})", rows)
+            self._writer.executemany(statement, rows)
 
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         """Which of these rows already have a result, and for which request."""

@@ -11,7 +11,7 @@ from jinja2 import TemplateError
 from pipeline.checkpoint import Checkpoint, Finished
 from pipeline.inputs import InputTable, row_keys
 from pipeline.render import PromptRenderer, estimate_prompt_tokens
-from pipeline.types import ChatRequest, RowResult
+from pipeline.types import ChatRequest, Message, RowResult
 
 READ_BATCH_ROWS = 10_000
 RENDER_CHUNK_ROWS = 500
@@ -67,6 +67,24 @@ class WorkPlan:
             return RowResult(index, key, request_hash, 0, None, error=f"render_error: {exc}")
         prompt_estimate = estimate_prompt_tokens(messages)
         return ChatRequest(index, key, messages, request_hash, prompt_estimate, max_tokens)
+
+
+def rendered_rows(
+    table: InputTable, renderer: PromptRenderer, limit: int | None = None
+) -> Iterator[list[Message]]:
+    """Every row's messages, in order (rows whose template fails are skipped)."""
+    variables = list(renderer.variables)
+    for batch in table.batches(READ_BATCH_ROWS, limit):
+        rows = batch.select(variables).rows() if variables else [()] * batch.height
+        for values in rows:
+            try:
+                yield renderer.render(values)
+            except TemplateError:
+                continue
+
+
+def max_reply_tokens(params: dict[str, Any]) -> int:
+    return _max_tokens(params)
 
 
 def _max_tokens(params: dict[str, Any]) -> int:

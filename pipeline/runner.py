@@ -161,6 +161,7 @@ class RunOptions:
     fresh: bool = False
     retry_failed: bool = False
     on_result: Callable[[RowResult], None] | None = None
+    write_output: bool = True
 
 
 def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
@@ -174,9 +175,7 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
     """`execute` for code that already runs an event loop (asyncio backend)."""
     started = time.monotonic()
     with ExitStack() as stack:
-        settings = job.settings
-        if settings.preset.embedded_simulator is not None and not job.spec.model.base_url:
-            settings = _start_embedded_simulator(settings, stack)
+        settings = uses_embedded_simulator(job, stack)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
         if options.fresh:
@@ -196,7 +195,7 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         tally = _Tally()
         outcome = await _pump(job, settings, plan, checkpoint, progress, tally, options)
         return await anyio.to_thread.run_sync(
-            _finish, job, checkpoint, plan, outcome, tally, time.monotonic() - started
+            _finish, job, checkpoint, plan, outcome, tally, time.monotonic() - started, options
         )
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -301,12 +300,15 @@ def _finish(
     outcome: Outcome,
     tally: _Tally,
     wall_s: float,
+    options: RunOptions,
 ) -> RunSummary:
     output_path: Path | None = None
     if outcome.fatal is not None:
         code = EXIT_STOPPED
     elif outcome.interrupted:
         code = EXIT_INTERRUPTED
+    elif not options.write_output:
+        code = EXIT_ROW_ERRORS if tally.failed else EXIT_OK
     else:
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
@@ -328,7 +330,11 @@ def _finish(
     )
 
 
-def _start_embedded_simulator(settings: ProviderSettings, stack: ExitStack) -> ProviderSettings:
+def uses_embedded_simulator(job: PreparedJob, stack: ExitStack) -> ProviderSettings:
+    """The job's settings, pointed at an in-process simulator when its provider is one."""
+    settings = job.settings
+    if settings.preset.embedded_simulator is None or job.spec.model.base_url:
+        return settings
     from pipeline.simulator import SimulatorConfig, start_in_thread
 
     options = {"accept_any_model": True, **(settings.preset.embedded_simulator or {})}

@@ -90,6 +90,19 @@ class AnthropicMessages(Provider):
             body["system"] = system
         return body
 
+    async def list_models(self) -> list[str]:
+        url = self.url.removesuffix("/messages") + "/models"
+        payload = await self._get_json(url, self.headers)
+        return [str(m.get("id")) for m in payload.get("data") or [] if isinstance(m, dict)]
+
+    async def count_tokens(self, messages: list[Message]) -> int | None:
+        if not self.settings.preset.count_tokens:
+            return None
+        body = self.body(messages)
+        request = {k: body[k] for k in ("model", "messages", "system", "tools") if k in body}
+        payload = await self._post_json(self.url + "/count_tokens", request, self.headers)
+        return int(payload["input_tokens"])
+
     async def complete(self, request: ChatRequest) -> Completion:
         body = orjson.dumps(self.body(request.messages))
         if self.settings.stream:

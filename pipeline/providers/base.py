@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
+
+import orjson
 
 from pipeline.config import ProviderSettings
 from pipeline.errors import SpecError
-from pipeline.http import HttpClient
-from pipeline.types import ChatRequest, Completion
+from pipeline.http import HttpClient, HttpResponse
+from pipeline.providers.classify import classify
+from pipeline.types import ChatRequest, Completion, Message
 
 
 class Provider(ABC):
@@ -27,6 +31,31 @@ class Provider(ABC):
     @abstractmethod
     async def complete(self, request: ChatRequest) -> Completion:
         """Send one request; return its completion or raise a `ProviderError`."""
+
+    async def count_tokens(self, messages: list[Message]) -> int | None:
+        """The provider's own prompt token count, where it has an endpoint for it."""
+        return None
+
+    @abstractmethod
+    async def list_models(self) -> list[str]:
+        """The model ids the endpoint serves."""
+
+    async def _get_json(self, url: str, headers: dict[str, str]) -> Any:
+        response = await self.client.request("GET", url, headers=headers)
+        return self._json_or_raise(response)
+
+    async def _post_json(self, url: str, body: Any, headers: dict[str, str]) -> Any:
+        response = await self.client.post(url, orjson.dumps(body), headers)
+        return self._json_or_raise(response)
+
+    def _json_or_raise(self, response: HttpResponse) -> Any:
+        try:
+            payload = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            payload = None
+        if response.status >= 400 or payload is None:
+            raise classify(response.status, payload, response.headers, self.redact)
+        return payload
 
     def redact(self, text: str) -> str:
         """Remove the API key from text that may echo the request."""

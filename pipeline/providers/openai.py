@@ -81,6 +81,11 @@ class OpenAIChat(Provider):
             messages.insert(0, {"role": "system", "content": self.schema_instructions})
         return messages
 
+    async def list_models(self) -> list[str]:
+        base = self.url.removesuffix("/chat/completions")
+        payload = await self._get_json(f"{base}/models", self.headers)
+        return [str(m.get("id")) for m in payload.get("data") or [] if isinstance(m, dict)]
+
     async def complete(self, request: ChatRequest) -> Completion:
         body = orjson.dumps({**self.body_base, "messages": self._messages(request)})
         if self.settings.stream:

@@ -1,0 +1,140 @@
+"""What a job will cost and how long it will take, before it runs.
+
+Prompt tokens are counted for every row: offline (~4 characters a token plus
+per-message overhead), calibrated against the provider's `count_tokens` endpoint on
+the first rows where it has one. Output tokens are only known from real answers:
+`--sample N` runs the first N rows for real (they are checkpointed, so the full run
+reuses them and nobody pays twice) and measures output, reasoning and latency.
+Without a sample the report gives the range from "no output" to "every reply at
+max_tokens". No completion request is sent unless a sample is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import anyio
+
+from pipeline.http import HttpClient
+from pipeline.plan import max_reply_tokens, rendered_rows
+from pipeline.providers import Provider, create_provider
+from pipeline.render import estimate_prompt_tokens
+from pipeline.runner import PreparedJob, RunOptions, execute_async, uses_embedded_simulator
+from pipeline.types import Message, RowResult
+
+CALIBRATION_ROWS = 100
+COUNT_CONCURRENCY = 8
+
+
+@dataclass
+class Estimate:
+    rows: int
+    input_tokens: int
+    counted_with: str
+    max_output_per_row: int
+    sample_rows: int = 0
+    output_per_row: float | None = None
+    reasoning_per_row: float | None = None
+    latency_s: float | None = None
+    cost_input: float | None = None
+    cost_expected: float | None = None
+    cost_worst: float | None = None
+    wall_s: float | None = None
+    wall_basis: str = ""
+
+
+async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
+    local: list[int] = []
+    first: list[list[Message]] = []
+    for messages in rendered_rows(job.table, job.renderer, job.limit):
+        local.append(estimate_prompt_tokens(messages))
+        if len(first) < CALIBRATION_ROWS:
+            first.append(messages)
+    with ExitStack() as stack:
+        settings = uses_embedded_simulator(job, stack)
+        async with HttpClient(COUNT_CONCURRENCY, job.spec.limits.timeout_s) as client:
+            counted = await _count(create_provider(settings, client), first)
+    input_tokens, counted_with = sum(local), "offline estimate (~4 characters a token)"
+    if counted is not None and sum(local[: len(first)]):
+        scale = sum(counted) / sum(local[: len(first)])
+        input_tokens = round(sum(local) * scale)
+        counted_with = f"count_tokens endpoint on {len(first)} rows, scaled to all rows"
+    result = Estimate(
+        rows=len(local),
+        input_tokens=input_tokens,
+        counted_with=counted_with,
+        max_output_per_row=max_reply_tokens(settings.params),
+    )
+    if sample > 0:
+        await _measure(job, sample, result)
+    _price(job, result)
+    _time(job, result)
+    return result
+
+
+async def _count(provider: Provider, rows: list[list[Message]]) -> list[int] | None:
+    if not rows or (first := await provider.count_tokens(rows[0])) is None:
+        return None  # this provider has no endpoint for it
+    counts = [first] + [0] * (len(rows) - 1)
+    limiter = anyio.CapacityLimiter(COUNT_CONCURRENCY)
+
+    async def count(i: int, messages: list[Message]) -> None:
+        async with limiter:
+            counts[i] = await provider.count_tokens(messages) or 0
+
+    async with anyio.create_task_group() as group:
+        for i, messages in enumerate(rows[1:], start=1):
+            group.start_soon(count, i, messages)
+    return counts
+
+
+async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
+    answered: list[RowResult] = []
+    options = RunOptions(show_progress=False, write_output=False, on_result=answered.append)
+    sampled = dataclasses.replace(job, limit=min(sample, result.rows), rows=min(sample, job.rows))
+    await execute_async(sampled, options)
+    usable = [r for r in answered if r.completion is not None]
+    if not usable:
+        return
+    result.sample_rows = len(usable)
+    result.output_per_row = sum(r.completion.usage.output_tokens for r in usable) / len(usable)  # type: ignore[union-attr]
+    result.reasoning_per_row = sum(r.completion.usage.reasoning_tokens for r in usable) / len(
+        usable
+    )  # type: ignore[union-attr]
+    result.latency_s = sum(r.latency_s or 0.0 for r in usable) / len(usable)
+
+
+def _price(job: PreparedJob, result: Estimate) -> None:
+    price = job.settings.price
+    if price is None:
+        return
+    result.cost_input = result.input_tokens * price.input / 1e6
+    result.cost_worst = (
+        result.cost_input + result.rows * result.max_output_per_row * price.output / 1e6
+    )
+    if result.output_per_row is not None:
+        result.cost_expected = (
+            result.cost_input + result.rows * result.output_per_row * price.output / 1e6
+        )
+
+
+def _time(job: PreparedJob, result: Estimate) -> None:
+    limits = job.spec.limits
+    bounds: list[tuple[float, str]] = []
+    if limits.requests_per_minute:
+        bounds.append((result.rows / (limits.requests_per_minute / 60), "requests_per_minute"))
+    if limits.tokens_per_minute:
+        charged = result.input_tokens + result.rows * result.max_output_per_row
+        bounds.append((charged / (limits.tokens_per_minute / 60), "tokens_per_minute"))
+    if result.latency_s is not None:
+        slots = limits.concurrency or 256
+        bounds.append((result.rows * result.latency_s / slots, "concurrency x sampled latency"))
+    if bounds:
+        result.wall_s, result.wall_basis = max(bounds)
+    else:
+        result.wall_basis = "unknown: set limits, or measure latency with --sample"
+    if result.wall_s is not None:
+        result.wall_s = math.ceil(result.wall_s)
