@@ -8,6 +8,7 @@ complete file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +91,17 @@ def write_output(
     *,
     layout: Layout = Layout(),
     finished_only: bool = False,
+    hashes: Callable[[pl.DataFrame], list[str]] | None = None,
 ) -> int:
     """Write the output atomically; returns the number of rows written.
 
     `finished_only` writes just the rows that have a result (a partial export of a
-    run in progress) and leaves the record of the last full output alone.
+    run in progress) and leaves the record of the last full output alone. With `hashes`
+    (a row's current request hash), results recorded for another request count as missing.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)  # from a writer that was killed
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rows = 0
     writer: pq.ParquetWriter | None = None
@@ -104,7 +109,8 @@ def write_output(
         offset = 0
         for batch in table.batches(READ_BATCH_ROWS, limit):
             keys = row_keys(batch, offset, table.id_column)
-            joined = _with_results(batch.to_arrow(), keys, checkpoint, layout)
+            current = hashes(batch) if hashes else None
+            joined = _with_results(batch.to_arrow(), keys, checkpoint, layout, current)
             if finished_only:
                 missing = pc.fill_null(pc.equal(joined["error"], NOT_PROCESSED), False)
                 joined = joined.filter(pc.invert(missing))
@@ -131,9 +137,19 @@ def write_output(
 
 
 def _with_results(
-    inputs: pa.Table, keys: list[str], checkpoint: Checkpoint, layout: Layout
+    inputs: pa.Table,
+    keys: list[str],
+    checkpoint: Checkpoint,
+    layout: Layout,
+    current: list[str] | None = None,
 ) -> pa.Table:
     stored = checkpoint.fetch(keys)
+    if current is not None:
+        stored = {
+            key: stored[key]
+            for key, request_hash in zip(keys, current, strict=True)
+            if key in stored and stored[key][0] == request_hash
+        }
     records = [stored[key][1:] if key in stored else _MISSING for key in keys]
     width = len(RESULT_FIELDS) + len(EXTRA_FIELDS)
     columns = list(zip(*records, strict=True)) if records else [()] * width

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
 from jinja2 import TemplateError
 
 from pipeline.checkpoint import Checkpoint, Finished
@@ -52,6 +53,37 @@ class WorkPlan:
                     self.planned += 1
                     yield self._request(offset + i, key, values, request_hash, max_tokens)
                 offset += chunk.height
+
+    def tally(self) -> tuple[int, int, int]:
+        """(finished ok, finished with an error, still to send) for the current requests."""
+        ok = failed = 0
+        total = 0
+        for keys, hashes in self._hashed_chunks():
+            finished = self.checkpoint.finished(keys)
+            total += len(keys)
+            for key, request_hash in zip(keys, hashes, strict=True):
+                previous = finished.get(key)
+                if previous is not None and previous.request_hash == request_hash:
+                    ok += previous.ok
+                    failed += not previous.ok
+        return ok, failed, total - ok - failed
+
+    def current_hashes(self) -> Iterator[tuple[list[str], list[str]]]:
+        """(keys, request hashes) of the input, chunk by chunk, in order."""
+        return self._hashed_chunks()
+
+    def _hashed_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
+        offset = 0
+        for batch in self.table.batches(READ_BATCH_ROWS, self.limit):
+            yield row_keys(batch, offset, self.table.id_column), self.hashes_for(batch)
+            offset += batch.height
+
+    def hashes_for(self, batch: pl.DataFrame) -> list[str]:
+        """The request hash of every row of an input batch."""
+        digest = self.renderer.request_hasher(self.model, self.params, self.request_extra)
+        variables = list(self.renderer.variables)
+        rows = batch.select(variables).rows() if variables else [()] * batch.height
+        return [digest(values) for values in rows]
 
     def _reusable(self, previous: Finished | None, request_hash: str) -> bool:
         if previous is None or previous.request_hash != request_hash:

@@ -120,6 +120,20 @@ def prepare(
     return PreparedJob(spec, settings, table, renderer, rows, output_path, limit, layout)
 
 
+def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
+    settings = job.settings
+    return WorkPlan(
+        job.table,
+        job.renderer,
+        checkpoint,
+        settings.model,
+        settings.params,
+        job.limit,
+        retry_failed=retry_failed,
+        request_extra=job.request_extra,
+    )
+
+
 def _check_column_names(spec: JobSpec, table: InputTable, layout: Layout) -> None:
     reserved = set(OUTPUT_COLUMNS) | {"tool_calls"}
     if clashes := sorted(reserved & set(layout.schema.columns if layout.schema else [])):
@@ -180,16 +194,7 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         stack.callback(checkpoint.close)
         if options.fresh:
             checkpoint.start_fresh()
-        plan = WorkPlan(
-            job.table,
-            job.renderer,
-            checkpoint,
-            settings.model,
-            settings.params,
-            job.limit,
-            retry_failed=options.retry_failed,
-            request_extra=job.request_extra,
-        )
+        plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
         progress = Progress(job.rows, enabled=options.show_progress, notebook=options.notebook)
         stack.callback(progress.close)
         tally = _Tally()
@@ -367,15 +372,15 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
     try:
         totals = checkpoint.totals()
         recent, last = checkpoint.recent(window_s)
+        ok, failed, pending = _plan(job, checkpoint).tally()
     finally:
         checkpoint.close()
-    finished = min(totals.rows, job.rows)
     rate = recent / window_s if last is not None and time.time() - last < window_s else 0.0
     return Status(
         rows=job.rows,
-        finished=finished,
-        failed=totals.failed,
-        pending=job.rows - finished,
+        finished=ok + failed,
+        failed=failed,
+        pending=pending,
         totals=totals,
         recent_rows_per_s=rate,
         last_finished_at=last,
@@ -389,7 +394,13 @@ def export_partial(job: PreparedJob, path: Path) -> int:
     checkpoint = Checkpoint(job.checkpoint_path)
     try:
         return write_output(
-            job.table, checkpoint, path, job.limit, layout=job.layout, finished_only=True
+            job.table,
+            checkpoint,
+            path,
+            job.limit,
+            layout=job.layout,
+            finished_only=True,
+            hashes=_plan(job, checkpoint).hashes_for,
         )
     finally:
         checkpoint.close()

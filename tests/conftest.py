@@ -93,21 +93,40 @@ def _set(spec: dict[str, Any], keys: list[str], value: Any) -> None:
         spec[keys[-1]] = value
 
 
-def run_cli(
-    *args: str, cwd: Path, key: str | None = SIM_KEY, timeout: float = 120, **env: str
-) -> subprocess.CompletedProcess[str]:
-    """Run `pipeline ARGS` as a real subprocess."""
+def cli_env(key: str | None = SIM_KEY, **env: str) -> dict[str, str]:
+    """The environment the CLI runs in: no real keys, `key` as SIM_API_KEY, the repo's configs."""
     environment = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
     environment.pop("SIM_API_KEY", None)
     if key is not None:
         environment["SIM_API_KEY"] = key
     environment["PIPELINE_CONFIG_DIR"] = str(ROOT / "configs")
     environment.update(env)
+    return environment
+
+
+def run_cli(
+    *args: str, cwd: Path, key: str | None = SIM_KEY, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `pipeline ARGS` as a real subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=cwd,
-        env=environment,
+        env=cli_env(key, **env),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start_cli(
+    *args: str, cwd: Path, key: str | None = SIM_KEY, **env: str
+) -> subprocess.Popen[str]:
+    """Start `pipeline ARGS` as a real subprocess and return at once (to signal or kill it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=cli_env(key, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -9,10 +10,12 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import orjson
 import pytest
 
@@ -22,12 +25,14 @@ from pipeline.simulator import (
     estimate_prompt_tokens,
     expected_reasoning,
     expected_response,
+    expected_structured,
     request_digest,
     request_key,
     start_in_thread,
 )
 from pipeline.simulator.behaviour import go_duration
 from pipeline.simulator.ratelimit import QuantizedBucket, RateLimiter
+from pipeline.simulator.structured import corrupt
 
 DEFAULTS = SimulatorConfig().model_dump()
 MSGS = [
@@ -552,3 +557,390 @@ def test_python_m_serve(tmp_path: Path) -> None:
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# --- structured output and tool calls ------------------------------------------------------
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+        "score": {"type": "number", "minimum": 0.5, "maximum": 0.75},
+        "weight": {"type": "number"},
+        "count": {"type": "integer", "minimum": 1, "maximum": 5},
+        "flag": {"type": "boolean"},
+        "when": {"type": "string", "format": "date"},
+        "note": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "author": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "born": {"type": "integer", "minimum": 1800, "maximum": 1900},
+                "kind": {"enum": ["human", "machine"]},
+            },
+            "required": ["name", "born", "kind"],
+            "additionalProperties": False,
+        },
+        "lines": {"type": "array", "items": {"$ref": "#/$defs/Line"}},
+    },
+    "required": ["label", "score", "count", "tags", "author", "lines"],
+    "additionalProperties": False,
+    "$defs": {
+        "Line": {
+            "type": "object",
+            "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}},
+            "required": ["sku", "qty"],
+            "additionalProperties": False,
+        }
+    },
+}
+OTHER: dict[str, Any] = {
+    "type": "object",
+    "properties": {"mood": {"enum": ["calm", "angry"]}, "level": {"type": "integer"}},
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "row", "schema": SCHEMA, "strict": True},
+}
+OPENAI_TOOLS = [
+    {"type": "function", "function": {"name": n, "description": n, "parameters": s}}
+    for n, s in (("classify", SCHEMA), ("other", OTHER))
+]
+ANTHROPIC_TOOLS = [
+    {"name": n, "description": n, "input_schema": s}
+    for n, s in (("classify", SCHEMA), ("other", OTHER))
+]
+
+
+def is_valid(obj: Any, schema: dict[str, Any]) -> bool:
+    return jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    ).is_valid(obj)
+
+
+def test_expected_structured_is_valid_and_deterministic() -> None:
+    digest = request_digest("m", MSGS)
+    obj = expected_structured("m", MSGS, SCHEMA)
+    assert obj == expected_structured("m", MSGS, SCHEMA)
+    assert is_valid(obj, SCHEMA)
+    assert list(obj) == list(SCHEMA["properties"])  # optional properties too
+    assert obj["note"] == f"note-{digest[:6]}"
+    assert len(obj["tags"]) == 2 and len(obj["lines"]) == 2
+    assert round(obj["weight"], 3) == obj["weight"] and 0 <= obj["weight"] < 1
+    assert date.fromisoformat(obj["when"])
+    seen = set()
+    for i in range(60):
+        o = expected_structured("m", user(f"row {i}"), SCHEMA)
+        assert is_valid(o, SCHEMA), o
+        seen.add((o["label"], o["count"], o["author"]["kind"]))
+    assert len(seen) > 10
+    # bounds, exclusive bounds, anyOf, allOf, const and the degenerate cases
+    tricky = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 2},
+            "b": {"type": "number", "exclusiveMaximum": -3},
+            "c": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 7}]},
+            "d": {"allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"x": {"const": 1}}}]},
+            "e": {"type": "string", "minLength": 30, "maxLength": 31},
+            "f": {"type": "array", "items": {"type": "integer"}, "minItems": 3},
+            "g": {"type": "null"},
+        },
+        "$defs": {"Base": {"properties": {"sku": {"type": "string"}}, "required": ["sku"]}},
+    }
+    for i in range(30):
+        o = expected_structured("m", user(f"tricky {i}"), tricky)
+        assert is_valid(o, tricky), o
+        assert o["a"] == 1 and o["d"]["x"] == 1 and len(o["f"]) == 3
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        SCHEMA,
+        OTHER,
+        {"type": "object", "properties": {"n": {"type": "integer"}}},
+        {"type": "object", "additionalProperties": False},
+    ],
+)
+def test_corrupt_is_invalid(schema: dict[str, Any]) -> None:
+    obj = expected_structured("m", MSGS, schema)
+    assert is_valid(obj, schema) and not is_valid(corrupt(obj, schema), schema)
+
+
+def stream_message(text: str) -> dict[str, Any]:
+    """Reassemble a streamed Chat Completions answer into a non-streamed message."""
+    chunks = [e for e in parse_sse(text) if e != "[DONE]" and e["choices"]]
+    content: str | None = None
+    calls: dict[int, dict[str, Any]] = {}
+    reasoning = ""
+    for c in chunks:
+        delta = c["choices"][0]["delta"]
+        if delta.get("content") is not None:
+            content = (content or "") + delta["content"]
+        reasoning += delta.get("reasoning_content") or ""
+        for tc in delta.get("tool_calls", []):
+            if "id" in tc:
+                assert tc["function"]["arguments"] == ""
+                calls[tc["index"]] = {k: tc[k] for k in ("id", "type")} | {
+                    "function": dict(tc["function"])
+                }
+            else:
+                calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
+    msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    if calls:
+        msg["tool_calls"] = [calls[i] for i in sorted(calls)]
+    msg["finish_reason"] = chunks[-1]["choices"][0]["finish_reason"]
+    return msg
+
+
+def test_openai_json_schema(http: httpx.Client, sim: RunningSimulator) -> None:
+    data = chat(http, sim, response_format=RESPONSE_FORMAT).json()
+    msg = data["choices"][0]["message"]
+    expected = expected_structured("grok-3-mini", MSGS, SCHEMA)
+    assert msg["content"] == orjson.dumps(expected).decode()
+    assert is_valid(orjson.loads(msg["content"]), SCHEMA)
+    assert msg["reasoning_content"] == expected_reasoning("grok-3-mini", MSGS)
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"]["completion_tokens"] == math.ceil(len(msg["content"]) / 4)
+    r = chat(
+        http,
+        sim,
+        response_format=RESPONSE_FORMAT,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    streamed = stream_message(r.text)
+    assert streamed.pop("finish_reason") == "stop" and streamed == msg
+    assert parse_sse(r.text)[-2]["usage"] == data["usage"]
+
+
+def test_openai_json_object(http: httpx.Client, sim: RunningSimulator) -> None:
+    fmt = {"type": "json_object"}
+    data = chat(http, sim, response_format=fmt).json()
+    answer = {"answer": expected_response("grok-3-mini", MSGS)}
+    assert data["choices"][0]["message"]["content"] == orjson.dumps(answer).decode()
+    for hint in (orjson.dumps(OTHER).decode(), json.dumps(SCHEMA, indent=2)):
+        msgs = [
+            {"role": "system", "content": f"Be terse.\nJSON Schema: {hint}\nReply with JSON."},
+            *user("classify this"),
+        ]
+        schema = orjson.loads(hint)
+        content = chat(http, sim, msgs, response_format=fmt).json()["choices"][0]["message"][
+            "content"
+        ]
+        assert orjson.loads(content) == expected_structured("grok-3-mini", msgs, schema)
+        assert is_valid(orjson.loads(content), schema)
+        r = chat(http, sim, msgs, response_format=fmt, stream=True)
+        assert stream_message(r.text)["content"] == content
+
+
+@pytest.mark.parametrize(
+    ("choice", "text", "tool"),
+    [
+        ("required", "classify row", "classify"),
+        ({"type": "function", "function": {"name": "other"}}, "row", "other"),
+        ("auto", "row [[sim:tool]]", "classify"),
+        (None, "row [[sim:tool]]", "classify"),
+        ("auto", "row", None),
+        ("none", "row [[sim:tool]]", None),
+    ],
+)
+def test_openai_tool_calls(
+    http: httpx.Client, sim: RunningSimulator, choice: Any, text: str, tool: str | None
+) -> None:
+    msgs = user(text)
+    extra = {} if choice is None else {"tool_choice": choice}
+    data = chat(http, sim, msgs, tools=OPENAI_TOOLS, **extra).json()
+    msg = data["choices"][0]["message"]
+    if tool is None:
+        assert msg["content"] == expected_response("grok-3-mini", msgs)
+        assert "tool_calls" not in msg and data["choices"][0]["finish_reason"] == "stop"
+        return
+    schema = SCHEMA if tool == "classify" else OTHER
+    args = orjson.dumps(expected_structured("grok-3-mini", msgs, schema)).decode()
+    assert msg["content"] is None
+    assert msg["tool_calls"] == [
+        {
+            "id": f"call_{request_digest('grok-3-mini', msgs)}",
+            "type": "function",
+            "function": {"name": tool, "arguments": args},
+        }
+    ]
+    assert is_valid(orjson.loads(args), schema)
+    assert data["choices"][0]["finish_reason"] == "tool_calls"
+    assert data["usage"]["completion_tokens"] == math.ceil(len(args) / 4)
+    r = chat(http, sim, msgs, tools=OPENAI_TOOLS, stream=True, **extra)
+    streamed = stream_message(r.text)
+    assert streamed.pop("finish_reason") == "tool_calls" and streamed == msg
+
+
+def test_tool_choice_errors(http: httpx.Client, sim: RunningSimulator) -> None:
+    named = {"type": "function", "function": {"name": "nope"}}
+    r = chat(http, sim, tools=OPENAI_TOOLS, tool_choice=named)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    assert chat(http, sim, tool_choice="required").status_code == 400
+    body = {"model": "sim-model", "messages": MSGS[1:], "max_tokens": 100}
+    choice = {"type": "tool", "name": "nope"}
+    r = http.post(
+        f"{sim.url}/v1/messages", json={**body, "tools": ANTHROPIC_TOOLS, "tool_choice": choice}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert sim.stats()["completions"] == 0
+
+
+def anthropic_stream_message(text: str) -> dict[str, Any]:
+    """Reassemble a streamed Anthropic answer (content blocks and stop_reason)."""
+    blocks: list[dict[str, Any]] = []
+    partial: dict[int, str] = {}
+    stop = None
+    for e in parse_sse(text):
+        if e["type"] == "content_block_start":
+            blocks.append(dict(e["content_block"]))
+        elif e["type"] == "content_block_delta":
+            d, b = e["delta"], blocks[e["index"]]
+            if d["type"] == "input_json_delta":
+                partial[e["index"]] = partial.get(e["index"], "") + d["partial_json"]
+            elif d["type"] == "text_delta":
+                b["text"] += d["text"]
+            elif d["type"] == "thinking_delta":
+                b["thinking"] += d["thinking"]
+            elif d["type"] == "signature_delta":
+                b["signature"] += d["signature"]
+        elif e["type"] == "content_block_stop" and e["index"] in partial:
+            assert blocks[e["index"]]["input"] == {}
+            blocks[e["index"]]["input"] = orjson.loads(partial[e["index"]])
+        elif e["type"] == "message_delta":
+            stop = e["delta"]["stop_reason"]
+    return {"content": blocks, "stop_reason": stop}
+
+
+@pytest.mark.parametrize(
+    ("choice", "text", "tool"),
+    [
+        ({"type": "tool", "name": "other"}, "row", "other"),
+        ({"type": "any"}, "row", "classify"),
+        ({"type": "auto"}, "row [[sim:tool]]", "classify"),
+        (None, "row [[sim:tool]]", "classify"),
+        (None, "row", None),
+    ],
+)
+def test_anthropic_tool_use(
+    http: httpx.Client, sim: RunningSimulator, choice: Any, text: str, tool: str | None
+) -> None:
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "system": "You are terse.",
+        "messages": user(text),
+        "max_tokens": 4096,
+        "tools": ANTHROPIC_TOOLS,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+    if choice is not None:
+        body["tool_choice"] = choice
+    msgs = [{"role": "system", "content": "You are terse."}, *user(text)]
+    data = http.post(f"{sim.url}/v1/messages", json=body).json()
+    reasoning = expected_reasoning("sim-model", msgs)
+    assert data["content"][0] == {"type": "thinking", "thinking": reasoning, "signature": "sig"}
+    if tool is None:
+        assert data["content"][1] == {"type": "text", "text": expected_response("sim-model", msgs)}
+        assert data["stop_reason"] == "end_turn"
+        return
+    schema = SCHEMA if tool == "classify" else OTHER
+    expected = expected_structured("sim-model", msgs, schema)
+    assert data["content"][1] == {
+        "type": "tool_use",
+        "id": f"toolu_{request_digest('sim-model', msgs)}",
+        "name": tool,
+        "input": expected,
+    }
+    assert is_valid(data["content"][1]["input"], schema) and len(data["content"]) == 2
+    assert data["stop_reason"] == "tool_use"
+    out = math.ceil(len(orjson.dumps(expected)) / 4) + math.ceil(len(reasoning) / 4)
+    assert data["usage"]["output_tokens"] == out
+    r = http.post(f"{sim.url}/v1/messages", json={**body, "stream": True})
+    events = parse_sse(r.text)
+    start = next(e for e in events if e["type"] == "content_block_start" and e["index"] == 1)
+    assert start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
+    assert events[-2]["usage"]["output_tokens"] == out
+    assert anthropic_stream_message(r.text) == {
+        "content": data["content"],
+        "stop_reason": "tool_use",
+    }
+
+
+def test_bad_json_json_modes(http: httpx.Client, sim: RunningSimulator) -> None:
+    for fmt in (RESPONSE_FORMAT, {"type": "json_object"}):
+        msgs = user(f"row {fmt['type']} [[sim:bad_json]]")
+        first = chat(http, sim, msgs, response_format=fmt).json()
+        content = first["choices"][0]["message"]["content"]
+        assert content.startswith('{"oops": ')
+        assert first["usage"]["completion_tokens"] == math.ceil(len(content) / 4)
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(content)
+        for _ in range(2):
+            again = chat(http, sim, msgs, response_format=fmt).json()
+            obj = orjson.loads(again["choices"][0]["message"]["content"])
+            if fmt["type"] == "json_schema":
+                assert obj == expected_structured("grok-3-mini", msgs, SCHEMA)
+            else:
+                assert obj == {"answer": expected_response("grok-3-mini", msgs)}
+    msgs = user("row [[sim:always_bad_json]]")
+    for stream in (False, True, False):
+        r = chat(http, sim, msgs, response_format=RESPONSE_FORMAT, stream=stream)
+        content = (
+            stream_message(r.text)["content"]
+            if stream
+            else r.json()["choices"][0]["message"]["content"]
+        )
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(content)
+    s = sim.stats()
+    assert s["completions"] == 9 and s["faults"] == {"bad_json": 5}
+    # fail_first comes before: 503, then the invalid answer, then the valid one
+    msgs = user("row [[sim:fail_first=1]] [[sim:bad_json]]")
+    assert chat(http, sim, msgs, response_format=RESPONSE_FORMAT).status_code == 503
+    r = chat(http, sim, msgs, response_format=RESPONSE_FORMAT)
+    assert r.json()["choices"][0]["message"]["content"].startswith('{"oops": ')
+    r = chat(http, sim, msgs, response_format=RESPONSE_FORMAT)
+    assert is_valid(orjson.loads(r.json()["choices"][0]["message"]["content"]), SCHEMA)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_json_tool_calls(http: httpx.Client, sim: RunningSimulator, stream: bool) -> None:
+    msgs = user("row [[sim:bad_json]]")
+
+    def openai_args() -> Any:
+        r = chat(http, sim, msgs, tools=OPENAI_TOOLS, tool_choice="required", stream=stream)
+        msg = stream_message(r.text) if stream else r.json()["choices"][0]["message"]
+        return orjson.loads(msg["tool_calls"][0]["function"]["arguments"])
+
+    assert not is_valid(openai_args(), SCHEMA)
+    assert openai_args() == expected_structured("grok-3-mini", msgs, SCHEMA)
+
+    body = {
+        "model": "sim-model",
+        "messages": msgs,
+        "max_tokens": 100,
+        "tools": ANTHROPIC_TOOLS,
+        "tool_choice": {"type": "tool", "name": "other"},
+        "stream": stream,
+    }
+
+    def anthropic_input(text: str) -> Any:
+        body["messages"] = user(text)
+        r = http.post(f"{sim.url}/v1/messages", json=body)
+        data = anthropic_stream_message(r.text) if stream else r.json()
+        assert data["stop_reason"] == "tool_use"
+        return data["content"][0]["input"]
+
+    bad = anthropic_input("row [[sim:bad_json]]")
+    assert bad["mood"] == "__not_in_enum__" and not is_valid(bad, OTHER)
+    assert is_valid(anthropic_input("row [[sim:bad_json]]"), OTHER)
+    for _ in range(2):
+        assert not is_valid(anthropic_input("row [[sim:always_bad_json]]"), OTHER)
+    assert sim.stats()["completions"] == 6

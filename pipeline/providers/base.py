@@ -36,9 +36,9 @@ class Provider(ABC):
         """The provider's own prompt token count, where it has an endpoint for it."""
         return None
 
-    @abstractmethod
     async def list_models(self) -> list[str]:
         """The model ids the endpoint serves."""
+        raise SpecError(f"provider '{self.settings.name}' cannot list its models")
 
     async def _get_json(self, url: str, headers: dict[str, str]) -> Any:
         response = await self.client.request("GET", url, headers=headers)

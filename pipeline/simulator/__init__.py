@@ -11,7 +11,15 @@ control: ``GET /_sim/stats[?full=1]``, ``POST /_sim/reset``, ``GET /_sim/health`
 
 In-band triggers in the last user message: ``[[sim:status=NNN]]``, ``[[sim:quota]]``,
 ``[[sim:context]]``, ``[[sim:filter]]``, ``[[sim:length]]``, ``[[sim:fail_first=N]]``,
-``[[sim:drop_first=N]]``, ``[[sim:slow=MS]]``.
+``[[sim:drop_first=N]]``, ``[[sim:slow=MS]]``, ``[[sim:tool]]`` (call the first tool
+when tool_choice is auto or absent), ``[[sim:bad_json]]`` (the first answered attempt of
+a structured request is invalid), ``[[sim:always_bad_json]]``.
+
+Structured answers (values from :func:`expected_structured`): OpenAI
+``response_format`` json_schema, or json_object (schema from a system-message line
+``JSON Schema: {...}``, else ``{"answer": expected_response}``); forced tool calls
+(OpenAI ``tools``/``tool_choice``, Anthropic ``tools``/``tool_choice``) with ids
+``call_<digest>`` / ``toolu_<digest>``.
 """
 
 from .behaviour import (
@@ -24,6 +32,7 @@ from .behaviour import (
 from .config import SimulatorConfig
 from .runner import RunningSimulator, serve, start_in_thread
 from .server import Simulator
+from .structured import expected_structured
 
 __all__ = [
     "RunningSimulator",
@@ -32,6 +41,7 @@ __all__ = [
     "estimate_prompt_tokens",
     "expected_reasoning",
     "expected_response",
+    "expected_structured",
     "request_digest",
     "request_key",
     "serve",

@@ -10,9 +10,12 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from .structured import Output
 
 _TRIGGER_RE = re.compile(r"\[\[sim:([a-z_]+)(?:=([0-9]+))?\]\]")
 
@@ -126,6 +129,9 @@ class Triggers:
     fail_first: int = 0
     drop_first: int = 0
     slow_ms: int = 0
+    tool: bool = False
+    bad_json: bool = False
+    always_bad_json: bool = False
 
     @property
     def any_first(self) -> bool:
@@ -156,7 +162,23 @@ def parse_triggers(messages: list[dict[str, Any]]) -> Triggers | None:
             t.drop_first = n
         elif name == "slow":
             t.slow_ms = n
+        elif name == "tool":
+            t.tool = True
+        elif name == "bad_json":
+            t.bad_json = True
+        elif name == "always_bad_json":
+            t.always_bad_json = True
     return t
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One generated tool call; ids are ``call_<key>`` (OpenAI) / ``toolu_<key>``."""
+
+    name: str
+    arguments: str  # compact JSON text of ``input``
+    input: dict[str, Any]
+    key: str  # the request digest
 
 
 @dataclass(slots=True)
@@ -169,7 +191,8 @@ class Completion:
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
-    finish: str  # "stop" | "length" | "content_filter"
+    finish: str  # "stop" | "length" | "content_filter" | "tool_calls"
+    tool_call: ToolCall | None = None
 
 
 def make_completion(
@@ -181,9 +204,10 @@ def make_completion(
     cached_fraction: float,
     triggers: Triggers | None,
     prompt_tokens: int | None = None,
+    output: Output | None = None,
 ) -> Completion:
     """Build the deterministic answer for a prompt already passed through
-    :func:`normalize_messages`."""
+    :func:`normalize_messages`; ``output`` asks for JSON content or a tool call."""
     prompt = estimate_prompt_tokens(messages) if prompt_tokens is None else prompt_tokens
     cached = math.floor(prompt * cached_fraction)
     if triggers is not None and triggers.filter:
@@ -192,6 +216,14 @@ def make_completion(
     topic = _topic(messages)
     content = _answer_text(digest, topic)
     reasoning = _reasoning_text(digest, topic) if with_reasoning else None
+    reasoning_tokens = math.ceil(len(reasoning) / 4) if reasoning else 0
+    if output is not None:
+        content, tool = output.render(digest, content)
+        if tool is not None:
+            tokens = text_tokens(tool.arguments)
+            return Completion(
+                "", reasoning, prompt, tokens, reasoning_tokens, cached, "tool_calls", tool
+            )
     finish = "stop"
     if max_tokens is not None and max_tokens >= 0 and max_tokens < text_tokens(content):
         content = content[: max_tokens * 4]
@@ -200,7 +232,6 @@ def make_completion(
         content = content[: max(1, len(content) // 2)]
         finish = "length"
     completion = math.ceil(len(content) / 4) if finish == "length" else text_tokens(content)
-    reasoning_tokens = math.ceil(len(reasoning) / 4) if reasoning else 0
     return Completion(content, reasoning, prompt, completion, reasoning_tokens, cached, finish)
 
 

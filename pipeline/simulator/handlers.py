@@ -1,7 +1,8 @@
 """The completion flow shared by Chat Completions and Anthropic Messages.
 
-Order of checks: JSON body, key, model, required fields, concurrency slots, RPM/TPM,
-in-band ``[[sim:...]]`` triggers, random faults, latency, then the (paid) answer.
+Order of checks: JSON body, key, model, required fields (tool_choice included),
+concurrency slots, RPM/TPM, in-band ``[[sim:...]]`` triggers, random faults, latency,
+then the (paid) answer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .behaviour import (
 )
 from .behaviour import request_key as make_request_key
 from .ratelimit import Rejection, retry_headers
+from .structured import Output, OutputError, anthropic_output, openai_output
 
 if TYPE_CHECKING:
     from .server import Simulator
@@ -183,6 +185,20 @@ async def _write_stream(
     return resp
 
 
+def _maybe_invalid(sim: Simulator, output: Output, t: Triggers, key: str, truncate: bool) -> Output:
+    """``[[sim:always_bad_json]]``: always invalid; ``[[sim:bad_json]]``: invalid on the
+    first answered (not truncated) attempt of this exact request."""
+    if t.always_bad_json:
+        sim.stats_obj.faults["bad_json"] += 1
+        return output.invalid()
+    if t.bad_json and not truncate:
+        sim.json_attempts[key] += 1
+        if sim.json_attempts[key] == 1:
+            sim.stats_obj.faults["bad_json"] += 1
+            return output.invalid()
+    return output
+
+
 async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web.StreamResponse:
     cfg = sim.config
     body = await sim.read_body(request, anthropic)
@@ -219,6 +235,14 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         msgs = normalize_messages(messages)
         with_reasoning = cfg.reasoning_style != "none"
     stream = body.get("stream") is True
+    triggers = parse_triggers(msgs)
+    try:
+        if anthropic:
+            output = anthropic_output(body, triggers)
+        else:
+            output = openai_output(body, msgs, triggers)
+    except OutputError as exc:
+        raise E.Reject(sim.invalid(str(exc), anthropic, exc.param)) from None
 
     if cfg.max_concurrent is not None and sim.stats_obj.in_flight > cfg.max_concurrent:
         msg = f"Rate limit exceeded. Maximum {cfg.max_concurrent} queued requests allowed."
@@ -235,7 +259,6 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
             raise E.Reject(rate_limited(rej, model, anthropic, hdrs))
     headers = sim.limit_headers(anthropic, now)
 
-    triggers = parse_triggers(msgs)
     key = make_request_key(body)
     if triggers is not None:
         early = _triggered(sim, request, triggers, key, anthropic, prompt, headers)
@@ -252,8 +275,10 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
             return _fault_response(fault, request, anthropic, model)
 
     await sim.sleep(sim.latency_s(triggers))
-    c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt)
     truncate = fault == "truncate_stream"
+    if output is not None and triggers is not None:
+        output = _maybe_invalid(sim, output, triggers, key, truncate)
+    c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt, output)
     if not truncate:
         sim.stats_obj.paid(key, c)
 

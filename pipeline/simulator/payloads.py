@@ -27,11 +27,22 @@ def _pieces(text: str, size: int) -> Iterator[str]:
 # --- OpenAI Chat Completions --------------------------------------------------------
 
 
-def openai_content(c: Completion, reasoning_style: str) -> str:
-    """Message content as sent (with an inline ``<think>`` block for that style)."""
+def openai_content(c: Completion, reasoning_style: str) -> str | None:
+    """Message content as sent (with an inline ``<think>`` block for that style); None
+    for a tool call without such a block."""
     if reasoning_style == "think" and c.reasoning:
         return f"<think>{c.reasoning}</think>{c.content}"
+    if c.tool_call is not None:
+        return None
     return c.content
+
+
+def openai_tool_calls(c: Completion) -> list[dict[str, Any]]:
+    tc = c.tool_call
+    if tc is None:
+        return []
+    fn = {"name": tc.name, "arguments": tc.arguments}
+    return [{"id": f"call_{tc.key}", "type": "function", "function": fn}]
 
 
 def openai_usage(c: Completion, usage_style: str) -> dict[str, Any]:
@@ -67,6 +78,8 @@ def openai_response(
     }
     if c.reasoning and reasoning_style in ("reasoning_content", "reasoning"):
         message[reasoning_style] = c.reasoning
+    if c.tool_call is not None:
+        message["tool_calls"] = openai_tool_calls(c)
     return {
         "id": next_id("chatcmpl-"),
         "object": "chat.completion",
@@ -104,12 +117,20 @@ def openai_stream_events(
             obj["usage"] = None
         events.append(b"data: " + orjson.dumps(obj) + b"\n\n")
 
-    chunk({"role": "assistant", "content": ""})
+    content = openai_content(c, reasoning_style)
+    chunk({"role": "assistant", "content": "" if c.tool_call is None else None})
     if c.reasoning and reasoning_style in ("reasoning_content", "reasoning"):
         for piece in _pieces(c.reasoning, chunk_chars):
             chunk({"content": None, reasoning_style: piece})
-    for piece in _pieces(openai_content(c, reasoning_style), chunk_chars):
+    for piece in _pieces(content or "", chunk_chars):
         chunk({"content": piece})
+    tc = c.tool_call
+    if tc is not None:
+        fn = {"name": tc.name, "arguments": ""}
+        call = {"index": 0, "id": f"call_{tc.key}", "type": "function", "function": fn}
+        chunk({"tool_calls": [call]})
+        for piece in _pieces(tc.arguments, chunk_chars):
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
     chunk({}, c.finish)
     if include_usage:
         obj = {
@@ -128,7 +149,12 @@ def openai_stream_events(
 
 # --- Anthropic Messages ---------------------------------------------------------------
 
-_STOP = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}
+_STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "content_filter": "refusal",
+    "tool_calls": "tool_use",
+}
 
 
 def anthropic_usage(c: Completion) -> dict[str, Any]:
@@ -144,7 +170,13 @@ def anthropic_response(c: Completion, model: str) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = []
     if c.reasoning:
         blocks.append({"type": "thinking", "thinking": c.reasoning, "signature": "sig"})
-    blocks.append({"type": "text", "text": c.content})
+    tc = c.tool_call
+    if tc is not None:
+        blocks.append(
+            {"type": "tool_use", "id": f"toolu_{tc.key}", "name": tc.name, "input": tc.input}
+        )
+    else:
+        blocks.append({"type": "text", "text": c.content})
     return {
         "id": next_id("msg_"),
         "type": "message",
@@ -200,10 +232,20 @@ def anthropic_stream_events(c: Completion, model: str, chunk_chars: int) -> list
         deltas.append({"type": "signature_delta", "signature": "sig"})
         block({"type": "thinking", "thinking": "", "signature": ""}, deltas)
         index += 1
-    block(
-        {"type": "text", "text": ""},
-        [{"type": "text_delta", "text": p} for p in _pieces(c.content, chunk_chars)],
-    )
+    tc = c.tool_call
+    if tc is not None:
+        block(
+            {"type": "tool_use", "id": f"toolu_{tc.key}", "name": tc.name, "input": {}},
+            [
+                {"type": "input_json_delta", "partial_json": p}
+                for p in _pieces(tc.arguments, chunk_chars)
+            ],
+        )
+    else:
+        block(
+            {"type": "text", "text": ""},
+            [{"type": "text_delta", "text": p} for p in _pieces(c.content, chunk_chars)],
+        )
     ev.append(
         _sse(
             "message_delta",

@@ -22,6 +22,7 @@ from .behaviour import (
 from .config import FAULT_KINDS, SimulatorConfig
 from .handlers import Dropped, complete
 from .ratelimit import RateLimiter
+from .structured import Output
 
 MODEL_CREATED = 1700000000
 NO_RESPONSE = 0  # by_status key for connections closed without an answer
@@ -93,6 +94,7 @@ class Simulator:
         self._config = config or SimulatorConfig()
         self.stats_obj = Stats()
         self.attempts: defaultdict[str, int] = defaultdict(int)
+        self.json_attempts: defaultdict[str, int] = defaultdict(int)
         self._apply(self._config, first=True)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -123,11 +125,13 @@ class Simulator:
         return self.stats_obj.snapshot(full)
 
     def reset(self) -> None:
-        """Zero the stats, the fail_first/drop_first attempt counters and the limits."""
+        """Zero the stats, the fail_first/drop_first/bad_json attempt counters and the
+        limits."""
         in_flight = self.stats_obj.in_flight
         self.stats_obj = Stats()
         self.stats_obj.in_flight = in_flight
         self.attempts.clear()
+        self.json_attempts.clear()
         cfg = self._config
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm, cfg.limit_window, time.time())
 
@@ -329,6 +333,7 @@ class Simulator:
         with_reasoning: bool,
         triggers: Triggers | None,
         prompt_tokens: int | None = None,
+        output: Output | None = None,
     ) -> Completion:
         return make_completion(
             model,
@@ -338,6 +343,7 @@ class Simulator:
             cached_fraction=self._config.cached_fraction,
             triggers=triggers,
             prompt_tokens=prompt_tokens,
+            output=output,
         )
 
     def limit_headers(self, anthropic: bool, now: float) -> dict[str, str] | None:
