@@ -39,7 +39,10 @@ def test_example_job_runs(project: Path, name: str) -> None:
     assert result.returncode == 0, result.stderr
     spec = load_spec(project / "jobs" / name)
     out = pl.read_parquet(project / spec.output_path)
-    assert out.columns[-len(OUTPUT_COLUMNS) :] == list(OUTPUT_COLUMNS)
+    start = out.columns.index("response")
+    assert out.columns[start : start + len(OUTPUT_COLUMNS)] == list(OUTPUT_COLUMNS)
+    if spec.output.schema_:
+        assert out.columns[-len(spec.output.schema_) :] == list(spec.output.schema_)
     assert out["error"].null_count() == out.height > 0
 
 
