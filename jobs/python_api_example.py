@@ -1,6 +1,6 @@
 """DataFrame in, DataFrame out: the Python API on the bundled simulator.
 
-    .venv/bin/python jobs/python_api_example.py
+.venv/bin/python jobs/python_api_example.py
 """
 
 import polars as pl

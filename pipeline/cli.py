@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -81,18 +82,49 @@ def run(
 
 
 def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
+    from pipeline.report import OutputStats
+
     totals = summary.totals
-    rerun = f"pipeline run {job}" + (f" --output {output}" if output else "")
+    rerun = f"pipeline run {shlex.quote(str(job))}" + (
+        f" --output {shlex.quote(str(output))}" if output else ""
+    )
+    stats = OutputStats.read(summary.output_path) if summary.output_path is not None else None
     lines = [
         f"rows: {summary.rows} ({summary.reused} reused from earlier runs, "
         f"{summary.sent} sent this run, {summary.run_failed} failed this run)",
-        f"tokens (all finished rows): {totals.prompt_tokens} in, {totals.output_tokens} out, "
-        f"{totals.reasoning_tokens} reasoning",
-        f"cost: ${summary.run_cost:.6f} this run, ${totals.cost_usd:.6f} all finished rows",
-        f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
-        f"to last answer; retries {summary.outcome.retries}, "
-        f"rate limited {summary.outcome.rate_limited}",
     ]
+    if stats is not None:
+        failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
+        lines.append(
+            f"results: {stats.rows - stats.failed_rows} ok, {stats.failed_rows} failed"
+            + (f" ({failed})" if failed else "")
+        )
+        lines.append(
+            f"tokens (this output): {stats.prompt_tokens:,} in, {stats.output_tokens:,} out, "
+            f"{stats.reasoning_tokens:,} reasoning, {stats.cached_tokens:,} cached"
+        )
+    else:
+        lines.append(
+            f"finished so far: {totals.rows - totals.failed} ok, {totals.failed} failed; "
+            f"tokens {totals.prompt_tokens:,} in, {totals.output_tokens:,} out, "
+            f"{totals.reasoning_tokens:,} reasoning"
+        )
+    lines.append(
+        f"cost: ${summary.run_cost:.6f} this run, ${totals.cost_usd:.6f} all finished rows"
+    )
+    lines.append(
+        f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
+        f"to last answer"
+    )
+    if stats is not None and stats.latency:
+        lines.append(
+            "latency (final attempts): "
+            + ", ".join(f"{name} {value:.2f}s" for name, value in stats.latency.items())
+        )
+    lines.append(
+        f"requests this run: {summary.outcome.retries} retries, "
+        f"{summary.outcome.rate_limited} rate limited (429)"
+    )
     if summary.fatal is not None:
         lines.append(
             f"stopped: {summary.fatal.describe()}\n"
@@ -101,12 +133,15 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
     elif summary.outcome.interrupted:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
     elif summary.output_path is not None:
+        where = shlex.quote(str(summary.output_path))
         lines.append(f"output: {summary.output_path}")
-        if totals.failed:
+        if totals.failed or (stats is not None and stats.failed_rows):
+            count = stats.failed_rows if stats is not None else totals.failed
             lines.append(
-                f"{totals.failed} row(s) ended in error; see the `error` column, "
-                f"or send them again with `{rerun} --retry-failed`"
+                f"{count} row(s) ended in error: `pipeline show {where} --errors` lists them; "
+                f"`{rerun} --retry-failed` sends them again"
             )
+        lines.append(f"report: `pipeline report {where}` writes charts and sample rows to HTML")
     click.echo("\n".join(lines), err=True)
 
 
@@ -163,6 +198,76 @@ def simulate(host: str, port: int, config: Path | None) -> None:
 
     settings = SimulatorConfig.from_yaml(config) if config else SimulatorConfig()
     serve(settings, host=host, port=port)
+
+
+@main.command()
+@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    "destination",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the HTML (default: beside the output, <output stem>.report.html).",
+)
+def report(target: Path, destination: Path | None) -> None:
+    """Write an HTML report of a run: charts, summary and sample rows, viewable offline.
+
+    TARGET is a job YAML or a results .parquet; the run log beside the output
+    (<output>.run/events.jsonl) adds the charts over time when it is there.
+    """
+    from pipeline.report import locate, write_report
+
+    try:
+        with locate(target) as found:
+            written = write_report(found, destination or found.default_report)
+    except (SpecError, OSError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    for note in written.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {written.path} ({written.charts} charts)")
+
+
+@main.command()
+@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--errors", "errors_only", is_flag=True, help="Only the rows that ended in error.")
+@click.option("--id", "row_id", help="Only the row with this id (or row number).")
+@click.option("--id-column", help="The column --id refers to (default: the job's id column).")
+@click.option("--columns", default="", help="Input columns to show too, comma-separated.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="At most N rows; 0 shows all.",
+)
+def show(
+    target: Path,
+    errors_only: bool,
+    row_id: str | None,
+    id_column: str | None,
+    columns: str,
+    limit: int,
+) -> None:
+    """Print the rows of a results .parquet (or a job YAML's output) readably.
+
+    Each row: a header (id, status, tokens, cost, latency, attempts), then its
+    error, the --columns asked for, and its reasoning and response, wrapped.
+    """
+    from pipeline.report import locate
+    from pipeline.show import ShowError, ShowOptions, render_rows
+
+    options = ShowOptions(
+        errors_only=errors_only,
+        row_id=row_id,
+        id_column=id_column,
+        columns=tuple(c.strip() for c in columns.split(",") if c.strip()),
+        limit=limit,
+    )
+    try:
+        with locate(target) as found:
+            for block in render_rows(found, options):
+                click.echo(block)
+    except (SpecError, ShowError, OSError) as exc:
+        _fail(str(exc), EXIT_INVALID)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -10,6 +11,16 @@ from tqdm import tqdm
 from tqdm.auto import tqdm as notebook_tqdm
 
 LOG_EVERY_S = 10.0
+LOG_EVERY_ENV = "PIPELINE_PROGRESS_EVERY_S"  # overrides LOG_EVERY_S (seconds) when set
+
+
+def log_interval() -> float:
+    """Seconds between progress lines when not in a terminal: LOG_EVERY_S or the env override."""
+    try:
+        value = float(os.environ.get(LOG_EVERY_ENV, ""))
+    except ValueError:
+        return LOG_EVERY_S
+    return value if value >= 0 else LOG_EVERY_S
 
 
 class Progress:
@@ -27,6 +38,7 @@ class Progress:
         self.interactive = enabled and (notebook or self.stream.isatty())
         self._started = time.monotonic()
         self._last_log = self._started
+        self._log_every = log_interval()
         self._done = 0
         bar = notebook_tqdm if notebook else tqdm
         self._bar = (
@@ -45,7 +57,7 @@ class Progress:
             self._bar.update(done - self._bar.n)
             return
         now = time.monotonic()
-        if self.enabled and now - self._last_log >= LOG_EVERY_S:
+        if self.enabled and now - self._last_log >= self._log_every:
             self._last_log = now
             self._log(now, status)
 

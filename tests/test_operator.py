@@ -1,0 +1,176 @@
+"""What an operator sees: progress lines when not in a terminal, and never an API key.
+
+The key checks run the real CLI against a server, let the run fail in a way that
+could carry the key back (a rejected key, a 5xx body that echoes the request, a
+dropped connection), then look for the key in every byte the run left behind: the
+run directory (events.jsonl, the SQLite checkpoint and its WAL), the output, the
+report, `pipeline show`, and the commands' stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from conftest import SIM_KEY, make_job, reviews, run_cli
+
+from pipeline.simulator import RunningSimulator
+
+LEAKY_KEY = "sk-leak-test-9d8c7b6a5f4e3d2c1b0a"
+
+
+def test_progress_lines_appear_periodically_when_not_a_terminal(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(latency_ms=(60.0, 80.0))
+    reviews(60).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=2)
+
+    result = run_cli("run", str(job), cwd=tmp_path, PIPELINE_PROGRESS_EVERY_S="0.2")
+
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
+    assert len(lines) >= 3, result.stderr
+    done = [int(m.group(1)) for m in map(re.compile(r"progress: (\d+)/60 rows").match, lines) if m]
+    assert len(done) == len(lines) and done == sorted(done), lines
+    assert all("rows/s" in line and "left" in line for line in lines)
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """A careless server: every answer is a 500 whose message echoes the whole request."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0)).decode()
+        message = f"internal error handling {body} with headers {dict(self.headers)}"
+        payload = json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
+        self.send_response(500)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("x-echo-authorization", self.headers.get("authorization", ""))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def echo_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def assert_key_nowhere(key: str, workdir: Path, *outputs: str) -> None:
+    for text in outputs:
+        assert key not in text
+    needle = key.encode()
+    files = [p for p in workdir.rglob("*") if p.is_file()]
+    assert any(p.name == "events.jsonl" for p in files), "the run must have left a log"
+    assert any(p.name == "checkpoint.sqlite" for p in files)
+    for path in files:
+        assert needle not in path.read_bytes(), f"the API key is in {path.relative_to(workdir)}"
+
+
+def failing_rows() -> pl.DataFrame:
+    return reviews(6).with_columns(
+        pl.when(pl.col("review_id").is_in(["R001", "R004"]))
+        .then(pl.lit("broken [[sim:status=500]]"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+
+
+def run_report_and_show(workdir: Path, key: str) -> list[str]:
+    report = run_cli("report", "test-job.yaml", cwd=workdir, key=key)
+    assert report.returncode == 0, report.stderr
+    show = run_cli("show", "test-job.yaml", "--limit", "0", cwd=workdir, key=key)
+    assert show.returncode == 0, show.stderr
+    return [report.stdout, report.stderr, show.stdout, show.stderr]
+
+
+def test_a_rejected_key_appears_nowhere(tmp_path: Path, simulator: RunningSimulator) -> None:
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=2)
+
+    result = run_cli("run", str(job), cwd=tmp_path, key=LEAKY_KEY)
+
+    assert result.returncode == 3, result.stderr
+    assert "authentication_error" in result.stderr
+    # No output yet: the report and show read the rows finished so far.
+    seen = run_report_and_show(tmp_path, LEAKY_KEY)
+    assert (tmp_path / "out" / "result.report.html").exists()
+    assert_key_nowhere(LEAKY_KEY, tmp_path, result.stdout, result.stderr, *seen)
+
+
+def test_a_key_sent_in_the_body_stays_out_of_5xx_failures(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    """ModelsLab's preset puts the key in the JSON body as well as the header."""
+    failing_rows().write_csv(tmp_path / "reviews.csv")
+    job = make_job(
+        tmp_path,
+        simulator,
+        model__provider="modelslab",
+        model__base_url=f"{simulator.url}/api/v7/llm",
+        limits__max_attempts=2,
+    )
+
+    result = run_cli("run", str(job), cwd=tmp_path, key=SIM_KEY)
+
+    assert result.returncode == 1, result.stderr
+    assert "server_error 2" in result.stderr
+    seen = run_report_and_show(tmp_path, SIM_KEY)
+    assert_key_nowhere(SIM_KEY, tmp_path, result.stdout, result.stderr, *seen)
+
+
+@pytest.mark.parametrize("provider", ["openai", "modelslab"])
+def test_a_server_that_echoes_the_request_in_its_errors_leaks_no_key(
+    tmp_path: Path, provider: str
+) -> None:
+    reviews(4).write_csv(tmp_path / "reviews.csv")
+    with echo_server() as url:
+        base = f"{url}/v1" if provider == "openai" else f"{url}/api/v7/llm"
+        job = make_job(
+            tmp_path,
+            None,
+            model__provider=provider,
+            model__base_url=base,
+            limits__max_attempts=2,
+        )
+        result = run_cli("run", str(job), cwd=tmp_path, key=LEAKY_KEY)
+
+    assert result.returncode == 1, result.stderr
+    errors = pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].to_list()
+    assert all(e is not None and e.startswith("server_error (HTTP 500)") for e in errors)
+    assert any("internal error handling" in e and "***" in e for e in errors), "redacted echo"
+    seen = run_report_and_show(tmp_path, LEAKY_KEY)
+    assert_key_nowhere(LEAKY_KEY, tmp_path, result.stdout, result.stderr, *seen)
+
+
+def test_a_dropped_connection_leaks_no_key(tmp_path: Path, simulator: RunningSimulator) -> None:
+    simulator.configure(drop_connection=1.0)
+    reviews(4).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__max_attempts=1)
+
+    result = run_cli("run", str(job), cwd=tmp_path, key=SIM_KEY)
+
+    assert result.returncode == 1, result.stderr
+    errors = pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].to_list()
+    assert all(e is not None for e in errors)
+    seen = run_report_and_show(tmp_path, SIM_KEY)
+    assert_key_nowhere(SIM_KEY, tmp_path, result.stdout, result.stderr, *seen)

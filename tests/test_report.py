@@ -1,0 +1,164 @@
+"""`pipeline report`: the real CLI on a real run, and the HTML opened in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import SIM_KEY, make_job, reviews, run_cli
+
+from pipeline.simulator import RunningSimulator, SimulatorConfig
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHARTS_WITH_LOG = 5  # throughput, in flight, errors over time, latency, tokens and cost
+CHARTS_WITHOUT_LOG = 2  # latency, tokens and cost
+NASTY = "<script>alert('x')</script> & <b>bold</b>"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, _shared_simulator: RunningSimulator) -> Path:
+    """A finished run of 40 rows: two fail (a 400 with HTML in its text, a 500), one is retried.
+
+    One run for the module: the tests only read it.
+    """
+    simulator = _shared_simulator
+    simulator.configure(**SimulatorConfig(api_key=SIM_KEY, latency_ms=(5, 30)).model_dump())
+    simulator.reset()
+    workdir = tmp_path_factory.mktemp("report")
+    data = reviews(40).with_columns(
+        pl.when(pl.col("review_id") == "R002")
+        .then(pl.lit(f"{NASTY} [[sim:status=400]]"))
+        .when(pl.col("review_id") == "R005")
+        .then(pl.lit("broken [[sim:status=500]]"))
+        .when(pl.col("review_id") == "R007")
+        .then(pl.lit("flaky [[sim:fail_first=1]]"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    data.write_csv(workdir / "reviews.csv")
+    job = make_job(workdir, simulator, limits__max_attempts=2, limits__concurrency=4)
+    result = run_cli("run", str(job), cwd=workdir)
+    assert result.returncode == 1, result.stderr
+    return workdir
+
+
+def charts_in(page: str) -> list[str]:
+    return re.findall(r"<svg\b[^>]*>", page)
+
+
+def test_report_from_a_job_writes_one_self_contained_html(finished: Path) -> None:
+    result = run_cli("report", "test-job.yaml", cwd=finished)
+
+    assert result.returncode == 0, result.stderr
+    path = finished / "out" / "result.report.html"
+    assert f"wrote {Path('out') / 'result.report.html'} (5 charts)" in result.stdout
+    page = path.read_text()
+    assert len(charts_in(page)) == CHARTS_WITH_LOG
+    # Nothing to fetch: no scripts, stylesheets or images from anywhere else.
+    assert not re.search(r"<(script|link|iframe)\b", page)
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
+    # The summary: rows by error class, retries and the other facts.
+    for fact in ("bad_request", "server_error", "tokens cached", "latency p99", "429s"):
+        assert fact in page
+    assert re.search(r"<th>retries</th><td>2</td>", page), "R005 once, R007 once, R002 never"
+    # Sample rows: failing first, the row's text escaped, never interpreted.
+    assert page.index("R002 · row 2") < page.index("R005 · row 5") < page.index("R000 · row 0")
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;" in page
+    assert "<script>alert" not in page
+
+
+def test_report_from_a_parquet_without_its_run_log_skips_the_time_charts(finished: Path) -> None:
+    alone = finished / "copied"
+    alone.mkdir(exist_ok=True)
+    shutil.copy(finished / "out" / "result.parquet", alone / "results.parquet")
+
+    result = run_cli("report", "copied/results.parquet", "--to", "elsewhere/r.html", cwd=finished)
+
+    assert result.returncode == 0, result.stderr
+    assert "events.jsonl" in result.stderr, "say why the time-series charts are missing"
+    page = (finished / "elsewhere" / "r.html").read_text()
+    assert len(charts_in(page)) == CHARTS_WITHOUT_LOG
+    assert "No run log (events.jsonl)" in page
+    assert "R002 · row 2" not in page, "a bare Parquet has no known id column in the report"
+    assert "row 2" in page
+
+
+def test_report_of_a_missing_file_is_an_argument_error(finished: Path) -> None:
+    result = run_cli("report", "nothing.parquet", cwd=finished)
+
+    assert result.returncode == 2
+    assert "nothing.parquet" in result.stderr
+
+
+def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={cwd / 'chromium-profile'}",
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)"
+)
+def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> None:
+    made = run_cli("report", "test-job.yaml", "--to", str(tmp_path / "r.html"), cwd=finished)
+    assert made.returncode == 0, made.stderr
+    page = (tmp_path / "r.html").read_text()
+    # Record each chart's laid-out size in the DOM, to read it back from --dump-dom.
+    probe = (
+        "<script>for (const s of document.querySelectorAll('figure svg')) {"
+        "const r = s.getBoundingClientRect();"
+        "s.setAttribute('data-drawn', Math.round(r.width) + 'x' + Math.round(r.height));}"
+        "</script></body>"
+    )
+    (tmp_path / "probe.html").write_text(page.replace("</body>", probe))
+
+    dom = chromium("--dump-dom", (tmp_path / "probe.html").as_uri(), cwd=tmp_path)
+
+    assert dom.returncode == 0, dom.stderr
+    svgs = charts_in(dom.stdout)
+    assert len(svgs) == CHARTS_WITH_LOG
+    for tag in svgs:
+        width, height = (float(v) for v in re.findall(r'\b(?:width|height)="([\d.]+)pt"', tag))
+        assert width > 0 and height > 0, tag
+        drawn = re.search(r'data-drawn="(\d+)x(\d+)"', tag)
+        assert drawn, tag
+        assert int(drawn.group(1)) >= 500 and int(drawn.group(2)) >= 150, tag
+
+    shot = tmp_path / "shot.png"
+    taken = chromium(
+        f"--screenshot={shot}",
+        "--window-size=1200,3000",
+        (tmp_path / "r.html").as_uri(),
+        cwd=tmp_path,
+    )
+
+    assert taken.returncode == 0, taken.stderr
+    assert shot.stat().st_size > 100_000
+    from matplotlib.image import imread
+
+    pixels = imread(shot)[:, :, :3]  # floats in [0, 1]
+    ink = (pixels < 0.9).any(axis=2).mean()
+    assert ink > 0.05, f"the page is almost blank ({ink:.1%} of pixels drawn)"
+    bars = np.abs(pixels - np.array([0x3B, 0x6F, 0xB6]) / 255).max(axis=2) < 0.08
+    assert bars.mean() > 0.01, "the charts' blue bars are not on the page"
