@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import PipelineError, SpecError
+from pipeline.estimate import Estimate
 from pipeline.runner import (
     EXIT_INVALID,
     EXIT_STOPPED,
@@ -268,6 +269,88 @@ def show(
                 click.echo(block)
     except (SpecError, ShowError, OSError) as exc:
         _fail(str(exc), EXIT_INVALID)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option(
+    "--sample",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Run the first N rows for real (paid, and kept for the full run) to measure output.",
+)
+@click.option("--limit", type=click.IntRange(min=0), help="Estimate only the first N rows.")
+def estimate(job: Path, sample: int, limit: int | None) -> None:
+    """Estimate JOB's tokens, cost and time. Sends no completion unless --sample is given."""
+    import anyio
+
+    from pipeline.estimate import estimate as make_estimate
+
+    try:
+        prepared = prepare(job, limit=limit, read_key=True if sample else "if_set")
+        report = anyio.run(lambda: make_estimate(prepared, sample=sample))
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except PipelineError as exc:
+        _fail(str(exc), EXIT_STOPPED)
+    click.echo(_describe_estimate(report))
+
+
+def _describe_estimate(report: Estimate) -> str:
+    def money(value: float | None) -> str:
+        return "unknown (no price for this model)" if value is None else f"${value:,.4f}"
+
+    lines = [
+        f"rows: {report.rows}",
+        f"input tokens: {report.input_tokens:,} ({report.counted_with})",
+        f"output tokens: at most {report.max_output_per_row:,} a row "
+        f"({report.rows * report.max_output_per_row:,} in all, the worst case)",
+    ]
+    if report.output_per_row is not None:
+        lines.append(
+            f"measured on {report.sample_rows} sampled row(s): {report.output_per_row:,.0f} "
+            f"output tokens a row, {report.reasoning_per_row or 0:,.0f} of them reasoning, "
+            f"{report.latency_s or 0:.2f}s latency"
+        )
+        lines.append(f"expected cost: {money(report.cost_expected)}")
+    lines.append(
+        f"cost range: {money(report.cost_input)} (input only) to {money(report.cost_worst)} "
+        "(every reply at max_tokens)"
+    )
+    wall = f"about {report.wall_s:,.0f}s" if report.wall_s is not None else "unknown"
+    lines.append(f"time at the configured limits: {wall} ({report.wall_basis})")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--provider", "provider_name", required=True, help="A preset name, e.g. openai.")
+@click.option("--base-url", help="Overrides the preset's base URL.")
+@click.option("--api-key-env", help="Overrides the preset's key variable.")
+def models(provider_name: str, base_url: str | None, api_key_env: str | None) -> None:
+    """List the models a provider serves (GET /v1/models)."""
+    import anyio
+
+    from pipeline.config import resolve_provider
+    from pipeline.http import HttpClient
+    from pipeline.providers import create_provider
+    from pipeline.spec import ModelSpec
+
+    fields: dict[str, object] = {"provider": provider_name, "model": "-", "base_url": base_url}
+    if api_key_env is not None:
+        fields["api_key_env"] = api_key_env or None
+
+    async def listing() -> list[str]:
+        settings = resolve_provider(ModelSpec.model_validate(fields))
+        async with HttpClient(4, 30.0) as client:
+            return await create_provider(settings, client).list_models()
+
+    try:
+        names = anyio.run(listing)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except PipelineError as exc:
+        _fail(str(exc), EXIT_STOPPED)
+    click.echo("\n".join(sorted(names)))
 
 
 if __name__ == "__main__":

@@ -124,9 +124,13 @@ def resolve_price(model: ModelSpec) -> Price | None:
 
 
 def resolve_provider(
-    model: ModelSpec, *, read_key: bool = True, schema: OutputSchema | None = None
+    model: ModelSpec,
+    *,
+    read_key: bool | Literal["if_set"] = True,
+    schema: OutputSchema | None = None,
 ) -> ProviderSettings:
-    """Merge preset and job; with `read_key`, require the key variable to be set."""
+    """Merge preset and job; with `read_key`, require the key variable to be set
+    ("if_set": use it when it is, for calls that can do without)."""
     preset = load_preset(model.provider)
     # An explicit `api_key_env: null` means "this server needs no key".
     explicit = "api_key_env" in model.model_fields_set
@@ -134,7 +138,7 @@ def resolve_provider(
     api_key = None
     if key_env and read_key:
         api_key = os.environ.get(key_env)
-        if not api_key:
+        if not api_key and read_key != "if_set":
             raise SpecError(
                 f"model.api_key_env: environment variable {key_env} is not set; "
                 f"export {key_env}=<your key> (provider '{model.provider}' needs a key)"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from pipeline.errors import ProviderError
 from pipeline.http import HttpClient
 from pipeline.plan import max_reply_tokens, rendered_rows
 from pipeline.providers import Provider, create_provider
@@ -76,7 +77,11 @@ async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
 
 
 async def _count(provider: Provider, rows: list[list[Message]]) -> list[int] | None:
-    if not rows or (first := await provider.count_tokens(rows[0])) is None:
+    try:
+        first = await provider.count_tokens(rows[0]) if rows else None
+    except ProviderError:
+        return None  # best effort (no key set, say): the offline estimate stands
+    if first is None:
         return None  # this provider has no endpoint for it
     counts = [first] + [0] * (len(rows) - 1)
     limiter = anyio.CapacityLimiter(COUNT_CONCURRENCY)

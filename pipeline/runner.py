@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import anyio
 
@@ -99,7 +100,7 @@ def prepare(
     *,
     output: str | Path | None = None,
     limit: int | None = None,
-    read_key: bool = True,
+    read_key: bool | Literal["if_set"] = True,
 ) -> PreparedJob:
     """Load and check everything a run needs; raises SpecError naming the problem."""
     spec = job if isinstance(job, JobSpec) else load_spec(job)
