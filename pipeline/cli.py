@@ -5,11 +5,14 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+if TYPE_CHECKING:
+    from pipeline.estimate import Estimate
+
 from pipeline.errors import PipelineError, SpecError
-from pipeline.estimate import Estimate
 from pipeline.runner import (
     EXIT_INVALID,
     EXIT_STOPPED,

@@ -14,8 +14,6 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 
 from pipeline.errors import SchemaViolation, SpecError
 
@@ -61,6 +59,11 @@ class OutputSchema:
     """A validated schema: how to ask for it, how to check answers, which columns to write."""
 
     def __init__(self, raw: dict[str, Any]) -> None:
+        # Imported here: jsonschema costs a noticeable share of start-up, and most jobs
+        # have no schema.
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
         self.schema = normalize(raw)
         try:
             Draft202012Validator.check_schema(self.schema)
