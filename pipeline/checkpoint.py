@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS results (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_LOOKUP_CHUNK = 900  # under SQLite's historical limit of 999 bound parameters
+# Under SQLite's limit of bound parameters (32,766 since 3.32; 999 before).
+_LOOKUP_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class Checkpoint:
         self.since = time.time()
         self.set_meta("fresh_since", repr(self.since))
         self.set_meta("output_stamp", "")
+        self.set_meta("plan_cursor", "0")
 
     def _connect(self) -> sqlite3.Connection:
         # The writer runs in worker threads, one call at a time; the reader on the loop.
@@ -106,11 +108,11 @@ class Checkpoint:
         connection.execute("PRAGMA busy_timeout=10000")
         return connection
 
-    def write(self, results: Iterable[RowResult]) -> None:
-        """Commit a batch of finished rows atomically."""
+    def write(self, results: Iterable[RowResult], meta: dict[str, str] | None = None) -> None:
+        """Commit a batch of finished rows (and any meta values) atomically."""
         now = time.time()
         rows = [_row(result, now) for result in results]
-        if not rows:
+        if not rows and not meta:
             return
         columns = ("row_key", "request_hash", *RESULT_FIELDS, *EXTRA_FIELDS, "finished_at")
         statement = (
@@ -120,6 +122,8 @@ class Checkpoint:
         with self._writer:
             self._writer.execute("BEGIN")
             self._writer.executemany(statement, rows)
+            for name, value in (meta or {}).items():
+                self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         """Which of these rows already have a result, and for which request."""

@@ -83,9 +83,14 @@ class InputTable:
                 f"but {rows - stats['unique_ids']} value(s) repeat, e.g. {shown}"
             )
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[pl.DataFrame]:
-        """Yield the input in order, `batch_size` rows at a time, at most `limit` rows."""
+    def batches(
+        self, batch_size: int, limit: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[pl.DataFrame]:
+        """Yield the input in order, `batch_size` rows at a time: the first `limit` rows,
+        or rows `start` to `stop` of those."""
         scan = self._scan if limit is None else self._scan.head(limit)
+        if start or stop is not None:
+            scan = scan.slice(start, None if stop is None else max(0, stop - start))
         for batch in scan.collect_batches(chunk_size=batch_size):
             if batch.height:
                 yield batch

@@ -15,7 +15,7 @@ from pipeline.render import PromptRenderer, estimate_prompt_tokens
 from pipeline.types import ChatRequest, Message, RowResult
 
 READ_BATCH_ROWS = 10_000
-RENDER_CHUNK_ROWS = 500
+RENDER_CHUNK_ROWS = 2000
 
 
 @dataclass
@@ -28,19 +28,32 @@ class WorkPlan:
     limit: int | None = None
     retry_failed: bool = False
     request_extra: Any = None
+    start_at: int = 0
     reused: int = 0
     planned: int = 0
+    cursor: int = 0
 
     def requests(self) -> Iterator[ChatRequest | RowResult]:
-        """Every row that needs work, in input order; render failures come as results.
+        """Every row that needs work; render failures come as results.
 
         Lazy: rows are read, looked up and rendered only as workers ask for them.
+        Rows from `start_at` (where an interrupted run's planning had got to) come
+        first, then the rows before it: a resumed run sends its first request at
+        once instead of first checking every row the last run finished. `cursor`
+        says how far the first pass has got, for the next resume.
         """
+        yield from self._requests_between(self.start_at, None, track=True)
+        if self.start_at:
+            yield from self._requests_between(0, self.start_at, track=False)
+
+    def _requests_between(
+        self, start: int, stop: int | None, *, track: bool
+    ) -> Iterator[ChatRequest | RowResult]:
         max_tokens = _max_tokens(self.params)
         digest = self.renderer.request_hasher(self.model, self.params, self.request_extra)
         variables = list(self.renderer.variables)
-        offset = 0
-        for batch in self.table.batches(READ_BATCH_ROWS, self.limit):
+        offset = start
+        for batch in self.table.batches(READ_BATCH_ROWS, self.limit, start, stop):
             for chunk in batch.iter_slices(RENDER_CHUNK_ROWS):
                 keys = row_keys(chunk, offset, self.table.id_column)
                 rows = chunk.select(variables).rows() if variables else [()] * chunk.height
@@ -51,8 +64,12 @@ class WorkPlan:
                         self.reused += 1
                         continue
                     self.planned += 1
+                    if track:
+                        self.cursor = offset + i
                     yield self._request(offset + i, key, values, request_hash, max_tokens)
                 offset += chunk.height
+                if track:
+                    self.cursor = offset
 
     def tally(self) -> tuple[int, int, int]:
         """(finished ok, finished with an error, still to send) for the current requests."""

@@ -132,6 +132,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         job.limit,
         retry_failed=retry_failed,
         request_extra=job.request_extra,
+        start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
     )
 
 
@@ -237,12 +238,14 @@ async def _pump(
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
     log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
 
-    def commit(batch: list[RowResult], lines: list[bytes]) -> None:
-        checkpoint.write(batch)
+    def commit(batch: list[RowResult], lines: list[bytes], cursor: int) -> None:
+        # Every row before the cursor was planned, so at most the rows in flight there
+        # are unfinished: a resume starts at the cursor and sends its first request at once.
+        checkpoint.write(batch, {"plan_cursor": str(cursor)})
         log.write(lines)
 
     async def record(batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(commit, batch, log.take())
+        await anyio.to_thread.run_sync(commit, batch, log.take(), plan.cursor)
         for result in batch:
             if options.on_result is not None:
                 options.on_result(result)
