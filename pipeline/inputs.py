@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipeline.errors import SpecError
 
@@ -55,7 +56,7 @@ class InputTable:
             ids = pl.col(self.id_column)
             checks += [ids.null_count().alias("null_ids"), ids.n_unique().alias("unique_ids")]
         try:
-            stats = self._scan.select(checks).collect().row(0, named=True)
+            stats = self._scan.select(checks).collect(engine="streaming").row(0, named=True)
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise SpecError(f"input.path: cannot read {self.pattern}: {_short(exc)}") from None
         rows = int(stats["rows"])
@@ -88,12 +89,38 @@ class InputTable:
     ) -> Iterator[pl.DataFrame]:
         """Yield the input in order, `batch_size` rows at a time: the first `limit` rows,
         or rows `start` to `stop` of those."""
-        scan = self._scan if limit is None else self._scan.head(limit)
-        if start or stop is not None:
-            scan = scan.slice(start, None if stop is None else max(0, stop - start))
+        end = stop if limit is None else min(limit, stop if stop is not None else limit)
+        if self.format == "parquet":
+            yield from self._parquet_batches(batch_size, start, end)
+            return
+        scan = self._scan.slice(start, None if end is None else max(0, end - start))
         for batch in scan.collect_batches(chunk_size=batch_size):
             if batch.height:
                 yield batch
+
+    def _parquet_batches(
+        self, batch_size: int, start: int, end: int | None
+    ) -> Iterator[pl.DataFrame]:
+        # pyarrow reads one row group at a time and waits for the consumer; polars'
+        # collect_batches reads ahead without bound, which holds the whole input in memory.
+        position = 0
+        for path in self.paths:
+            source = pq.ParquetFile(path)
+            for group in range(source.metadata.num_row_groups):
+                rows = source.metadata.row_group(group).num_rows
+                if position + rows <= start:
+                    position += rows  # wholly before the start: not even read
+                    continue
+                for record_batch in source.iter_batches(batch_size=batch_size, row_groups=[group]):
+                    frame = pl.from_arrow(record_batch)
+                    assert isinstance(frame, pl.DataFrame)
+                    low = max(start - position, 0)
+                    high = frame.height if end is None else min(frame.height, end - position)
+                    if high > low:
+                        yield frame.slice(low, high - low).cast(self.schema)  # type: ignore[arg-type]
+                    position += frame.height
+                    if end is not None and position >= end:
+                        return
 
 
 def _expand(pattern: str) -> list[Path]:
