@@ -54,6 +54,14 @@ def reviews(n: int = 12) -> pl.DataFrame:
     )
 
 
+def messages_for(text: str) -> list[dict[str, str]]:
+    """The messages a job made by `make_job` sends for a row with this text."""
+    return [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": f"Summarize: {text}"},
+    ]
+
+
 def make_job(
     workdir: Path,
     simulator: RunningSimulator | None,

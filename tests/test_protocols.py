@@ -7,19 +7,12 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_job, reviews, run_cli
+from conftest import make_job, messages_for, reviews, run_cli
 
 from pipeline.simulator import RunningSimulator, expected_reasoning, expected_response
 
 MODEL = "x-ai-grok-3-mini"
 SYSTEM = "You are terse."
-
-
-def messages_for(text: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Summarize: {text}"},
-    ]
 
 
 def run_job(

@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, SIM_KEY, make_job, reviews, run_cli
+from conftest import ROOT, SIM_KEY, make_job, messages_for, reviews, run_cli
 
 from pipeline.output import OUTPUT_COLUMNS
 from pipeline.simulator import (
@@ -22,13 +22,6 @@ from pipeline.simulator import (
 
 MODEL = "x-ai-grok-3-mini"
 SYSTEM = "You are terse."
-
-
-def messages_for(text: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Summarize: {text}"},
-    ]
 
 
 def read_output(workdir: Path) -> pl.DataFrame:

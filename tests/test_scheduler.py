@@ -8,20 +8,17 @@ end-to-end timeout test, which needs real sockets and takes about a second.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import selectors
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
-from unittest import mock
 
 import anyio
 import pytest
 from conftest import SIM_KEY
+from virtual_clock import run_virtual
 
 from pipeline import errors
 from pipeline.config import resolve_provider
@@ -39,53 +36,6 @@ EPS = 1e-6
 FAST = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05)
 
 # -- virtual clock -----------------------------------------------------------------------
-
-
-class _VirtualClock(selectors.DefaultSelector):
-    """Polls real I/O without blocking; where the loop would sleep, the clock jumps instead."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 1000.0
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        events = super().select(0)
-        if events or timeout == 0:
-            return events
-        if timeout is None:
-            raise RuntimeError("virtual clock: every task waits and no timer is due (deadlock)")
-        self.now += timeout
-        return []
-
-
-class _VirtualClockLoop(asyncio.SelectorEventLoop):
-    def __init__(self, clock: _VirtualClock) -> None:
-        self._clock = clock
-        super().__init__(clock)
-
-    def time(self) -> float:
-        return self._clock.now
-
-
-def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
-    """Run `main` under anyio on a loop whose clock only moves when every task is idle.
-
-    `time.monotonic()` reads the same virtual clock, but only on this thread (the Pacer
-    estimates its recent send rate with it; a simulator thread must keep real time).
-    """
-    clock = _VirtualClock()
-    real_monotonic = time.monotonic
-    thread = threading.get_ident()
-
-    def monotonic() -> float:
-        return clock.now if threading.get_ident() == thread else real_monotonic()
-
-    with mock.patch("time.monotonic", monotonic):
-        return anyio.run(
-            main,
-            backend="asyncio",
-            backend_options={"loop_factory": lambda: _VirtualClockLoop(clock)},
-        )
 
 
 def gaps(times: list[float]) -> list[float]:
