@@ -157,8 +157,58 @@ class OutputStats:
 
     @classmethod
     def read(cls, path: Path) -> OutputStats:
-        columns = [c for c in OUTPUT_COLUMNS if c not in ("response", "reasoning", "model")]
-        return cls.of(pl.read_parquet(path, columns=columns))
+        """The same figures as `of`, aggregated while streaming: a million-row output
+        is summarised without holding its columns in memory."""
+        scan = pl.scan_parquet(path)
+        latency = pl.col("latency_s")
+        totals = (
+            scan.select(
+                pl.len().alias("rows"),
+                *[
+                    pl.col(c).sum().alias(c)
+                    for c in ("prompt_tokens", "completion_tokens", "reasoning_tokens")
+                ],
+                pl.col("cached_tokens").sum().alias("cached_tokens"),
+                pl.col("cost_usd").sum().alias("cost"),
+                pl.col("cost_usd").null_count().alias("cost_nulls"),
+                pl.col("attempts").sum().alias("attempts"),
+                (pl.col("attempts") - 1).clip(lower_bound=0).sum().alias("retries"),
+                latency.count().alias("latencies"),
+                *[
+                    latency.quantile(q / 100, interpolation="linear").alias(f"p{q}")
+                    for q in (50, 95, 99)
+                ],
+            )
+            .collect(engine="streaming")
+            .row(0, named=True)
+        )
+        errors = scan.select("error").drop_nulls().collect(engine="streaming").get_column("error")
+        finish = (
+            scan.select("finish_reason")
+            .drop_nulls()
+            .group_by("finish_reason")
+            .len()
+            .sort("len", descending=True)
+            .collect(engine="streaming")
+        )
+        rows = int(totals["rows"])
+        return cls(
+            rows=rows,
+            failed=error_classes(errors),
+            prompt_tokens=int(totals["prompt_tokens"] or 0),
+            output_tokens=int(totals["completion_tokens"] or 0),
+            reasoning_tokens=int(totals["reasoning_tokens"] or 0),
+            cached_tokens=int(totals["cached_tokens"] or 0),
+            cost_usd=None if totals["cost_nulls"] == rows else float(totals["cost"] or 0.0),
+            latency=(
+                {f"p{q}": float(totals[f"p{q}"] or 0.0) for q in (50, 95, 99)}
+                if totals["latencies"]
+                else {}
+            ),
+            attempts=int(totals["attempts"] or 0),
+            retries=int(totals["retries"] or 0),
+            finish_reasons=[(str(r), int(n)) for r, n in finish.iter_rows()],
+        )
 
 
 @dataclass
