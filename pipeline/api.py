@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 import polars as pl
@@ -35,7 +35,8 @@ from pipeline.runner import (
 from pipeline.spec import JobSpec, load_spec, parse_spec
 from pipeline.types import RowResult
 
-DataLike = pl.DataFrame | pa.Table | str | Path | Any  # Any: a pandas DataFrame
+# A polars or pandas DataFrame, an Arrow table, or a path (pandas is optional, hence Any).
+DataLike: TypeAlias = Any
 NO_INPUT = "(pass data= to run)"
 
 

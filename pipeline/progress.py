@@ -47,11 +47,32 @@ class Progress:
             else None
         )
 
-    def update(self, done: int, failed: int, tokens: int, cost: float | None) -> None:
+    def update(
+        self,
+        done: int,
+        failed: int,
+        tokens: int,
+        cost: float | None,
+        *,
+        projected_cost: float | None = None,
+        retries: int = 0,
+        in_flight: int = 0,
+        requests_per_minute: float = 0.0,
+    ) -> None:
         self._done = done
-        status = {"failed": failed, "tokens": _compact(tokens)}
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        status: dict[str, object] = {
+            "failed": failed,
+            "retries": retries,
+            "tokens": _compact(tokens),
+            "tok/s": _compact(int(tokens / elapsed)),
+        }
         if cost is not None:
             status["cost"] = f"${cost:.4f}"
+        if projected_cost is not None:
+            status["~total"] = f"${projected_cost:.4f}"
+        status["in flight"] = in_flight
+        status["rpm"] = f"{requests_per_minute:.0f}"
         if self._bar is not None:
             self._bar.set_postfix(status, refresh=False)
             self._bar.update(done - self._bar.n)

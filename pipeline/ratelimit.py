@@ -227,6 +227,10 @@ class Pacer:
             self.requests.adaptive = adaptive + self._rate_step * min(elapsed, 3.0)
             self._rate_grown_at = now
 
+    def recent_rate(self) -> float:
+        """Requests sent per second over the last two seconds."""
+        return self._recent_rate() or 0.0
+
     def _recent_rate(self) -> float | None:
         now = time.monotonic()
         recent = [t for t in self._sent_times if now - t <= 2.0]

@@ -257,11 +257,16 @@ async def _pump(
             if result.cost_usd is not None:
                 tally.cost += result.cost_usd
                 tally.priced = True
+        to_send = max(job.rows - plan.reused, tally.done)
         progress.update(
             plan.reused + tally.done,
             tally.failed,
             tally.tokens,
             tally.cost if tally.priced else None,
+            projected_cost=tally.cost / tally.done * to_send if tally.priced else None,
+            retries=scheduler.outcome.retries if scheduler else 0,
+            in_flight=pacer.in_flight,
+            requests_per_minute=pacer.recent_rate() * 60,
         )
 
     cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
@@ -272,6 +277,7 @@ async def _pump(
         # A cap the user chose is used from the start; otherwise start small and grow.
         initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
     )
+    scheduler: Scheduler | None = None
     async with HttpClient(cap, limits.timeout_s) as client:
         scheduler = Scheduler(
             create_provider(settings, client),
