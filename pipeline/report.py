@@ -468,7 +468,14 @@ def _distribution_chart(frame: pl.DataFrame) -> str:
         axes.set_ylabel("rows")
         if column == "cost_usd":
             axes.xaxis.set_major_locator(MaxNLocator(3))
-            axes.xaxis.set_major_formatter(_dollars(float(values.min()), float(values.max())))
+            if float(values.max()) < 0.01:
+                # Per-row costs are often tiny: millionths of a dollar read better.
+                from matplotlib.ticker import FuncFormatter
+
+                axes.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 1e6:.3g}"))
+                axes.set_xlabel("millionths of a dollar (µ$)")
+            else:
+                axes.xaxis.set_major_formatter(_dollars(float(values.min()), float(values.max())))
     return _svg(figure)
 
 
