@@ -7,6 +7,7 @@ typo in an overnight job fails in a second instead of silently using a default.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -163,7 +164,8 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a job file must be a YAML mapping with input, model and prompt")
-    data.setdefault("name", path.stem)
+    # A file called "my reviews.yaml" still gets a usable default name.
+    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "job")
     return parse_spec(data, source=str(path))
 
 
