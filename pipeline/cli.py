@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from pipeline.estimate import Estimate
 
 from pipeline.errors import PipelineError, SpecError
+from pipeline.plan import template_failures
 from pipeline.runner import (
     EXIT_INVALID,
     EXIT_STOPPED,
@@ -34,6 +36,24 @@ def _fail(message: str, code: int) -> None:
 @click.version_option(package_name="pipeline")
 def main() -> None:
     """Run an LLM prompt over every row of a CSV or Parquet table."""
+    _reopen_closed_std_streams()
+
+
+def _reopen_closed_std_streams() -> None:
+    """Point a closed stdin/stdout/stderr (`>&- 2>&-`) at /dev/null.
+
+    Otherwise printing fails, and worse, the next file opened (the checkpoint) gets
+    descriptor 1 or 2 and would receive whatever is printed.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - process-long
 
 
 @main.command()
@@ -44,6 +64,16 @@ def validate(job: Path) -> None:
         prepared = prepare(job)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    failures = template_failures(prepared.table, prepared.renderer, prepared.limit)
+    if failures.count:
+        shown = "\n".join(f"  - row {n} (key {key}): {error}" for n, key, error in failures.first)
+        _fail(
+            f"{job}: the prompt fails to render for {failures.count} of {prepared.rows} row(s); "
+            f"a run would record them as template_error. First failures:\n{shown}\n"
+            "Guard the template against these values (e.g. `{{ x or '' }}`, "
+            "`{{ tags | default([], true) | join(', ') }}`) or fix the rows",
+            EXIT_INVALID,
+        )
     click.echo(
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "

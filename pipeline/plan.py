@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-from jinja2 import TemplateError
 
 from pipeline.checkpoint import Checkpoint, Finished
 from pipeline.inputs import InputTable, row_keys
-from pipeline.render import PromptRenderer, estimate_prompt_tokens
+from pipeline.render import PromptRenderer, estimate_prompt_tokens, template_error
 from pipeline.types import ChatRequest, Message, RowResult
 
 READ_BATCH_ROWS = 10_000
@@ -112,8 +111,8 @@ class WorkPlan:
     ) -> ChatRequest | RowResult:
         try:
             messages = self.renderer.render(values)
-        except TemplateError as exc:
-            return RowResult(index, key, request_hash, 0, None, error=f"render_error: {exc}")
+        except Exception as exc:
+            return RowResult(index, key, request_hash, 0, None, error=template_error(exc))
         prompt_estimate = estimate_prompt_tokens(messages)
         return ChatRequest(index, key, messages, request_hash, prompt_estimate, max_tokens)
 
@@ -128,8 +127,36 @@ def rendered_rows(
         for values in rows:
             try:
                 yield renderer.render(values)
-            except TemplateError:
+            except Exception:
                 continue
+
+
+@dataclass
+class TemplateFailures:
+    count: int = 0
+    first: list[tuple[int, str, str]] = field(default_factory=list)  # (row, key, error)
+
+
+def template_failures(
+    table: InputTable, renderer: PromptRenderer, limit: int | None = None, *, keep: int = 5
+) -> TemplateFailures:
+    """Render every row; how many fail, and the first `keep` of them."""
+    failures = TemplateFailures()
+    variables = list(renderer.variables)
+    offset = 0
+    for batch in table.batches(READ_BATCH_ROWS, limit):
+        rows = batch.select(variables).rows() if variables else [()] * batch.height
+        keys: list[str] | None = None
+        for i, values in enumerate(rows):
+            try:
+                renderer.render(values)
+            except Exception as exc:
+                failures.count += 1
+                if len(failures.first) < keep:
+                    keys = keys or row_keys(batch, offset, table.id_column)
+                    failures.first.append((offset + i, keys[i], template_error(exc)))
+        offset += batch.height
+    return failures
 
 
 def max_reply_tokens(params: dict[str, Any]) -> int:

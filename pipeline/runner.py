@@ -22,6 +22,7 @@ from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
 from pipeline.http import HttpClient
+from pipeline.identity import claim, describe_job
 from pipeline.inputs import InputTable
 from pipeline.output import (
     OUTPUT_COLUMNS,
@@ -36,6 +37,7 @@ from pipeline.providers import create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
+from pipeline.runlock import RunLock
 from pipeline.runlog import RunLog
 from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, load_spec
@@ -57,6 +59,7 @@ class PreparedJob:
     output_path: Path
     limit: int | None = None
     layout: Layout = field(default_factory=Layout)
+    job_file: Path | None = None
 
     @property
     def request_extra(self) -> dict[str, object]:
@@ -115,10 +118,14 @@ def prepare(
     _check_column_names(spec, table, layout)
     rows = table.check()
     output_path = Path(output) if output else spec.output_path
+    job_file = None if isinstance(job, JobSpec) else Path(job)
+    _check_not_overwriting(output_path, table, job_file)
     _check_writable(output_path)
     if limit is not None:
         rows = min(rows, limit)
-    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit, layout)
+    return PreparedJob(
+        spec, settings, table, renderer, rows, output_path, limit, layout, job_file=job_file
+    )
 
 
 def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
@@ -149,6 +156,18 @@ def _check_column_names(spec: JobSpec, table: InputTable, layout: Layout) -> Non
             f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
             f"of the same name; rename them in {spec.input.path}"
         )
+
+
+def _check_not_overwriting(output: Path, table: InputTable, job_file: Path | None) -> None:
+    target = output.resolve()
+    for source in table.paths:
+        if source.resolve() == target:
+            raise SpecError(
+                f"output.path: {output} is the job's input; writing the output there would "
+                "destroy it; choose another output path"
+            )
+    if job_file is not None and job_file.resolve() == target:
+        raise SpecError(f"output.path: {output} is the job file itself; choose another output path")
 
 
 def _check_writable(path: Path) -> None:
@@ -191,9 +210,12 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
     """`execute` for code that already runs an event loop (asyncio backend)."""
     started = time.monotonic()
     with ExitStack() as stack:
+        # Taken before the checkpoint is touched and held to the end: one run per job.
+        stack.enter_context(RunLock(job.run_dir))
         settings = uses_embedded_simulator(job, stack)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
+        claim(checkpoint, _identity(job), fresh=options.fresh)
         if options.fresh:
             checkpoint.start_fresh()
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
@@ -205,6 +227,10 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
             _finish, job, checkpoint, plan, outcome, tally, time.monotonic() - started, options
         )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _identity(job: PreparedJob) -> dict[str, str]:
+    return describe_job(job.spec.name, job.job_file, job.spec.input.path, job.run_dir)
 
 
 @dataclass
@@ -327,7 +353,16 @@ def _finish(
     else:
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
-            write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
+            # Only a result for the row's current request is attached: an input changed
+            # under the run never puts an answer beside a text it did not answer.
+            write_output(
+                job.table,
+                checkpoint,
+                job.output_path,
+                job.limit,
+                layout=job.layout,
+                hashes=plan.hashes_for,
+            )
         output_path = job.output_path
         code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
     return RunSummary(

@@ -132,7 +132,8 @@ class Scheduler:
             self._work.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # A closed terminal or a dropped ssh session sends SIGHUP: stop as for SIGTERM.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for _ in signals:
                 if self._stopping:
                     self.stop_now()

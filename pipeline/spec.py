@@ -166,7 +166,30 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(f"{path}: a job file must be a YAML mapping with input, model and prompt")
     # A file called "my reviews.yaml" still gets a usable default name.
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "job")
+    _resolve_paths(data, path.parent)
     return parse_spec(data, source=str(path))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a job file are relative to the job file, not to where it is run.
+
+    `pipeline run ../other/job.yaml` must read and write the other project's files,
+    never this directory's files of the same names.
+    """
+    if base == Path("."):
+        return
+    sections = [(data.get("input"), "path")]
+    output = data.get("output")
+    if output is None or (isinstance(output, dict) and output.get("path") is None):
+        name = data.get("name")
+        if isinstance(name, str) and name:
+            output = data["output"] = {**(output or {}), "path": f"out/{name}.parquet"}
+    sections.append((output, "path"))
+    for section, key in sections:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            value = section[key]
+            if value and not Path(value).expanduser().is_absolute():
+                section[key] = str(base / value)
 
 
 def parse_spec(data: dict[str, Any], *, source: str = "job") -> JobSpec:

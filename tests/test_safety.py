@@ -1,0 +1,300 @@
+"""Operator mistakes that must neither lose data nor pay twice, through the real CLI.
+
+Each test reproduces one mistake (two runs at once, a job run from another
+folder, an output pointed at the input, a template that fails on one row, a
+column named like a Jinja global, a dropped terminal, closed stdout/stderr, ...)
+against the simulator, which counts every answer paid twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import cli_env, make_job, messages_for, reviews, run_cli, start_cli
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.simulator import RunningSimulator, expected_response
+
+MODEL = "x-ai-grok-3-mini"
+
+
+def answer(messages: list[dict[str, str]]) -> str:
+    return expected_response(MODEL, messages)
+
+
+def wait_until(proc: subprocess.Popen[str], condition: Callable[[], bool]) -> None:
+    """Poll a state while `proc` runs (never a fixed sleep)."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out waiting on the running job"
+        time.sleep(0.01)
+
+
+def recorded(run_dir: Path) -> int:
+    path = run_dir / "checkpoint.sqlite"
+    if not path.exists():
+        return 0
+    checkpoint = Checkpoint(path)
+    try:
+        return checkpoint.totals().rows
+    finally:
+        checkpoint.close()
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+# --- one run per job ---------------------------------------------------------------------
+
+
+def test_a_second_run_of_the_same_job_refuses_at_once_and_nothing_is_paid_twice(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    simulator.configure(latency_ms=(100, 200))
+    data = reviews(120)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=8)
+    first = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    started.append(first)
+    lock = tmp_path / "out" / "result.parquet.run" / "run.lock"
+    wait_until(first, lambda: lock.exists() and lock.read_text().strip() != "")
+    wait_until(first, lambda: simulator.stats(full=False)["completions"] > 0)
+
+    second = run_cli("run", str(job), "--quiet", cwd=tmp_path, timeout=20)
+    status = run_cli("status", str(job), cwd=tmp_path, timeout=20)
+    export = run_cli("export", str(job), cwd=tmp_path, timeout=20)
+
+    assert second.returncode == 2, second.stderr
+    assert f"another run (pid {first.pid}, since " in second.stderr
+    assert "is working on this job" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert status.returncode == 0, status.stderr
+    assert "rows finished" in status.stdout
+    assert export.returncode == 0, export.stderr
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 0, stderr
+    stats = simulator.stats(full=False)
+    assert stats["duplicate_paid"] == 0
+    assert stats["completions"] == data.height
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in data["text"]]
+
+
+def test_a_killed_run_leaves_no_stale_lock(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    simulator.configure(latency_ms=(100, 200))
+    reviews(60).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=4)
+    first = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    started.append(first)
+    run_dir = tmp_path / "out" / "result.parquet.run"
+    wait_until(first, lambda: recorded(run_dir) > 0)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+
+    simulator.configure(latency_ms=(0, 0))
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert rerun.returncode == 0, rerun.stderr
+
+
+# --- a checkpoint belongs to its job ---------------------------------------------------
+
+
+def test_a_job_run_from_another_folder_reads_and_writes_its_own_files(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    project_a, project_b = tmp_path / "projA", tmp_path / "projB"
+    for project, n in ((project_a, 5), (project_b, 7)):
+        project.mkdir()
+        reviews(n).write_csv(project / "reviews.csv")
+        make_job(project, simulator, name="job")
+    assert run_cli("run", "job.yaml", "--quiet", cwd=project_a).returncode == 0
+    a_output = (project_a / "out" / "result.parquet").read_bytes()
+    before = simulator.stats(full=False)["completions"]
+
+    result = run_cli("run", "../projB/job.yaml", "--quiet", cwd=project_a)
+
+    assert result.returncode == 0, result.stderr
+    assert pl.read_parquet(project_b / "out" / "result.parquet").height == 7
+    assert (project_a / "out" / "result.parquet").read_bytes() == a_output
+    assert simulator.stats(full=False)["completions"] - before == 7
+    assert run_cli("run", "job.yaml", "--quiet", cwd=project_a).returncode == 0
+    assert simulator.stats(full=False)["completions"] - before == 7, "projA pays nothing again"
+
+
+def test_a_different_job_pointed_at_a_checkpoint_is_refused(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(6).write_csv(tmp_path / "reviews.csv")
+    first = make_job(tmp_path, simulator, name="first")
+    second = make_job(tmp_path, simulator, name="second")  # same output.path
+    assert run_cli("run", str(first), "--quiet", cwd=tmp_path).returncode == 0
+    before = simulator.stats(full=False)["completions"]
+
+    refused = run_cli("run", str(second), "--quiet", cwd=tmp_path)
+
+    assert refused.returncode == 2, refused.stderr
+    assert "holds the results of job 'first'" in refused.stderr
+    assert "--output" in refused.stderr and "--fresh" in refused.stderr
+    assert simulator.stats(full=False)["completions"] == before
+    elsewhere = run_cli("run", str(second), "--quiet", "--output", "b.parquet", cwd=tmp_path)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    fresh = run_cli("run", str(second), "--quiet", "--fresh", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    again = run_cli("run", str(first), "--quiet", cwd=tmp_path)
+    assert again.returncode == 2, "the checkpoint now serves 'second'"
+
+
+@pytest.mark.parametrize("target", ["reviews.csv", "job.yaml"])
+def test_the_output_may_not_be_the_input_or_the_job_file(
+    tmp_path: Path, simulator: RunningSimulator, target: str
+) -> None:
+    reviews(4).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, name="job", output__path=target)
+    before = (tmp_path / target).read_bytes()
+
+    for command in ("validate", "run"):
+        result = run_cli(command, str(job), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "output.path" in result.stderr and "choose another output path" in result.stderr
+    assert (tmp_path / target).read_bytes() == before
+    assert simulator.stats(full=False)["requests"] == 0
+
+
+# --- templates ---------------------------------------------------------------------------
+
+
+def test_a_row_whose_template_fails_is_that_rows_error_and_validate_lists_it(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    data = pl.DataFrame(
+        {
+            "review_id": ["a", "b", "c", "d"],
+            "text": ["one", None, "three", "four"],
+            "tags": [["x", "y"], ["z"], None, ["w"]],
+        }
+    )
+    data.write_parquet(tmp_path / "reviews.parquet")
+    template = "{{ text | length }} chars, tags {{ tags | join(', ') }}: {{ text }}"
+    job = make_job(
+        tmp_path, simulator, input_path="reviews.parquet", prompt__template=template
+    )
+
+    validate = run_cli("validate", str(job), cwd=tmp_path)
+    result = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert validate.returncode == 2, validate.stderr
+    assert "fails to render for 2 of 4 row(s)" in validate.stderr
+    assert "row 1 (key b): template_error: TypeError" in validate.stderr
+    assert "row 2 (key c): template_error: TypeError" in validate.stderr
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    errors = out["error"].to_list()
+    assert errors[0] is None and errors[3] is None
+    assert errors[1].startswith("template_error: TypeError")
+    assert errors[2].startswith("template_error: TypeError")
+    assert simulator.stats(full=False)["completions"] == 2
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert rerun.returncode == 1 and "Traceback" not in rerun.stderr
+    assert simulator.stats(full=False)["completions"] == 2
+
+
+def test_columns_named_like_jinja_globals_are_the_columns(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    data = pl.DataFrame({"review_id": ["a", "b"], "range": ["wide", "narrow"], "dict": ["x", "y"]})
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, prompt__template="{{ range }} / {{ dict }}")
+
+    result = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    expected = [
+        answer([{"role": "system", "content": "You are terse."}, {"role": "user", "content": u}])
+        for u in ("wide / x", "narrow / y")
+    ]
+    assert out["response"].to_list() == expected
+
+
+def test_a_column_jinja_reads_as_a_constant_is_refused(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    pl.DataFrame({"review_id": ["a"], "true": ["yes"]}).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, prompt__template="Answer: {{ true }}")
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "true" in result.stderr and "rename the column" in result.stderr
+    assert simulator.stats(full=False)["requests"] == 0
+
+
+# --- the terminal ------------------------------------------------------------------------
+
+
+def test_sighup_stops_like_sigterm_and_the_rerun_pays_nothing_twice(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    simulator.configure(latency_ms=(200, 400))
+    data = reviews(150)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=8)
+    proc = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    started.append(proc)
+    run_dir = tmp_path / "out" / "result.parquet.run"
+    wait_until(proc, lambda: recorded(run_dir) > 0)
+
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    deadline = time.monotonic() + 30
+    while simulator.stats(full=False)["in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    simulator.configure(latency_ms=(0, 0))
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    stats = simulator.stats(full=False)
+    assert stats["duplicate_paid"] == 0
+    assert stats["completions"] == data.height
+
+
+def test_closed_stdout_and_stderr_do_not_crash_the_run(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    command = f"{sys.executable} -m pipeline run {job} >&- 2>&-"
+
+    result = subprocess.run(
+        ["/bin/sh", "-c", command], cwd=tmp_path, env=cli_env(), timeout=120, check=False
+    )
+
+    assert result.returncode == 0
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out.height == 20 and out["error"].null_count() == 20
+    checkpoint = tmp_path / "out" / "result.parquet.run" / "checkpoint.sqlite"
+    assert Checkpoint(checkpoint).totals().rows == 20, "nothing printed into the checkpoint"
+    assert os.path.getsize(checkpoint) > 0
