@@ -6,7 +6,9 @@ typo in an overnight job fails in a second instead of silently using a default.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import re
 import warnings
 from pathlib import Path
@@ -176,6 +178,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     `pipeline run ../other/job.yaml` must read and write the other project's files,
     never this directory's files of the same names.
     """
+    with contextlib.suppress(ValueError, OSError):
+        # Kept short for messages when the job file is under the current directory.
+        if not (relative := os.path.relpath(base)).startswith(".."):
+            base = Path(relative)
     if base == Path("."):
         return
     sections = [(data.get("input"), "path")]

@@ -194,9 +194,7 @@ def test_a_row_whose_template_fails_is_that_rows_error_and_validate_lists_it(
     )
     data.write_parquet(tmp_path / "reviews.parquet")
     template = "{{ text | length }} chars, tags {{ tags | join(', ') }}: {{ text }}"
-    job = make_job(
-        tmp_path, simulator, input_path="reviews.parquet", prompt__template=template
-    )
+    job = make_job(tmp_path, simulator, input_path="reviews.parquet", prompt__template=template)
 
     validate = run_cli("validate", str(job), cwd=tmp_path)
     result = run_cli("run", str(job), "--quiet", cwd=tmp_path)
