@@ -55,6 +55,7 @@ class Snapshot:
     rpm: float
     tokens: int
     tokens_per_s: float
+    rows_per_s: float = 0.0  # rows finished this run per second
 
     def essentials(self, *, compact: bool = False) -> list[str]:
         """ETA, failures, cost so far and projected; `compact` for narrow terminals."""
@@ -229,6 +230,7 @@ class Progress:
             rpm=rpm,
             tokens=counters.tokens,
             tokens_per_s=counters.tokens / elapsed,
+            rows_per_s=rate,
         )
 
     def _draw(self, snapshot: Snapshot, now: float) -> None:
@@ -255,8 +257,11 @@ class Progress:
 
     def _log(self, s: Snapshot) -> None:
         print(
-            f"progress: {s.done:,}/{s.total:,} rows ({s.done / max(s.total, 1):.0%}), "
-            + ", ".join(s.essentials() + s.details()),
+            f"progress: {s.done}/{s.total} rows ({s.done / max(s.total, 1):.0%}), "
+            f"{s.rows_per_s:.1f} rows/s, "
+            + ("time left unknown" if s.eta_s is None else f"{_clock(s.eta_s)} left")
+            + ", "
+            + ", ".join(s.essentials()[1:] + s.details()),
             file=self.stream,
             flush=True,
         )
