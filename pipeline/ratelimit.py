@@ -30,6 +30,7 @@ HEADROOM = 0.99  # pace 1% under a known limit: arrival jitter must not tip a wi
 BACKOFF_FACTOR = 0.7
 RECOVERY_PER_S = 0.02  # additive increase: +2% of the backed-off rate per second
 MAX_HEADER_PAUSE_S = 60.0
+PROBE_WINDOW = 16  # requests in flight before the first answer, when no limit is declared
 
 
 def refill_wait(
@@ -109,6 +110,10 @@ class Pacer:
         self.tokens = Gate(tokens_per_minute)
         self.max_concurrency = max_concurrency
         self.window = initial_concurrency or max_concurrency
+        if requests_per_minute is None and tokens_per_minute is None:
+            # Nothing says how fast the server may be asked: probe with a few requests
+            # first; the first answer's headers (or slow start) open the window.
+            self.window = min(self.window, PROBE_WINDOW)
         self.in_flight = 0
         self._slot_waiters: deque[anyio.Event] = deque()
         self._slow_start = self.window < max_concurrency
@@ -190,6 +195,11 @@ class Pacer:
     def _learn(self, gate: Gate, per_minute: float, unpaced: float) -> None:
         first = gate.rate is None
         gate.learned = per_minute / 60.0
+        if first and self._slow_start:
+            # The rate is known now and paces the pool: the window need not probe further.
+            self.window = self.max_concurrency
+            self._slow_start = False
+            self._wake_waiters()
         if first and unpaced and self._unpaced_since is not None:
             # What went out before any limit was known counts against the same window:
             # book it, so a fixed-window limiter is not overrun at the end of the first one.
@@ -246,6 +256,9 @@ class Pacer:
 
     def _give_slot(self) -> None:
         self.in_flight -= 1
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         while self._slot_waiters and self.in_flight < self.window:
             self.in_flight += 1
             self._slot_waiters.popleft().set()

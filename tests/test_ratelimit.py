@@ -527,3 +527,23 @@ def test_learn_prompt_scale_ignores_missing_counts() -> None:
     pacer.learn_prompt_scale(0, 100)
     pacer.learn_prompt_scale(100, 0)
     assert pacer.prompt_scale == 1.0
+
+
+def test_without_declared_limits_a_probe_goes_first_and_the_first_limit_opens_the_window() -> None:
+    """A job with concurrency 200 and no limits must not open with 200 requests at once
+    against a server that allows 150 a second; the first answer's limit opens it."""
+
+    async def main() -> tuple[int, int]:
+        pacer = Pacer(None, None, max_concurrency=200, initial_concurrency=200)
+        probe = pacer.window
+        pacer.observe(RateLimitInfo(limit_requests=9000, remaining_requests=8984))
+        return probe, pacer.window
+
+    assert run_virtual(main) == (16, 200)
+
+
+def test_declared_limits_use_the_chosen_concurrency_from_the_start() -> None:
+    async def main() -> int:
+        return Pacer(9000, None, max_concurrency=200, initial_concurrency=200).window
+
+    assert run_virtual(main) == 200
