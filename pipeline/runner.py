@@ -251,7 +251,7 @@ async def _pump(
                 options.on_result(result)
             tally.done += 1
             tally.failed += result.error is not None
-            if result.completion is not None:
+            if result.completion is not None and result.completion.usage is not None:
                 usage = result.completion.usage
                 tally.tokens += usage.prompt_tokens + usage.output_tokens
             if result.cost_usd is not None:
