@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS results (
     row_key TEXT PRIMARY KEY,
     request_hash TEXT NOT NULL,
     {", ".join(RESULT_FIELDS + EXTRA_FIELDS)},
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -78,7 +79,10 @@ class Checkpoint:
         self._writer.executescript(_SCHEMA)
         self._add_missing_columns()
         self._reader = self._connect()
-        self.since = float(self.get_meta("fresh_since") or 0.0)
+        # Which results count: those of this generation or later. A counter, not the
+        # wall clock, so a clock stepped back never hides (and re-buys) finished rows.
+        self.generation = int(self.get_meta("generation") or 0)
+        self.since = int(self.get_meta("since_generation") or 0)
 
     def _add_missing_columns(self) -> None:
         # A checkpoint written by an earlier version lacks the newer (nullable) columns.
@@ -86,6 +90,26 @@ class Checkpoint:
         for column in EXTRA_FIELDS:
             if column not in present:
                 self._writer.execute(f"ALTER TABLE results ADD COLUMN {column}")
+        if "generation" not in present:
+            self._migrate_to_generations()
+
+    def _migrate_to_generations(self) -> None:
+        # Earlier versions hid results older than a --fresh run by time: those after it
+        # become generation 1, the current one.
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.execute(
+                "ALTER TABLE results ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"
+            )
+            row = self._writer.execute(
+                "SELECT value FROM meta WHERE name = 'fresh_since'"
+            ).fetchone()
+            if row is not None and float(row[0]) > 0:
+                self._writer.execute(
+                    "UPDATE results SET generation = 1 WHERE finished_at >= ?", (float(row[0]),)
+                )
+                for name in ("generation", "since_generation"):
+                    self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (name,))
 
     def get_meta(self, name: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -96,8 +120,10 @@ class Checkpoint:
 
     def start_fresh(self) -> None:
         """Ignore every result recorded so far (kept on disk until replaced)."""
-        self.since = time.time()
-        self.set_meta("fresh_since", repr(self.since))
+        self.generation += 1
+        self.since = self.generation
+        self.set_meta("generation", str(self.generation))
+        self.set_meta("since_generation", str(self.since))
         self.set_meta("output_stamp", "")
         self.set_meta("plan_cursor", "0")
 
@@ -112,10 +138,17 @@ class Checkpoint:
     def write(self, results: Iterable[RowResult], meta: dict[str, str] | None = None) -> None:
         """Commit a batch of finished rows (and any meta values) atomically."""
         now = time.time()
-        rows = [_row(result, now) for result in results]
+        rows = [(*_row(result, now), self.generation) for result in results]
         if not rows and not meta:
             return
-        columns = ("row_key", "request_hash", *RESULT_FIELDS, *EXTRA_FIELDS, "finished_at")
+        columns = (
+            "row_key",
+            "request_hash",
+            *RESULT_FIELDS,
+            *EXTRA_FIELDS,
+            "finished_at",
+            "generation",
+        )
         statement = (
             f"INSERT OR REPLACE INTO results ({', '.join(columns)}) "
             f"VALUES ({', '.join('?' * len(columns))})"
@@ -145,14 +178,16 @@ class Checkpoint:
             chunk = keys[start : start + _LOOKUP_CHUNK]
             marks = ", ".join("?" * len(chunk))
             yield from self._reader.execute(
-                f"SELECT {columns} FROM results WHERE row_key IN ({marks}) AND finished_at >= ?",
+                f"SELECT {columns} FROM results WHERE row_key IN ({marks}) AND generation >= ?",
                 [*chunk, self.since],
             )
 
     def state(self) -> tuple[int, float]:
-        """Changes whenever a result is added or replaced: (rows, latest finish time)."""
+        """Changes whenever a result is added or replaced: (rows, sum of finish times)."""
         row = self._reader.execute(
-            "SELECT count(*), coalesce(max(finished_at), 0) FROM results WHERE finished_at >= ?",
+            # The sum, not the latest time: a row replaced after the clock stepped back
+            # still changes it.
+            "SELECT count(*), total(finished_at) FROM results WHERE generation >= ?",
             (self.since,),
         ).fetchone()
         return int(row[0]), float(row[1])
@@ -161,7 +196,7 @@ class Checkpoint:
         """Rows finished in the last `window_s` seconds, and when the last one finished."""
         row = self._reader.execute(
             "SELECT count(*) FILTER (WHERE finished_at >= ?), max(finished_at) FROM results "
-            "WHERE finished_at >= ?",
+            "WHERE generation >= ?",
             (time.time() - window_s, self.since),
         ).fetchone()
         return int(row[0]), row[1]
@@ -170,7 +205,7 @@ class Checkpoint:
         row = self._reader.execute(
             "SELECT count(*), count(error), total(prompt_tokens), "
             "total(completion_tokens), total(reasoning_tokens), total(cost_usd) FROM results "
-            "WHERE finished_at >= ?",
+            "WHERE generation >= ?",
             (self.since,),
         ).fetchone()
         return Totals(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])

@@ -205,7 +205,10 @@ def status_command(job: Path, output: Path | None) -> None:
         prepared = prepare(job, output=output, read_key=False)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
-    report = status(prepared)
+    try:
+        report = status(prepared)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
     if report is None:
         click.echo(f"{prepared.spec.name}: not started ({prepared.rows:,} rows pending)")
         return

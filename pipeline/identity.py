@@ -1,4 +1,5 @@
-"""Which job a checkpoint serves, so one job never adopts another's results.
+"""Which job a checkpoint serves, so one job never adopts another's results, and
+opening it with a one-line answer when it is damaged.
 
 The checkpoint records the job's name and job file (and, for the message, its
 input). Paths are stored relative to the run directory, so moving a whole project
@@ -8,6 +9,8 @@ keeps its checkpoint; pointing a second job at the same output does not.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 
 import orjson
@@ -16,6 +19,36 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.errors import SpecError
 
 META_KEY = "serves"
+
+
+def open_checkpoint(path: Path, *, fresh: bool = False) -> Checkpoint:
+    """Open the checkpoint; a damaged one is refused in one line (or, with `fresh`,
+    moved aside and replaced)."""
+    try:
+        return _open_and_read(path)
+    except sqlite3.DatabaseError as exc:
+        if not fresh:
+            raise SpecError(
+                f"checkpoint {path} is damaged ({exc}); nothing was sent. Move it aside "
+                "and rerun (the rows of a complete output beside it are then reused), or "
+                "rerun with --fresh to replace it"
+            ) from None
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(f"{aside}{suffix}")
+    return Checkpoint(path)
+
+
+def _open_and_read(path: Path) -> Checkpoint:
+    checkpoint = Checkpoint(path)
+    try:
+        checkpoint.totals()  # reads every page of the results table's index
+        return checkpoint
+    except BaseException:
+        checkpoint.close()
+        raise
 
 
 def describe_job(

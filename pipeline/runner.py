@@ -6,8 +6,10 @@ execute(): client -> provider -> plan -> scheduler -> checkpoint -> output Parqu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,10 +24,11 @@ from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
-from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
+from pipeline.errors import JobFatalError, JobStopped, SpecError, WriteFailed
 from pipeline.http import HttpClient
-from pipeline.identity import claim, describe_job
+from pipeline.identity import claim, describe_job, open_checkpoint
 from pipeline.inputs import InputTable
+from pipeline.oslimits import fit_concurrency
 from pipeline.output import (
     OUTPUT_COLUMNS,
     Layout,
@@ -102,7 +105,7 @@ class RunSummary:
     wall_s: float
     output_path: Path | None
     exit_code: int
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -242,7 +245,7 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         # Taken before the checkpoint is touched and held to the end: one run per job.
         stack.enter_context(RunLock(job.run_dir))
         settings = uses_embedded_simulator(job, stack)
-        checkpoint = Checkpoint(job.checkpoint_path)
+        checkpoint = open_checkpoint(job.checkpoint_path, fresh=options.fresh)
         stack.callback(checkpoint.close)
         claim(checkpoint, _identity(job), fresh=options.fresh)
         if options.fresh:
@@ -346,7 +349,13 @@ async def _pump(
         log.write(lines)
 
     async def record(batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(commit, batch, log.take(), plan.cursor)
+        try:
+            await anyio.to_thread.run_sync(commit, batch, log.take(), plan.cursor)
+        except (OSError, sqlite3.Error) as exc:
+            # A full disk: sending more would buy answers that cannot be kept.
+            if scheduler is not None:
+                scheduler.fail(WriteFailed.while_("recording finished rows", exc))
+            return
         for result in batch:
             if options.on_result is not None:
                 options.on_result(result)
@@ -369,13 +378,17 @@ async def _pump(
             "  (sent and paid for; no new ones are sent). Ctrl-C again abandons them."
         )
 
-    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
+    # Every connection is an open file: a pool above the limit would fail mid-run.
+    cap, capped = fit_concurrency(limits.concurrency or ADAPTIVE_MAX_CONCURRENCY)
+    if capped and (limits.concurrency or 0) > cap:
+        progress.note(f"note: {capped}")
+        log.event("concurrency_capped", concurrency=cap, asked=limits.concurrency)
     pacer = Pacer(
         limits.requests_per_minute,
         limits.tokens_per_minute,
         max_concurrency=cap,
         # A cap the user chose is used from the start; otherwise start small and grow.
-        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
+        initial_concurrency=min(cap, limits.concurrency or ADAPTIVE_START_CONCURRENCY),
     )
     scheduler: Scheduler | None = None
     async with HttpClient(cap, limits.timeout_s) as client:
@@ -410,7 +423,8 @@ async def _pump(
                 stop=outcome.fatal.describe() if outcome.fatal else None,
                 interrupted=outcome.interrupted,
             )
-            log.flush()
+            with contextlib.suppress(OSError):  # a full disk is reported by the outcome
+                log.flush()
 
 
 def _finish(
@@ -423,27 +437,20 @@ def _finish(
     options: RunOptions,
 ) -> RunSummary:
     output_path: Path | None = None
-    if outcome.fatal is not None:
+    fatal = outcome.fatal
+    if fatal is not None:
         code = EXIT_STOPPED
     elif outcome.interrupted:
         code = EXIT_INTERRUPTED
     elif not options.write_output:
         code = EXIT_ROW_ERRORS if counters.rows_failed else EXIT_OK
     else:
-        # A rerun that found everything done leaves an up-to-date output untouched.
-        if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
-            # Only a result for the row's current request is attached: an input changed
-            # under the run never puts an answer beside a text it did not answer.
-            write_output(
-                job.table,
-                checkpoint,
-                job.output_path,
-                job.limit,
-                layout=job.layout,
-                hashes=plan.hashes_for,
-            )
-        output_path = job.output_path
-        code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
+        try:
+            output_path = _write_final_output(job, checkpoint, plan)
+            code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
+        except (OSError, sqlite3.OperationalError) as exc:
+            output_path, code = None, EXIT_STOPPED
+            fatal = WriteFailed.while_(f"writing {job.output_path}", exc)
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
@@ -453,11 +460,27 @@ def _finish(
         wall_s=wall_s,
         output_path=output_path,
         exit_code=code,
-        fatal=outcome.fatal,
+        fatal=fatal,
         run_cost=counters.cost_usd,
         run_failed=counters.rows_failed,
         counters=counters,
     )
+
+
+def _write_final_output(job: PreparedJob, checkpoint: Checkpoint, plan: WorkPlan) -> Path:
+    # A rerun that found everything done leaves an up-to-date output untouched.
+    if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
+        # Only a result for the row's current request is attached: an input changed
+        # under the run never puts an answer beside a text it did not answer.
+        write_output(
+            job.table,
+            checkpoint,
+            job.output_path,
+            job.limit,
+            layout=job.layout,
+            hashes=plan.hashes_for,
+        )
+    return job.output_path
 
 
 def uses_embedded_simulator(job: PreparedJob, stack: ExitStack) -> ProviderSettings:
@@ -500,7 +523,7 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
     """What the checkpoint says about a job, running or not; None before its first run."""
     if not job.checkpoint_path.exists():
         return None
-    checkpoint = Checkpoint(job.checkpoint_path)
+    checkpoint = open_checkpoint(job.checkpoint_path)
     try:
         totals = checkpoint.totals()
         recent, last = checkpoint.recent(window_s)
@@ -532,7 +555,7 @@ def export_partial(job: PreparedJob, path: Path) -> int:
     """Write the rows finished so far to `path`; safe while the job runs."""
     if not job.checkpoint_path.exists():
         raise SpecError(f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist")
-    checkpoint = Checkpoint(job.checkpoint_path)
+    checkpoint = open_checkpoint(job.checkpoint_path)
     try:
         return write_output(
             job.table,

@@ -24,6 +24,7 @@ from pipeline.counters import RunCounters
 from pipeline.errors import (
     BudgetExceeded,
     JobFatalError,
+    JobStopped,
     ProviderError,
     RateLimited,
     RetryableError,
@@ -47,7 +48,7 @@ Planned = ChatRequest | RowResult
 class Outcome:
     """How the pool ended."""
 
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     recorded: int = 0
     retries: int = 0
@@ -164,7 +165,11 @@ class Scheduler:
             if len(self._pending) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
 
-    def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
+    def fail(self, error: JobStopped) -> None:
+        """Stop the job for a reason found outside the workers (a failed write)."""
+        self._fail_job(error)
+
+    def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:
             self.outcome.fatal = error
         self._stop_taking_rows()

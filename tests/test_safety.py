@@ -296,3 +296,158 @@ def test_closed_stdout_and_stderr_do_not_crash_the_run(
     checkpoint = tmp_path / "out" / "result.parquet.run" / "checkpoint.sqlite"
     assert Checkpoint(checkpoint).totals().rows == 20, "nothing printed into the checkpoint"
     assert os.path.getsize(checkpoint) > 0
+
+
+# --- the machine's limits ----------------------------------------------------------------
+
+
+def _limited(resource_id: int, value: int) -> Callable[[], None]:
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource_id, (value, value))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+
+    return apply
+
+
+def test_concurrency_above_the_open_file_limit_is_capped_and_said(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    import resource
+
+    data = reviews(400)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=2000)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--quiet"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limited(resource.RLIMIT_NOFILE, 256),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "concurrency capped at" in result.stderr and "open-file limit is 256" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert simulator.stats(full=False)["completions"] == data.height
+
+
+def test_a_failed_write_stops_sending_keeps_what_is_durable_and_exits_3(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    import resource
+
+    simulator.configure(latency_ms=(5, 10))
+    data = reviews(3000)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=16)
+
+    # Real writes failing at a size limit (EFBIG), the way a full disk fails them (ENOSPC).
+    full = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--quiet"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limited(resource.RLIMIT_FSIZE, 256 * 1024),
+    )
+
+    assert full.returncode == 3, full.stderr
+    assert "free space and rerun" in full.stderr
+    assert "Traceback" not in full.stderr
+    paid = simulator.stats(full=False)["completions"]
+    assert paid < data.height, "sending stopped at the failure"
+    kept = recorded(tmp_path / "out" / "result.parquet.run")
+    assert kept > 0
+    simulator.configure(latency_ms=(0, 0))
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    stats = simulator.stats(full=False)
+    assert stats["completions"] - paid == data.height - kept
+    # At most the batch that could not be committed is paid again.
+    assert stats["duplicate_paid"] == paid - kept < 2000
+
+
+def test_a_full_disk_during_the_final_write_exits_3_and_the_rerun_pays_nothing(
+    tmp_path: Path, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pipeline import output
+    from pipeline.runner import RunOptions, execute, prepare
+
+    data = reviews(30)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIM_API_KEY", "sk-test-4f9c2d1e8b7a6350")
+    monkeypatch.setenv("PIPELINE_CONFIG_DIR", cli_env()["PIPELINE_CONFIG_DIR"])
+
+    def no_space(path: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(output, "_fsync", no_space)
+        summary = execute(prepare(job), RunOptions(show_progress=False))
+    assert summary.exit_code == 3
+    assert summary.fatal is not None and "No space left on device" in summary.fatal.describe()
+    assert "free space and rerun" in summary.fatal.advice
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+    again = execute(prepare(job), RunOptions(show_progress=False))
+    assert again.exit_code == 0
+    assert simulator.stats(full=False)["completions"] == data.height
+
+
+# --- the checkpoint ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_a_damaged_checkpoint_is_reported_in_one_line(
+    tmp_path: Path, simulator: RunningSimulator, damage: str
+) -> None:
+    reviews(300).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+    path = tmp_path / "out" / "result.parquet.run" / "checkpoint.sqlite"
+    size = path.stat().st_size
+    if damage == "random bytes":
+        path.write_bytes(os.urandom(size))
+    else:
+        with path.open("r+b") as handle:
+            handle.truncate(size // 2)
+    before = simulator.stats(full=False)["completions"]
+
+    for command in ("run", "status"):
+        result = run_cli(command, str(job), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "is damaged" in result.stderr and "--fresh" in result.stderr
+    assert simulator.stats(full=False)["completions"] == before
+    fresh = run_cli("run", str(job), "--quiet", "--fresh", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert list(path.parent.glob("checkpoint.sqlite.damaged-*")), "the damaged file is kept"
+
+
+def test_results_after_the_clock_stepped_back_still_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.types import RowResult
+
+    now = [2_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    checkpoint = Checkpoint(tmp_path / "checkpoint.sqlite")
+    checkpoint.write([RowResult(0, "a", "h1", 1, None)])
+    checkpoint.start_fresh()
+    now[0] -= 3600  # the clock steps back an hour after --fresh
+    checkpoint.write([RowResult(1, "b", "h2", 1, None)])
+    checkpoint.close()
+
+    reopened = Checkpoint(tmp_path / "checkpoint.sqlite")
+    assert set(reopened.finished(["a", "b"])) == {"b"}
+    assert reopened.totals().rows == 1
