@@ -137,12 +137,19 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
     )
     stats = OutputStats.read(summary.output_path) if summary.output_path is not None else None
     counters = summary.counters
-    unfinished = max(0, summary.rows - summary.reused - counters.rows_finished)
+    unfinished = max(
+        0, summary.rows - summary.reused - summary.deduplicated - counters.rows_finished
+    )
     lines = [
         f"rows: {summary.rows:,} ({summary.reused:,} reused from earlier runs, "
         f"{counters.rows_finished:,} finished this run of which {counters.rows_failed:,} "
         f"failed" + (f", {unfinished:,} not finished" if unfinished else "") + ")",
     ]
+    if summary.deduplicated:
+        lines.append(
+            f"deduplicated: {summary.deduplicated:,} row(s) made the same request as another "
+            "row and share its answer (sent once)"
+        )
     if stats is not None:
         failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
         lines.append(

@@ -108,8 +108,12 @@ def write_output(
     try:
         offset = 0
         for batch in table.batches(READ_BATCH_ROWS, limit):
-            keys = row_keys(batch, offset, table.id_column)
             current = hashes(batch) if hashes else None
+            # Without an id column a row's key is its request hash (see plan.keys_for).
+            if table.id_column is None and current is not None:
+                keys = current
+            else:
+                keys = row_keys(batch, offset, table.id_column)
             joined = _with_results(batch.to_arrow(), keys, checkpoint, layout, current)
             if finished_only:
                 missing = pc.fill_null(pc.equal(joined["error"], NOT_PROCESSED), False)

@@ -31,6 +31,9 @@ class WorkPlan:
     reused: int = 0
     planned: int = 0
     cursor: int = 0
+    # Rows whose identical request another row of this run already sends (no id column).
+    deduplicated: int = 0
+    _sending: set[int] = field(default_factory=set)
 
     def requests(self) -> Iterator[ChatRequest | RowResult]:
         """Every row that needs work; render failures come as results.
@@ -54,13 +57,17 @@ class WorkPlan:
         offset = start
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit, start, stop):
             for chunk in batch.iter_slices(RENDER_CHUNK_ROWS):
-                keys = row_keys(chunk, offset, self.table.id_column)
                 rows = chunk.select(variables).rows() if variables else [()] * chunk.height
+                hashes = [digest(values) for values in rows]
+                keys = self.keys_for(chunk, offset, hashes)
                 finished = self.checkpoint.finished(keys)
                 for i, (key, values) in enumerate(zip(keys, rows, strict=True)):
-                    request_hash = digest(values)
+                    request_hash = hashes[i]
                     if self._reusable(finished.get(key), request_hash):
                         self.reused += 1
+                        continue
+                    if self._already_sending(request_hash):
+                        self.deduplicated += 1
                         continue
                     self.planned += 1
                     if track:
@@ -91,8 +98,30 @@ class WorkPlan:
     def _hashed_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
         offset = 0
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit):
-            yield row_keys(batch, offset, self.table.id_column), self.hashes_for(batch)
+            hashes = self.hashes_for(batch)
+            yield self.keys_for(batch, offset, hashes), hashes
             offset += batch.height
+
+    def keys_for(self, batch: pl.DataFrame, offset: int, hashes: list[str]) -> list[str]:
+        """The checkpoint key of each row: its id, else the request it makes.
+
+        Without an id column a row is matched by content, so inserting, deleting or
+        shuffling rows between runs re-sends nothing, and rows that make the same
+        request share one answer.
+        """
+        if self.table.id_column is None:
+            return hashes
+        return row_keys(batch, offset, self.table.id_column)
+
+    def _already_sending(self, request_hash: str) -> bool:
+        if self.table.id_column is not None:
+            return False
+        # 64 bits of the hash: 1M rows cost ~60 MB less than keeping the strings.
+        short = int(request_hash[:16], 16)
+        if short in self._sending:
+            return True
+        self._sending.add(short)
+        return False
 
     def hashes_for(self, batch: pl.DataFrame) -> list[str]:
         """The request hash of every row of an input batch."""

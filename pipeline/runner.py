@@ -109,6 +109,7 @@ class RunSummary:
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    deduplicated: int = 0  # rows given the answer of an identical request sent once
     counters: RunCounters = field(default_factory=RunCounters)
 
 
@@ -127,7 +128,7 @@ def prepare(
     layout = Layout(tool_calls=bool(spec.model.tools), schema=schema)
     settings = resolve_provider(spec.model, read_key=read_key, schema=schema)
     renderer = PromptRenderer(spec.prompt)
-    table = InputTable(spec.input.path, spec.input.id_column)
+    table = InputTable(spec.input.path, spec.input.id_column, spec.input.types)
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)
     rows = table.check()
@@ -365,7 +366,7 @@ async def _pump(
     def show_progress(force: bool = False) -> None:
         progress.update(
             counters,
-            reused=plan.reused,
+            reused=plan.reused + plan.deduplicated,
             retries=scheduler.outcome.retries if scheduler else 0,
             requests_per_minute=pacer.recent_rate() * 60,
             force=force,
@@ -417,7 +418,7 @@ async def _pump(
             log.event(
                 "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
                 **counters.snapshot(),
-                reused=plan.reused,
+                reused=plan.reused + plan.deduplicated,
                 retries=outcome.retries,
                 rate_limited=outcome.rate_limited,
                 stop=outcome.fatal.describe() if outcome.fatal else None,
@@ -454,6 +455,7 @@ def _finish(
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
+        deduplicated=plan.deduplicated,
         sent=counters.requests_sent,
         totals=checkpoint.totals(),
         outcome=outcome,

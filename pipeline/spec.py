@@ -31,9 +31,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ColumnType = Literal["string", "integer", "number", "boolean", "date", "datetime"]
+
+
 class InputSpec(_Strict):
     path: str = Field(min_length=1)
     id_column: str | None = None
+    # CSV only: a column's type instead of the one inferred from the first rows.
+    types: dict[str, ColumnType] | None = None
 
 
 class Pricing(_Strict):

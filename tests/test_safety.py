@@ -451,3 +451,80 @@ def test_results_after_the_clock_stepped_back_still_count(
     reopened = Checkpoint(tmp_path / "checkpoint.sqlite")
     assert set(reopened.finished(["a", "b"])) == {"b"}
     assert reopened.totals().rows == 1
+
+
+# --- input types -------------------------------------------------------------------------
+
+
+def test_csv_ids_are_text_so_001_1_and_01_are_three_rows(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    (tmp_path / "reviews.csv").write_text("review_id,text\n001,first\n1,second\n01,third\n")
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["review_id"].to_list() == ["001", "1", "01"]
+    assert out["response"].to_list() == [
+        answer(messages_for(t)) for t in ("first", "second", "third")
+    ]
+
+
+def test_input_types_give_a_csv_column_its_type(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    codes = [str(10000 + i) for i in range(10_050)]
+    codes[10_020] = "AB-12"  # after the rows the type is guessed from
+    data = pl.DataFrame(
+        {"review_id": [f"r{i}" for i in range(10_050)], "text": ["t"] * 10_050, "code": codes}
+    )
+    data.write_csv(tmp_path / "reviews.csv")
+    guessed = make_job(tmp_path, simulator, name="guessed", prompt__template="{{ code }}")
+    typed = make_job(
+        tmp_path,
+        simulator,
+        name="typed",
+        prompt__template="{{ code }}",
+        input__types={"code": "string"},
+    )
+
+    refused = run_cli("validate", str(guessed), cwd=tmp_path)
+    accepted = run_cli("validate", str(typed), cwd=tmp_path)
+
+    assert refused.returncode == 2, refused.stderr
+    assert "input.types" in refused.stderr
+    assert accepted.returncode == 0, accepted.stderr
+    assert simulator.stats(full=False)["requests"] == 0
+
+
+# --- rows without an id ------------------------------------------------------------------
+
+
+def test_rows_without_an_id_are_matched_by_content_and_identical_requests_sent_once(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    texts = [f"text {i % 30}" for i in range(40)]  # 10 rows repeat an earlier request
+    pl.DataFrame({"text": texts}).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, input__id_column=None)
+
+    first = run_cli("run", str(job), cwd=tmp_path)
+
+    assert first.returncode == 0, first.stderr
+    assert "deduplicated: 10 row(s)" in first.stderr
+    assert simulator.stats(full=False)["completions"] == 30
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in texts]
+
+    edited = ["new a", "new b", *texts[5:20], *texts[25:], "new c"]  # 3 inserted, 10 deleted
+    pl.DataFrame({"text": edited}).write_csv(tmp_path / "reviews.csv")
+    second = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr
+    stats = simulator.stats(full=False)
+    assert stats["completions"] == 33, "only the three new rows are sent"
+    assert stats["duplicate_paid"] == 0
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["text"].to_list() == edited
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in edited]
