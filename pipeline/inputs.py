@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import SpecError
@@ -39,6 +40,7 @@ class InputTable:
         if id_column is not None:
             # Ids are labels, never numbers: 001, 01 and 1 are three different rows.
             self.types.setdefault(id_column, pl.String())
+        self.opened_as = self.fingerprint()
         self._scan = self._open()
         try:
             self.schema = self._scan.collect_schema()
@@ -60,6 +62,32 @@ class InputTable:
     @property
     def columns(self) -> list[str]:
         return list(self.schema)
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """Changes when the input does: the files matched, their size, mtime and inode,
+        and for Parquet each row group's row count and byte size."""
+        try:
+            paths = _expand(self.pattern)
+            parts: list[object] = []
+            for path in paths:
+                info = path.stat()
+                parts.append((str(path), info.st_size, info.st_mtime_ns, info.st_ino))
+                if self.format == "parquet":
+                    meta = pq.ParquetFile(path).metadata
+                    groups = range(meta.num_row_groups)
+                    parts.append(
+                        tuple(
+                            (meta.row_group(g).num_rows, meta.row_group(g).total_byte_size)
+                            for g in groups
+                        )
+                    )
+            return tuple(parts)
+        except (SpecError, OSError, pa.ArrowException) as exc:
+            return ("unreadable", str(exc))
+
+    def changed(self) -> bool:
+        """True when the input is no longer what was read when the run was planned."""
+        return self.fingerprint() != self.opened_as
 
     def _open(self) -> pl.LazyFrame:
         sources = [str(p) for p in self.paths]

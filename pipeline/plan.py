@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from pipeline.checkpoint import Checkpoint, Finished
 from pipeline.inputs import InputTable, row_keys
@@ -14,6 +15,8 @@ from pipeline.render import PromptRenderer, estimate_prompt_tokens, template_err
 from pipeline.types import ChatRequest, Message, RowResult
 
 READ_BATCH_ROWS = 10_000
+# What reading an input that changed under the run can raise.
+INPUT_READ_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, OSError, ValueError)
 RENDER_CHUNK_ROWS = 2000
 
 
@@ -33,6 +36,8 @@ class WorkPlan:
     cursor: int = 0
     # Rows whose identical request another row of this run already sends (no id column).
     deduplicated: int = 0
+    # Set when the input could not be read mid-run (deleted, rewritten, a column renamed).
+    input_error: str | None = None
     _sending: set[int] = field(default_factory=set)
 
     def requests(self) -> Iterator[ChatRequest | RowResult]:
@@ -44,9 +49,13 @@ class WorkPlan:
         once instead of first checking every row the last run finished. `cursor`
         says how far the first pass has got, for the next resume.
         """
-        yield from self._requests_between(self.start_at, None, track=True)
-        if self.start_at:
-            yield from self._requests_between(0, self.start_at, track=False)
+        try:
+            yield from self._requests_between(self.start_at, None, track=True)
+            if self.start_at:
+                yield from self._requests_between(0, self.start_at, track=False)
+        except INPUT_READ_ERRORS as exc:
+            # The workers stop taking rows; the runner sees this and plans again.
+            self.input_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
 
     def _requests_between(
         self, start: int, stop: int | None, *, track: bool

@@ -36,7 +36,7 @@ from pipeline.output import (
     output_is_current,
     write_output,
 )
-from pipeline.plan import WorkPlan
+from pipeline.plan import INPUT_READ_ERRORS, WorkPlan
 from pipeline.progress import Progress
 from pipeline.providers import create_provider
 from pipeline.ratelimit import Pacer
@@ -161,7 +161,13 @@ def limited_output(path: Path, limit: int) -> Path:
     return path.with_name(f"{path.stem}.first-{limit}{path.suffix}")
 
 
-def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
+def _plan(
+    job: PreparedJob,
+    checkpoint: Checkpoint,
+    *,
+    retry_failed: bool = False,
+    from_start: bool = False,
+) -> WorkPlan:
     settings = job.settings
     return WorkPlan(
         job.table,
@@ -172,7 +178,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         job.limit,
         retry_failed=retry_failed,
         request_extra=job.request_extra,
-        start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
+        start_at=0 if retry_failed or from_start else int(checkpoint.get_meta("plan_cursor") or 0),
     )
 
 
@@ -262,11 +268,60 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         )
         stack.callback(progress.close)
         counters = RunCounters()
-        outcome = await _pump(job, settings, plan, checkpoint, progress, counters, options)
-        return await anyio.to_thread.run_sync(
-            _finish, job, checkpoint, plan, outcome, counters, time.monotonic() - started, options
+        for replans in range(MAX_INPUT_REPLANS + 1):
+            if replans:
+                # Rows already answered for their current request are kept; only rows
+                # whose request changed (or that are new) are sent.
+                progress.note(
+                    f"note: {job.spec.input.path} changed during the run; planning again "
+                    "against the new input (answers to the old rows are not mixed in)"
+                )
+                job = await anyio.to_thread.run_sync(_reopen_input, job)
+                plan = _plan(job, checkpoint, retry_failed=options.retry_failed, from_start=True)
+            outcome = await _pump(job, settings, plan, checkpoint, progress, counters, options)
+            if not outcome.fatal and not outcome.interrupted and _input_moved(job, plan):
+                continue
+            summary = await anyio.to_thread.run_sync(
+                _finish,
+                job,
+                checkpoint,
+                plan,
+                outcome,
+                counters,
+                time.monotonic() - started,
+                options,
+            )
+            if summary.output_path is None or not job.table.changed():
+                return summary
+        raise SpecError(
+            f"input.path: {job.spec.input.path} kept changing during the run; finished rows "
+            "are kept. Rerun once the input is no longer being written"
         )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+MAX_INPUT_REPLANS = 3
+
+
+def _input_moved(job: PreparedJob, plan: WorkPlan) -> bool:
+    return plan.input_error is not None or job.table.changed()
+
+
+def _reopen_input(job: PreparedJob) -> PreparedJob:
+    """The job against its input as it is now; SpecError if it can no longer be used."""
+    spec = job.spec
+    try:
+        table = InputTable(spec.input.path, spec.input.id_column, spec.input.types)
+        job.renderer.check_columns(table.columns)
+        rows = table.check()
+    except SpecError as exc:
+        raise SpecError(
+            f"the input changed during the run and cannot be used now: {exc}. Finished rows "
+            "are kept; fix the input and rerun"
+        ) from None
+    if job.limit is not None:
+        rows = min(rows, job.limit)
+    return dataclasses.replace(job, table=table, rows=rows)
 
 
 def _identity(job: PreparedJob) -> dict[str, str]:
@@ -449,7 +504,17 @@ def _finish(
         try:
             output_path = _write_final_output(job, checkpoint, plan)
             code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
-        except (OSError, sqlite3.OperationalError) as exc:
+        except INPUT_READ_ERRORS as exc:
+            if job.table.changed():
+                raise SpecError(
+                    f"input.path: {job.spec.input.path} changed while the output was being "
+                    f"written ({exc}); finished rows are kept. Rerun to write the output"
+                ) from None
+            if not isinstance(exc, OSError):
+                raise
+            output_path, code = None, EXIT_STOPPED
+            fatal = WriteFailed.while_(f"writing {job.output_path}", exc)
+        except sqlite3.OperationalError as exc:
             output_path, code = None, EXIT_STOPPED
             fatal = WriteFailed.while_(f"writing {job.output_path}", exc)
     return RunSummary(

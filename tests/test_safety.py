@@ -528,3 +528,67 @@ def test_rows_without_an_id_are_matched_by_content_and_identical_requests_sent_o
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert out["text"].to_list() == edited
     assert out["response"].to_list() == [answer(messages_for(t)) for t in edited]
+
+
+# --- the input changes under a running job -----------------------------------------------
+
+
+def _start_slow_run(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]], rows: int
+) -> tuple[Path, subprocess.Popen[str], pl.DataFrame]:
+    simulator.configure(latency_ms=(100, 200))
+    data = reviews(rows)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=8)
+    proc = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    started.append(proc)
+    wait_until(proc, lambda: recorded(tmp_path / "out" / "result.parquet.run") > 0)
+    return job, proc, data
+
+
+def test_an_input_rewritten_during_the_run_is_planned_again_never_mixed(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    _, proc, data = _start_slow_run(tmp_path, simulator, started, 120)
+    rewritten = data.with_columns(pl.format("rewritten: {}", pl.col("text")).alias("text"))
+    rewritten.write_csv(tmp_path / "reviews.csv.new")
+    os.replace(tmp_path / "reviews.csv.new", tmp_path / "reviews.csv")
+    simulator.configure(latency_ms=(0, 5))
+
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 0, stderr
+    assert "changed during the run" in stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["text"].to_list() == rewritten["text"].to_list()
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in rewritten["text"]]
+    assert simulator.stats(full=False)["duplicate_paid"] == 0
+
+
+@pytest.mark.parametrize("change", ["deleted", "column renamed"])
+def test_an_input_deleted_or_renamed_during_the_run_stops_without_a_traceback(
+    tmp_path: Path,
+    simulator: RunningSimulator,
+    started: list[subprocess.Popen[str]],
+    change: str,
+) -> None:
+    job, proc, data = _start_slow_run(tmp_path, simulator, started, 400)
+    if change == "deleted":
+        (tmp_path / "reviews.csv").unlink()
+    else:
+        data.rename({"text": "body"}).write_csv(tmp_path / "reviews.csv")
+
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert "changed during the run" in stderr and "Finished rows are kept" in stderr
+    kept = recorded(tmp_path / "out" / "result.parquet.run")
+    assert kept > 0
+    if change == "column renamed":
+        assert "text" in stderr
+    data.write_csv(tmp_path / "reviews.csv")
+    simulator.configure(latency_ms=(0, 0))
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert simulator.stats(full=False)["duplicate_paid"] == 0
