@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.errors import PipelineError, SpecError
+from pipeline.output import scan_output
 from pipeline.runner import (
     EXIT_INTERRUPTED,
     EXIT_STOPPED,
@@ -138,7 +139,8 @@ async def arun(
     if summary.exit_code in (EXIT_STOPPED, EXIT_INTERRUPTED) or summary.output_path is None:
         reason = summary.fatal.describe() if summary.fatal else "interrupted"
         raise RunFailed(f"{reason}; finished rows are kept, call again to resume", summary)
-    return await anyio.to_thread.run_sync(pl.read_parquet, summary.output_path)
+    output = summary.output_path
+    return await anyio.to_thread.run_sync(lambda: scan_output(output).collect())
 
 
 def _prepare(

@@ -159,6 +159,19 @@ class Checkpoint:
             for name, value in (meta or {}).items():
                 self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
+    def import_results(self, rows: list[tuple[Any, ...]]) -> None:
+        """Add results recovered from elsewhere (key, hash, RESULT_FIELDS, EXTRA_FIELDS);
+        a key already recorded keeps its result."""
+        columns = ("row_key", "request_hash", *RESULT_FIELDS, *EXTRA_FIELDS)
+        statement = (
+            f"INSERT OR IGNORE INTO results ({', '.join(columns)}, finished_at, generation) "
+            f"VALUES ({', '.join('?' * len(columns))}, ?, ?)"
+        )
+        now = time.time()
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.executemany(statement, [(*row, now, self.generation) for row in rows])
+
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         """Which of these rows already have a result, and for which request."""
         found: dict[str, Finished] = {}

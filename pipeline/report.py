@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.output import OUTPUT_COLUMNS
+from pipeline.output import OUTPUT_COLUMNS, scan_output
 from pipeline.runlog import read_events
 
 SAMPLE_ROWS = 20
@@ -159,7 +159,7 @@ class OutputStats:
     def read(cls, path: Path) -> OutputStats:
         """The same figures as `of`, aggregated while streaming: a million-row output
         is summarised without holding its columns in memory."""
-        scan = pl.scan_parquet(path)
+        scan = scan_output(path)
         latency = pl.col("latency_s")
         totals = (
             scan.select(

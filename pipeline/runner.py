@@ -33,6 +33,7 @@ from pipeline.output import (
     OUTPUT_COLUMNS,
     Layout,
     count_failed,
+    output_format,
     output_is_current,
     write_output,
 )
@@ -40,6 +41,7 @@ from pipeline.plan import INPUT_READ_ERRORS, WorkPlan
 from pipeline.progress import Progress
 from pipeline.providers import create_provider
 from pipeline.ratelimit import Pacer
+from pipeline.recover import adopt_output
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
 from pipeline.runlock import RunLock
@@ -135,6 +137,7 @@ def prepare(
     output_path = Path(output) if output else spec.output_path
     job_file = None if isinstance(job, JobSpec) else Path(job)
     _check_not_overwriting(output_path, table, job_file)
+    output_format(output_path, layout)
     run_base = None
     if limit is not None and limit < rows and output is None:
         # A partial run never replaces the job's (possibly complete) output.
@@ -252,12 +255,20 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         # Taken before the checkpoint is touched and held to the end: one run per job.
         stack.enter_context(RunLock(job.run_dir))
         settings = uses_embedded_simulator(job, stack)
+        lost = not job.checkpoint_path.exists()
         checkpoint = open_checkpoint(job.checkpoint_path, fresh=options.fresh)
         stack.callback(checkpoint.close)
         claim(checkpoint, _identity(job), fresh=options.fresh)
         if options.fresh:
             checkpoint.start_fresh()
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
+        adopted = 0
+        if lost and not options.fresh:
+            # A deleted checkpoint beside a complete output: its answers are not paid twice.
+            own_output = job.run_base or job.output_path
+            adopted = await anyio.to_thread.run_sync(
+                adopt_output, own_output, checkpoint, plan, job.layout
+            )
         start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
         progress = Progress(
             job.rows,
@@ -267,6 +278,11 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
             headline=start.describe(job.rows),
         )
         stack.callback(progress.close)
+        if adopted:
+            progress.note(
+                f"note: no checkpoint was found; {adopted:,} answered row(s) of "
+                f"{job.run_base or job.output_path} are reused instead of being sent again"
+            )
         counters = RunCounters()
         for replans in range(MAX_INPUT_REPLANS + 1):
             if replans:

@@ -592,3 +592,72 @@ def test_an_input_deleted_or_renamed_during_the_run_stops_without_a_traceback(
     rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert simulator.stats(full=False)["duplicate_paid"] == 0
+
+
+def test_a_deleted_checkpoint_beside_a_complete_output_reuses_the_output(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    import shutil
+
+    data = reviews(50)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+    shutil.rmtree(tmp_path / "out" / "result.parquet.run")
+    edited = data.with_columns(
+        pl.when(pl.int_range(pl.len()) < 5)
+        .then(pl.lit("edited"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    edited.write_csv(tmp_path / "reviews.csv")
+
+    result = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "no checkpoint was found; 50 answered row(s)" in result.stderr
+    stats = simulator.stats(full=False)
+    assert stats["completions"] == 50 + 5, "only the five edited rows are sent"
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in edited["text"]]
+
+
+# --- the output format -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["result.csv", "result.jsonl"])
+def test_the_output_format_follows_the_extension(
+    tmp_path: Path, simulator: RunningSimulator, name: str
+) -> None:
+    data = reviews(12)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, output__path=f"out/{name}")
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "out" / name
+    if name.endswith(".csv"):
+        assert path.read_text().startswith("review_id,product,rating,text,response,")
+        out = pl.read_csv(path)
+    else:
+        out = pl.read_ndjson(path)
+    assert out["review_id"].to_list() == data["review_id"].to_list()
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in data["text"]]
+    assert out["error"].null_count() == out.height
+    again = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert simulator.stats(full=False)["completions"] == data.height
+
+
+def test_an_output_extension_without_a_format_is_refused(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(3).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, output__path="out/result.txt")
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert ".parquet, .csv or .jsonl" in result.stderr
+    assert simulator.stats(full=False)["requests"] == 0
