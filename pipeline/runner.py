@@ -17,6 +17,7 @@ from typing import Literal
 
 import anyio
 
+from pipeline import storage
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
@@ -57,6 +58,14 @@ class PreparedJob:
     output_path: Path
     limit: int | None = None
     layout: Layout = field(default_factory=Layout)
+    # Set when output.path is an object-storage URI: the run builds the file at
+    # output_path (a local stage) and uploads it there when it is complete.
+    output_uri: str | None = None
+
+    @property
+    def output_location(self) -> str:
+        """Where the output ends up, as the user named it."""
+        return self.output_uri or str(self.output_path)
 
     @property
     def request_extra(self) -> dict[str, object]:
@@ -93,6 +102,7 @@ class RunSummary:
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    output_uri: str | None = None  # where the output was uploaded, for remote outputs
 
 
 def prepare(
@@ -114,11 +124,19 @@ def prepare(
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)
     rows = table.check()
-    output_path = Path(output) if output else spec.output_path
+    target = str(output) if output else str(spec.output.path or spec.output_path)
+    output_uri = target if storage.is_remote(target) else None
+    if output_uri is not None:
+        storage.check_writable(output_uri)
+        output_path = storage.local_stage(output_uri)
+    else:
+        output_path = Path(target)
     _check_writable(output_path)
     if limit is not None:
         rows = min(rows, limit)
-    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit, layout)
+    return PreparedJob(
+        spec, settings, table, renderer, rows, output_path, limit, layout, output_uri
+    )
 
 
 def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
@@ -328,6 +346,8 @@ def _finish(
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
             write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
+            if job.output_uri is not None:
+                storage.upload(job.output_path, job.output_uri)
         output_path = job.output_path
         code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
     return RunSummary(
@@ -342,6 +362,7 @@ def _finish(
         fatal=outcome.fatal,
         run_cost=tally.cost,
         run_failed=tally.failed,
+        output_uri=job.output_uri if output_path is not None else None,
     )
 
 
