@@ -94,7 +94,7 @@ def test_missing_remote_input_is_refused_before_sending(
 
 
 def test_unwritable_bucket_is_refused(s3: dict[str, str]) -> None:
-    with pytest.raises(SpecError, match="output.path: cannot write to s3://no-such-bucket-x"):
+    with pytest.raises(SpecError, match=r"output\.path: cannot write to s3://no-such-bucket-x"):
         storage.check_writable("s3://no-such-bucket-x/out.parquet")
 
 
