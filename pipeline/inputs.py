@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import SpecError
 
 SUPPORTED = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -70,10 +71,11 @@ class InputTable:
             paths = _expand(self.pattern)
             parts: list[object] = []
             for path in paths:
-                info = path.stat()
-                parts.append((str(path), info.st_size, info.st_mtime_ns, info.st_ino))
+                parts.append((str(path), *storage.signature(path)))
+                if not storage.is_remote(path):
+                    parts.append(Path(path).stat().st_ino)  # replaced by a rename
                 if self.format == "parquet":
-                    meta = pq.ParquetFile(path).metadata
+                    meta = pq.ParquetFile(storage.open_input(path)).metadata
                     groups = range(meta.num_row_groups)
                     parts.append(
                         tuple(
@@ -167,7 +169,7 @@ class InputTable:
         # collect_batches reads ahead without bound, which holds the whole input in memory.
         position = 0
         for path in self.paths:
-            source = pq.ParquetFile(path)
+            source = pq.ParquetFile(storage.open_input(path))
             for group in range(source.metadata.num_row_groups):
                 rows = source.metadata.row_group(group).num_rows
                 if position + rows <= start:
@@ -185,9 +187,11 @@ class InputTable:
                         return
 
 
-def _expand(pattern: str) -> list[Path]:
+def _expand(pattern: str) -> list[Path | str]:
+    if storage.is_remote(pattern):
+        return list(storage.expand(pattern))
     if glob.has_magic(pattern):
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        paths: list[Path | str] = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
         if not paths:
             raise SpecError(f"input.path: no file matches '{pattern}'")
         return paths
@@ -199,10 +203,10 @@ def _expand(pattern: str) -> list[Path]:
     return [path]
 
 
-def _format_of(paths: list[Path], pattern: str) -> str:
-    formats = {SUPPORTED.get(p.suffix.lower()) for p in paths}
+def _format_of(paths: list[Path | str], pattern: str) -> str:
+    formats = {SUPPORTED.get(storage.suffix(p)) for p in paths}
     if None in formats:
-        odd = next(p for p in paths if p.suffix.lower() not in SUPPORTED)
+        odd = next(p for p in paths if storage.suffix(p) not in SUPPORTED)
         raise SpecError(f"input.path: {odd} is neither .csv nor .parquet")
     if len(formats) > 1:
         raise SpecError(f"input.path: '{pattern}' mixes CSV and Parquet files; use one format")
