@@ -96,6 +96,30 @@ def test_a_second_run_of_the_same_job_refuses_at_once_and_nothing_is_paid_twice(
     assert out["response"].to_list() == [answer(messages_for(t)) for t in data["text"]]
 
 
+def test_two_runs_started_together_pay_nothing_twice(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    simulator.configure(latency_ms=(300, 500))  # the run lasts seconds, past both start-ups
+    data = reviews(200)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=16)
+    procs = [start_cli("run", str(job), "--quiet", cwd=tmp_path) for _ in range(2)]
+    started.extend(procs)
+
+    results = [(proc.communicate(timeout=120)[1], proc.returncode) for proc in procs]
+
+    codes = sorted(code for _, code in results)
+    # Whichever takes the lock first runs; the other refuses at once (or, on a machine
+    # so slow that it started after the first had finished, finds nothing to send).
+    assert codes in ([0, 2], [0, 0]), results
+    if codes == [0, 2]:
+        refused = next(stderr for stderr, code in results if code == 2)
+        assert "another run (pid" in refused
+    stats = simulator.stats(full=False)
+    assert stats["duplicate_paid"] == 0
+    assert stats["completions"] == data.height
+
+
 def test_a_killed_run_leaves_no_stale_lock(
     tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
 ) -> None:
