@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError, SpecError
 from pipeline.runner import (
     EXIT_INVALID,
     EXIT_STOPPED,
+    PreparedJob,
     RunOptions,
     RunSummary,
     Status,
@@ -49,6 +50,30 @@ def validate(job: Path) -> None:
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
         f"output {prepared.output_path}"
+    )
+    _warn_empty_prompts(prepared)
+
+
+def _warn_empty_prompts(prepared: PreparedJob) -> None:
+    from pipeline.plan import empty_prompt_rows
+
+    count, examples = empty_prompt_rows(prepared.table, prepared.renderer, prepared.limit)
+    if not count:
+        return
+    which = prepared.spec.input.id_column or "row number"
+    sample = f" ({which} {', '.join(examples)}{', ...' if count > len(examples) else ''})"
+    if prepared.spec.prompt.skip_empty:
+        click.echo(
+            f"note: {count:,} row(s) render an empty prompt{sample}; prompt.skip_empty is on, "
+            "so they are not sent (their output rows say finish_reason: skipped)",
+            err=True,
+        )
+        return
+    click.echo(
+        f"warning: {count:,} row(s) render an empty prompt{sample}; they would be sent and "
+        "paid for. Add `skip_empty: true` under `prompt:` to skip them (they still get an "
+        "output row, with finish_reason: skipped)",
+        err=True,
     )
 
 

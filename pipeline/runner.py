@@ -155,6 +155,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         retry_failed=retry_failed,
         request_extra=job.request_extra,
         start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
+        skip_empty=job.spec.prompt.skip_empty,
     )
 
 
