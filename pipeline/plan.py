@@ -135,7 +135,8 @@ def empty_prompt_rows(
     table: InputTable, renderer: PromptRenderer, limit: int | None = None
 ) -> tuple[int, list[str]]:
     """(how many rows render an empty prompt, the keys of the first few)."""
-    count, examples = 0, []
+    count = 0
+    examples: list[str] = []
     variables = list(renderer.variables)
     offset = 0
     for batch in table.batches(READ_BATCH_ROWS, limit):
