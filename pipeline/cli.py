@@ -106,7 +106,11 @@ def run(
         _fail(str(exc), EXIT_INVALID)
     try:
         options = RunOptions(
-            handle_signals=True, show_progress=not quiet, fresh=fresh, retry_failed=retry_failed
+            handle_signals=True,
+            show_progress=not quiet,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
         summary = execute(prepared, options)
     except SpecError as exc:

@@ -201,6 +201,7 @@ class RunOptions:
     retry_failed: bool = False
     on_result: Callable[[RowResult], None] | None = None
     write_output: bool = True
+    command: str | None = None  # how the run was started, for the run log and the report
 
 
 def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
@@ -301,7 +302,17 @@ async def _pump(
     )
 
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
-    log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
+    log.event(
+        "run_started",
+        job=job.spec.name,
+        rows=job.rows,
+        model=settings.model,
+        provider=settings.name,
+        params=settings.params,
+        prompt=job.spec.prompt.model_dump(exclude_none=True, exclude_defaults=True),
+        limit=job.limit,
+        command=options.command,
+    )
 
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
