@@ -17,11 +17,12 @@ from typing import Literal
 
 import anyio
 
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RunCounters
-from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
+from pipeline.errors import JobFatalError, JobStopped, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import (
@@ -90,7 +91,7 @@ class RunSummary:
     wall_s: float
     output_path: Path | None
     exit_code: int
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -332,6 +333,7 @@ async def _pump(
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
+            breaker=Breaker(stall_s=limits.stall_timeout_s),
             counters=counters,
             on_stop=stopping,
         )

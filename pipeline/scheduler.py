@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskGroup
 
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.config import Price
 from pipeline.counters import RunCounters
 from pipeline.errors import (
-    BudgetExceeded,
     JobFatalError,
+    JobStopped,
     ProviderError,
     RateLimited,
     RetryableError,
@@ -47,7 +48,7 @@ Planned = ChatRequest | RowResult
 class Outcome:
     """How the pool ended."""
 
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     recorded: int = 0
     retries: int = 0
@@ -79,6 +80,7 @@ class Scheduler:
         grace_s: float = 10.0,
         counters: RunCounters | None = None,
         on_stop: Callable[[float], None] | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.provider = provider
         self.pacer = pacer
@@ -93,6 +95,7 @@ class Scheduler:
         self.outcome = Outcome()
         self.counters = counters or RunCounters()
         self._on_stop = on_stop  # told the grace period when the first stop begins
+        self.breaker = breaker or Breaker()
         self._stopping = False
         self._work: TaskGroup | None = None
         self._pending: list[RowResult] = []
@@ -153,7 +156,7 @@ class Scheduler:
             if isinstance(item, ChatRequest):
                 try:
                     result = await self._process(item)
-                except (JobFatalError, BudgetExceeded) as exc:
+                except (JobFatalError, JobStopped) as exc:
                     self._fail_job(exc)
                     return
                 if result is None:
@@ -163,7 +166,7 @@ class Scheduler:
             if len(self._pending) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
 
-    def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
+    def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:
             self.outcome.fatal = error
         self._stop_taking_rows()
@@ -219,6 +222,7 @@ class Scheduler:
                     why="answer does not match output.schema: asking again" if retry else None,
                     message=invalid.message[:300] if invalid else None,
                 )
+                self._breaker_after_answer(result, invalid, final=not retry)
                 if not retry:
                     return result
                 schema_failures += 1
@@ -246,7 +250,11 @@ class Scheduler:
             )
             if isinstance(error, JobFatalError):
                 raise error
+            if (stop := self.breaker.answered_with(error)) is not None:
+                self._fail_job(stop)
             if delay is None:
+                if (stop := self.breaker.row_failed(error)) is not None:
+                    self._fail_job(stop)
                 tried = f" after {attempt} attempts" if attempt > 1 else ""
                 return RowResult(
                     request.index,
@@ -258,6 +266,20 @@ class Scheduler:
                 )
             self.outcome.retries += 1
             await anyio.sleep(delay)
+
+    def _breaker_after_answer(
+        self, result: RowResult, invalid: SchemaViolation | None, *, final: bool
+    ) -> None:
+        """Tell the breaker what an HTTP 200 came to: a success, or a schema mismatch."""
+        if invalid is None:
+            if result.error is None:
+                self.breaker.succeeded()
+            return
+        stop = self.breaker.answered_with(invalid)
+        if stop is None and final:
+            stop = self.breaker.row_failed(invalid)
+        if stop is not None:
+            self._fail_job(stop)
 
     def _why(self, error: ProviderError, attempt: int, delay: float | None) -> str:
         if isinstance(error, JobFatalError):
