@@ -25,6 +25,11 @@ from pipeline.runner import (
 )
 
 
+def _cost(usd: float | None) -> str:
+    """Dollars, or "unknown" when no price is known (never a made-up $0)."""
+    return f"${usd:.6f}" if usd is not None else "unknown"
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -117,7 +122,13 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
             f"{totals.reasoning_tokens:,} reasoning"
         )
     lines.append(
-        f"cost: ${summary.run_cost:.6f} this run, ${totals.cost_usd:.6f} all finished rows"
+        f"cost: {_cost(counters.cost)} this run, "
+        f"{_cost(totals.cost_usd if totals.cost_known else None)} all finished rows"
+        + (
+            f" ({totals.unpriced_rows:,} of them at an unknown price)"
+            if totals.cost_known and totals.unpriced_rows
+            else ""
+        )
     )
     lines.append(
         f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
@@ -172,7 +183,8 @@ def status_command(job: Path, output: Path | None) -> None:
         f"{prepared.spec.name}: {report.finished}/{report.rows} rows finished "
         f"({report.failed} failed), {report.pending} pending",
         f"tokens: {totals.prompt_tokens} in, {totals.output_tokens} out, "
-        f"{totals.reasoning_tokens} reasoning; cost ${totals.cost_usd:.6f}",
+        f"{totals.reasoning_tokens} reasoning; "
+        f"cost {_cost(totals.cost_usd if totals.cost_known else None)}",
         f"rate: {report.recent_rows_per_s:.1f} rows/s over the last minute; "
         + ("done" if eta == 0 else f"about {eta:.0f}s left" if eta else "not running"),
     ]

@@ -34,6 +34,7 @@ from pipeline.providers import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
+from pipeline.spend import RowSpend, attempt_cost
 from pipeline.structured import OutputSchema
 from pipeline.types import ChatRequest, Completion, RowResult
 
@@ -175,6 +176,7 @@ class Scheduler:
         """The row's final result, or None when the run stopped before it was sent."""
         attempt = 0
         schema_failures = 0
+        spend = RowSpend()
         pacer = self.pacer
         while True:
             attempt += 1
@@ -209,6 +211,7 @@ class Scheduler:
                 latency = anyio.current_time() - started
                 result = self._success(request, completion, attempt, latency)
                 self._settle(reservation, result)
+                spend.add(completion, result.cost_usd)
                 invalid = self._check_schema(result)
                 retry = invalid is not None and schema_failures < self.schema_retries
                 self.log.attempt(
@@ -221,10 +224,11 @@ class Scheduler:
                     wait_s=0.0 if retry else None,
                     why="answer does not match output.schema: asking again" if retry else None,
                     message=invalid.message[:300] if invalid else None,
+                    cost_usd=result.cost_usd,
                 )
                 self._breaker_after_answer(result, invalid, final=not retry)
                 if not retry:
-                    return result
+                    return spend.charge(result)
                 schema_failures += 1
                 self.outcome.retries += 1
                 continue
@@ -256,7 +260,7 @@ class Scheduler:
                 if (stop := self.breaker.row_failed(error)) is not None:
                     self._fail_job(stop)
                 tried = f" after {attempt} attempts" if attempt > 1 else ""
-                return RowResult(
+                failed = RowResult(
                     request.index,
                     request.key,
                     request.request_hash,
@@ -264,6 +268,7 @@ class Scheduler:
                     latency,
                     error=error.describe() + tried,
                 )
+                return spend.charge(failed)
             self.outcome.retries += 1
             await anyio.sleep(delay)
 
@@ -315,9 +320,7 @@ class Scheduler:
     def _success(
         self, request: ChatRequest, completion: Completion, attempts: int, latency: float
     ) -> RowResult:
-        cost = completion.reported_cost_usd
-        if cost is None and self.price is not None and completion.usage is not None:
-            cost = self.price.cost(completion.usage)
+        cost = attempt_cost(completion, self.price)
         error = None
         if completion.finish_reason == "content_filter":
             error = "content_filtered: the provider's content filter stopped the answer"
