@@ -18,6 +18,7 @@ from pipeline.runner import (
     EXIT_STOPPED,
     RunOptions,
     RunSummary,
+    Status,
     execute,
     export_partial,
     prepare,
@@ -52,26 +53,34 @@ def validate(job: Path) -> None:
     click.echo(
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
-        f"output {prepared.output_path}"
+        f"output {prepared.output_location}"
     )
 
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
-@click.option("--limit", type=click.IntRange(min=0), help="Process only the first N rows.")
 @click.option(
-    "--output", type=click.Path(path_type=Path), help="Write here instead of output.path."
+    "--limit",
+    type=click.IntRange(min=0),
+    help="Process only the first N rows (written to <output stem>.first-N.parquet).",
+)
+@click.option(
+    "--output",
+    type=str,
+    help="Write here instead of output.path (a local path or an s3://, gs://, az:// URI).",
 )
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
 @click.option("--retry-failed", is_flag=True, help="Send rows that ended in error again.")
 def run(
-    job: Path, limit: int | None, output: Path | None, quiet: bool, fresh: bool, retry_failed: bool
+    job: Path, limit: int | None, output: str | None, quiet: bool, fresh: bool, retry_failed: bool
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
     Rerun the same command to resume: finished rows whose request is unchanged are
-    reused, so only new, changed or unfinished rows are sent.
+    reused, so only new, changed or unfinished rows are sent. With --limit N and no
+    --output, the first N rows go to <output stem>.first-N.parquet, never over the
+    job's output; they are kept for the full run.
     """
     try:
         prepared = prepare(job, output=output, limit=limit)
@@ -87,10 +96,16 @@ def run(
     except PipelineError as exc:
         _fail(str(exc), EXIT_STOPPED)
     _print_summary(summary, job, output)
+    if prepared.replaced_output is not None and summary.output_path is not None:
+        click.echo(
+            f"--limit {limit}: the first {prepared.rows:,} rows are in {summary.output_path}; "
+            f"{prepared.replaced_output} (the whole job's output) is left as it was",
+            err=True,
+        )
     sys.exit(summary.exit_code)
 
 
-def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
+def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) -> None:
     from pipeline.report import OutputStats
 
     totals = summary.totals
@@ -153,7 +168,10 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
     elif summary.output_path is not None:
         where = shlex.quote(str(summary.output_path))
-        lines.append(f"output: {summary.output_path}")
+        if summary.output_uri is not None:
+            lines.append(f"output: {summary.output_uri} (built locally at {summary.output_path})")
+        else:
+            lines.append(f"output: {summary.output_path}")
         if totals.failed or (stats is not None and stats.failed_rows):
             count = stats.failed_rows if stats is not None else totals.failed
             lines.append(
@@ -175,20 +193,58 @@ def status_command(job: Path, output: Path | None) -> None:
         _fail(str(exc), EXIT_INVALID)
     report = status(prepared)
     if report is None:
-        click.echo(f"{prepared.spec.name}: not started ({prepared.rows} rows pending)")
+        click.echo(f"{prepared.spec.name}: not started ({prepared.rows:,} rows pending)")
         return
+    click.echo("\n".join(_describe_status(prepared.spec.name, report, job, output)))
+
+
+def _describe_status(name: str, report: Status, job: Path, output: Path | None) -> list[str]:
     totals = report.totals
-    eta = report.eta_s
     lines = [
-        f"{prepared.spec.name}: {report.finished}/{report.rows} rows finished "
-        f"({report.failed} failed), {report.pending} pending",
-        f"tokens: {totals.prompt_tokens} in, {totals.output_tokens} out, "
-        f"{totals.reasoning_tokens} reasoning; "
+        f"{name}: {report.finished:,}/{report.rows:,} rows finished "
+        f"({report.failed:,} failed), {report.pending:,} pending",
+        f"tokens: {totals.prompt_tokens:,} in, {totals.output_tokens:,} out, "
+        f"{totals.reasoning_tokens:,} reasoning; "
         f"cost {_cost(totals.cost_usd if totals.cost_known else None)}",
-        f"rate: {report.recent_rows_per_s:.1f} rows/s over the last minute; "
-        + ("done" if eta == 0 else f"about {eta:.0f}s left" if eta else "not running"),
     ]
-    click.echo("\n".join(lines))
+    run = report.run
+    sent = (run.counters or {}) if run is not None else {}
+    if report.running and run is not None:
+        scope = f" with --limit {run.limit:,}" if report.run_pending is not None else ""
+        lines.append(
+            f"run: active{scope} (pid {run.pid}): {sent.get('requests_sent', 0):,} requests "
+            f"sent, {sent.get('in_flight', 0):,} in flight at its last commit"
+        )
+        eta = report.eta_s
+        left = (
+            f"{report.run_pending:,} of its {run.rows:,} rows left, "
+            if report.run_pending is not None
+            else ""
+        )
+        lines.append(
+            f"rate: {report.recent_rows_per_s:,.1f} rows/s over the last minute; {left}"
+            + (f"about {_duration(eta)} left" if eta else "time left unknown")
+        )
+    elif report.pending == 0:
+        lines.append("run: none active; done, every row has a result")
+    else:
+        rerun = f"pipeline run {shlex.quote(str(job))}" + (
+            f" --output {shlex.quote(str(output))}" if output else ""
+        )
+        last = "" if run is None else f" (the last one sent {sent.get('requests_sent', 0):,})"
+        lines.append(f"run: none active{last}; `{rerun}` resumes")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 @main.command()

@@ -7,6 +7,7 @@ execute(): client -> provider -> plan -> scheduler -> checkpoint -> output Parqu
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,11 +18,12 @@ from typing import Literal
 
 import anyio
 
+from pipeline import storage
 from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
-from pipeline.counters import RunCounters
+from pipeline.counters import RUN_STATE_META, RunCounters, RunState
 from pipeline.errors import JobFatalError, JobStopped, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
@@ -59,6 +61,22 @@ class PreparedJob:
     output_path: Path
     limit: int | None = None
     layout: Layout = field(default_factory=Layout)
+    # Where the checkpoint and run log live, when not beside output_path: a --limit run
+    # writes its own output but records into (and reuses) the job's checkpoint.
+    run_base: Path | None = None
+    # Set when output.path is an object-storage URI: the run builds the file at
+    # output_path (a local stage) and uploads it there when it is complete.
+    output_uri: str | None = None
+
+    @property
+    def replaced_output(self) -> Path | None:
+        """The job's own output, when this run writes elsewhere to leave it alone."""
+        return self.run_base if self.run_base not in (None, self.output_path) else None
+
+    @property
+    def output_location(self) -> str:
+        """Where the output ends up, as the user named it."""
+        return self.output_uri or str(self.output_path)
 
     @property
     def request_extra(self) -> dict[str, object]:
@@ -69,7 +87,7 @@ class PreparedJob:
 
     @property
     def run_dir(self) -> Path:
-        out = self.output_path
+        out = self.run_base or self.output_path
         return out.with_name(f"{out.name}.run")
 
     @property
@@ -95,6 +113,7 @@ class RunSummary:
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    output_uri: str | None = None  # where the output was uploaded, for remote outputs
     counters: RunCounters = field(default_factory=RunCounters)
 
 
@@ -117,11 +136,46 @@ def prepare(
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)
     rows = table.check()
-    output_path = Path(output) if output else spec.output_path
+    target = str(output) if output else str(spec.output.path or spec.output_path)
+    output_uri = target if storage.is_remote(target) else None
+    if output_uri is not None:
+        storage.check_writable(output_uri)
+        output_path = storage.local_stage(output_uri)
+    else:
+        output_path = Path(target)
+    run_base = None
+    if limit is not None and limit < rows and output is None:
+        # A partial run never replaces the job's (possibly complete) output.
+        run_base, output_path = output_path, limited_output(output_path, limit)
+        if output_uri is not None:
+            output_uri = limited_uri(output_uri, limit)
     _check_writable(output_path)
     if limit is not None:
         rows = min(rows, limit)
-    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit, layout)
+    return PreparedJob(
+        spec,
+        settings,
+        table,
+        renderer,
+        rows,
+        output_path,
+        limit,
+        layout,
+        run_base=run_base,
+        output_uri=output_uri,
+    )
+
+
+def limited_output(path: Path, limit: int) -> Path:
+    """Where `run --limit N` writes without --output: beside the job's output."""
+    return path.with_name(f"{path.stem}.first-{limit}{path.suffix}")
+
+
+def limited_uri(uri: str, limit: int) -> str:
+    """`limited_output` for an object-storage output."""
+    folder, _, name = uri.rpartition("/")
+    stem, dot, suffix = name.rpartition(".")
+    return f"{folder}/{stem}.first-{limit}.{suffix}" if dot else f"{uri}.first-{limit}"
 
 
 def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
@@ -283,10 +337,14 @@ async def _pump(
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
     log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
 
+    run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
+    checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
+
     def commit(batch: list[RowResult], lines: list[bytes], cursor: int) -> None:
         # Every row before the cursor was planned, so at most the rows in flight there
         # are unfinished: a resume starts at the cursor and sends its first request at once.
-        checkpoint.write(batch, {"plan_cursor": str(cursor)})
+        meta = {"plan_cursor": str(cursor), RUN_STATE_META: run_state.dumps(counters)}
+        checkpoint.write(batch, meta)
         log.write(lines)
 
     async def record(batch: list[RowResult]) -> None:
@@ -344,6 +402,8 @@ async def _pump(
         finally:
             outcome = scheduler.outcome
             show_progress(force=True)
+            run_state.active = False
+            checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
             log.event(
                 "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
                 **counters.snapshot(),
@@ -376,6 +436,8 @@ def _finish(
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
             write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
+            if job.output_uri is not None:
+                storage.upload(job.output_path, job.output_uri)
         output_path = job.output_path
         code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
     return RunSummary(
@@ -391,6 +453,7 @@ def _finish(
         run_cost=counters.cost_usd,
         run_failed=counters.rows_failed,
         counters=counters,
+        output_uri=job.output_uri if output_path is not None else None,
     )
 
 
@@ -415,12 +478,19 @@ class Status:
     totals: Totals
     recent_rows_per_s: float
     last_finished_at: float | None
+    run: RunState | None = None  # the latest run, as it last recorded itself
+    running: bool = False  # whether that run's process is alive and still sending
+    run_pending: int | None = None  # rows left of a running --limit run
 
     @property
     def eta_s(self) -> float | None:
-        if self.pending == 0:
+        """Seconds left for what is running now (a --limit run: its own rows)."""
+        left = self.pending if self.run_pending is None else self.run_pending
+        if left == 0:
             return 0.0
-        return self.pending / self.recent_rows_per_s if self.recent_rows_per_s > 0 else None
+        if not self.running:
+            return None
+        return left / self.recent_rows_per_s if self.recent_rows_per_s > 0 else None
 
 
 def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
@@ -432,6 +502,12 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
         totals = checkpoint.totals()
         recent, last = checkpoint.recent(window_s)
         ok, failed, pending = _plan(job, checkpoint).tally()
+        run = RunState.loads(checkpoint.get_meta(RUN_STATE_META))
+        running = run is not None and run.running
+        run_pending = None
+        if run is not None and running and run.limit is not None and run.limit < job.rows:
+            limited = dataclasses.replace(job, limit=run.limit, rows=run.rows)
+            run_pending = _plan(limited, checkpoint).tally()[2]
     finally:
         checkpoint.close()
     rate = recent / window_s if last is not None and time.time() - last < window_s else 0.0
@@ -443,6 +519,9 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
         totals=totals,
         recent_rows_per_s=rate,
         last_finished_at=last,
+        run=run,
+        running=running,
+        run_pending=run_pending,
     )
 
 
