@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 if TYPE_CHECKING:
     from pipeline.estimate import Estimate
 
-from pipeline.errors import PipelineError, SpecError
+from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.runner import (
+    EXIT_CRASHED,
     EXIT_INVALID,
     EXIT_STOPPED,
     RunOptions,
@@ -29,6 +32,20 @@ from pipeline.runner import (
 def _cost(usd: float | None) -> str:
     """Dollars, or "unknown" when no price is known (never a made-up $0)."""
     return f"${usd:.6f}" if usd is not None else "unknown"
+
+
+def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
+    """One line, no traceback (PIPELINE_DEBUG=1 shows it): what broke, where the log is,
+    how to resume; exit 4, a code of its own."""
+    if os.environ.get("PIPELINE_DEBUG") == "1":
+        traceback.print_exception(cause)
+    log = f"; run log: {error.log_path}" if error.log_path else ""
+    click.echo(
+        f"error: the run stopped on an unexpected error: {error}{log}; finished rows are "
+        f"saved and `{rerun}` resumes (PIPELINE_DEBUG=1 shows the traceback)",
+        err=True,
+    )
+    sys.exit(EXIT_CRASHED)
 
 
 def _fail(message: str, code: int) -> None:
@@ -82,10 +99,15 @@ def run(
     --output, the first N rows go to <output stem>.first-N.parquet, never over the
     job's output; they are kept for the full run.
     """
+    rerun = f"pipeline run {shlex.quote(str(job))}" + (
+        f" --output {shlex.quote(str(output))}" if output else ""
+    )
     try:
         prepared = prepare(job, output=output, limit=limit)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except Exception as exc:  # the last line of defence, before anything was sent
+        _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
     try:
         options = RunOptions(
             handle_signals=True, show_progress=not quiet, fresh=fresh, retry_failed=retry_failed
@@ -93,8 +115,12 @@ def run(
         summary = execute(prepared, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except RunCrashed as exc:
+        _crashed(exc, exc.__cause__ or exc, rerun)
     except PipelineError as exc:
         _fail(str(exc), EXIT_STOPPED)
+    except Exception as exc:  # the last line of defence
+        _crashed(RunCrashed(f"{type(exc).__name__}: {exc}", log_path=prepared.log_path), exc, rerun)
     _print_summary(summary, job, output)
     if prepared.replaced_output is not None and summary.output_path is not None:
         click.echo(

@@ -5,7 +5,7 @@
     ├── JobStopped                the run stopped before finishing: exit 3
     │   ├── BudgetExceeded        the next request would cross a spending limit
     │   └── SystematicFailure     the same failure on row after row: no row can succeed
-    ├── RunFailed                 an unexpected error stopped the run (exit 4)
+    ├── RunCrashed                an unexpected error stopped the run: exit 4
     └── ProviderError             one request failed; carries the HTTP status if any
         ├── RetryableError        try the same request again later
         │   ├── RateLimited           429 (not quota), retry hint honoured
@@ -65,8 +65,12 @@ class SystematicFailure(JobStopped):
         self.advice = advice
 
 
-class RunFailed(PipelineError):
+class RunCrashed(PipelineError):
     """An unexpected error stopped the run; finished rows were kept. The cause is chained."""
+
+    def __init__(self, message: str, *, log_path: object = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
 
 
 class ProviderError(PipelineError):

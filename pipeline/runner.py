@@ -24,7 +24,7 @@ from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
-from pipeline.errors import JobFatalError, JobStopped, SpecError
+from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import (
@@ -49,6 +49,7 @@ from pipeline.types import RowResult
 ADAPTIVE_MAX_CONCURRENCY = 256
 ADAPTIVE_START_CONCURRENCY = 16
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_INVALID, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CRASHED = 4
 
 
 @dataclass
@@ -245,7 +246,29 @@ def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
 
 
 async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
-    """`execute` for code that already runs an event loop (asyncio backend)."""
+    """`execute` for code that already runs an event loop (asyncio backend).
+
+    The last line of defence: an error nobody expected stops sending (the task group
+    cancels every worker), the rows that finished are committed on the way out, and it
+    comes back as `RunCrashed` with the cause chained.
+    """
+    try:
+        return await _execute(job, options)
+    except (SpecError, JobStopped):
+        raise
+    except Exception as exc:
+        cause = root_cause(exc)
+        raise RunCrashed(f"{type(cause).__name__}: {cause}", log_path=job.log_path) from cause
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The one error inside task-group wrappers (ExceptionGroup of one, nested)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
     started = time.monotonic()
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)
