@@ -192,10 +192,12 @@ def _with_results(
 ) -> pa.Table:
     stored = checkpoint.fetch(keys)
     if current is not None:
+        # A recorded hash may carry a suffix (":skipped" for a row not sent because its
+        # prompt was empty): it still answers that request.
         stored = {
             key: stored[key]
             for key, request_hash in zip(keys, current, strict=True)
-            if key in stored and stored[key][0] == request_hash
+            if key in stored and str(stored[key][0]).partition(":")[0] == request_hash
         }
     records = [stored[key][1:] if key in stored else _MISSING for key in keys]
     width = len(RESULT_FIELDS) + len(EXTRA_FIELDS)
