@@ -179,6 +179,25 @@ class Checkpoint:
             self._writer.execute("BEGIN")
             self._writer.executemany(statement, [(*row, now, self.generation) for row in rows])
 
+    def key_by_request(self) -> None:
+        """Re-key results by their request hash (for a job without an id column).
+
+        Earlier versions keyed such rows by position; their answers stay valid for
+        their requests, so they are kept under the new key instead of bought again.
+        """
+        if self.get_meta("keyed_by_request") == "1":
+            return
+        base = (
+            "CASE WHEN instr(request_hash, ':') > 0 "
+            "THEN substr(request_hash, 1, instr(request_hash, ':') - 1) ELSE request_hash END"
+        )
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.execute(
+                f"UPDATE OR IGNORE results SET row_key = {base} WHERE row_key != {base}"
+            )
+            self._writer.execute("INSERT OR REPLACE INTO meta VALUES ('keyed_by_request', '1')")
+
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         """Which of these rows already have a result, and for which request."""
         found: dict[str, Finished] = {}

@@ -313,6 +313,10 @@ async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
         claim(checkpoint, _identity(job), fresh=options.fresh)
         if options.fresh:
             checkpoint.start_fresh()
+        if job.table.id_column is None:
+            checkpoint.key_by_request()
+        elif checkpoint.get_meta("keyed_by_request") == "1":
+            checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
         adopted = 0
         if lost and not options.fresh:

@@ -685,3 +685,31 @@ def test_an_output_extension_without_a_format_is_refused(
     assert result.returncode == 2, result.stderr
     assert ".parquet, .csv or .jsonl" in result.stderr
     assert simulator.stats(full=False)["requests"] == 0
+
+
+def test_a_checkpoint_keyed_by_position_is_rekeyed_not_paid_again(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    import sqlite3
+
+    texts = [f"text {i}" for i in range(20)]
+    pl.DataFrame({"text": texts}).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, input__id_column=None)
+    assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+    path = tmp_path / "out" / "result.parquet.run" / "checkpoint.sqlite"
+    with sqlite3.connect(path) as db:  # as an earlier version left it: keyed by row number
+        hashes = [row[0] for row in db.execute("SELECT request_hash FROM results")]
+        for position, request_hash in enumerate(hashes):
+            db.execute(
+                "UPDATE results SET row_key = ? WHERE request_hash = ?",
+                (str(position), request_hash),
+            )
+        db.execute("DELETE FROM meta WHERE name = 'keyed_by_request'")
+    (tmp_path / "out" / "result.parquet").unlink()
+
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert simulator.stats(full=False)["completions"] == 20
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["response"].to_list() == [answer(messages_for(t)) for t in texts]
