@@ -23,7 +23,7 @@ from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
 from pipeline.cluster.segments import ShardStore, StateRoot
 from pipeline.cluster.shards import Shard
 from pipeline.config import ProviderSettings
-from pipeline.errors import BudgetExceeded, JobFatalError
+from pipeline.errors import JobFatalError, JobStopped
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import Layout
@@ -57,7 +57,7 @@ class ShardOutcome:
     reused: int = 0
     retries: int = 0
     rate_limited: int = 0
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     first_sent_at: float | None = None  # wall clock
     last_answer_at: float | None = None
