@@ -13,6 +13,7 @@ client processes as fast as they can, for the actor's calls a second.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import yaml
 from run import check_rows, make_input, run_client, sim_stats, start_simulator
 
-ROWS = 20_000
+ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
 WORKERS = 4
 RPM = 6000
 
