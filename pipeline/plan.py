@@ -66,6 +66,10 @@ class WorkPlan:
             # The workers stop taking rows; the runner sees this and plans again.
             self.input_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
 
+    def requests_between(self, start: int, stop: int) -> Iterator[ChatRequest | RowResult]:
+        """The rows at positions `start` to `stop` that need work: one shard of a cluster run."""
+        return self._requests_between(start, stop, track=False)
+
     def _requests_between(
         self, start: int, stop: int | None, *, track: bool
     ) -> Iterator[ChatRequest | RowResult]:
