@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError, SpecError
 from pipeline.runner import (
     EXIT_INVALID,
     EXIT_STOPPED,
+    PreparedJob,
     RunOptions,
     RunSummary,
     execute,
@@ -60,21 +61,41 @@ def validate(job: Path) -> None:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
 @click.option("--retry-failed", is_flag=True, help="Send rows that ended in error again.")
+@click.option(
+    "--batch", is_flag=True, help="Use the provider's batch API (half price, within 24 h)."
+)
+@click.option(
+    "--detach", is_flag=True, help="Batch jobs: submit the batches and exit without waiting."
+)
 def run(
-    job: Path, limit: int | None, output: Path | None, quiet: bool, fresh: bool, retry_failed: bool
+    job: Path,
+    limit: int | None,
+    output: Path | None,
+    quiet: bool,
+    fresh: bool,
+    retry_failed: bool,
+    batch: bool,
+    detach: bool,
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
     Rerun the same command to resume: finished rows whose request is unchanged are
-    reused, so only new, changed or unfinished rows are sent.
+    reused, so only new, changed or unfinished rows are sent. A batch job (--batch or
+    model.batch) resumes its submitted batches instead of sending them again.
     """
     try:
-        prepared = prepare(job, output=output, limit=limit)
+        prepared = prepare(job, output=output, limit=limit, batch=batch)
+        if detach and not prepared.spec.model.batch:
+            raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     try:
         options = RunOptions(
-            handle_signals=True, show_progress=not quiet, fresh=fresh, retry_failed=retry_failed
+            handle_signals=True,
+            show_progress=not quiet,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            detach=detach,
         )
         summary = execute(prepared, options)
     except SpecError as exc:
@@ -136,7 +157,9 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
         )
     elif summary.outcome.interrupted:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
-    elif summary.output_path is not None:
+    lines.extend(summary.notes)
+    stopped = summary.fatal is not None or summary.outcome.interrupted
+    if not stopped and summary.output_path is not None:
         where = shlex.quote(str(summary.output_path))
         lines.append(f"output: {summary.output_path}")
         if totals.failed or (stats is not None and stats.failed_rows):
@@ -172,7 +195,48 @@ def status_command(job: Path, output: Path | None) -> None:
         f"rate: {report.recent_rows_per_s:.1f} rows/s over the last minute; "
         + ("done" if eta == 0 else f"about {eta:.0f}s left" if eta else "not running"),
     ]
+    lines.extend(_batch_lines(prepared))
     click.echo("\n".join(lines))
+
+
+def _batch_lines(prepared: PreparedJob) -> list[str]:
+    """One line per batch of the job, as last seen by a run or a cancel."""
+    from pipeline.batch.engine import batch_chunks
+
+    lines = []
+    for chunk in batch_chunks(prepared):
+        answered = f"{chunk.done + chunk.failed}/{chunk.requests} answered"
+        failed = f" ({chunk.failed} failed)" if chunk.failed else ""
+        status = f", provider status {chunk.status}" if chunk.status else ""
+        detail = f": {chunk.detail}" if chunk.detail else ""
+        lines.append(
+            f"batch {chunk.chunk_id} {chunk.batch_id or '(not created)'}: {chunk.state}"
+            f"{status}, {answered}{failed}{detail}"
+        )
+    return lines
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="The run's --output, if given.")
+def cancel(job: Path, output: Path | None) -> None:
+    """Cancel the open provider batches of JOB; a rerun sends their unfinished rows again."""
+    import anyio
+
+    from pipeline.batch.engine import cancel_batches
+
+    try:
+        prepared = prepare(job, output=output)
+        cancelled = anyio.run(cancel_batches, prepared)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except PipelineError as exc:
+        _fail(str(exc), EXIT_STOPPED)
+    if not cancelled:
+        click.echo(f"{prepared.spec.name}: no open batches")
+        return
+    for chunk, state in cancelled:
+        click.echo(f"batch {chunk.chunk_id} {state.batch_id}: {state.status}")
 
 
 @main.command()
@@ -320,6 +384,17 @@ def _describe_estimate(report: Estimate) -> str:
         f"cost range: {money(report.cost_input)} (input only) to {money(report.cost_worst)} "
         "(every reply at max_tokens)"
     )
+    if report.batch_cost_input is not None or report.batch_cost_worst is not None:
+        expected = (
+            f"expected {money(report.batch_cost_expected)}; "
+            if report.batch_cost_expected is not None
+            else ""
+        )
+        lines.append(
+            f"online vs batch: online {money(report.cost_input)} to {money(report.cost_worst)}"
+            f" | batch {expected}{money(report.batch_cost_input)} to "
+            f"{money(report.batch_cost_worst)} (provider batch API, results within 24 h)"
+        )
     wall = f"about {report.wall_s:,.0f}s" if report.wall_s is not None else "unknown"
     lines.append(f"time at the configured limits: {wall} ({report.wall_basis})")
     return "\n".join(lines)

@@ -76,6 +76,16 @@ class SimulatorConfig(BaseModel):
     status_error_200: Probability = 0.0
     truncate_stream: Probability = 0.0
 
+    # --- batch APIs (files, batches, message batches) ---------------------------------
+    batch_turnaround_s: float = Field(default=2.0, ge=0)
+    """Seconds from creating a batch until it ends with every answer."""
+    batch_fail_rate: Probability = 0.0
+    """Share of batched requests answered with a 500 (error file / errored result)."""
+    batch_expire_rate: Probability = 0.0
+    """Share of batched requests that expire unanswered."""
+    batch_drop_create_response: bool = False
+    """The next batch create succeeds but its response is lost (connection dropped)."""
+
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:
         lo, hi = self.latency_ms
