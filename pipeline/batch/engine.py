@@ -58,6 +58,7 @@ from pipeline.scheduler import Outcome
 from pipeline.types import RowResult
 
 RECORD_ROWS = 2000
+CANCELLED_AT = "batch_cancelled_at"  # checkpoint meta: when `pipeline cancel` last ran
 MAX_POLL_BACKOFF_S = 600.0
 CALL_ATTEMPTS = 6
 # Uploads of up to 200 MB and downloads of the results need more than a request's timeout.
@@ -153,6 +154,7 @@ class _BatchRun:
         self.sent = 0
         self.notes: list[str] = []
         self.detach = options.detach
+        self.started = time.time()
         self.canceled_lines = 0
 
     # --- the run -------------------------------------------------------------------------
@@ -345,7 +347,9 @@ class _BatchRun:
         self.log.event(
             "batch_collected", chunk=chunk.chunk_id, batch=state.batch_id, status=state.status
         )
-        if state.status == "cancelled" or self.canceled_lines:
+        cancelled_at = float(self.checkpoint.get_meta(CANCELLED_AT) or 0)
+        if (state.status == "cancelled" or self.canceled_lines) and cancelled_at >= self.started:
+            # Cancelled while this run waited: stop. A later run sends the rows again.
             raise BatchesCancelled(f"batch {state.batch_id} was cancelled")
 
     async def _record_lines(self, chunk: Chunk, lines: list[ResultLine]) -> None:
@@ -552,6 +556,7 @@ async def cancel_batches(job: PreparedJob) -> list[tuple[Chunk, BatchState]]:
         return []
     store = BatchStore(job.checkpoint_path)
     cancelled: list[tuple[Chunk, BatchState]] = []
+    store.set_meta(CANCELLED_AT, repr(time.time()))
     try:
         async with HttpClient(4, job.spec.limits.timeout_s) as client:
             settings = dataclasses.replace(job.settings, stream=False)

@@ -110,6 +110,9 @@ class BatchStore:
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('batch_job', ?)", (value,))
         return self.job_fingerprint()
 
+    def set_meta(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
     def add_chunk(self, api: str, model: str, path: Path, size: int, items: list[Item]) -> Chunk:
         """Record the intent: the chunk and its rows, atomically, before any upload."""
         now = time.time()

@@ -79,7 +79,6 @@ class Batch:
     id: str
     anthropic: bool
     created_at: float
-    ends_at: float
     total: int
     input_file_id: str | None = None
     endpoint: str = "/v1/chat/completions"
@@ -95,6 +94,7 @@ class Batch:
     error_file_id: str | None = None
     results: Path | None = None
     cancel_requested_at: float | None = None
+    cancel_looks: int = 0  # looks left before a cancellation completes
     finished_at: float | None = None
 
 
@@ -253,7 +253,6 @@ class BatchStore:
             id=_new_id("batch_"),
             anthropic=False,
             created_at=now,
-            ends_at=now + self.sim.config.batch_turnaround_s,
             total=0,
             input_file_id=stored.id,
             endpoint=str(body["endpoint"]),
@@ -356,7 +355,6 @@ class BatchStore:
             id=_new_id("msgbatch_"),
             anthropic=True,
             created_at=now,
-            ends_at=now + self.sim.config.batch_turnaround_s,
             total=len(requests),
             requests=requests,
             status="in_progress",
@@ -423,6 +421,7 @@ class BatchStore:
         if batch.status in ("validating", "in_progress"):
             batch.cancel_requested_at = time.time()
             batch.status = "canceling" if batch.anthropic else "cancelling"
+            batch.cancel_looks = 1  # the cancel call's own answer still says so
 
     def _advance(self, batch: Batch) -> None:
         """Move the batch along its states as the clock says."""
@@ -430,10 +429,14 @@ class BatchStore:
         if batch.status == "validating":
             self._validate(batch)
         if batch.status in ("cancelling", "canceling"):
-            self._process(batch, cancelled=True)
+            if batch.cancel_looks > 0:
+                batch.cancel_looks -= 1
+            else:
+                self._process(batch, cancelled=True)
             return
         if batch.status == "in_progress":
-            if now >= batch.ends_at:
+            # The turnaround is read now, so a test can shorten it for batches already created.
+            if now >= batch.created_at + self.sim.config.batch_turnaround_s:
                 self._process(batch, cancelled=False)
         elif batch.status == "finalizing":
             self._process(batch, cancelled=False)
