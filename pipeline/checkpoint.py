@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -139,7 +140,7 @@ class Checkpoint:
         columns = "row_key, request_hash, " + ", ".join(RESULT_FIELDS + EXTRA_FIELDS)
         return {row[0]: row[1:] for row in self._select(columns, keys)}
 
-    def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[object, ...]]:
+    def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[Any, ...]]:
         for start in range(0, len(keys), _LOOKUP_CHUNK):
             chunk = keys[start : start + _LOOKUP_CHUNK]
             marks = ", ".join("?" * len(chunk))

@@ -25,7 +25,7 @@ class ProviderPreset(BaseModel):
     protocol: str
     base_url: str | None = None
     api_key_env: str | None = None
-    auth: list[AuthMode] = Field(default_factory=lambda: ["bearer"])
+    auth: list[AuthMode] = Field(default_factory=lambda: list[AuthMode](["bearer"]))
     model_keys: list[str] = Field(default_factory=lambda: ["model"])
     default_params: dict[str, Any] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)

@@ -64,8 +64,9 @@ async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
         async with HttpClient(COUNT_CONCURRENCY, job.spec.limits.timeout_s) as client:
             counted = await _count(create_provider(settings, client), first)
     input_tokens, counted_with = sum(local), "offline estimate (~4 characters a token)"
-    if counted is not None and sum(local[: len(first)]):
-        scale = sum(counted) / sum(local[: len(first)])
+    calibrated = sum(local[: len(first)])
+    if counted is not None and calibrated > 0:
+        scale = sum(counted) / calibrated
         input_tokens = round(sum(local) * scale)
         counted_with = f"count_tokens endpoint on {len(first)} rows, scaled to all rows"
     result = Estimate(
@@ -115,10 +116,9 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
     if not usable:
         return
     result.sample_rows = len(usable)
-    result.output_per_row = sum(r.completion.usage.output_tokens for r in usable) / len(usable)  # type: ignore[union-attr]
-    result.reasoning_per_row = sum(r.completion.usage.reasoning_tokens for r in usable) / len(
-        usable
-    )  # type: ignore[union-attr]
+    usages = [r.completion.usage for r in usable if r.completion is not None]
+    result.output_per_row = sum(u.output_tokens for u in usages) / len(usable)
+    result.reasoning_per_row = sum(u.reasoning_tokens for u in usages) / len(usable)
     result.latency_s = sum(r.latency_s or 0.0 for r in usable) / len(usable)
 
 

@@ -78,7 +78,7 @@ class InputTable:
                 .head(3)
                 .collect()
             )
-            shown = ", ".join(repr(v) for v in duplicates[self.id_column].to_list())
+            shown = ", ".join(repr(v) for v in duplicates.to_series(0).to_list())
             raise SpecError(
                 f"input.id_column: column '{self.id_column}' must be unique, "
                 f"but {rows - stats['unique_ids']} value(s) repeat, e.g. {shown}"

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from pipeline.errors import ProviderError, RetryableError
 
+_RNG = random.Random()
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -15,8 +17,8 @@ class RetryPolicy:
     max_delay_s: float = 30.0
 
     def delay(
-        self, attempt: int, error: ProviderError, rng: random.Random = random
-    ) -> float | None:  # type: ignore[assignment]
+        self, attempt: int, error: ProviderError, rng: random.Random | None = None
+    ) -> float | None:
         """Seconds to wait before attempt `attempt + 1`, or None to give up.
 
         A server's own hint (Retry-After and friends) wins over backoff; otherwise
@@ -24,6 +26,7 @@ class RetryPolicy:
         """
         if not isinstance(error, RetryableError) or attempt >= self.max_attempts:
             return None
+        rng = rng or _RNG
         if error.retry_after is not None:
             return error.retry_after + rng.uniform(0, 0.1 * min(error.retry_after, 1.0) + 0.01)
         ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))

@@ -153,12 +153,14 @@ class AnthropicMessages(Provider):
             if answer is not None:
                 calls.remove(answer)
                 response = orjson.dumps(answer["arguments"]).decode()
-        stop = payload.get("stop_reason")
+        stop: str | None = payload.get("stop_reason")
         return Completion(
             response=response,
             reasoning="\n".join(thinking) if thinking else None,
             usage=_usage(payload.get("usage")),
-            finish_reason=STOP_REASONS.get(stop, stop) if not self.schema_via_tool else "stop",
+            finish_reason=STOP_REASONS.get(stop or "", stop)
+            if not self.schema_via_tool
+            else "stop",
             model=payload.get("model"),
             rate_limits=rate_limits,
             tool_calls=calls or None,

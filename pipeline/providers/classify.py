@@ -64,7 +64,9 @@ def _codes_and_message(payload: Any) -> tuple[set[str], str]:
         return set(), ""
     error = payload.get("error")
     if isinstance(error, dict):
-        details = error.get("details") if isinstance(error.get("details"), dict) else {}
+        details = error.get("details")
+        if not isinstance(details, dict):
+            details = {}
         codes = {error.get("code"), error.get("type"), details.get("error_code")}
         return {str(c) for c in codes if c is not None}, str(error.get("message") or "")
     if isinstance(error, str):  # xAI: {"code": "...", "error": "..."}

@@ -255,9 +255,9 @@ def _reasoning(message: dict[str, Any]) -> str | None:
     details = message.get("reasoning_details")
     if isinstance(details, list):
         texts = [
-            d.get("text") or d.get("summary")
+            text
             for d in details
-            if isinstance(d, dict) and isinstance(d.get("text") or d.get("summary"), str)
+            if isinstance(d, dict) and isinstance(text := d.get("text") or d.get("summary"), str)
         ]
         if texts:
             return "\n".join(texts)
