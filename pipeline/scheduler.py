@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from pipeline.budget import Budget
 from pipeline.config import Price
+from pipeline.counters import RunCounters
 from pipeline.errors import (
     BudgetExceeded,
     JobFatalError,
@@ -76,6 +77,8 @@ class Scheduler:
         schema: OutputSchema | None = None,
         schema_retries: int = 1,
         grace_s: float = 10.0,
+        counters: RunCounters | None = None,
+        on_stop: Callable[[float], None] | None = None,
     ) -> None:
         self.provider = provider
         self.pacer = pacer
@@ -88,6 +91,8 @@ class Scheduler:
         self.schema_retries = schema_retries
         self.grace_s = grace_s
         self.outcome = Outcome()
+        self.counters = counters or RunCounters()
+        self._on_stop = on_stop  # told the grace period when the first stop begins
         self._stopping = False
         self._work: TaskGroup | None = None
         self._pending: list[RowResult] = []
@@ -118,6 +123,8 @@ class Scheduler:
             return
         self.outcome.interrupted = True
         self._stop_taking_rows()
+        if self._on_stop is not None:
+            self._on_stop(self.grace_s)
 
     def _stop_taking_rows(self) -> None:
         # Requests already sent are paid for: let them land (and be recorded) for a while.
@@ -180,7 +187,8 @@ class Scheduler:
                 if self.budget is not None:
                     reservation = self.budget.reserve(request)
                 # The deadline (limits.timeout_s) is the HTTP client's, set once for the pool.
-                completion = await self.provider.complete(request)
+                with self.counters.sending():
+                    completion = await self.provider.complete(request)
             except ProviderError as exc:
                 error: ProviderError = exc
             except BaseException:
@@ -203,7 +211,7 @@ class Scheduler:
                     status=200,
                     latency_s=latency,
                     outcome="ok" if invalid is None else invalid.kind,
-                    in_flight=pacer.in_flight,
+                    in_flight=self.counters.in_flight,
                     wait_s=0.0 if retry else None,
                     why="answer does not match output.schema: asking again" if retry else None,
                     message=invalid.message[:300] if invalid else None,
@@ -228,7 +236,7 @@ class Scheduler:
                 status=error.status,
                 latency_s=latency,
                 outcome=error.kind,
-                in_flight=pacer.in_flight,
+                in_flight=self.counters.in_flight,
                 wait_s=delay,
                 why=self._why(error, attempt, delay),
                 message=error.message[:300],
