@@ -29,6 +29,7 @@ from pipeline.batch.planner import plan_chunks
 from pipeline.batch.store import BatchStore, Chunk, Item
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
+from pipeline.counters import RunCounters
 from pipeline.errors import (
     JobFatalError,
     ProviderError,
@@ -90,12 +91,7 @@ class BatchCanceled(RetryableError):
 
 @dataclass
 class _Tally:
-    done: int = 0
-    failed: int = 0
-    tokens: int = 0
-    cost: float = 0.0
-    priced: bool = False
-    retried: int = 0
+    retried: int = 0  # results that go into a later batch
     submitted: list[int] = field(default_factory=list)
     live: dict[int, int] = field(default_factory=dict)  # chunk id -> answered so far
 
@@ -150,6 +146,7 @@ class _BatchRun:
         self.fingerprint = store.job_fingerprint()
         self.outcome = Outcome()
         self.tally = _Tally()
+        self.counters = RunCounters()
         self.reused = 0
         self.sent = 0
         self.notes: list[str] = []
@@ -219,8 +216,9 @@ class _BatchRun:
                 continue
             count += 1
             await self.submit(piece)
-        if not self.sent and not self.tally.done:
+        if not self.sent and not self.counters.rows_finished:
             self.reused = plan.reused
+            self.counters.rows_reused = plan.reused
         self.sent += plan.planned
         return count
 
@@ -427,30 +425,17 @@ class _BatchRun:
         if not results:
             return
         await anyio.to_thread.run_sync(self.checkpoint.write, results)
-        tally = self.tally
         for result in results:
             if self.options.on_result is not None:
                 self.options.on_result(result)
-            tally.done += 1
-            tally.failed += result.error is not None
-            if result.completion is not None:
-                usage = result.completion.usage
-                tally.tokens += usage.prompt_tokens + usage.output_tokens
-            if result.cost_usd is not None:
-                tally.cost += result.cost_usd
-                tally.priced = True
+            self.counters.row_finished(result)
         self._show()
 
     def _show(self) -> None:
-        tally = self.tally
-        answered = self.reused + tally.done + sum(tally.live.values())
-        self.progress.update(
-            min(answered, self.job.rows),
-            tally.failed,
-            tally.tokens,
-            tally.cost if tally.priced else None,
-            retries=tally.retried,
-        )
+        # The bar also counts answers the provider reports for batches still open.
+        live = sum(self.tally.live.values())
+        shown = dataclasses.replace(self.counters, rows_finished=self.counters.rows_finished + live)
+        self.progress.update(shown, reused=self.reused, retries=self.tally.retried)
 
     async def _call(self, step: Callable[[], Awaitable[T]]) -> T:
         """One API step, retried on transient failures; job-fatal errors propagate."""
@@ -493,12 +478,13 @@ class _BatchRun:
                 "command without --detach collects them"
             )
         elif not self.options.write_output:
-            code = EXIT_ROW_ERRORS if self.tally.failed else EXIT_OK
+            code = EXIT_ROW_ERRORS if self.counters.rows_failed else EXIT_OK
         else:
             write_output(job.table, self.checkpoint, job.output_path, job.limit, layout=job.layout)
             output_path = job.output_path
             code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
         outcome.retries = self.tally.retried
+        self.counters.requests_sent = self.sent  # requests put into batches this run
         return RunSummary(
             rows=job.rows,
             reused=self.reused,
@@ -509,9 +495,10 @@ class _BatchRun:
             output_path=output_path,
             exit_code=code,
             fatal=outcome.fatal,
-            run_cost=self.tally.cost,
-            run_failed=self.tally.failed,
+            run_cost=self.counters.cost_usd,
+            run_failed=self.counters.rows_failed,
             notes=self.notes,
+            counters=self.counters,
         )
 
 
