@@ -199,7 +199,10 @@ class Scheduler:
                 self.outcome.last_answer_at = anyio.current_time()
                 pacer.release(succeeded=True)
                 pacer.observe(completion.rate_limits)
-                pacer.learn_prompt_scale(request.prompt_estimate, completion.usage.prompt_tokens)
+                if completion.usage is not None:
+                    pacer.learn_prompt_scale(
+                        request.prompt_estimate, completion.usage.prompt_tokens
+                    )
                 latency = anyio.current_time() - started
                 result = self._success(request, completion, attempt, latency)
                 self._settle(reservation, result)
@@ -290,7 +293,9 @@ class Scheduler:
     def _success(
         self, request: ChatRequest, completion: Completion, attempts: int, latency: float
     ) -> RowResult:
-        cost = self.price.cost(completion.usage) if self.price else None
+        cost = completion.reported_cost_usd
+        if cost is None and self.price is not None and completion.usage is not None:
+            cost = self.price.cost(completion.usage)
         error = None
         if completion.finish_reason == "content_filter":
             error = "content_filtered: the provider's content filter stopped the answer"

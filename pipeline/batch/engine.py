@@ -56,7 +56,7 @@ from pipeline.runner import (
     uses_embedded_simulator,
 )
 from pipeline.scheduler import Outcome
-from pipeline.types import RowResult
+from pipeline.types import Completion, RowResult
 
 RECORD_ROWS = 2000
 CANCELLED_AT = "batch_cancelled_at"  # checkpoint meta: when `pipeline cancel` last ran
@@ -393,11 +393,12 @@ class _BatchRun:
             error=error.describe() + tried,
         )
 
-    def _success(self, item: Item, completion: object) -> RowResult | None:
-        from pipeline.types import Completion
-
-        assert isinstance(completion, Completion)
+    def _success(self, item: Item, completion: Completion) -> RowResult | None:
+        # A cost the provider reports is its own (batch) price; else the batch price table.
+        cost = completion.reported_cost_usd
         price = self.settings.batch_price
+        if cost is None and price is not None and completion.usage is not None:
+            cost = price.cost(completion.usage)
         result = RowResult(
             item.row_index,
             item.row_key,
@@ -405,7 +406,7 @@ class _BatchRun:
             item.attempt,
             None,
             completion=completion,
-            cost_usd=price.cost(completion.usage) if price else None,
+            cost_usd=cost,
         )
         if completion.finish_reason == "content_filter":
             result.error = "content_filtered: the provider's content filter stopped the answer"
