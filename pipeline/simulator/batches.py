@@ -205,6 +205,7 @@ class BatchStore:
         if path.stat().st_size > OPENAI_MAX_BYTES:
             path.unlink(missing_ok=True)
             return _invalid(f"File is larger than {OPENAI_MAX_BYTES} bytes.", "file")
+        self.sim.stats_obj.files_uploaded += 1
         return E.json_response(self._register(file_id, path, purpose, filename).as_json())
 
     # --- OpenAI batches ------------------------------------------------------------------
@@ -266,10 +267,11 @@ class BatchStore:
             from .handlers import drop
 
             return drop(request)
-        return E.json_response(self._openai_json(batch))
+        return E.json_response(self._openai_json(batch, advance=False))
 
-    def _openai_json(self, batch: Batch) -> dict[str, Any]:
-        self._advance(batch)
+    def _openai_json(self, batch: Batch, *, advance: bool = True) -> dict[str, Any]:
+        if advance:  # the create call's own answer shows the batch as it starts
+            self._advance(batch)
         errors = {"object": "list", "data": batch.errors} if batch.errors else None
 
         def stamp(condition: bool, value: float | None) -> int | None:
@@ -361,10 +363,13 @@ class BatchStore:
         )
         self.batches[batch.id] = batch
         self.sim.stats_obj.batches_created += 1
-        return E.json_response(self._anthropic_json(batch, request))
+        return E.json_response(self._anthropic_json(batch, request, advance=False))
 
-    def _anthropic_json(self, batch: Batch, request: web.Request) -> dict[str, Any]:
-        self._advance(batch)
+    def _anthropic_json(
+        self, batch: Batch, request: web.Request, *, advance: bool = True
+    ) -> dict[str, Any]:
+        if advance:
+            self._advance(batch)
         ended = batch.status in ("ended",)
         processing = batch.total - (batch.succeeded + batch.failed + batch.expired + batch.canceled)
         base = f"{request.scheme}://{request.host}{request.path.split('/messages/batches')[0]}"

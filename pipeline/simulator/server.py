@@ -49,6 +49,7 @@ class Stats:
         self.reasoning_tokens = 0
         self.cached_tokens = 0
         self.batches_created = 0
+        self.files_uploaded = 0
         self.batch_requests_paid = 0
 
     def paid(self, key: str, c: Completion) -> None:
@@ -80,6 +81,7 @@ class Stats:
             "reasoning_tokens": self.reasoning_tokens,
             "cached_tokens": self.cached_tokens,
             "batches_created": self.batches_created,
+            "files_uploaded": self.files_uploaded,
             "batch_requests_paid": self.batch_requests_paid,
         }
         if full:
