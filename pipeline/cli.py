@@ -49,7 +49,7 @@ def validate(job: Path) -> None:
     click.echo(
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
-        f"output {prepared.output_path}"
+        f"output {prepared.output_location}"
     )
 
 
@@ -61,7 +61,9 @@ def validate(job: Path) -> None:
     help="Process only the first N rows (written to <output stem>.first-N.parquet).",
 )
 @click.option(
-    "--output", type=click.Path(path_type=Path), help="Write here instead of output.path."
+    "--output",
+    type=str,
+    help="Write here instead of output.path (a local path or an s3://, gs://, az:// URI).",
 )
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
@@ -75,7 +77,7 @@ def validate(job: Path) -> None:
 def run(
     job: Path,
     limit: int | None,
-    output: Path | None,
+    output: str | None,
     quiet: bool,
     fresh: bool,
     retry_failed: bool,
@@ -120,7 +122,7 @@ def run(
     sys.exit(summary.exit_code)
 
 
-def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
+def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) -> None:
     from pipeline.report import OutputStats
 
     totals = summary.totals
@@ -179,7 +181,10 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
     stopped = summary.fatal is not None or summary.outcome.interrupted
     if not stopped and summary.output_path is not None:
         where = shlex.quote(str(summary.output_path))
-        lines.append(f"output: {summary.output_path}")
+        if summary.output_uri is not None:
+            lines.append(f"output: {summary.output_uri} (built locally at {summary.output_path})")
+        else:
+            lines.append(f"output: {summary.output_path}")
         if totals.failed or (stats is not None and stats.failed_rows):
             count = stats.failed_rows if stats is not None else totals.failed
             lines.append(

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import anyio
 
+from pipeline import storage
 from pipeline.batch.apis import CANCELED, EXPIRED, BatchApi, BatchState, ResultLine, make_api
 from pipeline.batch.planner import plan_chunks
 from pipeline.batch.store import BatchStore, Chunk, Item
@@ -482,6 +483,8 @@ class _BatchRun:
             code = EXIT_ROW_ERRORS if self.counters.rows_failed else EXIT_OK
         else:
             write_output(job.table, self.checkpoint, job.output_path, job.limit, layout=job.layout)
+            if job.output_uri is not None:
+                storage.upload(job.output_path, job.output_uri)
             output_path = job.output_path
             code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
         outcome.retries = self.tally.retried
@@ -500,6 +503,7 @@ class _BatchRun:
             run_failed=self.counters.rows_failed,
             notes=self.notes,
             counters=self.counters,
+            output_uri=job.output_uri if output_path is not None else None,
         )
 
 
