@@ -20,11 +20,12 @@ import anyio
 
 from pipeline import storage
 from pipeline.batch.support import require_batch_api
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
-from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
+from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import (
@@ -49,6 +50,7 @@ from pipeline.types import RowResult
 ADAPTIVE_MAX_CONCURRENCY = 256
 ADAPTIVE_START_CONCURRENCY = 16
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_INVALID, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CRASHED = 4
 
 
 @dataclass
@@ -109,7 +111,7 @@ class RunSummary:
     wall_s: float
     output_path: Path | None
     exit_code: int
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -196,6 +198,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         retry_failed=retry_failed,
         request_extra=job.request_extra,
         start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
+        skip_empty=job.spec.prompt.skip_empty,
     )
 
 
@@ -242,6 +245,7 @@ class RunOptions:
     on_result: Callable[[RowResult], None] | None = None
     write_output: bool = True
     detach: bool = False  # batch jobs: submit the batches and return without waiting
+    command: str | None = None  # how the run was started, for the run log and the report
 
 
 def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
@@ -252,7 +256,29 @@ def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
 
 
 async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
-    """`execute` for code that already runs an event loop (asyncio backend)."""
+    """`execute` for code that already runs an event loop (asyncio backend).
+
+    The last line of defence: an error nobody expected stops sending (the task group
+    cancels every worker), the rows that finished are committed on the way out, and it
+    comes back as `RunCrashed` with the cause chained.
+    """
+    try:
+        return await _execute(job, options)
+    except (SpecError, JobStopped):
+        raise
+    except Exception as exc:
+        cause = root_cause(exc)
+        raise RunCrashed(f"{type(cause).__name__}: {cause}", log_path=job.log_path) from cause
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The one error inside task-group wrappers (ExceptionGroup of one, nested)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
     if job.spec.model.batch:
         from pipeline.batch.engine import run_batch
 
@@ -346,7 +372,17 @@ async def _pump(
     )
 
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
-    log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
+    log.event(
+        "run_started",
+        job=job.spec.name,
+        rows=job.rows,
+        model=settings.model,
+        provider=settings.name,
+        params=settings.params,
+        prompt=job.spec.prompt.model_dump(exclude_none=True, exclude_defaults=True),
+        limit=job.limit,
+        command=options.command,
+    )
 
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
@@ -402,6 +438,7 @@ async def _pump(
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
+            breaker=Breaker(stall_s=limits.stall_timeout_s),
             counters=counters,
             on_stop=stopping,
         )

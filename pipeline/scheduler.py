@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskGroup
 
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.config import Price
 from pipeline.counters import RunCounters
 from pipeline.errors import (
-    BudgetExceeded,
     JobFatalError,
+    JobStopped,
     ProviderError,
     RateLimited,
     RetryableError,
@@ -33,6 +34,7 @@ from pipeline.providers import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
+from pipeline.spend import RowSpend, attempt_cost
 from pipeline.structured import OutputSchema
 from pipeline.types import ChatRequest, Completion, RowResult
 
@@ -47,7 +49,7 @@ Planned = ChatRequest | RowResult
 class Outcome:
     """How the pool ended."""
 
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     recorded: int = 0
     retries: int = 0
@@ -79,6 +81,7 @@ class Scheduler:
         grace_s: float = 10.0,
         counters: RunCounters | None = None,
         on_stop: Callable[[float], None] | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.provider = provider
         self.pacer = pacer
@@ -93,6 +96,7 @@ class Scheduler:
         self.outcome = Outcome()
         self.counters = counters or RunCounters()
         self._on_stop = on_stop  # told the grace period when the first stop begins
+        self.breaker = breaker or Breaker()
         self._stopping = False
         self._work: TaskGroup | None = None
         self._pending: list[RowResult] = []
@@ -153,7 +157,7 @@ class Scheduler:
             if isinstance(item, ChatRequest):
                 try:
                     result = await self._process(item)
-                except (JobFatalError, BudgetExceeded) as exc:
+                except (JobFatalError, JobStopped) as exc:
                     self._fail_job(exc)
                     return
                 if result is None:
@@ -163,7 +167,7 @@ class Scheduler:
             if len(self._pending) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
 
-    def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
+    def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:
             self.outcome.fatal = error
         self._stop_taking_rows()
@@ -172,6 +176,7 @@ class Scheduler:
         """The row's final result, or None when the run stopped before it was sent."""
         attempt = 0
         schema_failures = 0
+        spend = RowSpend()
         pacer = self.pacer
         while True:
             attempt += 1
@@ -206,6 +211,7 @@ class Scheduler:
                 latency = anyio.current_time() - started
                 result = self._success(request, completion, attempt, latency)
                 self._settle(reservation, result)
+                spend.add(completion, result.cost_usd)
                 invalid = self._check_schema(result)
                 retry = invalid is not None and schema_failures < self.schema_retries
                 self.log.attempt(
@@ -218,9 +224,11 @@ class Scheduler:
                     wait_s=0.0 if retry else None,
                     why="answer does not match output.schema: asking again" if retry else None,
                     message=invalid.message[:300] if invalid else None,
+                    cost_usd=result.cost_usd,
                 )
+                self._breaker_after_answer(result, invalid, final=not retry)
                 if not retry:
-                    return result
+                    return spend.charge(result)
                 schema_failures += 1
                 self.outcome.retries += 1
                 continue
@@ -246,9 +254,13 @@ class Scheduler:
             )
             if isinstance(error, JobFatalError):
                 raise error
+            if (stop := self.breaker.answered_with(error)) is not None:
+                self._fail_job(stop)
             if delay is None:
+                if (stop := self.breaker.row_failed(error)) is not None:
+                    self._fail_job(stop)
                 tried = f" after {attempt} attempts" if attempt > 1 else ""
-                return RowResult(
+                failed = RowResult(
                     request.index,
                     request.key,
                     request.request_hash,
@@ -256,8 +268,23 @@ class Scheduler:
                     latency,
                     error=error.describe() + tried,
                 )
+                return spend.charge(failed)
             self.outcome.retries += 1
             await anyio.sleep(delay)
+
+    def _breaker_after_answer(
+        self, result: RowResult, invalid: SchemaViolation | None, *, final: bool
+    ) -> None:
+        """Tell the breaker what an HTTP 200 came to: a success, or a schema mismatch."""
+        if invalid is None:
+            if result.error is None:
+                self.breaker.succeeded()
+            return
+        stop = self.breaker.answered_with(invalid)
+        if stop is None and final:
+            stop = self.breaker.row_failed(invalid)
+        if stop is not None:
+            self._fail_job(stop)
 
     def _why(self, error: ProviderError, attempt: int, delay: float | None) -> str:
         if isinstance(error, JobFatalError):
@@ -293,9 +320,7 @@ class Scheduler:
     def _success(
         self, request: ChatRequest, completion: Completion, attempts: int, latency: float
     ) -> RowResult:
-        cost = completion.reported_cost_usd
-        if cost is None and self.price is not None and completion.usage is not None:
-            cost = self.price.cost(completion.usage)
+        cost = attempt_cost(completion, self.price)
         error = None
         if completion.finish_reason == "content_filter":
             error = "content_filtered: the provider's content filter stopped the answer"

@@ -209,7 +209,13 @@ class _BatchRun:
         folder = job.run_dir / "batches"
         count = 0
         pieces = plan_chunks(
-            plan.requests(), self.provider, self.api, self.store, folder, self.settings.model
+            plan.requests(),
+            self.provider,
+            self.api,
+            self.store,
+            folder,
+            self.settings.model,
+            max_attempts=self.max_attempts,
         )
         for piece in pieces:
             if isinstance(piece, list):
@@ -301,6 +307,10 @@ class _BatchRun:
                     failures += 1
                     self.log.event("batch_poll_failed", batch=chunk.batch_id, error=exc.describe())
                     break
+                except JobFatalError:
+                    raise
+                except ProviderError as exc:
+                    raise JobStoppedByApi(exc) from exc
                 failures = 0
                 self.store.update(
                     chunk_id, status=state.status, done=state.done, failed=state.failed

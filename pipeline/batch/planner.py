@@ -63,9 +63,12 @@ def plan_chunks(
     store: BatchStore,
     folder: Path,
     model: str,
+    *,
+    max_attempts: int,
 ) -> Iterator[Chunk | list[RowResult]]:
     """Chunks whose intent is committed (file written, rows recorded), one at a time;
-    rows that cannot be sent (a template that fails for them) come as results."""
+    rows that cannot be sent (a template that fails for them, or `max_attempts`
+    batches that all came back without an answer for them) come as results."""
     folder.mkdir(parents=True, exist_ok=True)
     current: _ChunkFile | None = None
     serial = itertools.count(1)
@@ -87,12 +90,19 @@ def plan_chunks(
 
     while group := list(itertools.islice(requests, LOOKUP_ROWS)):
         unsendable = [r for r in group if isinstance(r, RowResult)]
-        if unsendable:
-            yield unsendable
         sendable = [r for r in group if isinstance(r, ChatRequest)]
         tried = store.attempts([r.key for r in sendable])
-        for request in sendable:
-            attempt = tried.get((request.key, request.request_hash), 0) + 1
+        attempts = [tried.get((r.key, r.request_hash), 0) + 1 for r in sendable]
+        unsendable += [
+            _no_answer(request, attempt - 1)
+            for request, attempt in zip(sendable, attempts, strict=True)
+            if attempt > max_attempts
+        ]
+        if unsendable:
+            yield unsendable
+        for request, attempt in zip(sendable, attempts, strict=True):
+            if attempt > max_attempts:
+                continue
             cid = custom_id(request.index)
             line = api.line(cid, provider.request_body(request))
             if current is not None and not current.fits(line):
@@ -106,3 +116,15 @@ def plan_chunks(
     elif current is not None:
         current.close()
         current.path.unlink(missing_ok=True)
+
+
+def _no_answer(request: ChatRequest, batches: int) -> RowResult:
+    # A provider that keeps leaving a request out of its results must not loop forever.
+    return RowResult(
+        request.index,
+        request.key,
+        request.request_hash,
+        batches,
+        None,
+        error=f"batch_no_result: no answer for this request in {batches} batches",
+    )
