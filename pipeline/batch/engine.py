@@ -27,7 +27,7 @@ import anyio
 from pipeline import storage
 from pipeline.batch.apis import CANCELED, EXPIRED, BatchApi, BatchState, ResultLine, make_api
 from pipeline.batch.planner import plan_chunks
-from pipeline.batch.store import BatchStore, Chunk, Item
+from pipeline.batch.store import BatchStore, Chunk, Item, read_chunks
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
 from pipeline.counters import RunCounters
@@ -545,11 +545,7 @@ def batch_chunks(job: PreparedJob) -> list[Chunk]:
     """Every batch of the job as last seen (empty before its first batch run)."""
     if not job.checkpoint_path.exists():
         return []
-    store = BatchStore(job.checkpoint_path)
-    try:
-        return store.chunks()
-    finally:
-        store.close()
+    return read_chunks(job.checkpoint_path)
 
 
 async def cancel_batches(job: PreparedJob) -> list[tuple[Chunk, BatchState]]:

@@ -202,6 +202,18 @@ class BatchStore:
         self._db.execute("DELETE FROM batch_items WHERE chunk_id = ?", (chunk_id,))
 
 
+def read_chunks(path: Path) -> list[Chunk]:
+    """Every chunk, read without writing (safe beside a running job; no tables: none)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute("SELECT * FROM batch_chunks ORDER BY chunk_id").fetchall()
+    except sqlite3.OperationalError:
+        return []  # a checkpoint no batch run has touched
+    finally:
+        db.close()
+    return [Chunk(*row) for row in rows]
+
+
 def describe_errors(errors: list[dict[str, object]]) -> str:
     """Line errors as stored in a chunk's detail and shown to the user."""
     return orjson.dumps(errors).decode()
