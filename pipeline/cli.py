@@ -120,6 +120,19 @@ def _warn_empty_prompts(prepared: PreparedJob) -> None:
 @click.option(
     "--detach", is_flag=True, help="Batch jobs: submit the batches and exit without waiting."
 )
+@click.option(
+    "--ray", "use_ray", is_flag=True, help="Run sharded on a local Ray cluster started now."
+)
+@click.option(
+    "--ray-address",
+    metavar="auto|ADDRESS",
+    help="Run sharded on an existing Ray cluster ('auto', or the head's host:port).",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(min=1),
+    help="Shards to run at once (default: the cluster's CPUs).",
+)
 def run(
     job: Path,
     limit: int | None,
@@ -129,6 +142,9 @@ def run(
     retry_failed: bool,
     batch: bool,
     detach: bool,
+    use_ray: bool,
+    ray_address: str | None,
+    ray_workers: int | None,
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
@@ -139,13 +155,20 @@ def run(
     A batch job (--batch or model.batch) resumes its submitted batches instead of
     sending them again.
     """
+    cluster = use_ray or ray_address is not None or ray_workers is not None
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
         f" --output {shlex.quote(str(output))}" if output else ""
     )
     try:
+        if cluster:
+            from pipeline.cluster import require_ray
+
+            require_ray()
         prepared = prepare(job, output=output, limit=limit, batch=batch)
         if detach and not prepared.spec.model.batch:
             raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")
+        if cluster and prepared.spec.model.batch:
+            raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except Exception as exc:  # the last line of defence, before anything was sent
@@ -159,7 +182,12 @@ def run(
             detach=detach,
             command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
-        summary = execute(prepared, options)
+        if cluster:
+            from pipeline.cluster import ClusterOptions, run_on_ray
+
+            summary = run_on_ray(prepared, options, ClusterOptions(ray_address, ray_workers))
+        else:
+            summary = execute(prepared, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except RunCrashed as exc:
