@@ -322,3 +322,33 @@ def test_python_api_runs_on_the_cluster(
     )
     assert out["review_id"].to_list() == data["review_id"].to_list()
     check_answers(out)
+
+
+def test_a_rejected_key_stops_every_worker_with_exit_3(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    reviews(400).write_parquet(tmp_path / "reviews.parquet", row_group_size=50)
+    job = make_job(tmp_path, simulator, input_path="reviews.parquet")
+
+    result = run_cli(
+        "run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path, key="sk-wrong-key"
+    )
+
+    assert result.returncode == 3, result.stderr
+    assert "stopped:" in result.stderr
+    assert "sk-wrong-key" not in result.stderr
+    # Every worker stopped at once: a few probing requests each, not the whole input.
+    assert simulator.stats()["requests"] < 100
+
+
+def test_a_budget_is_refused_rather_than_overspent(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    reviews(10).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__max_cost_usd=1.0)
+
+    result = run_cli("run", str(job), "--ray-address", ray_cluster, cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "limits.max_cost_usd" in result.stderr
+    assert simulator.stats()["requests"] == 0
