@@ -352,3 +352,35 @@ def test_a_budget_is_refused_rather_than_overspent(
     assert result.returncode == 2
     assert "limits.max_cost_usd" in result.stderr
     assert simulator.stats()["requests"] == 0
+
+
+def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    simulator.configure(latency_ms=(20, 40))
+    rows = 1000
+    reviews(rows).write_parquet(tmp_path / "reviews.parquet", row_group_size=100)
+    job = make_job(
+        tmp_path, simulator, input_path="reviews.parquet", limits__requests_per_minute=6000
+    )
+    driver = start_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+    state = tmp_path / "out" / "result.parquet.cluster"
+    try:
+        while driver.poll() is None and len(list(state.glob("shards/*/*.parquet"))) < 4:
+            pass
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode == 130, stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+    result = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out.height == rows and out["review_id"].n_unique() == rows
+    # The interrupted run committed what it had finished: nothing was paid twice.
+    assert simulator.stats()["duplicate_paid"] == 0
