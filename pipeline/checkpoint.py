@@ -13,37 +13,20 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from pipeline.columns import JSON_COLUMNS, STORED_COLUMNS, stored_values
 from pipeline.types import RowResult
 
-RESULT_FIELDS = (
-    "response",
-    "reasoning",
-    "prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "total_tokens",
-    "cost_usd",
-    "finish_reason",
-    "model",
-    "latency_s",
-    "attempts",
-    "error",
-)
-# Stored as JSON text; they become columns only for jobs with tools or a schema.
-EXTRA_FIELDS = ("tool_calls", "parsed")
+_STORED_NAMES = tuple(c.name for c in STORED_COLUMNS)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS results (
     row_key TEXT PRIMARY KEY,
     request_hash TEXT NOT NULL,
-    {", ".join(RESULT_FIELDS + EXTRA_FIELDS)},
+    {", ".join(_STORED_NAMES)},
     finished_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,6 +39,18 @@ _LOOKUP_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 class Finished:
     request_hash: str
     ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Stored values for a list of row keys, column by column, in the keys' order.
+
+    `found[i]` says whether key i has a result (for its current request, when hashes
+    were given); where it has none, every column holds None.
+    """
+
+    found: list[bool]
+    values: dict[str, tuple[Any, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +78,9 @@ class Checkpoint:
     def _add_missing_columns(self) -> None:
         # A checkpoint written by an earlier version lacks the newer (nullable) columns.
         present = {row[1] for row in self._writer.execute("PRAGMA table_info(results)")}
-        for column in EXTRA_FIELDS:
-            if column not in present:
-                self._writer.execute(f"ALTER TABLE results ADD COLUMN {column}")
+        for column in JSON_COLUMNS:
+            if column.name not in present:
+                self._writer.execute(f"ALTER TABLE results ADD COLUMN {column.name}")
 
     def get_meta(self, name: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -112,10 +107,12 @@ class Checkpoint:
     def write(self, results: Iterable[RowResult], meta: dict[str, str] | None = None) -> None:
         """Commit a batch of finished rows (and any meta values) atomically."""
         now = time.time()
-        rows = [_row(result, now) for result in results]
+        rows = [
+            (result.key, result.request_hash, *stored_values(result), now) for result in results
+        ]
         if not rows and not meta:
             return
-        columns = ("row_key", "request_hash", *RESULT_FIELDS, *EXTRA_FIELDS, "finished_at")
+        columns = ("row_key", "request_hash", *_STORED_NAMES, "finished_at")
         statement = (
             f"INSERT OR REPLACE INTO results ({', '.join(columns)}) "
             f"VALUES ({', '.join('?' * len(columns))})"
@@ -135,10 +132,23 @@ class Checkpoint:
             found[key] = Finished(request_hash, not error)
         return found
 
-    def fetch(self, keys: list[str]) -> dict[str, tuple[object, ...]]:
-        """The stored fields (RESULT_FIELDS, then EXTRA_FIELDS) with the request hash first."""
-        columns = "row_key, request_hash, " + ", ".join(RESULT_FIELDS + EXTRA_FIELDS)
-        return {row[0]: row[1:] for row in self._select(columns, keys)}
+    def fetch(
+        self, keys: list[str], names: Sequence[str], hashes: list[str] | None = None
+    ) -> Fetched:
+        """The named columns' values for `keys`; with `hashes` (each key's current request
+        hash), a result recorded for another request counts as missing."""
+        selected = ("row_key", "request_hash", *names)
+        stored = {row[0]: row for row in self._select(", ".join(selected), keys)}
+        missing = (None,) * len(selected)
+        rows = [stored.get(key, missing) for key in keys]
+        if hashes is not None:
+            rows = [
+                row if row[1] == request_hash else missing
+                for row, request_hash in zip(rows, hashes, strict=True)
+            ]
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(selected)
+        values = dict(zip(selected, columns, strict=True))
+        return Fetched([key is not None for key in values["row_key"]], values)
 
     def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[Any, ...]]:
         for start in range(0, len(keys), _LOOKUP_CHUNK):
@@ -178,32 +188,3 @@ class Checkpoint:
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
-
-
-def _row(result: RowResult, now: float) -> tuple[object, ...]:
-    completion = result.completion
-    usage = completion.usage if completion else None
-    return (
-        result.key,
-        result.request_hash,
-        completion.response if completion else None,
-        completion.reasoning if completion else None,
-        usage.prompt_tokens if usage else None,
-        usage.completion_tokens if usage else None,
-        usage.reasoning_tokens if usage else None,
-        usage.cached_tokens if usage else None,
-        usage.total_tokens if usage else None,
-        result.cost_usd,
-        completion.finish_reason if completion else None,
-        completion.model if completion else None,
-        result.latency_s,
-        result.attempts,
-        result.error,
-        _json(completion.tool_calls if completion else None),
-        _json(result.parsed),
-        now,
-    )
-
-
-def _json(value: object) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()

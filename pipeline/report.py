@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.output import OUTPUT_COLUMNS
+from pipeline.columns import RESULT_NAMES
 from pipeline.runlog import read_events
 
 SAMPLE_ROWS = 20
@@ -93,7 +93,7 @@ def locate(target: Path) -> Iterator[Target]:
 
 
 def input_columns(frame: pl.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c not in OUTPUT_COLUMNS]
+    return [c for c in frame.columns if c not in RESULT_NAMES]
 
 
 def error_classes(errors: pl.Series) -> list[tuple[str, int]]:

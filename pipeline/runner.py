@@ -19,17 +19,12 @@ import anyio
 
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
+from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
-from pipeline.output import (
-    OUTPUT_COLUMNS,
-    Layout,
-    count_failed,
-    output_is_current,
-    write_output,
-)
+from pipeline.output import Layout, count_failed, output_is_current, write_output
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
 from pipeline.providers import create_provider
@@ -137,13 +132,13 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
 
 
 def _check_column_names(spec: JobSpec, table: InputTable, layout: Layout) -> None:
-    reserved = set(OUTPUT_COLUMNS) | {"tool_calls"}
+    reserved = set(RESULT_NAMES) | {"tool_calls"}
     if clashes := sorted(reserved & set(layout.schema.columns if layout.schema else [])):
         raise SpecError(
             f"output.schema: propert(ies) {', '.join(clashes)} would clash with the output "
             "columns of the same name; rename them"
         )
-    produced = [*OUTPUT_COLUMNS, *layout.extra_columns]
+    produced = [*RESULT_NAMES, *layout.extra_columns]
     if clashes := sorted(set(produced) & set(table.columns)):
         raise SpecError(
             f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
