@@ -334,8 +334,7 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
     import anyio
 
     from pipeline.config import resolve_provider
-    from pipeline.http import HttpClient
-    from pipeline.providers import create_provider
+    from pipeline.runner import open_provider
     from pipeline.spec import ModelSpec
 
     fields: dict[str, object] = {"provider": provider_name, "model": "-", "base_url": base_url}
@@ -344,8 +343,8 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
 
     async def listing() -> list[str]:
         settings = resolve_provider(ModelSpec.model_validate(fields))
-        async with HttpClient(4, 30.0) as client:
-            return await create_provider(settings, client).list_models()
+        async with open_provider(settings, connections=4, timeout_s=30.0) as provider:
+            return await provider.list_models()
 
     try:
         names = anyio.run(listing)

@@ -19,11 +19,16 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.errors import ProviderError
-from pipeline.http import HttpClient
 from pipeline.plan import max_reply_tokens, rendered_rows
-from pipeline.providers import Provider, create_provider
+from pipeline.providers.base import Provider
 from pipeline.render import estimate_prompt_tokens
-from pipeline.runner import PreparedJob, RunOptions, execute_async, uses_embedded_simulator
+from pipeline.runner import (
+    PreparedJob,
+    RunOptions,
+    execute_async,
+    open_provider,
+    uses_embedded_simulator,
+)
 from pipeline.types import Message, RowResult
 
 CALIBRATION_ROWS = 100
@@ -56,8 +61,10 @@ async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
             first.append(messages)
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)
-        async with HttpClient(COUNT_CONCURRENCY, job.spec.limits.timeout_s) as client:
-            counted = await _count(create_provider(settings, client), first)
+        async with open_provider(
+            settings, connections=COUNT_CONCURRENCY, timeout_s=job.spec.limits.timeout_s
+        ) as provider:
+            counted = await _count(provider, first)
     input_tokens, counted_with = sum(local), "offline estimate (~4 characters a token)"
     calibrated = sum(local[: len(first)])
     if counted is not None and calibrated > 0:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from pipeline.types import RateLimitInfo
+from pipeline.errors import ProviderError, RateLimited
+from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
 HEADROOM = 0.99  # pace 1% under a known limit: arrival jitter must not tip a window over
 BACKOFF_FACTOR = 0.7
@@ -102,7 +103,27 @@ class Pacer:
         self._sent_times: deque[float] = deque(maxlen=4096)
         self.prompt_scale = 1.0
 
-    # -- before and after each attempt ------------------------------------------------
+    # -- what an attempt needs: a turn before it, and an account of it after ----------
+
+    async def take_turn(self, request: ChatRequest) -> float:
+        """Wait for a slot and this request's paced turn; returns the start time (loop clock)."""
+        await self.acquire(request.prompt_estimate * self.prompt_scale + request.reply_budget)
+        return anyio.current_time()
+
+    def end_turn(
+        self, request: ChatRequest, sent_at: float, answer: Completion | ProviderError | None
+    ) -> None:
+        """Give the slot back and learn from the answer (None: the attempt never finished)."""
+        self.release(succeeded=isinstance(answer, Completion))
+        if isinstance(answer, Completion):
+            self.observe(answer.rate_limits)
+            self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
+        elif answer is not None:
+            self.observe(answer.rate_limits)
+            if isinstance(answer, RateLimited):
+                self.rate_limited(answer.retry_after, sent_at=sent_at)
+
+    # -- the pacing primitives -----------------------------------------------------------
 
     async def acquire(self, tokens: float) -> None:
         """Wait for a free slot in the window, then for this request's turn."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,13 +27,13 @@ from pipeline.inputs import InputTable
 from pipeline.output import Layout, count_failed, output_is_current, write_output
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
-from pipeline.providers import create_provider
+from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.scheduler import Outcome, Scheduler
-from pipeline.spec import JobSpec, load_spec
+from pipeline.spec import JobSpec, LimitsSpec, load_spec
 from pipeline.structured import OutputSchema
 from pipeline.types import RowResult
 
@@ -210,6 +210,92 @@ class _Tally:
     cost: float = 0.0
     priced: bool = False
 
+    def add(self, result: RowResult) -> None:
+        self.done += 1
+        self.failed += result.error is not None
+        if result.completion is not None:
+            usage = result.completion.usage
+            self.tokens += usage.prompt_tokens + usage.output_tokens
+        if result.cost_usd is not None:
+            self.cost += result.cost_usd
+            self.priced = True
+
+
+@dataclass
+class _Recorder:
+    """Commits each batch of finished rows, then tells the caller and the progress display."""
+
+    job: PreparedJob
+    plan: WorkPlan
+    checkpoint: Checkpoint
+    log: RunLog
+    progress: Progress
+    tally: _Tally
+    pacer: Pacer
+    outcome: Outcome
+    on_result: Callable[[RowResult], None] | None
+
+    def commit(self, batch: list[RowResult], lines: list[bytes], cursor: int) -> None:
+        # Every row before the cursor was planned, so at most the rows in flight there
+        # are unfinished: a resume starts at the cursor and sends its first request at once.
+        self.checkpoint.write(batch, {"plan_cursor": str(cursor)})
+        self.log.write(lines)
+
+    async def record(self, batch: list[RowResult]) -> None:
+        await anyio.to_thread.run_sync(self.commit, batch, self.log.take(), self.plan.cursor)
+        for result in batch:
+            if self.on_result is not None:
+                self.on_result(result)
+            self.tally.add(result)
+        self._show()
+
+    def _show(self) -> None:
+        tally, plan = self.tally, self.plan
+        to_send = max(self.job.rows - plan.reused, tally.done)
+        self.progress.update(
+            plan.reused + tally.done,
+            tally.failed,
+            tally.tokens,
+            tally.cost if tally.priced else None,
+            projected_cost=tally.cost / tally.done * to_send if tally.priced else None,
+            retries=self.outcome.retries,
+            in_flight=self.pacer.in_flight,
+            requests_per_minute=self.pacer.recent_rate() * 60,
+        )
+
+
+def _budget(job: PreparedJob, settings: ProviderSettings, checkpoint: Checkpoint) -> Budget:
+    """The job's spending limits, counting what earlier runs of it already spent."""
+    limits = job.spec.limits
+    spent = checkpoint.totals()
+    return Budget(
+        limits.max_cost_usd,
+        limits.max_tokens_total,
+        settings.price,
+        spent_usd=spent.cost_usd,
+        spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
+    )
+
+
+def _pacer(limits: LimitsSpec) -> Pacer:
+    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
+    return Pacer(
+        limits.requests_per_minute,
+        limits.tokens_per_minute,
+        max_concurrency=cap,
+        # A cap the user chose is used from the start; otherwise start small and grow.
+        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
+    )
+
+
+@asynccontextmanager
+async def open_provider(
+    settings: ProviderSettings, *, connections: int, timeout_s: float
+) -> AsyncIterator[Provider]:
+    """The provider adapter for `settings` on its own HTTP client, closed on exit."""
+    async with HttpClient(connections, timeout_s) as client:
+        yield create_provider(settings, client)
+
 
 async def _pump(
     job: PreparedJob,
@@ -221,86 +307,45 @@ async def _pump(
     options: RunOptions,
 ) -> Outcome:
     limits = job.spec.limits
-    spent = checkpoint.totals()
-    budget = Budget(
-        limits.max_cost_usd,
-        limits.max_tokens_total,
-        settings.price,
-        spent_usd=spent.cost_usd,
-        spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
-    )
-
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
     log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
-
-    def commit(batch: list[RowResult], lines: list[bytes], cursor: int) -> None:
-        # Every row before the cursor was planned, so at most the rows in flight there
-        # are unfinished: a resume starts at the cursor and sends its first request at once.
-        checkpoint.write(batch, {"plan_cursor": str(cursor)})
-        log.write(lines)
-
-    async def record(batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(commit, batch, log.take(), plan.cursor)
-        for result in batch:
-            if options.on_result is not None:
-                options.on_result(result)
-            tally.done += 1
-            tally.failed += result.error is not None
-            if result.completion is not None:
-                usage = result.completion.usage
-                tally.tokens += usage.prompt_tokens + usage.output_tokens
-            if result.cost_usd is not None:
-                tally.cost += result.cost_usd
-                tally.priced = True
-        to_send = max(job.rows - plan.reused, tally.done)
-        progress.update(
-            plan.reused + tally.done,
-            tally.failed,
-            tally.tokens,
-            tally.cost if tally.priced else None,
-            projected_cost=tally.cost / tally.done * to_send if tally.priced else None,
-            retries=scheduler.outcome.retries if scheduler else 0,
-            in_flight=pacer.in_flight,
-            requests_per_minute=pacer.recent_rate() * 60,
-        )
-
-    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
-    pacer = Pacer(
-        limits.requests_per_minute,
-        limits.tokens_per_minute,
-        max_concurrency=cap,
-        # A cap the user chose is used from the start; otherwise start small and grow.
-        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
-    )
-    scheduler: Scheduler | None = None
-    async with HttpClient(cap, limits.timeout_s) as client:
+    pacer = _pacer(limits)
+    async with open_provider(
+        settings, connections=pacer.max_concurrency, timeout_s=limits.timeout_s
+    ) as provider:
         scheduler = Scheduler(
-            create_provider(settings, client),
+            provider,
             pacer,
             RetryPolicy(max_attempts=limits.max_attempts),
             settings.price,
-            concurrency=cap,
-            budget=budget,
+            concurrency=pacer.max_concurrency,
+            budget=_budget(job, settings, checkpoint),
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
         )
+        recorder = _Recorder(
+            job, plan, checkpoint, log, progress, tally, pacer, scheduler.outcome, options.on_result
+        )
         try:
             return await scheduler.run(
-                plan.requests(), record, handle_signals=options.handle_signals
+                plan.requests(), recorder.record, handle_signals=options.handle_signals
             )
         finally:
-            outcome = scheduler.outcome
-            log.event(
-                "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
-                sent=plan.planned,
-                reused=plan.reused,
-                retries=outcome.retries,
-                rate_limited=outcome.rate_limited,
-                stop=outcome.fatal.describe() if outcome.fatal else None,
-                interrupted=outcome.interrupted,
-            )
-            log.flush()
+            _log_stop(log, plan, scheduler.outcome)
+
+
+def _log_stop(log: RunLog, plan: WorkPlan, outcome: Outcome) -> None:
+    log.event(
+        "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
+        sent=plan.planned,
+        reused=plan.reused,
+        retries=outcome.retries,
+        rate_limited=outcome.rate_limited,
+        stop=outcome.fatal.describe() if outcome.fatal else None,
+        interrupted=outcome.interrupted,
+    )
+    log.flush()
 
 
 def _finish(

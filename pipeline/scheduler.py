@@ -18,22 +18,16 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskGroup
 
+from pipeline.attempt import Attempt, AttemptCounts, Attempts, RowTries
 from pipeline.budget import Budget
 from pipeline.config import Price
-from pipeline.errors import (
-    BudgetExceeded,
-    JobFatalError,
-    ProviderError,
-    RateLimited,
-    RetryableError,
-    SchemaViolation,
-)
-from pipeline.providers import Provider
+from pipeline.errors import BudgetExceeded, JobFatalError
+from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.structured import OutputSchema
-from pipeline.types import ChatRequest, Completion, RowResult
+from pipeline.types import ChatRequest, RowResult
 
 FLUSH_INTERVAL_S = 0.5
 FLUSH_MAX_ROWS = 2000
@@ -43,23 +37,12 @@ Planned = ChatRequest | RowResult
 
 
 @dataclass
-class Outcome:
+class Outcome(AttemptCounts):
     """How the pool ended."""
 
     fatal: JobFatalError | BudgetExceeded | None = None
     interrupted: bool = False
     recorded: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    first_sent_at: float | None = None  # loop clock: the first attempt's start
-    last_answer_at: float | None = None  # loop clock: the last attempt's end
-
-    @property
-    def active_s(self) -> float:
-        """From the first request sent to the last answer received."""
-        if self.first_sent_at is None or self.last_answer_at is None:
-            return 0.0
-        return self.last_answer_at - self.first_sent_at
 
 
 class Scheduler:
@@ -77,17 +60,21 @@ class Scheduler:
         schema_retries: int = 1,
         grace_s: float = 10.0,
     ) -> None:
-        self.provider = provider
         self.pacer = pacer
-        self.policy = policy
-        self.price = price
         self.concurrency = concurrency
-        self.budget = budget if budget is not None and budget.active else None
-        self.log = log or RunLog(None)
-        self.schema = schema
-        self.schema_retries = schema_retries
         self.grace_s = grace_s
         self.outcome = Outcome()
+        self.attempts = Attempts(
+            provider,
+            pacer,
+            policy,
+            price,
+            budget or Budget(None, None, price),
+            log or RunLog(None),
+            self.outcome,
+            schema,
+            schema_retries,
+        )
         self._stopping = False
         self._work: TaskGroup | None = None
         self._pending: list[RowResult] = []
@@ -163,139 +150,16 @@ class Scheduler:
 
     async def _process(self, request: ChatRequest) -> RowResult | None:
         """The row's final result, or None when the run stopped before it was sent."""
-        attempt = 0
-        schema_failures = 0
-        pacer = self.pacer
+        tries = RowTries()
         while True:
-            attempt += 1
-            await pacer.acquire(request.prompt_estimate * pacer.prompt_scale + request.reply_budget)
-            if self._stopping:
-                pacer.release(succeeded=False)
-                return None
-            reservation = None
-            started = anyio.current_time()
-            if self.outcome.first_sent_at is None:
-                self.outcome.first_sent_at = started
-            try:
-                if self.budget is not None:
-                    reservation = self.budget.reserve(request)
-                # The deadline (limits.timeout_s) is the HTTP client's, set once for the pool.
-                completion = await self.provider.complete(request)
-            except ProviderError as exc:
-                error: ProviderError = exc
-            except BaseException:
-                pacer.release(succeeded=False)
-                self._settle(reservation, None)
-                raise
-            else:
-                self.outcome.last_answer_at = anyio.current_time()
-                pacer.release(succeeded=True)
-                pacer.observe(completion.rate_limits)
-                pacer.learn_prompt_scale(request.prompt_estimate, completion.usage.prompt_tokens)
-                latency = anyio.current_time() - started
-                result = self._success(request, completion, attempt, latency)
-                self._settle(reservation, result)
-                invalid = self._check_schema(result)
-                retry = invalid is not None and schema_failures < self.schema_retries
-                self.log.attempt(
-                    request.key,
-                    attempt,
-                    status=200,
-                    latency_s=latency,
-                    outcome="ok" if invalid is None else invalid.kind,
-                    in_flight=pacer.in_flight,
-                    wait_s=0.0 if retry else None,
-                    why="answer does not match output.schema: asking again" if retry else None,
-                    message=invalid.message[:300] if invalid else None,
-                )
-                if not retry:
-                    return result
-                schema_failures += 1
-                self.outcome.retries += 1
-                continue
-            self._settle(reservation, None)
-            pacer.release(succeeded=False)
-            pacer.observe(error.rate_limits)
-            self.outcome.last_answer_at = anyio.current_time()
-            latency = self.outcome.last_answer_at - started
-            if isinstance(error, RateLimited):
-                self.outcome.rate_limited += 1
-                pacer.rate_limited(error.retry_after, sent_at=started)
-            delay = None if isinstance(error, JobFatalError) else self.policy.delay(attempt, error)
-            self.log.attempt(
-                request.key,
-                attempt,
-                status=error.status,
-                latency_s=latency,
-                outcome=error.kind,
-                in_flight=pacer.in_flight,
-                wait_s=delay,
-                why=self._why(error, attempt, delay),
-                message=error.message[:300],
-            )
-            if isinstance(error, JobFatalError):
-                raise error
-            if delay is None:
-                tried = f" after {attempt} attempts" if attempt > 1 else ""
-                return RowResult(
-                    request.index,
-                    request.key,
-                    request.request_hash,
-                    attempt,
-                    latency,
-                    error=error.describe() + tried,
-                )
-            self.outcome.retries += 1
-            await anyio.sleep(delay)
+            verdict = await Attempt(self.attempts, request, tries).make(self._wanted)
+            if verdict is None or verdict.result is not None:
+                return None if verdict is None else verdict.result
+            if verdict.retry_in:
+                await anyio.sleep(verdict.retry_in)
 
-    def _why(self, error: ProviderError, attempt: int, delay: float | None) -> str:
-        if isinstance(error, JobFatalError):
-            return "job-fatal: stop sending"
-        if delay is None:
-            if attempt >= self.policy.max_attempts and isinstance(error, RetryableError):
-                return f"gave up after {attempt} attempts"
-            return "not retryable: recorded as the row's error"
-        if isinstance(error, RateLimited):
-            hint = f"{error.retry_after:g}s as the server asked" if error.retry_after else "1s"
-            return f"rate limited: whole pool paused {hint}"
-        if error.retry_after is not None:
-            return f"server asked to retry after {error.retry_after:g}s"
-        return "exponential backoff with jitter"
-
-    def _check_schema(self, result: RowResult) -> SchemaViolation | None:
-        """Parse the answer into `result.parsed`; a mismatch becomes the row's error."""
-        if self.schema is None or result.completion is None or result.error is not None:
-            return None
-        try:
-            result.parsed = self.schema.parse(result.completion.response)
-        except SchemaViolation as exc:
-            result.error = exc.describe()
-            return exc
-        return None
-
-    def _settle(self, reservation: tuple[float, float] | None, result: RowResult | None) -> None:
-        if self.budget is None or reservation is None:
-            return
-        usage = result.completion.usage if result and result.completion else None
-        self.budget.settle(reservation, usage, result.cost_usd if result else None)
-
-    def _success(
-        self, request: ChatRequest, completion: Completion, attempts: int, latency: float
-    ) -> RowResult:
-        cost = self.price.cost(completion.usage) if self.price else None
-        error = None
-        if completion.finish_reason == "content_filter":
-            error = "content_filtered: the provider's content filter stopped the answer"
-        return RowResult(
-            request.index,
-            request.key,
-            request.request_hash,
-            attempts,
-            latency,
-            completion=completion,
-            error=error,
-            cost_usd=cost,
-        )
+    def _wanted(self) -> bool:
+        return not self._stopping
 
     async def _record_periodically(self, record: RecordBatch) -> None:
         while True:
