@@ -69,6 +69,42 @@ SCENARIOS = {
         {},
         allowed_per_s=150,
     ),
+    # W1-W3: S1-S3 against a server that reports remaining/reset from its one-second
+    # enforcement window (remaining near 0, reset in milliseconds at steady state).
+    "w1": Scenario(
+        "W1 request-bound, window-reporting server",
+        3000,
+        {"latency_ms": [300, 900], "rpm": 9000, "limit_window": "second", "report_window": True},
+        {"concurrency": 200, "requests_per_minute": 9000},
+        allowed_per_s=150,
+    ),
+    "w2": Scenario(
+        "W2 token-bound, window-reporting server",
+        3000,
+        {
+            "latency_ms": [300, 900],
+            "tpm": TOKENS_PER_REQUEST * 100 * 60,
+            "limit_window": "second",
+            "report_window": True,
+        },
+        {"concurrency": 200, "tokens_per_minute": TOKENS_PER_REQUEST * 100 * 60},
+        allowed_per_s=100,
+    ),
+    "w3": Scenario(
+        "W3 limits unknown, window-reporting server",
+        3000,
+        {"latency_ms": [300, 900], "rpm": 9000, "limit_window": "second", "report_window": True},
+        {"concurrency": 200},
+        allowed_per_s=150,
+    ),
+    # A LiteLLM-style per-key limiter: fixed minute, scoped headers, retry-after 60.
+    "l1": Scenario(
+        "L1 LiteLLM-style limiter, limits unknown",
+        1500,
+        {"latency_ms": [300, 900], "rpm": 1200, "limiter_style": "litellm"},
+        {"concurrency": 200},
+        allowed_per_s=20,
+    ),
     "s4": Scenario("S4 client overhead", 20000, {}, {"concurrency": 200}),
     "s5": Scenario(
         "S5 faults",

@@ -30,8 +30,22 @@ from pipeline.types import ChatRequest, Completion, RateLimitInfo
 HEADROOM = 0.99  # pace 1% under a known limit: arrival jitter must not tip a window over
 BACKOFF_FACTOR = 0.7
 RECOVERY_PER_S = 0.02  # additive increase: +2% of the backed-off rate per second
-LOW_REMAINING_FRACTION = 0.02
 MAX_HEADER_PAUSE_S = 60.0
+PROBE_WINDOW = 16  # requests in flight before the first answer, when no limit is declared
+
+
+def refill_wait(
+    remaining: float | None, limit: float | None, reset_s: float | None, needed: float
+) -> float:
+    """Seconds until a bucket with `remaining` of `limit` units, full again in `reset_s`,
+    holds `needed` units (0 when it already does or the headers do not say)."""
+    if remaining is None or remaining >= needed or not limit or not reset_s:
+        return 0.0
+    missing = limit - remaining
+    if missing <= 0:
+        return 0.0
+    refill_per_s = missing / reset_s
+    return (needed - remaining) / refill_per_s
 
 
 class Gate:
@@ -63,6 +77,12 @@ class Gate:
     def next_free(self) -> float:
         return self._next_free
 
+    def book_backlog(self, since: float, amount: float) -> None:
+        """Count `amount` units already sent since `since` as if they had been paced."""
+        rate = self.rate
+        if rate is not None:
+            self._next_free = max(self._next_free, since + amount / rate)
+
     def commit(self, start: float, amount: float) -> None:
         """Book `amount` units starting at `start`: the next booking waits its turn."""
         rate = self.rate
@@ -91,6 +111,10 @@ class Pacer:
         self.tokens = Gate(tokens_per_minute)
         self.max_concurrency = max_concurrency
         self.window = initial_concurrency or max_concurrency
+        if requests_per_minute is None and tokens_per_minute is None:
+            # Nothing says how fast the server may be asked: probe with a few requests
+            # first; the first answer's headers (or slow start) open the window.
+            self.window = min(self.window, PROBE_WINDOW)
         self.in_flight = 0
         self._slot_waiters: deque[anyio.Event] = deque()
         self._slow_start = self.window < max_concurrency
@@ -102,6 +126,11 @@ class Pacer:
         # Send times on the process clock (cheap to read), only to estimate the recent rate.
         self._sent_times: deque[float] = deque(maxlen=4096)
         self.prompt_scale = 1.0
+        # Sent while no limit was known, booked once one is learned (see `_learn`).
+        self._unpaced_since: float | None = None
+        self._unpaced_requests = 0.0
+        self._unpaced_tokens = 0.0
+        self._last_tokens = 1.0
 
     # -- what an attempt needs: a turn before it, and an account of it after ----------
 
@@ -128,8 +157,13 @@ class Pacer:
     async def acquire(self, tokens: float) -> None:
         """Wait for a free slot in the window, then for this request's turn."""
         await self._take_slot()
+        self._last_tokens = max(1.0, tokens)
         if self.requests.rate is None and self.tokens.rate is None and not self._paused_until:
             self._sent_times.append(time.monotonic())
+            if self._unpaced_since is None:
+                self._unpaced_since = anyio.current_time()
+            self._unpaced_requests += 1
+            self._unpaced_tokens += tokens
             return  # nothing to pace against (yet): no reservation needed
         try:
             while True:
@@ -156,25 +190,41 @@ class Pacer:
     # -- what the server said ----------------------------------------------------------
 
     def observe(self, info: RateLimitInfo | None) -> None:
-        """Learn limits from headers, and slow down before the budget runs out."""
+        """Learn limits from headers; wait when the server's bucket lacks this request's units.
+
+        `remaining` and `reset` describe a bucket refilling up to the limit: OpenAI's
+        reset is the time until the limit "resets to its initial state", Anthropic's
+        when it is "fully replenished". So the next request waits only until its own
+        units have refilled, never until the bucket is full. Servers that report from a
+        short enforcement window (remaining near 0, reset in milliseconds) then cost
+        nothing, as they should: that is their steady state.
+        """
         if info is None:
             return
         if info.limit_requests:
-            self.requests.learned = info.limit_requests / 60.0
+            self._learn(self.requests, info.limit_requests, self._unpaced_requests)
         if info.limit_tokens:
-            self.tokens.learned = info.limit_tokens / 60.0
-        for remaining, limit, reset in (
-            (info.remaining_requests, info.limit_requests, info.reset_requests_s),
-            (info.remaining_tokens, info.limit_tokens, info.reset_tokens_s),
+            self._learn(self.tokens, info.limit_tokens, self._unpaced_tokens)
+        for remaining, limit, reset, needed in (
+            (info.remaining_requests, info.limit_requests, info.reset_requests_s, 1.0),
+            (info.remaining_tokens, info.limit_tokens, info.reset_tokens_s, self._last_tokens),
         ):
-            nearly_spent = (
-                remaining is not None
-                and limit
-                and reset
-                and remaining <= max(1.0, limit * LOW_REMAINING_FRACTION)
-            )
-            if nearly_spent:
-                self.pause(min(float(reset), MAX_HEADER_PAUSE_S))  # type: ignore[arg-type]
+            wait = refill_wait(remaining, limit, reset, needed)
+            if wait > 0:
+                self.pause(min(wait, MAX_HEADER_PAUSE_S))
+
+    def _learn(self, gate: Gate, per_minute: float, unpaced: float) -> None:
+        first = gate.rate is None
+        gate.learned = per_minute / 60.0
+        if first and self._slow_start:
+            # The rate is known now and paces the pool: the window need not probe further.
+            self.window = self.max_concurrency
+            self._slow_start = False
+            self._wake_waiters()
+        if first and unpaced and self._unpaced_since is not None:
+            # What went out before any limit was known counts against the same window:
+            # book it, so a fixed-window limiter is not overrun at the end of the first one.
+            gate.book_backlog(self._unpaced_since, unpaced)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
         """A 429: hold the whole pool as long as asked, and back off where no limit is known.
@@ -227,6 +277,9 @@ class Pacer:
 
     def _give_slot(self) -> None:
         self.in_flight -= 1
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         while self._slot_waiters and self.in_flight < self.window:
             self.in_flight += 1
             self._slot_waiters.popleft().set()

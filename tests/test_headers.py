@@ -94,3 +94,55 @@ def test_reset_time_in_the_past_is_zero() -> None:
 
 def test_no_rate_limit_headers() -> None:
     assert parse_rate_limits({"content-type": "application/json"}) is None
+
+
+def test_litellm_router_retry_after() -> None:
+    assert parse_retry_after({"llm_provider-retry-after": "60"}) == 60.0
+
+
+def test_litellm_per_key_limiter_headers_with_a_scope_in_the_name() -> None:
+    info = parse_rate_limits(
+        {
+            "x-ratelimit-model_per_key-limit-requests": "100",
+            "x-ratelimit-model_per_key-remaining-requests": "37",
+            "x-ratelimit-model_per_key-limit-tokens": "50000",
+            "x-ratelimit-model_per_key-remaining-tokens": "1200",
+        }
+    )
+    assert info is not None
+    assert (info.limit_requests, info.remaining_requests) == (100, 37)
+    assert (info.limit_tokens, info.remaining_tokens) == (50_000, 1200)
+    assert info.reset_requests_s is None
+
+
+def test_the_smallest_scoped_limit_binds() -> None:
+    info = parse_rate_limits(
+        {
+            "x-ratelimit-limit-requests": "10000",
+            "x-ratelimit-remaining-requests": "9990",
+            "x-ratelimit-reset-requests": "6ms",
+            "x-ratelimit-api_key-limit-requests": "500",
+            "x-ratelimit-api_key-remaining-requests": "12",
+        }
+    )
+    assert info is not None
+    assert (info.limit_requests, info.remaining_requests, info.reset_requests_s) == (500, 12, None)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-ratelimit-limit-requests": "nan", "x-ratelimit-remaining-requests": "-3"},
+        {"x-ratelimit-limit-requests": "inf", "x-ratelimit-reset-requests": "soon"},
+        {"anthropic-ratelimit-requests-limit": "x", "anthropic-ratelimit-requests-reset": "9999-"},
+    ],
+)
+def test_nonsense_values_are_ignored(headers: dict[str, str]) -> None:
+    info = parse_rate_limits(headers)
+    assert info is None or (info.limit_requests is None and info.remaining_requests is None)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "Sun, 99 Foo", "-5"])
+def test_nonsense_retry_after_never_raises(raw: str) -> None:
+    seconds = parse_retry_after({"retry-after": raw})
+    assert seconds is None or 0.0 <= seconds <= 3600.0

@@ -170,39 +170,106 @@ def test_observe_none_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    "info",
+    ("info", "tokens", "expected_wait"),
     [
-        RateLimitInfo(limit_requests=600, remaining_requests=1, reset_requests_s=0.5),
-        RateLimitInfo(limit_tokens=100_000, remaining_tokens=1500, reset_tokens_s=0.5),
+        # A full-minute bucket: 600/min, empty, full again in 60 s -> one request's
+        # units refill in 0.1 s. Waiting for the full bucket (60 s) would be the bug.
+        (RateLimitInfo(limit_requests=600, remaining_requests=0, reset_requests_s=60), 10, 0.1),
+        # Empty and full again in 30 s: 600 units refill at 20/s.
+        (RateLimitInfo(limit_requests=600, remaining_requests=0, reset_requests_s=30), 10, 0.05),
+        # Tokens: 1,500 missing of the 2,000 this request needs, 98,500 refill in 0.5 s.
+        (
+            RateLimitInfo(limit_tokens=100_000, remaining_tokens=500, reset_tokens_s=0.5),
+            2000,
+            1500 * 0.5 / 99_500,
+        ),
     ],
-    ids=["requests", "tokens"],
+    ids=["requests-empty-bucket", "requests-fast-refill", "tokens"],
 )
-def test_nearly_spent_budget_pauses_the_pool_until_reset(info: RateLimitInfo) -> None:
+def test_an_empty_bucket_waits_only_for_this_requests_units(
+    info: RateLimitInfo, tokens: int, expected_wait: float
+) -> None:
     async def main() -> tuple[float, float]:
-        pacer = Pacer(6000, None, max_concurrency=4)
-        seen = anyio.current_time()
+        pacer = Pacer(None, None, max_concurrency=4)
+        await pacer.acquire(tokens)
+        pacer.release(succeeded=True)
         pacer.observe(info)
+        seen = anyio.current_time()
         paused = pacer.state().paused_s
-        await pacer.acquire(10)
+        await pacer.acquire(tokens)
         waited = anyio.current_time() - seen
         pacer.release(succeeded=True)
         return paused, waited
 
     paused, waited = run_virtual(main)
-    assert paused == pytest.approx(0.5)
-    assert waited == pytest.approx(0.5, abs=EPS)
+    assert paused == pytest.approx(expected_wait)
+    assert waited >= expected_wait - EPS
 
 
-def test_plenty_remaining_does_not_pause() -> None:
+@pytest.mark.parametrize(
+    "info",
+    [
+        # Reported from a one-second enforcement window at steady state: normal, no pause.
+        RateLimitInfo(limit_requests=9000, remaining_requests=0, reset_requests_s=0.35),
+        RateLimitInfo(limit_requests=9000, remaining_requests=3, reset_requests_s=0.35),
+        # A full-minute bucket with plenty left.
+        RateLimitInfo(limit_requests=600, remaining_requests=300, reset_requests_s=30),
+        # No reset (LiteLLM's per-key limiter): nothing to compute a wait from.
+        RateLimitInfo(limit_requests=600, remaining_requests=0),
+    ],
+    ids=["window-empty", "window-some-left", "bucket-plenty", "no-reset"],
+)
+def test_remaining_that_suffices_or_refills_fast_costs_no_pause(info: RateLimitInfo) -> None:
     async def main() -> float:
-        pacer = Pacer(6000, None, max_concurrency=4)
-        seen = anyio.current_time()
-        pacer.observe(RateLimitInfo(limit_requests=600, remaining_requests=300, reset_requests_s=5))
-        await pacer.acquire(10)
-        pacer.release(succeeded=True)
-        return anyio.current_time() - seen
+        pacer = Pacer(None, None, max_concurrency=4)
+        pacer.observe(info)
+        return pacer.state().paused_s
 
-    assert run_virtual(main) == pytest.approx(0.0)
+    assert run_virtual(main) < 0.001
+
+
+def test_a_window_reporting_server_keeps_the_pool_at_the_limit() -> None:
+    """Every answer says "0 left, reset in 0.3 s" (a one-second window at steady state):
+    the pool still runs at the declared rate instead of pausing until each reset."""
+
+    async def main() -> float:
+        pacer = Pacer(6000, None, max_concurrency=50)
+        info = RateLimitInfo(limit_requests=6000, remaining_requests=0, reset_requests_s=0.3)
+        start = anyio.current_time()
+
+        async def one() -> None:
+            await pacer.acquire(0)
+            await anyio.sleep(0.2)
+            pacer.release(succeeded=True)
+            pacer.observe(info)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(500):
+                tg.start_soon(one)
+        return anyio.current_time() - start
+
+    elapsed = run_virtual(main)
+    ideal = 500 / (6000 / 60)
+    assert elapsed < ideal / HEADROOM + 0.2 + 0.05
+
+
+def test_requests_sent_before_a_limit_was_learned_are_booked() -> None:
+    """A fixed-window limiter must not be overrun at the end of its first window by the
+    requests that went out before the first answer said what the limit is."""
+
+    async def main() -> float:
+        pacer = Pacer(None, None, max_concurrency=64)
+        start = anyio.current_time()
+        for _ in range(30):
+            await pacer.acquire(0)
+            pacer.release(succeeded=True)
+        pacer.observe(RateLimitInfo(limit_requests=60, remaining_requests=30))
+        await pacer.acquire(0)
+        pacer.release(succeeded=True)
+        return anyio.current_time() - start
+
+    # 30 requests at 1/s (99% of 60/min) book the first 30 s.
+    assert run_virtual(main) == pytest.approx(30 / HEADROOM, abs=0.01)
 
 
 # -- 429s ----------------------------------------------------------------------------------
@@ -460,3 +527,23 @@ def test_learn_prompt_scale_ignores_missing_counts() -> None:
     pacer.learn_prompt_scale(0, 100)
     pacer.learn_prompt_scale(100, 0)
     assert pacer.prompt_scale == 1.0
+
+
+def test_without_declared_limits_a_probe_goes_first_and_the_first_limit_opens_the_window() -> None:
+    """A job with concurrency 200 and no limits must not open with 200 requests at once
+    against a server that allows 150 a second; the first answer's limit opens it."""
+
+    async def main() -> tuple[int, int]:
+        pacer = Pacer(None, None, max_concurrency=200, initial_concurrency=200)
+        probe = pacer.window
+        pacer.observe(RateLimitInfo(limit_requests=9000, remaining_requests=8984))
+        return probe, pacer.window
+
+    assert run_virtual(main) == (16, 200)
+
+
+def test_declared_limits_use_the_chosen_concurrency_from_the_start() -> None:
+    async def main() -> int:
+        return Pacer(9000, None, max_concurrency=200, initial_concurrency=200).window
+
+    assert run_virtual(main) == 200

@@ -944,3 +944,36 @@ def test_bad_json_tool_calls(http: httpx.Client, sim: RunningSimulator, stream: 
     for _ in range(2):
         assert not is_valid(anthropic_input("row [[sim:always_bad_json]]"), OTHER)
     assert sim.stats()["completions"] == 6
+
+
+def test_litellm_style_limiter(http: httpx.Client, sim: RunningSimulator) -> None:
+    sim.configure(rpm=2, limiter_style="litellm")
+    first, second, third = (chat(http, sim, max_tokens=10) for _ in range(3))
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-ratelimit-model_per_key-limit-requests"] == "2"
+    assert second.headers["x-ratelimit-model_per_key-remaining-requests"] == "0"
+    assert "x-ratelimit-limit-requests" not in first.headers
+    assert third.status_code == 429
+    assert third.headers["retry-after"] == "60"
+    assert third.json()["error"]["code"] == "429"
+
+
+def test_remaining_reported_from_the_enforcement_window(
+    http: httpx.Client, sim: RunningSimulator
+) -> None:
+    sim.configure(rpm=600, report_window=True)  # 10 a second
+    time.sleep(1.02 - time.time() % 1.0)
+    r = chat(http, sim, max_tokens=10)
+    assert r.headers["x-ratelimit-limit-requests"] == "600"
+    assert int(r.headers["x-ratelimit-remaining-requests"]) == 9
+    sim.configure(report_window=False)
+
+
+def test_a_continuously_refilled_minute_bucket(http: httpx.Client, sim: RunningSimulator) -> None:
+    sim.configure(rpm=3, limit_window="bucket")
+    statuses = [chat(http, sim, max_tokens=10) for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    limited = statuses[3]
+    # One request refills in 20 s; the bucket is full again in a minute.
+    assert 15 <= float(limited.headers["retry-after-ms"]) / 1000 <= 20
+    assert statuses[2].headers["x-ratelimit-remaining-requests"] == "0"

@@ -57,7 +57,15 @@ class SimulatorConfig(BaseModel):
     # --- rate limits ----------------------------------------------------------------
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)
-    limit_window: Literal["second", "minute"] = "second"
+    limit_window: Literal["second", "minute", "bucket"] = "second"
+    """second: the per-minute limit enforced in one-second quanta; minute: a fixed
+    wall-clock minute; bucket: one minute's capacity refilled continuously."""
+    report_window: bool = False
+    """Report ``remaining`` from the enforcement window (near 0 at steady state, reset in
+    milliseconds) instead of against the per-minute limit."""
+    limiter_style: Literal["provider", "litellm"] = "provider"
+    """litellm: LiteLLM's per-key limiter (fixed minute, ``x-ratelimit-model_per_key-*``
+    headers without a reset, ``retry-after: 60`` on every 429)."""
     send_ratelimit_headers: bool = True
     max_concurrent: int | None = Field(default=None, ge=1)
     """ModelsLab-style queue slots: more requests in flight than this get a 429."""

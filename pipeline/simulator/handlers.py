@@ -91,6 +91,17 @@ def rate_limited(
     return E.json_response(body, 429, _merge(headers, retry))
 
 
+def litellm_rate_limited(rej: Rejection, headers: dict[str, str] | None) -> web.Response:
+    """LiteLLM's per-key limiter: the window length as retry-after, whatever is left of it."""
+    msg = (
+        f"Rate limit exceeded for model_per_key: {rej.kind} limit {rej.limit}, "
+        f"used {rej.used}. Remaining: 0"
+    )
+    body = {"error": {"message": msg, "type": "None", "param": "None", "code": "429"}}
+    retry = {"retry-after": str(int(rej.retry_after_s))}
+    return E.json_response(body, 429, _merge(headers, retry))
+
+
 def _triggered(
     sim: Simulator,
     request: web.Request,
@@ -256,6 +267,8 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         rej = limiter.check(cost, now)
         if rej is not None:
             hdrs = sim.limit_headers(anthropic, now)
+            if limiter.style == "litellm":
+                raise E.Reject(litellm_rate_limited(rej, hdrs))
             raise E.Reject(rate_limited(rej, model, anthropic, hdrs))
     headers = sim.limit_headers(anthropic, now)
 

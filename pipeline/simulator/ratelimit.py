@@ -10,6 +10,20 @@ is fractional or one request costs more than a second's worth of tokens.
 is admitted only if ``used + requested <= limit`` (a fresh window admits any single
 request, so an oversized one is not rejected forever).
 
+``bucket`` window: one minute's capacity, refilled continuously at ``limit / 60`` a
+second and full at the start (Anthropic's "continuously replenished up to your
+maximum"); a request is admitted while the bucket holds its units.
+
+What ``remaining`` and ``reset`` report can be read two ways under a short window, and
+real servers do both: against the per-minute limit (``remaining`` close to the limit),
+or from the enforcement window itself (``report_window``: ``remaining`` near 0 and a
+``reset`` of milliseconds at steady state). ``reset`` is always the time until the
+bucket is full again, as OpenAI and Anthropic document it.
+
+The ``litellm`` style imitates LiteLLM's per-key limiter: a fixed minute, headers named
+``x-ratelimit-model_per_key-{limit,remaining}-{requests,tokens}`` with no reset, and a
+429 that says ``retry-after: 60`` whatever the time left in the window.
+
 Rejected requests consume nothing.
 """
 
@@ -22,6 +36,7 @@ from datetime import UTC, datetime
 from .behaviour import go_duration
 
 _EPS = 1e-9
+LITELLM_RETRY_AFTER_S = 60.0
 
 
 class QuantizedBucket:
@@ -83,6 +98,51 @@ class QuantizedBucket:
     def used(self) -> int:
         return max(0, math.ceil(self.quantum - self.budget - _EPS))
 
+    def window_remaining(self) -> int:
+        """Remaining capacity of the enforcement window itself."""
+        return max(0, math.floor(self.budget + _EPS))
+
+
+class RefillingBucket:
+    """One minute's capacity, refilled continuously; starts full."""
+
+    __slots__ = ("level", "limit", "per_s", "updated")
+
+    def __init__(self, limit_per_minute: float, now: float) -> None:
+        self.limit = float(limit_per_minute)
+        self.per_s = self.limit / 60.0
+        self.level = self.limit
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.limit, self.level + (now - self.updated) * self.per_s)
+            self.updated = now
+
+    def admits(self, cost: float) -> bool:
+        return self.level >= min(cost, self.limit) - _EPS
+
+    def consume(self, cost: float) -> None:
+        self.level -= cost
+
+    def retry_after(self, cost: float, now: float) -> float:
+        return max(0.0, (min(cost, self.limit) - self.level) / self.per_s)
+
+    def reset_after(self, now: float) -> float:
+        return max(0.0, (self.limit - self.level) / self.per_s)
+
+    def remaining(self) -> int:
+        return max(0, math.floor(self.level + _EPS))
+
+    def window_remaining(self) -> int:
+        return self.remaining()
+
+    def used(self) -> int:
+        return max(0, math.ceil(self.limit - self.level - _EPS))
+
+
+Bucket = QuantizedBucket | RefillingBucket
+
 
 @dataclass(slots=True)
 class Rejection:
@@ -96,10 +156,30 @@ class Rejection:
 class RateLimiter:
     """Requests-per-minute and tokens-per-minute buckets checked together."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, window: str, now: float) -> None:
-        w = 1.0 if window == "second" else 60.0
-        self.requests = QuantizedBucket(rpm, w, now) if rpm else None
-        self.tokens = QuantizedBucket(tpm, w, now) if tpm else None
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        window: str,
+        now: float,
+        *,
+        report_window: bool = False,
+        style: str = "provider",
+    ) -> None:
+        self.style = style
+        self.report_window = report_window
+        if style == "litellm":
+            window = "minute"
+
+        def bucket(limit: float | None) -> Bucket | None:
+            if not limit:
+                return None
+            if window == "bucket":
+                return RefillingBucket(limit, now)
+            return QuantizedBucket(limit, 1.0 if window == "second" else 60.0, now)
+
+        self.requests = bucket(rpm)
+        self.tokens = bucket(tpm)
 
     @property
     def active(self) -> bool:
@@ -111,33 +191,39 @@ class RateLimiter:
         if req is not None:
             req.refill(now)
             if not req.admits(1):
-                return Rejection("requests", int(req.limit), req.used(), 1, req.retry_after(1, now))
+                return self._rejection("requests", req, 1, now)
         if tok is not None:
             tok.refill(now)
             if not tok.admits(cost):
-                return Rejection(
-                    "tokens", int(tok.limit), tok.used(), cost, tok.retry_after(cost, now)
-                )
+                return self._rejection("tokens", tok, cost, now)
         if req is not None:
             req.consume(1)
         if tok is not None:
             tok.consume(cost)
         return None
 
+    def _rejection(self, kind: str, bucket: Bucket, cost: int, now: float) -> Rejection:
+        wait = LITELLM_RETRY_AFTER_S if self.style == "litellm" else bucket.retry_after(cost, now)
+        return Rejection(kind, int(bucket.limit), bucket.used(), cost, wait)
+
+    def _report(self, bucket: Bucket, now: float) -> tuple[str, str, float]:
+        bucket.refill(now)
+        remaining = bucket.window_remaining() if self.report_window else bucket.remaining()
+        return str(int(bucket.limit)), str(remaining), bucket.reset_after(now)
+
     def openai_headers(self, now: float) -> dict[str, str]:
         h: dict[str, str] = {}
-        if self.requests is not None:
-            b = self.requests
-            b.refill(now)
-            h["x-ratelimit-limit-requests"] = str(int(b.limit))
-            h["x-ratelimit-remaining-requests"] = str(b.remaining())
-            h["x-ratelimit-reset-requests"] = go_duration(b.reset_after(now))
-        if self.tokens is not None:
-            b = self.tokens
-            b.refill(now)
-            h["x-ratelimit-limit-tokens"] = str(int(b.limit))
-            h["x-ratelimit-remaining-tokens"] = str(b.remaining())
-            h["x-ratelimit-reset-tokens"] = go_duration(b.reset_after(now))
+        for name, b in (("requests", self.requests), ("tokens", self.tokens)):
+            if b is None:
+                continue
+            limit, remaining, reset = self._report(b, now)
+            if self.style == "litellm":
+                h[f"x-ratelimit-model_per_key-limit-{name}"] = limit
+                h[f"x-ratelimit-model_per_key-remaining-{name}"] = remaining
+                continue
+            h[f"x-ratelimit-limit-{name}"] = limit
+            h[f"x-ratelimit-remaining-{name}"] = remaining
+            h[f"x-ratelimit-reset-{name}"] = go_duration(reset)
         return h
 
     def anthropic_headers(self, now: float) -> dict[str, str]:
@@ -145,10 +231,10 @@ class RateLimiter:
         for name, b in (("requests", self.requests), ("tokens", self.tokens)):
             if b is None:
                 continue
-            b.refill(now)
-            h[f"anthropic-ratelimit-{name}-limit"] = str(int(b.limit))
-            h[f"anthropic-ratelimit-{name}-remaining"] = str(b.remaining())
-            h[f"anthropic-ratelimit-{name}-reset"] = rfc3339(now + b.reset_after(now))
+            limit, remaining, reset = self._report(b, now)
+            h[f"anthropic-ratelimit-{name}-limit"] = limit
+            h[f"anthropic-ratelimit-{name}-remaining"] = remaining
+            h[f"anthropic-ratelimit-{name}-reset"] = rfc3339(now + reset)
         return h
 
 

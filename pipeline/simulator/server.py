@@ -109,8 +109,9 @@ class Simulator:
         old = self._config
         self._config = cfg
         self.models = frozenset(cfg.models)
-        if first or (old.rpm, old.tpm, old.limit_window) != (cfg.rpm, cfg.tpm, cfg.limit_window):
-            self.limiter = RateLimiter(cfg.rpm, cfg.tpm, cfg.limit_window, time.time())
+        limits = ("rpm", "tpm", "limit_window", "report_window", "limiter_style")
+        if first or any(getattr(old, k) != getattr(cfg, k) for k in limits):
+            self.limiter = _limiter(cfg)
         if first or old.seed != cfg.seed:
             self._rng = random.Random(cfg.seed)
             self._latency_rng = random.Random(cfg.seed + 1)
@@ -133,7 +134,7 @@ class Simulator:
         self.attempts.clear()
         self.json_attempts.clear()
         cfg = self._config
-        self.limiter = RateLimiter(cfg.rpm, cfg.tpm, cfg.limit_window, time.time())
+        self.limiter = _limiter(cfg)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -351,3 +352,14 @@ class Simulator:
         if not lim.active or not self._config.send_ratelimit_headers:
             return None
         return lim.anthropic_headers(now) if anthropic else lim.openai_headers(now)
+
+
+def _limiter(cfg: SimulatorConfig) -> RateLimiter:
+    return RateLimiter(
+        cfg.rpm,
+        cfg.tpm,
+        cfg.limit_window,
+        time.time(),
+        report_window=cfg.report_window,
+        style=cfg.limiter_style,
+    )
