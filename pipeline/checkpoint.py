@@ -2,8 +2,12 @@
 
 Why SQLite: one file, atomic multi-row commits, readers (`pipeline status`, the final
 assembly) that never block the writer, and point look-ups by row key, so neither a
-rerun nor the final assembly has to hold a million results in memory. A kill -9
-loses at most the rows not yet committed (the writer commits about twice a second).
+rerun nor the final assembly has to hold a million results in memory.
+
+Each answer is also appended to a journal the moment it lands (one write(2), no
+fsync), and the journal is folded into SQLite in batches about twice a second. A
+kill -9 therefore loses no answer that arrived: the next run replays the journal
+before it plans anything. Only requests still in flight at the kill are sent again.
 
 A row is keyed by its id AND the hash of the exact request it was: a finished row is
 reused only while its request is unchanged.
@@ -11,12 +15,15 @@ reused only while its request is unchanged.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from pipeline.columns import JSON_COLUMNS, STORED_COLUMNS, stored_values
 from pipeline.types import RowResult
@@ -31,6 +38,13 @@ CREATE TABLE IF NOT EXISTS results (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_INSERT = (
+    f"INSERT OR REPLACE INTO results (row_key, request_hash, {', '.join(_STORED_NAMES)}, "
+    f"finished_at) VALUES ({', '.join('?' * (len(_STORED_NAMES) + 3))})"
+)
+Row = tuple[Any, ...]  # row_key, request_hash, the stored columns, finished_at
+_ROW_WIDTH = len(_STORED_NAMES) + 3
+Sealed = tuple[list[Row], Path | None]  # rows landed, and the journal segment holding them
 # Under SQLite's limit of bound parameters (32,766 since 3.32; 999 before).
 _LOOKUP_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 
@@ -74,6 +88,8 @@ class Checkpoint:
         self._add_missing_columns()
         self._reader = self._connect()
         self.since = float(self.get_meta("fresh_since") or 0.0)
+        self._journal = Journal(path.parent, f"{path.stem}.landed")
+        self._landed: list[Row] = []
 
     def _add_missing_columns(self) -> None:
         # A checkpoint written by an earlier version lacks the newer (nullable) columns.
@@ -107,19 +123,45 @@ class Checkpoint:
     def write(self, results: Iterable[RowResult], meta: dict[str, str] | None = None) -> None:
         """Commit a batch of finished rows (and any meta values) atomically."""
         now = time.time()
-        rows = [
-            (result.key, result.request_hash, *stored_values(result), now) for result in results
-        ]
+        self._write_rows([_row(result, now) for result in results], meta)
+
+    # -- answers as they land: the journal ---------------------------------------------
+
+    def recover(self) -> int:
+        """Fold answers a killed run journaled but never committed into the database, and
+        start a new journal. Only the run that writes may call this; returns the rows."""
+        rows = self._journal.replay()
+        self._write_rows(rows)
+        self._journal.discard_sealed()
+        self._journal.open()
+        return len(rows)
+
+    def land(self, result: RowResult) -> None:
+        """Hand a finished row to the operating system at once; `commit` makes it queryable."""
+        row = _row(result, time.time())
+        self._journal.append(row)
+        self._landed.append(row)
+
+    def seal(self) -> Sealed:
+        """Everything landed since the last seal, and the journal segment that holds it.
+
+        Call on the thread that lands rows, so no row falls between the two."""
+        rows, self._landed = self._landed, []
+        return rows, self._journal.rotate()
+
+    def commit(self, sealed: Sealed, meta: dict[str, str]) -> None:
+        """Commit sealed rows (and meta values) atomically, then drop their journal segment."""
+        rows, segment = sealed
+        self._write_rows(rows, meta)
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+    def _write_rows(self, rows: list[Row], meta: dict[str, str] | None = None) -> None:
         if not rows and not meta:
             return
-        columns = ("row_key", "request_hash", *_STORED_NAMES, "finished_at")
-        statement = (
-            f"INSERT OR REPLACE INTO results ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})"
-        )
         with self._writer:
             self._writer.execute("BEGIN")
-            self._writer.executemany(statement, rows)
+            self._writer.executemany(_INSERT, rows)
             for name, value in (meta or {}).items():
                 self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
@@ -186,5 +228,73 @@ class Checkpoint:
         return Totals(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
 
     def close(self) -> None:
+        self._journal.close()
         self._writer.close()
         self._reader.close()
+
+
+def _row(result: RowResult, finished_at: float) -> Row:
+    return (result.key, result.request_hash, *stored_values(result), finished_at)
+
+
+class Journal:
+    """Answers appended one line each, in numbered segments beside the database.
+
+    A line is handed to the operating system with one write(2) as its answer lands, so
+    it survives the process being killed (only a power cut needs fsync, which would cost
+    a disk flush per answer). Segments are sealed as their rows are committed and
+    deleted after; whatever a killed run left is replayed on the next start, and a
+    torn last line (killed mid-write) is skipped: its row is simply sent again.
+    """
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.directory = directory
+        self.stem = stem
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._number = 0
+
+    def segments(self) -> list[Path]:
+        found = self.directory.glob(f"{self.stem}.*.jsonl")
+        return sorted(found, key=lambda path: int(path.suffixes[-2][1:]))
+
+    def replay(self) -> list[Row]:
+        rows: list[Row] = []
+        for segment in self.segments():
+            for line in segment.read_bytes().splitlines():
+                try:
+                    row = tuple(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    continue  # torn by the kill
+                if len(row) == _ROW_WIDTH:
+                    rows.append(row)
+        return rows
+
+    def discard_sealed(self) -> None:
+        for segment in self.segments():
+            if segment != self._path:
+                segment.unlink()
+
+    def open(self) -> None:
+        existing = self.segments()
+        self._number = int(existing[-1].suffixes[-2][1:]) + 1 if existing else 1
+        self._path = self.directory / f"{self.stem}.{self._number}.jsonl"
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def append(self, row: Row) -> None:
+        if self._fd is not None:
+            os.write(self._fd, orjson.dumps(row) + b"\n")
+
+    def rotate(self) -> Path | None:
+        """Start a new segment; returns the one just closed (None when not journaling)."""
+        sealed = self._path
+        if self._fd is None:
+            return None
+        self.close()
+        self.open()
+        return sealed
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

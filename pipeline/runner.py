@@ -18,7 +18,7 @@ from typing import Literal
 import anyio
 
 from pipeline.budget import Budget
-from pipeline.checkpoint import Checkpoint, Totals
+from pipeline.checkpoint import Checkpoint, Sealed, Totals
 from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
@@ -189,6 +189,7 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         settings = uses_embedded_simulator(job, stack)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
+        checkpoint.recover()
         if options.fresh:
             checkpoint.start_fresh()
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
@@ -234,20 +235,32 @@ class _Recorder:
     pacer: Pacer
     outcome: Outcome
     on_result: Callable[[RowResult], None] | None
+    _landed: list[RowResult] = field(default_factory=list)
 
-    def commit(self, batch: list[RowResult], lines: list[bytes], cursor: int) -> None:
-        # Every row before the cursor was planned, so at most the rows in flight there
-        # are unfinished: a resume starts at the cursor and sends its first request at once.
-        self.checkpoint.write(batch, {"plan_cursor": str(cursor)})
-        self.log.write(lines)
+    def land(self, result: RowResult) -> int:
+        self.checkpoint.land(result)
+        self._landed.append(result)
+        return len(self._landed)
 
-    async def record(self, batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(self.commit, batch, self.log.take(), self.plan.cursor)
+    async def commit(self) -> int:
+        if not self._landed:
+            return 0
+        # Sealed before the first await, so no row lands between the journal and the batch.
+        sealed = self.checkpoint.seal()
+        batch, self._landed = self._landed, []
+        await anyio.to_thread.run_sync(self._write, sealed, self.log.take(), self.plan.cursor)
         for result in batch:
             if self.on_result is not None:
                 self.on_result(result)
             self.tally.add(result)
         self._show()
+        return len(batch)
+
+    def _write(self, sealed: Sealed, lines: list[bytes], cursor: int) -> None:
+        # Every row before the cursor was planned, so at most the rows in flight there
+        # are unfinished: a resume starts at the cursor and sends its first request at once.
+        self.checkpoint.commit(sealed, {"plan_cursor": str(cursor)})
+        self.log.write(lines)
 
     def _show(self) -> None:
         tally, plan = self.tally, self.plan
@@ -329,7 +342,7 @@ async def _pump(
         )
         try:
             return await scheduler.run(
-                plan.requests(), recorder.record, handle_signals=options.handle_signals
+                plan.requests(), recorder, handle_signals=options.handle_signals
             )
         finally:
             _log_stop(log, plan, scheduler.outcome)

@@ -1,19 +1,21 @@
-"""The worker pool: planned rows -> workers -> pending results -> recorder.
+"""The worker pool: planned rows -> workers -> a result sink -> recorder.
 
 A fixed number of workers (the concurrency cap) share one lazy plan: a worker that
 is free pulls the next row, which is rendered only then, so nothing runs ahead of
 the pool and memory stays flat. Pulling is a plain `next()` on a generator that
 never awaits, which is safe to share on one event loop and costs nothing per row.
-Finished rows are appended to a list that one recorder task hands to the
-checkpoint in batches, inside shielded scopes: a result that exists is never lost
-to cancellation. Everything lives in task groups.
+Each row's attempts are `attempt.Attempt`s. A finished row goes to the sink the
+moment it lands (the runner's sink journals it, so a kill cannot lose it), and
+one recorder task has the sink commit in batches, inside shielded scopes: a result
+that exists is never lost to cancellation. Everything lives in task groups.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -32,8 +34,19 @@ from pipeline.types import ChatRequest, RowResult
 FLUSH_INTERVAL_S = 0.5
 FLUSH_MAX_ROWS = 2000
 
-RecordBatch = Callable[[list[RowResult]], Awaitable[None]]
 Planned = ChatRequest | RowResult
+
+
+class ResultSink(Protocol):
+    """Where finished rows go: each kept as it lands, committed in batches."""
+
+    def land(self, result: RowResult) -> int:
+        """Keep a finished row (durably); returns how many rows now await a commit."""
+        ...
+
+    async def commit(self) -> int:
+        """Commit every row landed so far; returns how many that was."""
+        ...
 
 
 @dataclass
@@ -77,26 +90,25 @@ class Scheduler:
         )
         self._stopping = False
         self._work: TaskGroup | None = None
-        self._pending: list[RowResult] = []
         self._flush_wanted = anyio.Event()
 
     async def run(
-        self, planned: Iterator[Planned], record: RecordBatch, *, handle_signals: bool = False
+        self, planned: Iterator[Planned], sink: ResultSink, *, handle_signals: bool = False
     ) -> Outcome:
         """Process every planned row; returns when all are recorded or the run stopped."""
         try:
             async with anyio.create_task_group() as outer:
-                outer.start_soon(self._record_periodically, record)
+                outer.start_soon(self._record_periodically, sink)
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
                     self._work = work
                     shared = iter(planned)
                     for _ in range(self.concurrency):
-                        work.start_soon(self._worker, shared)
+                        work.start_soon(self._worker, shared, sink)
                 outer.cancel_scope.cancel()
         finally:
-            await self._flush(record)
+            await self._flush(sink)
         return self.outcome
 
     def stop(self) -> None:
@@ -126,7 +138,7 @@ class Scheduler:
                 else:
                     self.stop()
 
-    async def _worker(self, planned: Iterator[Planned]) -> None:
+    async def _worker(self, planned: Iterator[Planned], sink: ResultSink) -> None:
         for item in planned:
             if self._stopping:
                 return
@@ -139,8 +151,7 @@ class Scheduler:
                 if result is None:
                     return
                 item = result
-            self._pending.append(item)
-            if len(self._pending) >= FLUSH_MAX_ROWS:
+            if sink.land(item) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
 
     def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
@@ -161,16 +172,13 @@ class Scheduler:
     def _wanted(self) -> bool:
         return not self._stopping
 
-    async def _record_periodically(self, record: RecordBatch) -> None:
+    async def _record_periodically(self, sink: ResultSink) -> None:
         while True:
             with anyio.move_on_after(FLUSH_INTERVAL_S):
                 await self._flush_wanted.wait()
             self._flush_wanted = anyio.Event()
-            await self._flush(record)
+            await self._flush(sink)
 
-    async def _flush(self, record: RecordBatch) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            with anyio.CancelScope(shield=True):
-                await record(batch)
-            self.outcome.recorded += len(batch)
+    async def _flush(self, sink: ResultSink) -> None:
+        with anyio.CancelScope(shield=True):
+            self.outcome.recorded += await sink.commit()

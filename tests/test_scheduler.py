@@ -109,11 +109,21 @@ def planned(n: int, extra: list[RowResult] | None = None) -> Iterator[Planned]:
 
 
 class Recorder:
+    """A result sink that keeps each committed batch."""
+
     def __init__(self) -> None:
         self.batches: list[list[RowResult]] = []
+        self.landed: list[RowResult] = []
 
-    async def __call__(self, batch: list[RowResult]) -> None:
-        self.batches.append(list(batch))
+    def land(self, result: RowResult) -> int:
+        self.landed.append(result)
+        return len(self.landed)
+
+    async def commit(self) -> int:
+        batch, self.landed = self.landed, []
+        if batch:
+            self.batches.append(batch)
+        return len(batch)
 
     @property
     def results(self) -> list[RowResult]:
@@ -340,11 +350,15 @@ def test_answered_rows_are_recorded_even_when_the_run_is_cut_short(how: str) -> 
     batches_started = 0
 
     class SlowRecorder(Recorder):
-        async def __call__(self, batch: list[RowResult]) -> None:
+        async def commit(self) -> int:
             nonlocal batches_started
+            batch, self.landed = self.landed, []
+            if not batch:
+                return 0
             batches_started += 1
             await anyio.sleep(1.0)  # a slow checkpoint write, 0.5 s .. 1.5 s into the run
-            await super().__call__(batch)
+            self.batches.append(batch)
+            return len(batch)
 
     record = SlowRecorder()
 
