@@ -24,8 +24,6 @@ import pyarrow as pa
 
 from pipeline.errors import PipelineError, SpecError
 from pipeline.runner import (
-    EXIT_INTERRUPTED,
-    EXIT_STOPPED,
     PreparedJob,
     RunOptions,
     RunSummary,
@@ -135,9 +133,10 @@ async def arun(
         on_result=on_result,
     )
     summary = await execute_async(prepared, options)
-    if summary.exit_code in (EXIT_STOPPED, EXIT_INTERRUPTED) or summary.output_path is None:
-        reason = summary.fatal.describe() if summary.fatal else "interrupted"
-        raise RunFailed(f"{reason}; finished rows are kept, call again to resume", summary)
+    if not summary.finished or summary.output_path is None:
+        raise RunFailed(
+            f"{summary.why_unfinished}; finished rows are kept, call again to resume", summary
+        )
     return await anyio.to_thread.run_sync(pl.read_parquet, summary.output_path)
 
 

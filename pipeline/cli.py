@@ -14,8 +14,7 @@ if TYPE_CHECKING:
 
 from pipeline.errors import PipelineError, SpecError
 from pipeline.runner import (
-    EXIT_INVALID,
-    EXIT_STOPPED,
+    RunEnd,
     RunOptions,
     RunSummary,
     execute,
@@ -23,6 +22,14 @@ from pipeline.runner import (
     prepare,
     status,
 )
+
+EXIT_INVALID, EXIT_STOPPED = 2, 3
+EXIT_CODES = {
+    RunEnd.ALL_OK: 0,
+    RunEnd.ROWS_FAILED: 1,
+    RunEnd.STOPPED: EXIT_STOPPED,
+    RunEnd.INTERRUPTED: 130,
+}
 
 
 def _fail(message: str, code: int) -> None:
@@ -82,7 +89,7 @@ def run(
     except PipelineError as exc:
         _fail(str(exc), EXIT_STOPPED)
     _print_summary(summary, job, output)
-    sys.exit(summary.exit_code)
+    sys.exit(EXIT_CODES[summary.end])
 
 
 def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:

@@ -29,7 +29,7 @@ from pipeline.runner import (
     open_provider,
     uses_embedded_simulator,
 )
-from pipeline.types import Message, RowResult
+from pipeline.types import Message, RowResult, Usage
 
 CALIBRATION_ROWS = 100
 COUNT_CONCURRENCY = 8
@@ -45,6 +45,7 @@ class Estimate:
     output_per_row: float | None = None
     reasoning_per_row: float | None = None
     latency_s: float | None = None
+    cached_share: float = 0.0  # of prompt tokens, as measured on the sample
     cost_input: float | None = None
     cost_expected: float | None = None
     cost_worst: float | None = None
@@ -117,20 +118,28 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
     result.output_per_row = sum(u.output_tokens for u in usages) / len(usable)
     result.reasoning_per_row = sum(u.reasoning_tokens for u in usages) / len(usable)
     result.latency_s = sum(r.latency_s or 0.0 for r in usable) / len(usable)
+    prompt = sum(u.prompt_tokens for u in usages)
+    result.cached_share = sum(u.cached_tokens for u in usages) / prompt if prompt else 0.0
 
 
 def _price(job: PreparedJob, result: Estimate) -> None:
     price = job.settings.price
     if price is None:
         return
-    result.cost_input = result.input_tokens * price.input / 1e6
-    result.cost_worst = (
-        result.cost_input + result.rows * result.max_output_per_row * price.output / 1e6
-    )
-    if result.output_per_row is not None:
-        result.cost_expected = (
-            result.cost_input + result.rows * result.output_per_row * price.output / 1e6
+
+    def cost(output_per_row: float, cached_share: float = 0.0) -> float:
+        usage = Usage(
+            prompt_tokens=result.input_tokens,
+            completion_tokens=round(result.rows * output_per_row),
+            cached_tokens=round(result.input_tokens * cached_share),
         )
+        return price.cost(usage)
+
+    # The range assumes no cache hits; the expected cost uses the share the sample measured.
+    result.cost_input = cost(0)
+    result.cost_worst = cost(result.max_output_per_row)
+    if result.output_per_row is not None:
+        result.cost_expected = cost(result.output_per_row, result.cached_share)
 
 
 def _time(job: PreparedJob, result: Estimate) -> None:

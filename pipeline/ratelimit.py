@@ -18,8 +18,8 @@ for requests in flight, under the job's hard cap.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -106,7 +106,11 @@ class Pacer:
         *,
         max_concurrency: int,
         initial_concurrency: int | None = None,
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
+        # Every time the pacer reads, and every time it sleeps until, is on this clock:
+        # the event loop's, so that a test's virtual loop clock drives all of it.
+        self._clock = clock
         self.requests = Gate(requests_per_minute)
         self.tokens = Gate(tokens_per_minute)
         self.max_concurrency = max_concurrency
@@ -123,7 +127,7 @@ class Pacer:
         self._rate_grown_at = 0.0
         self._backed_off_at = -math.inf
         self._rate_step = 0.0
-        # Send times on the process clock (cheap to read), only to estimate the recent rate.
+        # Send times, only to estimate the recent rate.
         self._sent_times: deque[float] = deque(maxlen=4096)
         self.prompt_scale = 1.0
         # Sent while no limit was known, booked once one is learned (see `_learn`).
@@ -137,7 +141,7 @@ class Pacer:
     async def take_turn(self, request: ChatRequest) -> float:
         """Wait for a slot and this request's paced turn; returns the start time (loop clock)."""
         await self.acquire(request.prompt_estimate * self.prompt_scale + request.reply_budget)
-        return anyio.current_time()
+        return self._clock()
 
     def end_turn(
         self, request: ChatRequest, sent_at: float, answer: Completion | ProviderError | None
@@ -159,24 +163,24 @@ class Pacer:
         await self._take_slot()
         self._last_tokens = max(1.0, tokens)
         if self.requests.rate is None and self.tokens.rate is None and not self._paused_until:
-            self._sent_times.append(time.monotonic())
+            self._sent_times.append(self._clock())
             if self._unpaced_since is None:
-                self._unpaced_since = anyio.current_time()
+                self._unpaced_since = self._clock()
             self._unpaced_requests += 1
             self._unpaced_tokens += tokens
             return  # nothing to pace against (yet): no reservation needed
         try:
             while True:
-                now = anyio.current_time()
+                now = self._clock()
                 start = max(now, self._paused_until, self.requests.next_free, self.tokens.next_free)
                 self.requests.commit(start, 1)
                 self.tokens.commit(start, tokens)
                 if start > now:
                     await anyio.sleep(start - now)
                 # A 429 elsewhere may have paused the pool while this one slept.
-                if anyio.current_time() >= self._paused_until:
+                if self._clock() >= self._paused_until:
                     break
-            self._sent_times.append(time.monotonic())
+            self._sent_times.append(self._clock())
         except BaseException:
             self._give_slot()
             raise
@@ -235,7 +239,7 @@ class Pacer:
         self.pause(retry_after if retry_after is not None else 1.0)
         if sent_at is not None and sent_at < self._backed_off_at:
             return
-        now = anyio.current_time()
+        now = self._clock()
         self._backed_off_at = now
         self.window = max(1, math.floor(self.window * BACKOFF_FACTOR))
         self._slow_start = False
@@ -247,7 +251,7 @@ class Pacer:
         self._window_grown_at = self._rate_grown_at = now
 
     def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, anyio.current_time() + seconds)
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
         """Correct the offline prompt estimate from the usage that came back."""
@@ -255,7 +259,7 @@ class Pacer:
             self.prompt_scale += 0.1 * (actual / estimated - self.prompt_scale)
 
     def state(self) -> PacerState:
-        paused = max(0.0, self._paused_until - anyio.current_time())
+        paused = max(0.0, self._paused_until - self._clock())
         return PacerState(self.requests.rate, self.tokens.rate, self.window, paused)
 
     # -- internals ----------------------------------------------------------------------
@@ -287,7 +291,7 @@ class Pacer:
     def _grow(self) -> None:
         if self.window >= self.max_concurrency and self.requests.adaptive is None:
             return
-        now = anyio.current_time()
+        now = self._clock()
         # Time spent paused at the server's request is not evidence of spare capacity.
         if self.window < self.max_concurrency and (
             self._slow_start or now - max(self._window_grown_at, self._paused_until) >= 1.0
@@ -306,7 +310,7 @@ class Pacer:
         return self._recent_rate() or 0.0
 
     def _recent_rate(self) -> float | None:
-        now = time.monotonic()
+        now = self._clock()
         recent = [t for t in self._sent_times if now - t <= 2.0]
         if len(recent) < 2:
             return None

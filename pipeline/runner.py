@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +40,16 @@ from pipeline.types import RowResult
 
 ADAPTIVE_MAX_CONCURRENCY = 256
 ADAPTIVE_START_CONCURRENCY = 16
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_INVALID, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class RunEnd(Enum):
+    """How a run ended. The CLI maps it to an exit code; the Python API returns the
+    output for the first two and raises `RunFailed` for the others."""
+
+    ALL_OK = "every row has an answer"
+    ROWS_FAILED = "finished, with some rows in error"
+    STOPPED = "stopped by a job-level failure"
+    INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -83,11 +93,20 @@ class RunSummary:
     outcome: Outcome
     wall_s: float
     output_path: Path | None
-    exit_code: int
+    end: RunEnd
     fatal: JobFatalError | BudgetExceeded | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Every row has a result (an answer or its error)."""
+        return self.end in (RunEnd.ALL_OK, RunEnd.ROWS_FAILED)
+
+    @property
+    def why_unfinished(self) -> str:
+        return self.fatal.describe() if self.fatal else self.end.value
 
 
 def prepare(
@@ -372,17 +391,17 @@ def _finish(
 ) -> RunSummary:
     output_path: Path | None = None
     if outcome.fatal is not None:
-        code = EXIT_STOPPED
+        end = RunEnd.STOPPED
     elif outcome.interrupted:
-        code = EXIT_INTERRUPTED
+        end = RunEnd.INTERRUPTED
     elif not options.write_output:
-        code = EXIT_ROW_ERRORS if tally.failed else EXIT_OK
+        end = RunEnd.ROWS_FAILED if tally.failed else RunEnd.ALL_OK
     else:
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
             write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
         output_path = job.output_path
-        code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
+        end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
@@ -391,7 +410,7 @@ def _finish(
         outcome=outcome,
         wall_s=wall_s,
         output_path=output_path,
-        exit_code=code,
+        end=end,
         fatal=outcome.fatal,
         run_cost=tally.cost,
         run_failed=tally.failed,
