@@ -21,6 +21,7 @@ import anyio
 
 from pipeline.budget import Budget
 from pipeline.config import Price
+from pipeline.counters import RunCounters
 from pipeline.errors import (
     JobFatalError,
     ProviderError,
@@ -67,6 +68,7 @@ class Attempts:
     budget: Budget
     log: RunLog
     counts: AttemptCounts
+    counters: RunCounters
     schema: OutputSchema | None = None
     schema_retries: int = 1
 
@@ -124,7 +126,8 @@ class Attempt:
 
     async def _send(self) -> Completion | ProviderError:
         try:
-            return await self.run.provider.complete(self.request)
+            with self.run.counters.sending():
+                return await self.run.provider.complete(self.request)
         except ProviderError as error:
             return error
 
@@ -223,7 +226,7 @@ class Attempt:
             status=status,
             latency_s=self.latency,
             outcome=outcome,
-            in_flight=run.pacer.in_flight,
+            in_flight=run.counters.in_flight,
             wait_s=wait_s,
             why=why,
             message=message,

@@ -100,9 +100,12 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
         f" --output {shlex.quote(str(output))}" if output else ""
     )
     stats = OutputStats.read(summary.output_path) if summary.output_path is not None else None
+    counters = summary.counters
+    unfinished = max(0, summary.rows - summary.reused - counters.rows_finished)
     lines = [
-        f"rows: {summary.rows} ({summary.reused} reused from earlier runs, "
-        f"{summary.sent} sent this run, {summary.run_failed} failed this run)",
+        f"rows: {summary.rows:,} ({summary.reused:,} reused from earlier runs, "
+        f"{counters.rows_finished:,} finished this run of which {counters.rows_failed:,} "
+        f"failed" + (f", {unfinished:,} not finished" if unfinished else "") + ")",
     ]
     if stats is not None:
         failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
@@ -133,8 +136,9 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
             + ", ".join(f"{name} {value:.2f}s" for name, value in stats.latency.items())
         )
     lines.append(
-        f"requests this run: {summary.outcome.retries} retries, "
-        f"{summary.outcome.rate_limited} rate limited (429)"
+        f"requests this run: {counters.requests_sent:,} sent ({summary.outcome.retries:,} of "
+        f"them retries), {summary.outcome.rate_limited:,} rate limited (429), at most "
+        f"{counters.peak_in_flight:,} in flight at once"
     )
     if summary.fatal is not None:
         lines.append(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,7 @@ from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Sealed, Totals
 from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
+from pipeline.counters import RunCounters
 from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
@@ -98,6 +100,7 @@ class RunSummary:
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    counters: RunCounters = field(default_factory=RunCounters)
 
     @property
     def finished(self) -> bool:
@@ -212,45 +215,76 @@ async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) ->
         if options.fresh:
             checkpoint.start_fresh()
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
-        progress = Progress(job.rows, enabled=options.show_progress, notebook=options.notebook)
+        start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
+        progress = Progress(
+            job.rows,
+            reused=start.reused,
+            enabled=options.show_progress,
+            notebook=options.notebook,
+            headline=start.describe(job.rows),
+        )
         stack.callback(progress.close)
-        tally = _Tally()
-        outcome = await _pump(job, settings, plan, checkpoint, progress, tally, options)
+        counters = RunCounters()
+        outcome = await _pump(job, settings, plan, checkpoint, progress, counters, options)
         return await anyio.to_thread.run_sync(
-            _finish, job, checkpoint, plan, outcome, tally, time.monotonic() - started, options
+            _finish, job, checkpoint, plan, outcome, counters, time.monotonic() - started, options
         )
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-@dataclass
-class _Tally:
-    done: int = 0
-    failed: int = 0
-    tokens: int = 0
-    cost: float = 0.0
-    priced: bool = False
+EXACT_START_MAX_ROWS = 200_000  # above this the start line counts from the checkpoint alone
 
-    def add(self, result: RowResult) -> None:
-        self.done += 1
-        self.failed += result.error is not None
-        if result.completion is not None:
-            usage = result.completion.usage
-            self.tokens += usage.prompt_tokens + usage.output_tokens
-        if result.cost_usd is not None:
-            self.cost += result.cost_usd
-            self.priced = True
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """What a run will reuse and send, known before the first request."""
+
+    reused: int
+    to_send: int
+    failed_again: int = 0  # rows that ended in error before and are sent again
+    exact: bool = True
+
+    def describe(self, rows: int) -> str:
+        if self.reused == 0:
+            return f"starting: {self.to_send:,} rows to send"
+        if self.to_send == 0 and self.exact:
+            return f"nothing to send: all {rows:,} rows have results from earlier runs"
+        if not self.exact:
+            return (
+                f"resuming: about {self.reused:,} of {rows:,} rows have results from earlier "
+                f"runs and are reused (unless their request changed); about {self.to_send:,} "
+                "to send"
+            )
+        again = f", {self.failed_again:,} of them failed before" if self.failed_again else ""
+        return (
+            f"resuming: {self.reused:,} of {rows:,} rows reused from earlier runs, "
+            f"{self.to_send:,} to send{again}"
+        )
+
+
+def _starting_point(job: PreparedJob, checkpoint: Checkpoint, options: RunOptions) -> StartingPoint:
+    recorded = checkpoint.totals()
+    if recorded.rows == 0:
+        return StartingPoint(0, job.rows)
+    if job.rows > EXACT_START_MAX_ROWS:
+        # Hashing every row to check it would delay the first request: trust the record.
+        reused = min(job.rows, recorded.rows - (recorded.failed if options.retry_failed else 0))
+        return StartingPoint(reused, job.rows - reused, exact=False)
+    ok, failed, pending = _plan(job, checkpoint).tally()
+    if options.retry_failed:
+        return StartingPoint(ok, failed + pending, failed_again=failed)
+    return StartingPoint(ok + failed, pending)
 
 
 @dataclass
 class _Recorder:
     """Commits each batch of finished rows, then tells the caller and the progress display."""
 
-    job: PreparedJob
     plan: WorkPlan
     checkpoint: Checkpoint
     log: RunLog
     progress: Progress
-    tally: _Tally
+    counters: RunCounters
     pacer: Pacer
     outcome: Outcome
     on_result: Callable[[RowResult], None] | None
@@ -271,8 +305,8 @@ class _Recorder:
         for result in batch:
             if self.on_result is not None:
                 self.on_result(result)
-            self.tally.add(result)
-        self._show()
+            self.counters.row_finished(result)
+        self.show()
         return len(batch)
 
     def _write(self, sealed: Sealed, lines: list[bytes], cursor: int) -> None:
@@ -281,19 +315,22 @@ class _Recorder:
         self.checkpoint.commit(sealed, {"plan_cursor": str(cursor)})
         self.log.write(lines)
 
-    def _show(self) -> None:
-        tally, plan = self.tally, self.plan
-        to_send = max(self.job.rows - plan.reused, tally.done)
+    def show(self, force: bool = False) -> None:
         self.progress.update(
-            plan.reused + tally.done,
-            tally.failed,
-            tally.tokens,
-            tally.cost if tally.priced else None,
-            projected_cost=tally.cost / tally.done * to_send if tally.priced else None,
+            self.counters,
+            reused=self.plan.reused,
             retries=self.outcome.retries,
-            in_flight=self.pacer.in_flight,
             requests_per_minute=self.pacer.recent_rate() * 60,
+            force=force,
         )
+
+
+def _note_stopping(progress: Progress, counters: RunCounters, grace_s: float) -> None:
+    waiting = counters.in_flight
+    progress.note(
+        f"stopping: waiting up to {grace_s:g}s for {waiting:,} request(s) in flight\n"
+        "  (sent and paid for; no new ones are sent). Ctrl-C again abandons them."
+    )
 
 
 def _budget(job: PreparedJob, settings: ProviderSettings, checkpoint: Checkpoint) -> Budget:
@@ -335,7 +372,7 @@ async def _pump(
     plan: WorkPlan,
     checkpoint: Checkpoint,
     progress: Progress,
-    tally: _Tally,
+    counters: RunCounters,
     options: RunOptions,
 ) -> Outcome:
     limits = job.spec.limits
@@ -355,22 +392,25 @@ async def _pump(
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
+            counters=counters,
+            on_stop=partial(_note_stopping, progress, counters),
         )
         recorder = _Recorder(
-            job, plan, checkpoint, log, progress, tally, pacer, scheduler.outcome, options.on_result
+            plan, checkpoint, log, progress, counters, pacer, scheduler.outcome, options.on_result
         )
         try:
             return await scheduler.run(
                 plan.requests(), recorder, handle_signals=options.handle_signals
             )
         finally:
-            _log_stop(log, plan, scheduler.outcome)
+            recorder.show(force=True)
+            _log_stop(log, plan, scheduler.outcome, counters)
 
 
-def _log_stop(log: RunLog, plan: WorkPlan, outcome: Outcome) -> None:
+def _log_stop(log: RunLog, plan: WorkPlan, outcome: Outcome, counters: RunCounters) -> None:
     log.event(
         "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
-        sent=plan.planned,
+        **counters.snapshot(),
         reused=plan.reused,
         retries=outcome.retries,
         rate_limited=outcome.rate_limited,
@@ -385,7 +425,7 @@ def _finish(
     checkpoint: Checkpoint,
     plan: WorkPlan,
     outcome: Outcome,
-    tally: _Tally,
+    counters: RunCounters,
     wall_s: float,
     options: RunOptions,
 ) -> RunSummary:
@@ -395,7 +435,7 @@ def _finish(
     elif outcome.interrupted:
         end = RunEnd.INTERRUPTED
     elif not options.write_output:
-        end = RunEnd.ROWS_FAILED if tally.failed else RunEnd.ALL_OK
+        end = RunEnd.ROWS_FAILED if counters.rows_failed else RunEnd.ALL_OK
     else:
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
@@ -405,15 +445,16 @@ def _finish(
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
-        sent=plan.planned,
+        sent=counters.requests_sent,
         totals=checkpoint.totals(),
         outcome=outcome,
         wall_s=wall_s,
         output_path=output_path,
         end=end,
         fatal=outcome.fatal,
-        run_cost=tally.cost,
-        run_failed=tally.failed,
+        run_cost=counters.cost_usd,
+        run_failed=counters.rows_failed,
+        counters=counters,
     )
 
 

@@ -13,7 +13,7 @@ that exists is never lost to cancellation. Everything lives in task groups.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 from pipeline.attempt import Attempt, AttemptCounts, Attempts, RowTries
 from pipeline.budget import Budget
 from pipeline.config import Price
+from pipeline.counters import RunCounters
 from pipeline.errors import BudgetExceeded, JobFatalError
 from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
@@ -72,11 +73,15 @@ class Scheduler:
         schema: OutputSchema | None = None,
         schema_retries: int = 1,
         grace_s: float = 10.0,
+        counters: RunCounters | None = None,
+        on_stop: Callable[[float], None] | None = None,
     ) -> None:
         self.pacer = pacer
         self.concurrency = concurrency
         self.grace_s = grace_s
         self.outcome = Outcome()
+        self.counters = counters or RunCounters()
+        self._on_stop = on_stop  # told the grace period when the first stop begins
         self.attempts = Attempts(
             provider,
             pacer,
@@ -85,6 +90,7 @@ class Scheduler:
             budget or Budget(None, None, price),
             log or RunLog(None),
             self.outcome,
+            self.counters,
             schema,
             schema_retries,
         )
@@ -117,6 +123,8 @@ class Scheduler:
             return
         self.outcome.interrupted = True
         self._stop_taking_rows()
+        if self._on_stop is not None:
+            self._on_stop(self.grace_s)
 
     def _stop_taking_rows(self) -> None:
         # Requests already sent are paid for: let them land (and be recorded) for a while.

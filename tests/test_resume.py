@@ -484,6 +484,12 @@ def test_second_ctrl_c_stops_at_once_and_leaves_a_consistent_store(
 
     assert time.monotonic() - second_at < 2.0
     assert code == 130, stderr
+    assert f"waiting up to 10s for {concurrency} request(s) in flight" in stderr
+    assert "Ctrl-C again abandons them" in stderr
+    # Abandoned requests were sent all the same, and are counted as sent.
+    sent = simulator.stats(full=False)["requests"]
+    assert f"requests this run: {sent} sent" in stderr
+    assert f"at most {concurrency} in flight at once" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert not output_path(tmp_path).exists()
 

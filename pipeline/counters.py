@@ -1,0 +1,71 @@
+"""What a run has done, counted once: the bar, the summary, the run log and status read this.
+
+Definitions (each counter means exactly this, everywhere it is shown):
+
+- `requests_sent`: HTTP requests handed to the provider this run, retries included.
+- `in_flight`: HTTP requests sent and not yet answered, right now. Not worker slots:
+  a worker waiting for its turn under a rate limit has sent nothing.
+- `peak_in_flight`: the most HTTP requests awaiting an answer at once this run.
+- `rows_finished`: rows whose final result (ok or error) was committed this run.
+- `rows_failed`: those of `rows_finished` that ended in error.
+- `rows_reused`: rows whose result an earlier run recorded and this run keeps.
+- `tokens`, `cost_usd`: usage and price of the rows finished this run.
+
+The scheduler increments the request counters around each HTTP call (its `Outcome`
+keeps retries and 429s); the runner counts rows as they are committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.types import RowResult
+
+
+@dataclass
+class RunCounters:
+    rows_reused: int = 0
+    rows_finished: int = 0
+    rows_failed: int = 0
+    requests_sent: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    priced: bool = False
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around one HTTP request: counts it sent, and in flight until it is answered."""
+        self.requests_sent += 1
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def row_finished(self, result: RowResult) -> None:
+        self.rows_finished += 1
+        self.rows_failed += result.error is not None
+        if result.completion is not None:
+            usage = result.completion.usage
+            self.tokens += usage.prompt_tokens + usage.output_tokens
+        if result.cost_usd is not None:
+            self.cost_usd += result.cost_usd
+            self.priced = True
+
+    @property
+    def cost(self) -> float | None:
+        """This run's cost, or None when no finished row had a price."""
+        return self.cost_usd if self.priced else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain values, for the run log and the checkpoint."""
+        values = asdict(self)
+        values["cost_usd"] = round(self.cost_usd, 8) if self.priced else None
+        del values["priced"]
+        return values
