@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.budget import Budget
-from pipeline.config import Price
+from pipeline.config import Price, answer_cost
 from pipeline.counters import RunCounters
 from pipeline.errors import (
     JobFatalError,
@@ -195,7 +195,7 @@ class Attempt:
             self.latency,
             completion=completion,
             error=error,
-            cost_usd=price.cost(completion.usage) if price and completion else None,
+            cost_usd=answer_cost(completion, price) if completion is not None else None,
         )
 
     def _check_schema(self, result: RowResult) -> SchemaViolation | None:

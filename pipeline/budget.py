@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import Price
+from pipeline.config import Price, answer_cost
 from pipeline.errors import BudgetExceeded, ProviderError
 from pipeline.types import ChatRequest, Completion, Usage
 
@@ -81,10 +81,11 @@ class Budget:
         if not isinstance(answer, Completion):
             return
         usage = answer.usage
-        cost = self.price.cost(usage) if self.price else None
-        tokens = usage.prompt_tokens + usage.output_tokens
-        self.spent_usd += cost or 0.0
+        cost = answer_cost(answer, self.price) or 0.0
+        tokens = usage.prompt_tokens + usage.output_tokens if usage is not None else 0
+        self.spent_usd += cost
         self.spent_tokens += tokens
-        self._answers += 1
-        self._answer_usd += cost or 0.0
-        self._answer_tokens += tokens
+        if usage is not None:  # only answers with usage say what the next one will cost
+            self._answers += 1
+            self._answer_usd += cost
+            self._answer_tokens += tokens

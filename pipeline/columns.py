@@ -30,21 +30,32 @@ def _json(value: object) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-def _answer(path: str) -> Callable[[RowResult], object]:
-    """Read `path` (e.g. "usage.prompt_tokens") from the row's completion, if it has one."""
-    get = attrgetter(path)
+def _answer(name: str) -> Callable[[RowResult], object]:
+    """Read `name` from the row's completion, if it has one."""
+    get = attrgetter(name)
     return lambda row: None if row.completion is None else get(row.completion)
+
+
+def _usage(name: str) -> Callable[[RowResult], object]:
+    """Read `name` from the row's usage, if the provider reported one."""
+    get = attrgetter(name)
+
+    def read(row: RowResult) -> object:
+        usage = row.completion.usage if row.completion is not None else None
+        return None if usage is None else get(usage)
+
+    return read
 
 
 # Every output file has these, in this order.
 RESULT_COLUMNS: tuple[Column, ...] = (
     Column("response", pa.string(), _answer("response")),
     Column("reasoning", pa.string(), _answer("reasoning")),
-    Column("prompt_tokens", pa.int64(), _answer("usage.prompt_tokens")),
-    Column("completion_tokens", pa.int64(), _answer("usage.completion_tokens")),
-    Column("reasoning_tokens", pa.int64(), _answer("usage.reasoning_tokens")),
-    Column("cached_tokens", pa.int64(), _answer("usage.cached_tokens")),
-    Column("total_tokens", pa.int64(), _answer("usage.total_tokens")),
+    Column("prompt_tokens", pa.int64(), _usage("prompt_tokens")),
+    Column("completion_tokens", pa.int64(), _usage("completion_tokens")),
+    Column("reasoning_tokens", pa.int64(), _usage("reasoning_tokens")),
+    Column("cached_tokens", pa.int64(), _usage("cached_tokens")),
+    Column("total_tokens", pa.int64(), _usage("total_tokens")),
     Column("cost_usd", pa.float64(), attrgetter("cost_usd")),
     Column("finish_reason", pa.string(), _answer("finish_reason")),
     Column("model", pa.string(), _answer("model")),

@@ -51,7 +51,7 @@ class RunCounters:
     def row_finished(self, result: RowResult) -> None:
         self.rows_finished += 1
         self.rows_failed += result.error is not None
-        if result.completion is not None:
+        if result.completion is not None and result.completion.usage is not None:
             usage = result.completion.usage
             self.tokens += usage.prompt_tokens + usage.output_tokens
         if result.cost_usd is not None:

@@ -114,7 +114,11 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
     if not usable:
         return
     result.sample_rows = len(usable)
-    usages = [r.completion.usage for r in usable if r.completion is not None]
+    usages = [
+        r.completion.usage
+        for r in usable
+        if r.completion is not None and r.completion.usage is not None
+    ]
     result.output_per_row = sum(u.output_tokens for u in usages) / len(usable)
     result.reasoning_per_row = sum(u.reasoning_tokens for u in usages) / len(usable)
     result.latency_s = sum(r.latency_s or 0.0 for r in usable) / len(usable)

@@ -150,7 +150,8 @@ class Pacer:
         self.release(succeeded=isinstance(answer, Completion))
         if isinstance(answer, Completion):
             self.observe(answer.rate_limits)
-            self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
+            if answer.usage is not None:
+                self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
         elif answer is not None:
             self.observe(answer.rate_limits)
             if isinstance(answer, RateLimited):

@@ -69,11 +69,12 @@ class Completion:
 
     response: str
     reasoning: str | None
-    usage: Usage
+    usage: Usage | None  # None: the provider did not say (never guessed as 0)
     finish_reason: str | None
     model: str | None
     rate_limits: RateLimitInfo | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reported_cost_usd: float | None = None  # what the provider says this call cost
 
 
 @dataclass(slots=True)

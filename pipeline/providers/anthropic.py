@@ -9,6 +9,7 @@ call, which is how this API returns structured output.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -18,10 +19,16 @@ from pipeline.config import ProviderSettings
 from pipeline.http import HttpClient, HttpResponse
 from pipeline.providers import sse, tools
 from pipeline.providers.base import Provider, register
-from pipeline.providers.classify import classify, has_error
-from pipeline.providers.headers import parse_rate_limits
+from pipeline.providers.classify import (
+    classify,
+    classify_error_in_body,
+    embedded_status,
+    has_error,
+)
+from pipeline.providers.headers import parse_rate_limits, response_cost
+from pipeline.providers.shapes import AnthropicBody, malformed, read
 from pipeline.structured import SCHEMA_NAME
-from pipeline.types import ChatRequest, Completion, Message, Usage
+from pipeline.types import ChatRequest, Completion, Message
 
 API_VERSION = "2023-06-01"
 STOP_REASONS = {
@@ -93,7 +100,8 @@ class AnthropicMessages(Provider):
     async def list_models(self) -> list[str]:
         url = self.url.removesuffix("/messages") + "/models"
         payload = await self._get_json(url, self.headers)
-        return [str(m.get("id")) for m in payload.get("data") or [] if isinstance(m, dict)]
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return [str(m.get("id")) for m in data or [] if isinstance(m, dict)]
 
     async def count_tokens(self, messages: list[Message]) -> int | None:
         if not self.settings.preset.count_tokens:
@@ -101,7 +109,10 @@ class AnthropicMessages(Provider):
         body = self.body(messages)
         request = {k: body[k] for k in ("model", "messages", "system", "tools") if k in body}
         payload = await self._post_json(self.url + "/count_tokens", request, self.headers)
-        return int(payload["input_tokens"])
+        count = payload.get("input_tokens") if isinstance(payload, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise malformed("count_tokens answer has no input_tokens", str(payload), self.redact)
+        return count
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = orjson.dumps(self.body(request.messages))
@@ -110,78 +121,106 @@ class AnthropicMessages(Provider):
         return self.parse(await self.client.post(self.url, body, self.headers))
 
     def parse(self, response: HttpResponse) -> Completion:
+        status, headers = response.status, response.headers
         try:
             payload = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             payload = None
-        if response.status >= 400 or (isinstance(payload, dict) and has_error(payload)):
-            raise self._error(response.status, payload, response.headers)
-        if not isinstance(payload, dict) or not isinstance(payload.get("content"), list):
-            raise errors.MalformedResponse("response has no content blocks", status=response.status)
-        return self._completion(payload, parse_rate_limits(response.headers))
+        if status >= 400:
+            raise self._error(status, payload, headers)
+        if not isinstance(payload, dict):
+            raise malformed(
+                "response body is not a JSON object",
+                response.content,
+                self.redact,
+                status=status,
+                headers=headers,
+            )
+        if has_error(payload):
+            error = classify_error_in_body(payload, headers, self.redact)
+            error.rate_limits = parse_rate_limits(headers)
+            raise error
+        if not isinstance(payload.get("content"), list):
+            raise malformed("response has no content blocks", response.content, self.redact)
+        body = read(AnthropicBody, payload, response.content, self.redact)
+        return self._completion(body, headers, response.content)
 
     def _error(self, status: int, payload: Any, headers: Any) -> errors.ProviderError:
         error = classify(status, payload, headers, self.redact)
         error.rate_limits = parse_rate_limits(headers)
         return error
 
-    def _completion(self, payload: dict[str, Any], rate_limits: Any) -> Completion:
+    def _completion(
+        self, body: AnthropicBody, headers: Mapping[str, str], content: bytes | str
+    ) -> Completion:
         text: list[str] = []
         thinking: list[str] = []
         calls: list[dict[str, Any]] = []
-        for block in payload["content"]:
-            kind = block.get("type") if isinstance(block, dict) else None
-            if kind == "text":
-                text.append(block.get("text") or "")
-            elif kind == "thinking":
-                thinking.append(block.get("thinking") or "")
-            elif kind == "redacted_thinking":
+        for block in body.content:
+            if block.type == "text":
+                text.append(block.text or "")
+            elif block.type == "thinking":
+                thinking.append(block.thinking or "")
+            elif block.type == "redacted_thinking":
                 thinking.append(REDACTED)
-            elif kind == "tool_use":
-                calls.append(
-                    tools.normalized_call(block["name"], block.get("input"), block.get("id"))
-                )
+            elif block.type == "tool_use":
+                calls.append(tools.normalized_call(block.name or "", block.input, block.id))
         response = "".join(text)
         if self.schema_via_tool:
             answer = next((c for c in calls if c["name"] == SCHEMA_NAME), None)
             if answer is not None:
                 calls.remove(answer)
                 response = orjson.dumps(answer["arguments"]).decode()
-        stop: str | None = payload.get("stop_reason")
+        usage = body.usage.to_usage() if body.usage is not None else None
+        if not response and not calls and usage is None:
+            raise malformed(
+                "answer has no content, no tool call and no usage", content, self.redact
+            )
+        stop = body.stop_reason
         return Completion(
             response=response,
             reasoning="\n".join(thinking) if thinking else None,
-            usage=_usage(payload.get("usage")),
-            finish_reason=STOP_REASONS.get(stop or "", stop)
-            if not self.schema_via_tool
-            else "stop",
-            model=payload.get("model"),
-            rate_limits=rate_limits,
+            usage=usage,
+            finish_reason=_finish_reason(stop) if not self.schema_via_tool else "stop",
+            model=body.model,
+            rate_limits=parse_rate_limits(headers),
             tool_calls=calls or None,
+            reported_cost_usd=response_cost(headers),
         )
 
     async def _stream(self, body: bytes) -> Completion:
         async with self.client.stream(self.url, body, self.headers) as response:
-            if response.status >= 400:
+            if response.status >= 400 or not sse.is_event_stream(response.headers):
+                # An error, or a server that answered with the plain body: read it as one.
                 content = await response.read()
+                if response.status < 400 and sse.looks_like_events(content):
+                    return await self._assemble(sse.lines_of(content), response.headers)
                 return self.parse(HttpResponse(response.status, response.headers, content))
-            message: dict[str, Any] | None = None
-            blocks: dict[int, dict[str, Any]] = {}
-            partial_json: dict[int, list[str]] = {}
-            finished = False
-            async for name, data in sse.events(response.lines()):
-                event = _loads(data)
-                kind = event.get("type", name)
-                if kind == "error":
-                    raise self._error(529 if _overloaded(event) else 500, event, response.headers)
+            return await self._assemble(response.lines(), response.headers)
+
+    async def _assemble(
+        self, lines: AsyncIterator[bytes], headers: Mapping[str, str]
+    ) -> Completion:
+        message: dict[str, Any] | None = None
+        blocks: dict[int, dict[str, Any]] = {}
+        partial_json: dict[int, list[str]] = {}
+        finished = False
+        last = ""
+        async for name, data in sse.events(lines):
+            last = data
+            event = _loads(data, self.redact)
+            kind = event.get("type", name)
+            if kind == "error" or has_error(event):
+                status = embedded_status(event) or (529 if _overloaded(event) else 500)
+                raise self._error(status, event, headers)
+            try:
                 if kind == "message_start":
                     message = dict(event["message"])
                 elif kind == "content_block_start":
-                    blocks[event["index"]] = dict(event["content_block"])
+                    blocks[int(event["index"])] = dict(event["content_block"])
                 elif kind == "content_block_delta":
-                    _apply_delta(
-                        blocks[event["index"]], event["delta"], partial_json, event["index"]
-                    )
+                    index = int(event["index"])
+                    _apply_delta(blocks[index], event["delta"], partial_json, index)
                 elif kind == "message_delta" and message is not None:
                     message.update(event.get("delta") or {})
                     message["usage"] = {
@@ -190,13 +229,22 @@ class AnthropicMessages(Provider):
                     }
                 elif kind == "message_stop":
                     finished = True
-            if message is None or not finished:
-                # A half answer must never be stored as a success: this is retried.
-                raise errors.MalformedResponse("the stream was cut off before the answer finished")
-            for index, parts in partial_json.items():
-                blocks[index]["input"] = _loads("".join(parts)) if "".join(parts) else {}
-            message["content"] = [blocks[i] for i in sorted(blocks)]
-            return self._completion(message, parse_rate_limits(response.headers))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise malformed(f"unexpected {kind} event", data, self.redact) from None
+        if message is None or not finished:
+            # A half answer must never be stored as a success: this is retried.
+            raise malformed("the stream was cut off before the answer finished", last, self.redact)
+        for index, parts in partial_json.items():
+            joined = "".join(parts)
+            try:
+                blocks[index]["input"] = orjson.loads(joined) if joined else {}
+            except orjson.JSONDecodeError:
+                raise malformed(
+                    "a tool call's input is not valid JSON", joined, self.redact
+                ) from None
+        message["content"] = [blocks[i] for i in sorted(blocks)]
+        body = read(AnthropicBody, message, last, self.redact)
+        return self._completion(body, headers, last)
 
 
 def _apply_delta(
@@ -204,13 +252,21 @@ def _apply_delta(
 ) -> None:
     kind = delta.get("type")
     if kind == "text_delta":
-        block["text"] = block.get("text", "") + delta.get("text", "")
+        block["text"] = _text(block.get("text")) + _text(delta.get("text"))
     elif kind == "thinking_delta":
-        block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+        block["thinking"] = _text(block.get("thinking")) + _text(delta.get("thinking"))
     elif kind == "input_json_delta":
-        partial_json.setdefault(index, []).append(delta.get("partial_json", ""))
+        partial_json.setdefault(index, []).append(_text(delta.get("partial_json")))
     elif kind == "signature_delta":
-        block["signature"] = block.get("signature", "") + delta.get("signature", "")
+        block["signature"] = _text(block.get("signature")) + _text(delta.get("signature"))
+
+
+def _finish_reason(stop: str | None) -> str | None:
+    return STOP_REASONS.get(stop, stop) if stop is not None else None
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _overloaded(event: dict[str, Any]) -> bool:
@@ -218,28 +274,11 @@ def _overloaded(event: dict[str, Any]) -> bool:
     return isinstance(error, dict) and error.get("type") == "overloaded_error"
 
 
-def _loads(data: str) -> Any:
+def _loads(data: str, redact: Callable[[str], str]) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise errors.MalformedResponse("a stream event is not valid JSON") from None
+        raise malformed("a stream event is not valid JSON", data, redact) from None
     if not isinstance(value, dict):
-        raise errors.MalformedResponse("a stream event is not a JSON object")
+        raise malformed("a stream event is not a JSON object", data, redact)
     return value
-
-
-def _usage(raw: Any) -> Usage:
-    if not isinstance(raw, dict):
-        return Usage()
-    cached = int(raw.get("cache_read_input_tokens") or 0)
-    created = int(raw.get("cache_creation_input_tokens") or 0)
-    # Anthropic's input_tokens leaves out cached tokens; prompt_tokens counts them all.
-    prompt = int(raw.get("input_tokens") or 0) + cached + created
-    output = int(raw.get("output_tokens") or 0)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=output,
-        reasoning_tokens=0,
-        cached_tokens=cached,
-        total_tokens=prompt + output,
-    )

@@ -54,6 +54,63 @@ def classify(
     return errors.BadRequest(message, status=status)
 
 
+# What an error's type or code means as an HTTP status, for errors sent with HTTP 200.
+STATUS_OF_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "invalid_api_key": 401,
+    "permission_error": 403,
+    "billing_error": 402,
+    "not_found_error": 404,
+    "model_not_found": 404,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "requests": 429,
+    "tokens": 429,
+    "timeout_error": 408,
+    "api_error": 500,
+    "server_error": 500,
+    "overloaded_error": 529,
+}
+
+
+def classify_error_in_body(
+    payload: Any, headers: Any, redact: Callable[[str], str]
+) -> errors.ProviderError:
+    """An error object sent with HTTP 200, classified as it would be with its own status."""
+    status = embedded_status(payload)
+    return classify(status or 500, payload, headers, redact)
+
+
+def embedded_status(payload: Any) -> int | None:
+    """The HTTP status an error body names: a numeric code (LiteLLM sends `"code": "429"`),
+    a status field, or what its documented type means."""
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    places = [payload]
+    if isinstance(error, dict):
+        places.insert(0, error)
+    for place in places:
+        for name in ("status_code", "status", "code"):
+            if (status := _http_status(place.get(name))) is not None:
+                return status
+    codes, _ = _codes_and_message(payload)
+    for code in sorted(codes):
+        if code in STATUS_OF_TYPE:
+            return STATUS_OF_TYPE[code]
+    return None
+
+
+def _http_status(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and 400 <= value <= 599 else None
+
+
 def has_error(payload: Any) -> bool:
     """Whether a body (even one sent with HTTP 200) describes an error."""
     return _codes_and_message(payload) != (set(), "")
@@ -67,14 +124,17 @@ def _codes_and_message(payload: Any) -> tuple[set[str], str]:
         details = error.get("details")
         if not isinstance(details, dict):
             details = {}
-        codes = {error.get("code"), error.get("type"), details.get("error_code")}
-        return {str(c) for c in codes if c is not None}, str(error.get("message") or "")
+        codes = [error.get("code"), error.get("type"), details.get("error_code")]
+        return _codes(codes), str(error.get("message") or "")
     if isinstance(error, str):  # xAI: {"code": "...", "error": "..."}
-        code = payload.get("code")
-        return ({str(code)} if code is not None else set()), error or "error"
+        return _codes([payload.get("code")]), error or "error"
     if payload.get("status") == "error":  # ModelsLab
         return set(), str(payload.get("message") or "status: error")
     return set(), ""
+
+
+def _codes(values: list[Any]) -> set[str]:
+    return {str(v) for v in values if isinstance(v, str | int) and not isinstance(v, bool)}
 
 
 def _is_xai_rejected_key(status: int, payload: Any) -> bool:

@@ -166,3 +166,16 @@ def _number(raw: str | None) -> float | None:
 
 def _maybe(parse: Any, raw: str | None) -> float | None:
     return parse(raw) if raw else None
+
+
+COST_HEADERS = ("x-litellm-response-cost",)
+
+
+def response_cost(headers: Mapping[str, str]) -> float | None:
+    """What a gateway says the call cost, in US dollars (LiteLLM's response-cost header)."""
+    for name in COST_HEADERS:
+        if (raw := headers.get(name)) is not None:
+            value = _number(raw)
+            if value is not None:
+                return value
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -13,10 +14,21 @@ from pipeline.config import ProviderSettings
 from pipeline.http import HttpClient, HttpResponse
 from pipeline.providers import sse, tools
 from pipeline.providers.base import Provider, register
-from pipeline.providers.classify import classify, has_error
-from pipeline.providers.headers import parse_rate_limits
+from pipeline.providers.classify import classify, classify_error_in_body, has_error
+from pipeline.providers.headers import parse_rate_limits, response_cost
+from pipeline.providers.shapes import (
+    OpenAIBody,
+    OpenAIChunk,
+    OpenAIDelta,
+    OpenAIFunction,
+    OpenAIMessage,
+    OpenAIToolCall,
+    OpenAIUsage,
+    malformed,
+    read,
+)
 from pipeline.structured import SCHEMA_NAME
-from pipeline.types import ChatRequest, Completion, Usage
+from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
 
@@ -84,7 +96,8 @@ class OpenAIChat(Provider):
     async def list_models(self) -> list[str]:
         base = self.url.removesuffix("/chat/completions")
         payload = await self._get_json(f"{base}/models", self.headers)
-        return [str(m.get("id")) for m in payload.get("data") or [] if isinstance(m, dict)]
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return [str(m.get("id")) for m in data or [] if isinstance(m, dict)]
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = orjson.dumps({**self.body_base, "messages": self._messages(request)})
@@ -98,73 +111,106 @@ class OpenAIChat(Provider):
 
     async def _stream(self, body: bytes) -> Completion:
         async with self.client.stream(self.url, body, self.headers) as response:
-            if response.status >= 400:
-                return self.parse(
-                    HttpResponse(response.status, response.headers, await response.read())
-                )
-            assembler = _StreamAssembler()
-            async for _, data in sse.events(response.lines()):
-                if data.strip() == "[DONE]":
-                    assembler.done = True
-                    break
-                chunk = _loads(data)
-                if not isinstance(chunk, dict):
-                    raise errors.MalformedResponse("a stream event is not a JSON object")
-                if "error" in chunk or chunk.get("status") == "error":
-                    raise self.classify(200, chunk, response.headers)
-                assembler.add(chunk)
-            payload, choice = assembler.finish()
-            return _completion(payload, choice, parse_rate_limits(response.headers))
+            if response.status >= 400 or not sse.is_event_stream(response.headers):
+                # An error, or a server that answered with the plain body: read it as one.
+                content = await response.read()
+                if response.status < 400 and sse.looks_like_events(content):
+                    return await self._assemble(sse.lines_of(content), response.headers)
+                return self.parse(HttpResponse(response.status, response.headers, content))
+            return await self._assemble(response.lines(), response.headers)
+
+    async def _assemble(
+        self, lines: AsyncIterator[bytes], headers: Mapping[str, str]
+    ) -> Completion:
+        assembler = _StreamAssembler(self.redact)
+        async for _, data in sse.events(lines):
+            if data.strip() == "[DONE]":
+                assembler.done = True
+                break
+            chunk = _loads(data, self.redact)
+            if has_error(chunk):
+                raise classify_error_in_body(chunk, headers, self.redact)
+            assembler.add(chunk, data)
+        return assembler.finish(parse_rate_limits(headers), response_cost(headers))
 
     def parse(self, response: HttpResponse) -> Completion:
-        status = response.status
+        status, headers = response.status, response.headers
         try:
             payload = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             payload = None
         if status >= 400:
-            error = self.classify(status, payload, response.headers)
-            error.rate_limits = parse_rate_limits(response.headers)
+            error = self.classify(status, payload, headers)
+            error.rate_limits = parse_rate_limits(headers)
             raise error
         if not isinstance(payload, dict):
-            raise errors.MalformedResponse("response body is not a JSON object", status=status)
-        choices = payload.get("choices")
-        if not isinstance(choices, list) or not choices:
-            if has_error(payload):
-                raise self.classify(status, payload, response.headers)
-            raise errors.MalformedResponse("response has no choices", status=status)
-        return _completion(payload, choices[0], parse_rate_limits(response.headers))
+            raise malformed(
+                "response body is not a JSON object",
+                response.content,
+                self.redact,
+                status=status,
+                headers=headers,
+            )
+        if has_error(payload):
+            error = classify_error_in_body(payload, headers, self.redact)
+            error.rate_limits = parse_rate_limits(headers)
+            raise error
+        body = read(OpenAIBody, payload, response.content, self.redact)
+        if not body.choices:
+            raise malformed("response has no choices", response.content, self.redact)
+        choice = body.choices[0]
+        if choice.message is None:
+            raise malformed("choices[0] has no message", response.content, self.redact)
+        return _completion(
+            choice.message,
+            choice.finish_reason,
+            body.usage,
+            body.model,
+            parse_rate_limits(headers),
+            response_cost(headers),
+            lambda: malformed(_EMPTY, response.content, self.redact),
+        )
 
     def classify(self, status: int, payload: Any, headers: Any) -> errors.ProviderError:
         return classify(status, payload, headers, self.redact)
 
 
-def _completion(payload: dict[str, Any], choice: Any, rate_limits: Any) -> Completion:
-    if not isinstance(choice, dict):
-        raise errors.MalformedResponse("choices[0] is not an object")
-    message = choice.get("message") or {}
-    content = message.get("content") or ""
+_EMPTY = "answer has no content, no tool call and no usage"
+
+
+def _completion(
+    message: OpenAIMessage,
+    finish_reason: str | None,
+    usage_block: OpenAIUsage | None,
+    model: str | None,
+    rate_limits: RateLimitInfo | None,
+    header_cost: float | None,
+    empty: Callable[[], errors.MalformedResponse],
+) -> Completion:
+    content = message.content or ""
     reasoning = _reasoning(message)
     if reasoning is None and (think := _THINK.match(content)):
         reasoning = think.group(1).strip()
         content = content[think.end() :]
     calls = [
-        tools.normalized_call(
-            (call.get("function") or {}).get("name", ""),
-            (call.get("function") or {}).get("arguments", ""),
-            call.get("id"),
-        )
-        for call in message.get("tool_calls") or []
-        if isinstance(call, dict)
+        tools.normalized_call(call.function.name or "", call.function.arguments or "", call.id)
+        for call in message.tool_calls or []
     ]
+    usage = usage_block.to_usage() if usage_block is not None else None
+    if not content and not calls and usage is None:
+        raise empty()
+    reported = header_cost
+    if reported is None and usage_block is not None:
+        reported = usage_block.cost
     return Completion(
         response=content,
         reasoning=reasoning,
-        usage=_usage(payload.get("usage")),
-        finish_reason=choice.get("finish_reason"),
-        model=payload.get("model"),
+        usage=usage,
+        finish_reason=finish_reason,
+        model=model,
         rate_limits=rate_limits,
         tool_calls=calls or None,
+        reported_cost_usd=reported,
     )
 
 
@@ -178,75 +224,91 @@ def _schema_answer_from_tool(completion: Completion) -> Completion:
     return completion
 
 
-def _loads(data: str) -> Any:
+def _loads(data: str, redact: Callable[[str], str]) -> dict[str, Any]:
     try:
-        return orjson.loads(data)
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise errors.MalformedResponse("a stream event is not valid JSON") from None
+        raise malformed("a stream event is not valid JSON", data, redact) from None
+    if not isinstance(value, dict):
+        raise malformed("a stream event is not a JSON object", data, redact)
+    return value
 
 
 class _StreamAssembler:
     """Joins OpenAI chunks into the body a non-streamed call would have returned."""
 
-    def __init__(self) -> None:
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        self.redact = redact
         self.content: list[str] = []
         self.reasoning: dict[str, list[str]] = {"reasoning_content": [], "reasoning": []}
         self.calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
-        self.usage: Any = None
+        self.usage: OpenAIUsage | None = None
         self.model: str | None = None
         self.done = False
+        self.last = ""
 
-    def add(self, chunk: dict[str, Any]) -> None:
-        self.model = chunk.get("model") or self.model
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                self.content.append(delta["content"])
+    def add(self, payload: dict[str, Any], data: str) -> None:
+        chunk = read(OpenAIChunk, payload, data, self.redact)
+        self.last = data
+        self.model = chunk.model or self.model
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices or []:
+            delta = choice.delta or OpenAIDelta()
+            if delta.content:
+                self.content.append(delta.content)
             for field, parts in self.reasoning.items():
-                if isinstance(delta.get(field), str):
-                    parts.append(delta[field])
-            for call in delta.get("tool_calls") or []:
-                entry = self.calls.setdefault(
-                    call.get("index", 0), {"id": None, "name": "", "args": []}
-                )
-                entry["id"] = call.get("id") or entry["id"]
-                function = call.get("function") or {}
-                entry["name"] += function.get("name") or ""
-                entry["args"].append(function.get("arguments") or "")
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+                if text := getattr(delta, field):
+                    parts.append(text)
+            for call in delta.tool_calls or []:
+                entry = self.calls.setdefault(call.index, {"id": None, "name": "", "args": []})
+                entry["id"] = call.id or entry["id"]
+                entry["name"] += call.function.name or ""
+                arguments = call.function.arguments
+                if isinstance(arguments, dict):
+                    arguments = orjson.dumps(arguments).decode()
+                entry["args"].append(arguments or "")
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
 
-    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def finish(self, rate_limits: RateLimitInfo | None, header_cost: float | None) -> Completion:
         if not self.done or self.finish_reason is None:
             # A half answer must never be stored as a success: this is retried.
-            raise errors.MalformedResponse("the stream was cut off before the answer finished")
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
-        for field, parts in self.reasoning.items():
-            if parts:
-                message[field] = "".join(parts)
-        if self.calls:
-            message["tool_calls"] = [
-                {
-                    "id": c["id"],
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": "".join(c["args"])},
-                }
-                for _, c in sorted(self.calls.items())
+            raise malformed(
+                "the stream was cut off before the answer finished", self.last, self.redact
+            )
+        message = OpenAIMessage(
+            content="".join(self.content),
+            reasoning_content="".join(self.reasoning["reasoning_content"]) or None,
+            reasoning="".join(self.reasoning["reasoning"]) or None,
+            tool_calls=[
+                OpenAIToolCall(
+                    index=index,
+                    id=c["id"],
+                    function=OpenAIFunction(name=c["name"], arguments="".join(c["args"])),
+                )
+                for index, c in sorted(self.calls.items())
             ]
-        payload = {"model": self.model, "usage": self.usage}
-        return payload, {"message": message, "finish_reason": self.finish_reason}
+            or None,
+        )
+        return _completion(
+            message,
+            self.finish_reason,
+            self.usage,
+            self.model,
+            rate_limits,
+            header_cost,
+            lambda: malformed(_EMPTY, self.last, self.redact),
+        )
 
 
-def _reasoning(message: dict[str, Any]) -> str | None:
-    for field in ("reasoning_content", "reasoning"):
-        value = message.get(field)
-        if isinstance(value, str) and value:
+def _reasoning(message: OpenAIMessage) -> str | None:
+    for value in (message.reasoning_content, message.reasoning):
+        if value:
             return value
-    details = message.get("reasoning_details")
-    if isinstance(details, list):
+    details = message.reasoning_details
+    if details:
         texts = [
             text
             for d in details
@@ -255,20 +317,3 @@ def _reasoning(message: dict[str, Any]) -> str | None:
         if texts:
             return "\n".join(texts)
     return None
-
-
-def _usage(raw: Any) -> Usage:
-    if not isinstance(raw, dict):
-        return Usage()
-    prompt_details = raw.get("prompt_tokens_details") or {}
-    completion_details = raw.get("completion_tokens_details") or {}
-    prompt = int(raw.get("prompt_tokens") or 0)
-    completion = int(raw.get("completion_tokens") or 0)
-    cached = prompt_details.get("cached_tokens") or raw.get("prompt_cache_hit_tokens") or 0
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
-        cached_tokens=int(cached),
-        total_tokens=int(raw.get("total_tokens") or prompt + completion),
-    )
