@@ -17,6 +17,7 @@ from pipeline.runner import (
     RunEnd,
     RunOptions,
     RunSummary,
+    Status,
     execute,
     export_partial,
     prepare,
@@ -60,7 +61,11 @@ def validate(job: Path) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
-@click.option("--limit", type=click.IntRange(min=0), help="Process only the first N rows.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    help="Process only the first N rows (written to <output stem>.first-N.parquet).",
+)
 @click.option(
     "--output", type=click.Path(path_type=Path), help="Write here instead of output.path."
 )
@@ -73,7 +78,9 @@ def run(
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
     Rerun the same command to resume: finished rows whose request is unchanged are
-    reused, so only new, changed or unfinished rows are sent.
+    reused, so only new, changed or unfinished rows are sent. With --limit N and no
+    --output, the first N rows go to <output stem>.first-N.parquet, never over the
+    job's output; they are kept for the full run.
     """
     try:
         prepared = prepare(job, output=output, limit=limit)
@@ -89,6 +96,12 @@ def run(
     except PipelineError as exc:
         _fail(str(exc), EXIT_STOPPED)
     _print_summary(summary, job, output)
+    if prepared.replaced_output is not None and summary.output_path is not None:
+        click.echo(
+            f"--limit {limit}: the first {prepared.rows:,} rows are in {summary.output_path}; "
+            f"{prepared.replaced_output} (the whole job's output) is left as it was",
+            err=True,
+        )
     sys.exit(EXIT_CODES[summary.end])
 
 
@@ -171,19 +184,57 @@ def status_command(job: Path, output: Path | None) -> None:
         _fail(str(exc), EXIT_INVALID)
     report = status(prepared)
     if report is None:
-        click.echo(f"{prepared.spec.name}: not started ({prepared.rows} rows pending)")
+        click.echo(f"{prepared.spec.name}: not started ({prepared.rows:,} rows pending)")
         return
+    click.echo("\n".join(_describe_status(prepared.spec.name, report, job, output)))
+
+
+def _describe_status(name: str, report: Status, job: Path, output: Path | None) -> list[str]:
     totals = report.totals
-    eta = report.eta_s
     lines = [
-        f"{prepared.spec.name}: {report.finished}/{report.rows} rows finished "
-        f"({report.failed} failed), {report.pending} pending",
-        f"tokens: {totals.prompt_tokens} in, {totals.output_tokens} out, "
-        f"{totals.reasoning_tokens} reasoning; cost ${totals.cost_usd:.6f}",
-        f"rate: {report.recent_rows_per_s:.1f} rows/s over the last minute; "
-        + ("done" if eta == 0 else f"about {eta:.0f}s left" if eta else "not running"),
+        f"{name}: {report.finished:,}/{report.rows:,} rows finished "
+        f"({report.failed:,} failed), {report.pending:,} pending",
+        f"tokens: {totals.prompt_tokens:,} in, {totals.output_tokens:,} out, "
+        f"{totals.reasoning_tokens:,} reasoning; cost ${totals.cost_usd:,.6f}",
     ]
-    click.echo("\n".join(lines))
+    run = report.run
+    sent = (run.counters or {}) if run is not None else {}
+    if report.running and run is not None:
+        scope = f" with --limit {run.limit:,}" if report.run_pending is not None else ""
+        lines.append(
+            f"run: active{scope} (pid {run.pid}): {sent.get('requests_sent', 0):,} requests "
+            f"sent, {sent.get('in_flight', 0):,} in flight at its last commit"
+        )
+        eta = report.eta_s
+        left = (
+            f"{report.run_pending:,} of its {run.rows:,} rows left, "
+            if report.run_pending is not None
+            else ""
+        )
+        lines.append(
+            f"rate: {report.recent_rows_per_s:,.1f} rows/s over the last minute; {left}"
+            + (f"about {_duration(eta)} left" if eta else "time left unknown")
+        )
+    elif report.pending == 0:
+        lines.append("run: none active; done, every row has a result")
+    else:
+        rerun = f"pipeline run {shlex.quote(str(job))}" + (
+            f" --output {shlex.quote(str(output))}" if output else ""
+        )
+        last = "" if run is None else f" (the last one sent {sent.get('requests_sent', 0):,})"
+        lines.append(f"run: none active{last}; `{rerun}` resumes")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 @main.command()

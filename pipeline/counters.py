@@ -17,10 +17,14 @@ keeps retries and 429s); the runner counts rows as they are committed.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import orjson
 
 from pipeline.types import RowResult
 
@@ -69,3 +73,46 @@ class RunCounters:
         values["cost_usd"] = round(self.cost_usd, 8) if self.priced else None
         del values["priced"]
         return values
+
+
+RUN_STATE_META = "run_state"  # the checkpoint meta entry a run keeps up to date
+
+
+@dataclass
+class RunState:
+    """What `pipeline status` needs to know about the latest run, kept in the checkpoint."""
+
+    pid: int
+    limit: int | None
+    rows: int  # rows this run covers (its --limit applied)
+    started_at: float
+    active: bool = True
+    updated_at: float = 0.0
+    counters: dict[str, Any] | None = None
+
+    def dumps(self, counters: RunCounters) -> str:
+        self.updated_at = time.time()
+        self.counters = counters.snapshot()
+        return orjson.dumps(asdict(self)).decode()
+
+    @classmethod
+    def loads(cls, text: str | None) -> RunState | None:
+        if not text:
+            return None
+        try:
+            return cls(**orjson.loads(text))
+        except (orjson.JSONDecodeError, TypeError):
+            return None
+
+    @property
+    def running(self) -> bool:
+        """Active and its process still alive (a killed run never said it ended)."""
+        if not self.active:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

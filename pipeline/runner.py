@@ -7,6 +7,7 @@ execute(): client -> provider -> plan -> scheduler -> checkpoint -> output Parqu
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Sealed, Totals
 from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
-from pipeline.counters import RunCounters
+from pipeline.counters import RUN_STATE_META, RunCounters, RunState
 from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
@@ -64,6 +65,14 @@ class PreparedJob:
     output_path: Path
     limit: int | None = None
     layout: Layout = field(default_factory=Layout)
+    # Where the checkpoint and run log live, when not beside output_path: a --limit run
+    # writes its own output but records into (and reuses) the job's checkpoint.
+    run_base: Path | None = None
+
+    @property
+    def replaced_output(self) -> Path | None:
+        """The job's own output, when this run writes elsewhere to leave it alone."""
+        return self.run_base if self.run_base not in (None, self.output_path) else None
 
     @property
     def request_extra(self) -> dict[str, object]:
@@ -74,7 +83,7 @@ class PreparedJob:
 
     @property
     def run_dir(self) -> Path:
-        out = self.output_path
+        out = self.run_base or self.output_path
         return out.with_name(f"{out.name}.run")
 
     @property
@@ -132,10 +141,21 @@ def prepare(
     _check_column_names(spec, table, layout)
     rows = table.check()
     output_path = Path(output) if output else spec.output_path
+    run_base = None
+    if limit is not None and limit < rows and output is None:
+        # A partial run never replaces the job's (possibly complete) output.
+        run_base, output_path = output_path, limited_output(output_path, limit)
     _check_writable(output_path)
     if limit is not None:
         rows = min(rows, limit)
-    return PreparedJob(spec, settings, table, renderer, rows, output_path, limit, layout)
+    return PreparedJob(
+        spec, settings, table, renderer, rows, output_path, limit, layout, run_base=run_base
+    )
+
+
+def limited_output(path: Path, limit: int) -> Path:
+    """Where `run --limit N` writes without --output: beside the job's output."""
+    return path.with_name(f"{path.stem}.first-{limit}{path.suffix}")
 
 
 def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
@@ -287,6 +307,7 @@ class _Recorder:
     counters: RunCounters
     pacer: Pacer
     outcome: Outcome
+    run_state: RunState
     on_result: Callable[[RowResult], None] | None
     _landed: list[RowResult] = field(default_factory=list)
 
@@ -312,7 +333,8 @@ class _Recorder:
     def _write(self, sealed: Sealed, lines: list[bytes], cursor: int) -> None:
         # Every row before the cursor was planned, so at most the rows in flight there
         # are unfinished: a resume starts at the cursor and sends its first request at once.
-        self.checkpoint.commit(sealed, {"plan_cursor": str(cursor)})
+        meta = {"plan_cursor": str(cursor), RUN_STATE_META: self.run_state.dumps(self.counters)}
+        self.checkpoint.commit(sealed, meta)
         self.log.write(lines)
 
     def show(self, force: bool = False) -> None:
@@ -378,6 +400,8 @@ async def _pump(
     limits = job.spec.limits
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
     log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
+    run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
+    checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
     pacer = _pacer(limits)
     async with open_provider(
         settings, connections=pacer.max_concurrency, timeout_s=limits.timeout_s
@@ -396,7 +420,15 @@ async def _pump(
             on_stop=partial(_note_stopping, progress, counters),
         )
         recorder = _Recorder(
-            plan, checkpoint, log, progress, counters, pacer, scheduler.outcome, options.on_result
+            plan,
+            checkpoint,
+            log,
+            progress,
+            counters,
+            pacer,
+            scheduler.outcome,
+            run_state,
+            options.on_result,
         )
         try:
             return await scheduler.run(
@@ -404,6 +436,8 @@ async def _pump(
             )
         finally:
             recorder.show(force=True)
+            run_state.active = False
+            checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
             _log_stop(log, plan, scheduler.outcome, counters)
 
 
@@ -479,12 +513,19 @@ class Status:
     totals: Totals
     recent_rows_per_s: float
     last_finished_at: float | None
+    run: RunState | None = None  # the latest run, as it last recorded itself
+    running: bool = False  # whether that run's process is alive and still sending
+    run_pending: int | None = None  # rows left of a running --limit run
 
     @property
     def eta_s(self) -> float | None:
-        if self.pending == 0:
+        """Seconds left for what is running now (a --limit run: its own rows)."""
+        left = self.pending if self.run_pending is None else self.run_pending
+        if left == 0:
             return 0.0
-        return self.pending / self.recent_rows_per_s if self.recent_rows_per_s > 0 else None
+        if not self.running:
+            return None
+        return left / self.recent_rows_per_s if self.recent_rows_per_s > 0 else None
 
 
 def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
@@ -496,6 +537,12 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
         totals = checkpoint.totals()
         recent, last = checkpoint.recent(window_s)
         ok, failed, pending = _plan(job, checkpoint).tally()
+        run = RunState.loads(checkpoint.get_meta(RUN_STATE_META))
+        running = run is not None and run.running
+        run_pending = None
+        if run is not None and running and run.limit is not None and run.limit < job.rows:
+            limited = dataclasses.replace(job, limit=run.limit, rows=run.rows)
+            run_pending = _plan(limited, checkpoint).tally()[2]
     finally:
         checkpoint.close()
     rate = recent / window_s if last is not None and time.time() - last < window_s else 0.0
@@ -507,6 +554,9 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
         totals=totals,
         recent_rows_per_s=rate,
         last_finished_at=last,
+        run=run,
+        running=running,
+        run_pending=run_pending,
     )
 
 
