@@ -22,6 +22,7 @@ import anyio
 import polars as pl
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.errors import PipelineError, SpecError
 from pipeline.runner import (
     PreparedJob,
@@ -144,13 +145,14 @@ def _prepare(
     job: Job, data: DataLike | None, output: str | Path | None, limit: int | None
 ) -> PreparedJob:
     spec = job.spec
-    output_path = Path(output) if output else spec.output_path
+    target = str(output) if output else str(spec.output.path or spec.output_path)
+    output_path = storage.local_stage(target) if storage.is_remote(target) else Path(target)
     if data is None and spec.input.path == NO_INPUT:
         raise SpecError("this job names no input: pass data= (a DataFrame, Arrow table or path)")
     if data is not None:
         source = _stage(data, output_path)
         spec = spec.model_copy(update={"input": spec.input.model_copy(update={"path": source})})
-    return prepare(spec, output=output_path, limit=limit)
+    return prepare(spec, output=target, limit=limit)
 
 
 def _stage(data: DataLike, output_path: Path) -> str:

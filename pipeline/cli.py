@@ -55,7 +55,7 @@ def validate(job: Path) -> None:
     click.echo(
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
-        f"output {prepared.output_path}"
+        f"output {prepared.output_location}"
     )
 
 
@@ -67,13 +67,15 @@ def validate(job: Path) -> None:
     help="Process only the first N rows (written to <output stem>.first-N.parquet).",
 )
 @click.option(
-    "--output", type=click.Path(path_type=Path), help="Write here instead of output.path."
+    "--output",
+    type=str,
+    help="Write here instead of output.path (a local path or an s3://, gs://, az:// URI).",
 )
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
 @click.option("--retry-failed", is_flag=True, help="Send rows that ended in error again.")
 def run(
-    job: Path, limit: int | None, output: Path | None, quiet: bool, fresh: bool, retry_failed: bool
+    job: Path, limit: int | None, output: str | None, quiet: bool, fresh: bool, retry_failed: bool
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
@@ -105,7 +107,7 @@ def run(
     sys.exit(EXIT_CODES[summary.end])
 
 
-def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
+def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) -> None:
     from pipeline.report import OutputStats
 
     totals = summary.totals
@@ -162,7 +164,10 @@ def _print_summary(summary: RunSummary, job: Path, output: Path | None) -> None:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
     elif summary.output_path is not None:
         where = shlex.quote(str(summary.output_path))
-        lines.append(f"output: {summary.output_path}")
+        if summary.output_uri is not None:
+            lines.append(f"output: {summary.output_uri} (built locally at {summary.output_path})")
+        else:
+            lines.append(f"output: {summary.output_path}")
         if totals.failed or (stats is not None and stats.failed_rows):
             count = stats.failed_rows if stats is not None else totals.failed
             lines.append(

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import SpecError
 
 SUPPORTED = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -105,7 +106,7 @@ class InputTable:
         # collect_batches reads ahead without bound, which holds the whole input in memory.
         position = 0
         for path in self.paths:
-            source = pq.ParquetFile(path)
+            source = pq.ParquetFile(storage.open_input(path))
             for group in range(source.metadata.num_row_groups):
                 rows = source.metadata.row_group(group).num_rows
                 if position + rows <= start:
@@ -123,9 +124,11 @@ class InputTable:
                         return
 
 
-def _expand(pattern: str) -> list[Path]:
+def _expand(pattern: str) -> list[Path | str]:
+    if storage.is_remote(pattern):
+        return list(storage.expand(pattern))
     if glob.has_magic(pattern):
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        paths: list[Path | str] = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
         if not paths:
             raise SpecError(f"input.path: no file matches '{pattern}'")
         return paths
@@ -137,10 +140,10 @@ def _expand(pattern: str) -> list[Path]:
     return [path]
 
 
-def _format_of(paths: list[Path], pattern: str) -> str:
-    formats = {SUPPORTED.get(p.suffix.lower()) for p in paths}
+def _format_of(paths: list[Path | str], pattern: str) -> str:
+    formats = {SUPPORTED.get(storage.suffix(p)) for p in paths}
     if None in formats:
-        odd = next(p for p in paths if p.suffix.lower() not in SUPPORTED)
+        odd = next(p for p in paths if storage.suffix(p) not in SUPPORTED)
         raise SpecError(f"input.path: {odd} is neither .csv nor .parquet")
     if len(formats) > 1:
         raise SpecError(f"input.path: '{pattern}' mixes CSV and Parquet files; use one format")

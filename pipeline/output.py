@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.checkpoint import Checkpoint
 from pipeline.columns import NOT_PROCESSED, RESULT_COLUMNS
 from pipeline.inputs import InputTable, row_keys
@@ -50,7 +51,7 @@ def output_is_current(
 
 
 def _stamp(table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | None) -> str:
-    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in table.paths]
+    inputs = [(str(p), *storage.signature(p)) for p in table.paths]
     output = path.stat()
     state = checkpoint.state()
     return repr((str(path.resolve()), inputs, limit, state, output.st_size, output.st_mtime_ns))

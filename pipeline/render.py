@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from collections.abc import Callable
@@ -50,8 +51,15 @@ class PromptRenderer:
     def check_columns(self, columns: list[str]) -> None:
         missing = sorted(set(self.variables) - set(columns))
         if missing:
+            hints = []
+            for name in missing:
+                close = difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
+                hints.append(
+                    f"{{{{ {name} }}}}"
+                    + (f" (did you mean {{{{ {close[0]} }}}}?)" if close else "")
+                )
             raise SpecError(
-                f"prompt: template variable(s) {', '.join(missing)} not found among the input "
+                f"prompt: template variable(s) {', '.join(hints)} not found among the input "
                 f"columns ({', '.join(columns)})"
             )
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 import anyio
 
+from pipeline import storage
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Sealed, Totals
 from pipeline.columns import RESULT_NAMES
@@ -68,11 +69,19 @@ class PreparedJob:
     # Where the checkpoint and run log live, when not beside output_path: a --limit run
     # writes its own output but records into (and reuses) the job's checkpoint.
     run_base: Path | None = None
+    # Set when output.path is an object-storage URI: the run builds the file at
+    # output_path (a local stage) and uploads it there when it is complete.
+    output_uri: str | None = None
 
     @property
     def replaced_output(self) -> Path | None:
         """The job's own output, when this run writes elsewhere to leave it alone."""
         return self.run_base if self.run_base not in (None, self.output_path) else None
+
+    @property
+    def output_location(self) -> str:
+        """Where the output ends up, as the user named it."""
+        return self.output_uri or str(self.output_path)
 
     @property
     def request_extra(self) -> dict[str, object]:
@@ -109,6 +118,7 @@ class RunSummary:
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    output_uri: str | None = None  # where the output was uploaded, for remote outputs
     counters: RunCounters = field(default_factory=RunCounters)
 
     @property
@@ -140,22 +150,46 @@ def prepare(
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)
     rows = table.check()
-    output_path = Path(output) if output else spec.output_path
+    target = str(output) if output else str(spec.output.path or spec.output_path)
+    output_uri = target if storage.is_remote(target) else None
+    if output_uri is not None:
+        storage.check_writable(output_uri)
+        output_path = storage.local_stage(output_uri)
+    else:
+        output_path = Path(target)
     run_base = None
     if limit is not None and limit < rows and output is None:
         # A partial run never replaces the job's (possibly complete) output.
         run_base, output_path = output_path, limited_output(output_path, limit)
+        if output_uri is not None:
+            output_uri = limited_uri(output_uri, limit)
     _check_writable(output_path)
     if limit is not None:
         rows = min(rows, limit)
     return PreparedJob(
-        spec, settings, table, renderer, rows, output_path, limit, layout, run_base=run_base
+        spec,
+        settings,
+        table,
+        renderer,
+        rows,
+        output_path,
+        limit,
+        layout,
+        run_base=run_base,
+        output_uri=output_uri,
     )
 
 
 def limited_output(path: Path, limit: int) -> Path:
     """Where `run --limit N` writes without --output: beside the job's output."""
     return path.with_name(f"{path.stem}.first-{limit}{path.suffix}")
+
+
+def limited_uri(uri: str, limit: int) -> str:
+    """`limited_output` for an object-storage output."""
+    folder, _, name = uri.rpartition("/")
+    stem, dot, suffix = name.rpartition(".")
+    return f"{folder}/{stem}.first-{limit}.{suffix}" if dot else f"{uri}.first-{limit}"
 
 
 def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
@@ -474,6 +508,8 @@ def _finish(
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
             write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
+            if job.output_uri is not None:
+                storage.upload(job.output_path, job.output_uri)
         output_path = job.output_path
         end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
     return RunSummary(
@@ -489,6 +525,7 @@ def _finish(
         run_cost=counters.cost_usd,
         run_failed=counters.rows_failed,
         counters=counters,
+        output_uri=job.output_uri if output_path is not None else None,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.report import Target, input_columns
+from pipeline.report import Target, input_columns, result_columns
 
 INDENT = "    "
 
@@ -65,24 +65,41 @@ def render_rows(target: Target, options: ShowOptions) -> Iterator[str]:
     if options.errors_only:
         selected = selected.filter(pl.col("error").is_not_null())
     if options.row_id is not None:
-        key = pl.col(id_column).cast(pl.String) if id_column else pl.col("_row").cast(pl.String)
-        selected = selected.filter(key == options.row_id)
-        if selected.height == 0:
-            where = f"column {id_column}" if id_column else "row number"
-            raise ShowError(f"--id {options.row_id}: no row has that {where}")
+        selected = _by_id(selected, id_column, options.row_id)
     total = selected.height
     if options.limit:
         selected = selected.head(options.limit)
     if total == 0:
         yield "no failing rows" if options.errors_only else "no rows"
         return
+    typed = result_columns(frame)
     for row in selected.iter_rows(named=True):
-        yield _block(row, id_column, options.columns, width)
+        yield _block(row, id_column, options.columns, width, typed)
     if selected.height < total:
         yield f"showing {selected.height} of {total} rows; --limit 0 shows all"
 
 
-def _block(row: dict[str, Any], id_column: str | None, columns: tuple[str, ...], width: int) -> str:
+def _by_id(frame: pl.DataFrame, id_column: str | None, wanted: str) -> pl.DataFrame:
+    """The row whose id is `wanted`, else (a whole number) the row at that position."""
+    if id_column is not None:
+        found = frame.filter(pl.col(id_column).cast(pl.String) == wanted)
+        if found.height:
+            return found
+    if wanted.isdigit():
+        found = frame.filter(pl.col("_row") == int(wanted))
+        if found.height:
+            return found
+    what = f"{id_column} or row number" if id_column else "row number"
+    raise ShowError(f"--id {wanted}: no row has that {what}")
+
+
+def _block(
+    row: dict[str, Any],
+    id_column: str | None,
+    columns: tuple[str, ...],
+    width: int,
+    typed: list[str],
+) -> str:
     failed = row["error"] is not None
     name = f"{row[id_column]} (row {row['_row']})" if id_column else f"row {row['_row']}"
     facts = [
@@ -97,7 +114,7 @@ def _block(row: dict[str, Any], id_column: str | None, columns: tuple[str, ...],
     if row["cost_usd"] is not None:
         facts.append(f"${row['cost_usd']:.6f}")
     if row["latency_s"] is not None:
-        facts.append(f"{row['latency_s']:.2f}s")
+        facts.append(latency_text(row["latency_s"]))
     attempts = row["attempts"] or 0
     facts.append(f"{attempts} attempt{'' if attempts == 1 else 's'}")
     header = textwrap.fill(" · ".join(facts), width, subsequent_indent=INDENT)
@@ -106,10 +123,20 @@ def _block(row: dict[str, Any], id_column: str | None, columns: tuple[str, ...],
         lines.append(_field("error", row["error"], width))
     for column in columns:
         lines.append(_field(column, row[column], width))
-    for column in ("reasoning", "response"):
-        if row[column] is not None:
-            lines.append(_field(column, row[column], width))
+    values = [(c, row[c]) for c in typed if row[c] is not None]
+    if row["reasoning"] is not None:
+        lines.append(_field("reasoning", row["reasoning"], width))
+    for column, value in values:
+        lines.append(_field(column, value, width))
+    # Typed columns say it all; the raw answer matters when there are none (or it failed).
+    if row["response"] is not None and (failed or not values):
+        lines.append(_field("response", row["response"], width))
     return "\n".join(lines) + "\n"
+
+
+def latency_text(seconds: float) -> str:
+    """Seconds, or milliseconds for answers under a tenth of a second (fast errors)."""
+    return f"{seconds:.2f}s" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
 
 
 def _field(label: str, value: Any, width: int) -> str:

@@ -159,18 +159,120 @@ def parse_spec(data: dict[str, Any], *, source: str = "job") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(err)}" for err in exc.errors())
+        problems = "\n".join(f"  - {problem}" for problem in describe_errors(exc.errors()))
         raise SpecError(f"{source}: invalid job spec:\n{problems}") from None
 
 
-def _describe(err: Any) -> str:
-    location = [str(part) for part in err["loc"]]
-    where = ".".join(location) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key{_did_you_mean(location)}"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    return f"{where}: {err['msg']}"
+def describe_errors(errors: list[Any]) -> list[str]:
+    """One line per wrong key, in this project's words (pydantic's never reach the user).
+
+    A key that may take several types (`tool_choice`: text or a mapping) gets one
+    error per type from pydantic; they are joined into one line.
+    """
+    by_key: dict[str, list[Any]] = {}
+    for err in errors:
+        location = [str(part) for part in err["loc"] if not _is_type_tag(part)]
+        by_key.setdefault(".".join(location) or "(top level)", []).append((location, err))
+    lines = []
+    for where, found in by_key.items():
+        if len(found) > 1 and all(e["type"] in _EXPECTED for _, e in found):
+            wanted = " or ".join(_EXPECTED[e["type"]] for _, e in found)
+            lines.append(f"{where}: expected {wanted}, got {_shown(found[0][1].get('input'))}")
+            continue
+        lines.extend(f"{where}: {_describe(location, err)}" for location, err in found)
+    return lines
+
+
+def _is_type_tag(part: object) -> bool:
+    # pydantic names the member of a union it tried: 'str', 'dict[str,any]', 'function-after[...]'.
+    text = str(part)
+    return "[" in text or text in ("str", "int", "float", "bool", "dict", "list", "none")
+
+
+_EXPECTED = {
+    "dict_type": "a mapping (indented `key: value` lines)",
+    "model_type": "a mapping (indented `key: value` lines)",
+    "model_attributes_type": "a mapping (indented `key: value` lines)",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "text",
+    "list_type": "a list (`- item` lines, or [a, b])",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least {}"),
+    "greater_than": ("gt", "must be more than {}"),
+    "less_than_equal": ("le", "must be at most {}"),
+    "less_than": ("lt", "must be less than {}"),
+}
+
+
+def _describe(location: list[str], err: Any) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown key{_did_you_mean(location)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in _EXPECTED:
+        expected = _EXPECTED[kind]
+        section = _section_at(location)
+        if section is not None and kind in ("model_type", "dict_type"):
+            keys = ", ".join(f.alias or n for n, f in section.model_fields.items())
+            expected = f"a mapping with keys among {keys}"
+        got = (
+            "nothing (the key has no value; remove it or give it one)"
+            if value is None
+            else (_shown(value))
+        )
+        return f"expected {expected}, got {got}"
+    if kind in _BOUNDS:
+        name, wording = _BOUNDS[kind]
+        return f"{wording.format(ctx.get(name))}, got {_shown(value)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length', 1)} item(s)"
+    if kind == "string_pattern_mismatch":
+        if location == ["name"]:
+            return (
+                f"{_shown(value)} is not a valid name: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return f"{_shown(value)} does not have the expected form ({ctx.get('pattern')})"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {_shown(value)}"
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", err["msg"]))
+    return f"invalid value {_shown(value)}"
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _section_at(location: list[str]) -> type[BaseModel] | None:
+    """The spec section class at a key's location, if the key is a section."""
+    model: type[BaseModel] = JobSpec
+    for part in location:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        nested = _section_model(field.annotation if field else None)
+        if nested is None:
+            return None
+        model = nested
+    return model
 
 
 def _did_you_mean(location: list[str]) -> str:

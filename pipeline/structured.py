@@ -9,6 +9,7 @@ arrays -> lists, objects with properties -> structs, anything else -> JSON text.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ import pyarrow as pa
 from pipeline.errors import SchemaViolation, SpecError
 
 SCALARS = {"string", "number", "integer", "boolean"}
+JSON_TYPES = SCALARS | {"object", "array", "null"}
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 SCHEMA_NAME = "row_output"
 
@@ -40,9 +42,11 @@ def normalize(raw: dict[str, Any]) -> dict[str, Any]:
 def _property(name: str, value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         if value not in SCALARS:
+            close = difflib.get_close_matches(value, sorted(SCALARS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             raise SpecError(
-                f"output.schema.{name}: unknown type '{value}' "
-                f"(use one of {', '.join(sorted(SCALARS))}, or a JSON Schema object)"
+                f"output.schema.{name}: unknown type '{value}' ({hint}"
+                f"use one of {', '.join(sorted(SCALARS))}, or a JSON Schema object)"
             )
         return {"type": value}
     if isinstance(value, list):
@@ -55,6 +59,49 @@ def _property(name: str, value: Any) -> dict[str, Any]:
     raise SpecError(f"output.schema.{name}: expected a type name or a JSON Schema object")
 
 
+# Keywords that only annotate (no validation), accepted alongside the validating ones.
+ANNOTATIONS = {
+    "$schema", "$id", "$anchor", "$dynamicAnchor", "$defs", "$comment", "$vocabulary",
+    "title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+    "contentEncoding", "contentMediaType", "contentSchema", "definitions",
+}  # fmt: skip
+# Keywords whose value is a schema, a list of schemas, or a mapping of names to schemas.
+_ONE_SCHEMA = (
+    "items", "contains", "not", "if", "then", "else", "additionalProperties",
+    "propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema",
+)  # fmt: skip
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
+
+
+def check_keywords(schema: Any, where: str, validating: set[str]) -> None:
+    """Refuse keywords JSON Schema does not have (a typo is otherwise silently ignored)."""
+    if not isinstance(schema, dict):
+        return
+    known = validating | ANNOTATIONS | {"then", "else"}
+    for key, value in schema.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else "see the JSON Schema reference"
+            raise SpecError(f"{where}: unknown JSON Schema keyword '{key}' ({hint})")
+        if key == "type":
+            for kind in value if isinstance(value, list) else [value]:
+                if isinstance(kind, str) and kind not in JSON_TYPES:
+                    close = difflib.get_close_matches(kind, sorted(JSON_TYPES), n=1)
+                    hint = f"did you mean '{close[0]}'?" if close else ", ".join(sorted(JSON_TYPES))
+                    raise SpecError(f"{where}.type: unknown type '{kind}' ({hint})")
+        if key == "enum" and isinstance(value, list) and not value:
+            raise SpecError(f"{where}.enum: an empty list allows no answer; list the values")
+        if key in _ONE_SCHEMA:
+            check_keywords(value, f"{where}.{key}", validating)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            for i, item in enumerate(value):
+                check_keywords(item, f"{where}.{key}.{i}", validating)
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, item in value.items():
+                check_keywords(item, f"{where}.{key}.{name}", validating)
+
+
 class OutputSchema:
     """A validated schema: how to ask for it, how to check answers, which columns to write."""
 
@@ -64,11 +111,25 @@ class OutputSchema:
         from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
 
+        compact = not (raw.get("type") == "object" or "properties" in raw)
         self.schema = normalize(raw)
+        where = "output.schema"
+        if compact:  # the compact form's keys are the properties: name them as written
+            for name, prop in self.schema["properties"].items():
+                check_keywords(prop, f"{where}.{name}", set(Draft202012Validator.VALIDATORS))
+        else:
+            check_keywords(self.schema, where, set(Draft202012Validator.VALIDATORS))
         try:
             Draft202012Validator.check_schema(self.schema)
         except SchemaError as exc:
-            raise SpecError(f"output.schema: not a valid JSON Schema: {exc.message}") from None
+            parts = list(exc.path)
+            if compact and parts[:1] == ["properties"]:
+                parts = parts[1:]
+            path = "".join(f".{p}" for p in parts)
+            raise SpecError(
+                f"{where}{path}: not valid JSON Schema: {exc.message} "
+                "(see https://json-schema.org/understanding-json-schema/reference)"
+            ) from None
         self.properties: dict[str, Any] = self.schema.get("properties") or {}
         if not self.properties:
             raise SpecError("output.schema: needs at least one property (one output column each)")

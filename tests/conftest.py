@@ -138,3 +138,39 @@ def start_cli(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """moto's S3 server on a free loopback port; yields the environment that reaches it."""
+    pytest.importorskip("moto.server", reason="needs moto[server]: pip install -e '.[dev]'")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    environment = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    try:
+        yield environment
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process and the CLIs it starts talk to moto's S3 server; one fresh bucket per test."""
+    import uuid
+
+    import boto3
+
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return {**s3_server, "BUCKET": bucket}

@@ -116,3 +116,37 @@ def test_show_rejects_an_unknown_id_or_column(finished: Path) -> None:
     column = run_cli("show", "out/result.parquet", "--columns", "nope", cwd=finished)
     assert column.returncode == 2
     assert "nope" in column.stderr and "the input columns are" in column.stderr
+
+
+def test_show_id_takes_a_row_number_too(finished: Path) -> None:
+    out = show(finished, "out/result.parquet", "--id", "5")
+
+    assert [(m.group(1), m.group(2)) for m in HEADER.finditer(out)] == [("R005", "5")]
+
+
+def test_failed_rows_show_their_final_attempts_latency_not_zero(finished: Path) -> None:
+    out = show(finished, "out/result.parquet", "--errors")
+    rows = pl.read_parquet(finished / "out" / "result.parquet").filter(
+        pl.col("error").is_not_null()
+    )
+
+    assert rows["latency_s"].null_count() == 0 and (rows["latency_s"] > 0).all()
+    assert "0.00s" not in out
+    assert len(re.findall(r" · (?:\d+\.\d ms|\d+\.\d\ds) · ", out)) == 2, out
+
+
+def test_show_prints_a_schema_jobs_typed_columns(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(3).write_csv(tmp_path / "reviews.csv")
+    schema = {"label": {"enum": ["positive", "negative"]}, "confidence": "number"}
+    job = make_job(tmp_path, simulator, output__schema=schema)
+    assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+    rows = pl.read_parquet(tmp_path / "out" / "result.parquet")
+
+    out = show(tmp_path, "test-job.yaml")
+
+    for label, confidence in zip(rows["label"], rows["confidence"], strict=True):
+        assert f"  label: {label}\n" in out
+        assert f"  confidence: {confidence}\n" in out
+    assert "response:" not in out and '{"label"' not in out
