@@ -371,6 +371,23 @@ class _Recorder:
         self.checkpoint.commit(sealed, meta)
         self.log.write(lines)
 
+    def finish(self) -> None:
+        """The run stopped sending: show where it got to, and record that it ended."""
+        self.show(force=True)
+        self.run_state.active = False
+        self.checkpoint.set_meta(RUN_STATE_META, self.run_state.dumps(self.counters))
+        outcome = self.outcome
+        self.log.event(
+            "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
+            **self.counters.snapshot(),
+            reused=self.plan.reused,
+            retries=outcome.retries,
+            rate_limited=outcome.rate_limited,
+            stop=outcome.fatal.describe() if outcome.fatal else None,
+            interrupted=outcome.interrupted,
+        )
+        self.log.flush()
+
     def show(self, force: bool = False) -> None:
         self.progress.update(
             self.counters,
@@ -469,23 +486,7 @@ async def _pump(
                 plan.requests(), recorder, handle_signals=options.handle_signals
             )
         finally:
-            recorder.show(force=True)
-            run_state.active = False
-            checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
-            _log_stop(log, plan, scheduler.outcome, counters)
-
-
-def _log_stop(log: RunLog, plan: WorkPlan, outcome: Outcome, counters: RunCounters) -> None:
-    log.event(
-        "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
-        **counters.snapshot(),
-        reused=plan.reused,
-        retries=outcome.retries,
-        rate_limited=outcome.rate_limited,
-        stop=outcome.fatal.describe() if outcome.fatal else None,
-        interrupted=outcome.interrupted,
-    )
-    log.flush()
+            recorder.finish()
 
 
 def _finish(
