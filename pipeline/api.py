@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.errors import PipelineError, SpecError
+from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.runner import (
     PreparedJob,
     RunOptions,
@@ -64,9 +64,10 @@ class Job:
 
 
 class RunFailed(PipelineError):
-    """The run stopped before every row had a result (job-level stop or interrupt)."""
+    """The run stopped before every row had a result: a job-level stop, an interrupt, or
+    an unexpected error (then `summary` is None and the error is the `__cause__`)."""
 
-    def __init__(self, message: str, summary: RunSummary) -> None:
+    def __init__(self, message: str, summary: RunSummary | None) -> None:
         super().__init__(message)
         self.summary = summary
 
@@ -133,7 +134,11 @@ async def arun(
         retry_failed=retry_failed,
         on_result=on_result,
     )
-    summary = await execute_async(prepared, options)
+    try:
+        summary = await execute_async(prepared, options)
+    except RunCrashed as exc:
+        message = f"the run stopped on an unexpected error: {exc}; finished rows are kept"
+        raise RunFailed(message, None) from exc.__cause__
     if not summary.finished or summary.output_path is None:
         raise RunFailed(
             f"{summary.why_unfinished}; finished rows are kept, call again to resume", summary

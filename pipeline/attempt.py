@@ -15,15 +15,17 @@ scheduler stops the run on them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
-from pipeline.config import Price, answer_cost
+from pipeline.config import Price
 from pipeline.counters import RunCounters
 from pipeline.errors import (
     JobFatalError,
+    JobStopped,
     ProviderError,
     RateLimited,
     RetryableError,
@@ -33,6 +35,7 @@ from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
+from pipeline.spend import RowSpend, attempt_cost
 from pipeline.structured import OutputSchema
 from pipeline.types import ChatRequest, Completion, RowResult
 
@@ -69,6 +72,8 @@ class Attempts:
     log: RunLog
     counts: AttemptCounts
     counters: RunCounters
+    breaker: Breaker
+    stop_job: Callable[[JobStopped], None]  # the breaker's verdict stops the run
     schema: OutputSchema | None = None
     schema_retries: int = 1
 
@@ -79,6 +84,7 @@ class RowTries:
 
     attempts: int = 0
     schema_failures: int = 0
+    spend: RowSpend = field(default_factory=RowSpend)  # every paid attempt is charged
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,7 @@ class Attempt:
     def _answered(self, completion: Completion) -> Verdict:
         run, tries = self.run, self.tries
         result = self._result(completion=completion)
+        tries.spend.add(completion, result.cost_usd)
         invalid = self._check_schema(result)
         retry = invalid is not None and tries.schema_failures < run.schema_retries
         self._log(
@@ -142,9 +149,11 @@ class Attempt:
             wait_s=0.0 if retry else None,
             why=SCHEMA_RETRY if retry else None,
             message=invalid.message[:300] if invalid else None,
+            cost_usd=result.cost_usd,
         )
+        self._tell_breaker_answer(result, invalid, final=not retry)
         if not retry:
-            return Verdict(result)
+            return Verdict(tries.spend.charge(result))
         tries.schema_failures += 1
         run.counts.retries += 1
         return Verdict(None)
@@ -157,12 +166,32 @@ class Attempt:
         self._log(error.status, error.kind, wait_s=delay, why=why, message=error.message[:300])
         if isinstance(error, JobFatalError):
             raise error
+        self._stop_if(run.breaker.answered_with(error))
         if delay is None:
+            self._stop_if(run.breaker.row_failed(error))
             attempts = self.tries.attempts
             tried = f" after {attempts} attempts" if attempts > 1 else ""
-            return Verdict(self._result(error=error.describe() + tried))
+            return Verdict(self.tries.spend.charge(self._result(error=error.describe() + tried)))
         run.counts.retries += 1
         return Verdict(None, delay)
+
+    def _tell_breaker_answer(
+        self, result: RowResult, invalid: SchemaViolation | None, *, final: bool
+    ) -> None:
+        """Tell the breaker what an HTTP 200 came to: a success, or a schema mismatch."""
+        breaker = self.run.breaker
+        if invalid is None:
+            if result.error is None:
+                breaker.succeeded()
+            return
+        stop = breaker.answered_with(invalid)
+        if stop is None and final:
+            stop = breaker.row_failed(invalid)
+        self._stop_if(stop)
+
+    def _stop_if(self, stop: JobStopped | None) -> None:
+        if stop is not None:
+            self.run.stop_job(stop)
 
     def _decide(self, error: ProviderError) -> tuple[float | None, str]:
         """Seconds to wait before asking again (None: the row is finished), and why."""
@@ -195,7 +224,7 @@ class Attempt:
             self.latency,
             completion=completion,
             error=error,
-            cost_usd=answer_cost(completion, price) if completion is not None else None,
+            cost_usd=attempt_cost(completion, price) if completion is not None else None,
         )
 
     def _check_schema(self, result: RowResult) -> SchemaViolation | None:
@@ -218,6 +247,7 @@ class Attempt:
         wait_s: float | None,
         why: str | None,
         message: str | None,
+        cost_usd: float | None = None,
     ) -> None:
         run = self.run
         run.log.attempt(
@@ -230,4 +260,5 @@ class Attempt:
             wait_s=wait_s,
             why=why,
             message=message,
+            cost_usd=cost_usd,
         )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import Price, answer_cost
+from pipeline.config import Price
 from pipeline.errors import BudgetExceeded, ProviderError
+from pipeline.spend import attempt_cost
 from pipeline.types import ChatRequest, Completion, Usage
 
 WARMUP_ANSWERS = 5
@@ -81,7 +82,7 @@ class Budget:
         if not isinstance(answer, Completion):
             return
         usage = answer.usage
-        cost = answer_cost(answer, self.price) or 0.0
+        cost = attempt_cost(answer, self.price) or 0.0
         tokens = usage.prompt_tokens + usage.output_tokens if usage is not None else 0
         self.spent_usd += cost
         self.spent_tokens += tokens

@@ -77,6 +77,13 @@ class Totals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
+    priced_rows: int = 0  # rows with a known cost
+    unpriced_rows: int = 0  # rows answered (so paid for) at an unknown price
+
+    @property
+    def cost_known(self) -> bool:
+        """False when answered rows exist and not one has a known cost."""
+        return self.priced_rows > 0 or self.unpriced_rows == 0
 
 
 class Checkpoint:
@@ -223,11 +230,22 @@ class Checkpoint:
     def totals(self) -> Totals:
         row = self._reader.execute(
             "SELECT count(*), count(error), total(prompt_tokens), "
-            "total(completion_tokens), total(reasoning_tokens), total(cost_usd) FROM results "
+            "total(completion_tokens), total(reasoning_tokens), total(cost_usd), count(cost_usd), "
+            "total(cost_usd IS NULL AND response IS NOT NULL) FROM results "
             "WHERE finished_at >= ?",
             (self.since,),
         ).fetchone()
-        return Totals(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), row[5])
+        rows, failed, prompt, output, reasoning, cost, priced, unpriced = row
+        return Totals(
+            int(rows),
+            int(failed),
+            int(prompt),
+            int(output),
+            int(reasoning),
+            cost,
+            int(priced),
+            int(unpriced),
+        )
 
     def close(self) -> None:
         self._journal.close()

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 if TYPE_CHECKING:
     from pipeline.estimate import Estimate
 
-from pipeline.errors import PipelineError, SpecError
+from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.runner import (
+    PreparedJob,
     RunEnd,
     RunOptions,
     RunSummary,
@@ -24,13 +27,32 @@ from pipeline.runner import (
     status,
 )
 
-EXIT_INVALID, EXIT_STOPPED = 2, 3
+EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
 EXIT_CODES = {
     RunEnd.ALL_OK: 0,
     RunEnd.ROWS_FAILED: 1,
     RunEnd.STOPPED: EXIT_STOPPED,
     RunEnd.INTERRUPTED: 130,
 }
+
+
+def _cost(usd: float | None) -> str:
+    """Dollars, or "unknown" when no price is known (never a made-up $0)."""
+    return f"${usd:.6f}" if usd is not None else "unknown"
+
+
+def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
+    """One line, no traceback (PIPELINE_DEBUG=1 shows it): what broke, where the log is,
+    how to resume; exit 4, a code of its own."""
+    if os.environ.get("PIPELINE_DEBUG") == "1":
+        traceback.print_exception(cause)
+    log = f"; run log: {error.log_path}" if error.log_path else ""
+    click.echo(
+        f"error: the run stopped on an unexpected error: {error}{log}; finished rows are "
+        f"saved and `{rerun}` resumes (PIPELINE_DEBUG=1 shows the traceback)",
+        err=True,
+    )
+    sys.exit(EXIT_CRASHED)
 
 
 def _fail(message: str, code: int) -> None:
@@ -56,6 +78,30 @@ def validate(job: Path) -> None:
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
         f"output {prepared.output_location}"
+    )
+    _warn_empty_prompts(prepared)
+
+
+def _warn_empty_prompts(prepared: PreparedJob) -> None:
+    from pipeline.plan import empty_prompt_rows
+
+    count, examples = empty_prompt_rows(prepared.table, prepared.renderer, prepared.limit)
+    if not count:
+        return
+    which = prepared.spec.input.id_column or "row number"
+    sample = f" ({which} {', '.join(examples)}{', ...' if count > len(examples) else ''})"
+    if prepared.spec.prompt.skip_empty:
+        click.echo(
+            f"note: {count:,} row(s) render an empty prompt{sample}; prompt.skip_empty is on, "
+            "so they are not sent (their output rows say finish_reason: skipped)",
+            err=True,
+        )
+        return
+    click.echo(
+        f"warning: {count:,} row(s) render an empty prompt{sample}; they would be sent and "
+        "paid for. Add `skip_empty: true` under `prompt:` to skip them (they still get an "
+        "output row, with finish_reason: skipped)",
+        err=True,
     )
 
 
@@ -84,19 +130,32 @@ def run(
     --output, the first N rows go to <output stem>.first-N.parquet, never over the
     job's output; they are kept for the full run.
     """
+    rerun = f"pipeline run {shlex.quote(str(job))}" + (
+        f" --output {shlex.quote(str(output))}" if output else ""
+    )
     try:
         prepared = prepare(job, output=output, limit=limit)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except Exception as exc:  # the last line of defence, before anything was sent
+        _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
     try:
         options = RunOptions(
-            handle_signals=True, show_progress=not quiet, fresh=fresh, retry_failed=retry_failed
+            handle_signals=True,
+            show_progress=not quiet,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
         summary = execute(prepared, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except RunCrashed as exc:
+        _crashed(exc, exc.__cause__ or exc, rerun)
     except PipelineError as exc:
         _fail(str(exc), EXIT_STOPPED)
+    except Exception as exc:  # the last line of defence
+        _crashed(RunCrashed(f"{type(exc).__name__}: {exc}", log_path=prepared.log_path), exc, rerun)
     _print_summary(summary, job, output)
     if prepared.replaced_output is not None and summary.output_path is not None:
         click.echo(
@@ -139,7 +198,13 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             f"{totals.reasoning_tokens:,} reasoning"
         )
     lines.append(
-        f"cost: ${summary.run_cost:.6f} this run, ${totals.cost_usd:.6f} all finished rows"
+        f"cost: {_cost(counters.cost)} this run, "
+        f"{_cost(totals.cost_usd if totals.cost_known else None)} all finished rows"
+        + (
+            f" ({totals.unpriced_rows:,} of them at an unknown price)"
+            if totals.cost_known and totals.unpriced_rows
+            else ""
+        )
     )
     lines.append(
         f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
@@ -200,7 +265,8 @@ def _describe_status(name: str, report: Status, job: Path, output: Path | None) 
         f"{name}: {report.finished:,}/{report.rows:,} rows finished "
         f"({report.failed:,} failed), {report.pending:,} pending",
         f"tokens: {totals.prompt_tokens:,} in, {totals.output_tokens:,} out, "
-        f"{totals.reasoning_tokens:,} reasoning; cost ${totals.cost_usd:,.6f}",
+        f"{totals.reasoning_tokens:,} reasoning; "
+        f"cost {_cost(totals.cost_usd if totals.cost_known else None)}",
     ]
     run = report.run
     sent = (run.counters or {}) if run is not None else {}

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import SpecError
 from pipeline.spec import ModelSpec, Pricing, SpecWarning
 from pipeline.structured import OutputSchema
-from pipeline.types import Completion, Usage
+from pipeline.types import Usage
 
 AuthMode = Literal["bearer", "body_key", "x_api_key"]
 
@@ -66,15 +66,6 @@ class Price:
         return (
             uncached * self.input + cached * self.cached_input + usage.output_tokens * self.output
         ) / 1_000_000
-
-
-def answer_cost(completion: Completion, price: Price | None) -> float | None:
-    """What an answer cost: the provider's own figure, else its usage at the job's price."""
-    if completion.reported_cost_usd is not None:
-        return completion.reported_cost_usd
-    if price is None or completion.usage is None:
-        return None
-    return price.cost(completion.usage)
 
 
 @dataclass(frozen=True)

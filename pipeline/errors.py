@@ -3,7 +3,9 @@
     PipelineError
     ├── SpecError                 invalid job, input or arguments: exit 2, nothing sent
     ├── JobStopped                the run stopped before finishing: exit 3
-    │   └── BudgetExceeded        the next request would cross a spending limit
+    │   ├── BudgetExceeded        the next request would cross a spending limit
+    │   └── SystematicFailure     the same failure on row after row: no row can succeed
+    ├── RunCrashed                an unexpected error stopped the run: exit 4
     └── ProviderError             one request failed; carries the HTTP status if any
         ├── RetryableError        try the same request again later
         │   ├── RateLimited           429 (not quota), retry hint honoured
@@ -53,6 +55,22 @@ class BudgetExceeded(JobStopped):
     """Sending more would cross `limits.max_cost_usd` or `limits.max_tokens_total`."""
 
     advice = "raise limits.max_cost_usd or limits.max_tokens_total in the job"
+
+
+class SystematicFailure(JobStopped):
+    """Row after row fails the same way with no success: the job, not the rows, is wrong."""
+
+    def __init__(self, message: str, *, advice: str) -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
+class RunCrashed(PipelineError):
+    """An unexpected error stopped the run; finished rows were kept. The cause is chained."""
+
+    def __init__(self, message: str, *, log_path: object = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
 
 
 class ProviderError(PipelineError):

@@ -3,7 +3,9 @@
 `<output>.run/events.jsonl` says, for every attempt, which row, which attempt,
 the HTTP status, the latency, the error class, and how long the run chose to
 wait before the next attempt and why; plus a line when a run starts and ends.
-Lines are buffered and appended with each checkpoint commit. API keys never
+Lines are buffered and appended with each checkpoint commit, and at least every half
+second as attempts happen, so a run that commits nothing (every attempt failing, or
+one row retried for minutes) still shows what it is doing. API keys never
 reach it: provider adapters redact them from every message at the boundary, and
 `RunLog` redacts the key again before writing, in case any text slipped through.
 """
@@ -16,12 +18,15 @@ from typing import Any
 
 import orjson
 
+WRITE_EVERY_S = 0.5
+
 
 class RunLog:
     def __init__(self, path: Path | None, secrets: tuple[str, ...] = ()) -> None:
         self.path = path
         self._secrets = tuple(s for s in secrets if s)
         self._buffer: list[bytes] = []
+        self._written_at = time.monotonic()
 
     def event(self, kind: str, **fields: Any) -> None:
         if self.path is None:
@@ -46,6 +51,7 @@ class RunLog:
         wait_s: float | None = None,
         why: str | None = None,
         message: str | None = None,
+        cost_usd: float | None = None,
     ) -> None:
         """One request attempt and what the run decided after it."""
         if self.path is None:
@@ -64,9 +70,12 @@ class RunLog:
                 "wait_s": wait_s,
                 "why": why,
                 "message": message,
+                "cost_usd": cost_usd,
             }
         )
         self._buffer.append(self._redact(line) if message else line)
+        if time.monotonic() - self._written_at >= WRITE_EVERY_S:
+            self.flush()
 
     def take(self) -> list[bytes]:
         """The buffered lines, handed over on the event loop's thread."""
@@ -75,6 +84,7 @@ class RunLog:
 
     def write(self, lines: list[bytes]) -> None:
         """Append lines to the file (safe to call from a worker thread)."""
+        self._written_at = time.monotonic()
         if self.path is None or not lines:
             return
         with open(self.path, "ab") as handle:

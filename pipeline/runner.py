@@ -21,12 +21,13 @@ from typing import Literal
 import anyio
 
 from pipeline import storage
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Sealed, Totals
 from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
-from pipeline.errors import BudgetExceeded, JobFatalError, SpecError
+from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import Layout, count_failed, output_is_current, write_output
@@ -48,7 +49,8 @@ ADAPTIVE_START_CONCURRENCY = 16
 
 class RunEnd(Enum):
     """How a run ended. The CLI maps it to an exit code; the Python API returns the
-    output for the first two and raises `RunFailed` for the others."""
+    output for the first two and raises `RunFailed` for the others. (An unexpected
+    error is not an end: it leaves `execute` as `RunCrashed`.)"""
 
     ALL_OK = "every row has an answer"
     ROWS_FAILED = "finished, with some rows in error"
@@ -114,7 +116,7 @@ class RunSummary:
     wall_s: float
     output_path: Path | None
     end: RunEnd
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -204,6 +206,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         retry_failed=retry_failed,
         request_extra=job.request_extra,
         start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
+        skip_empty=job.spec.prompt.skip_empty,
     )
 
 
@@ -249,6 +252,7 @@ class RunOptions:
     retry_failed: bool = False
     on_result: Callable[[RowResult], None] | None = None
     write_output: bool = True
+    command: str | None = None  # how the run was started, for the run log and the report
 
 
 def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
@@ -259,7 +263,29 @@ def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
 
 
 async def execute_async(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
-    """`execute` for code that already runs an event loop (asyncio backend)."""
+    """`execute` for code that already runs an event loop (asyncio backend).
+
+    The last line of defence: an error nobody expected stops sending (the task group
+    cancels every worker), the rows that finished are committed on the way out, and it
+    comes back as `RunCrashed` with the cause chained.
+    """
+    try:
+        return await _execute(job, options)
+    except (SpecError, JobStopped):
+        raise
+    except Exception as exc:
+        cause = root_cause(exc)
+        raise RunCrashed(f"{type(cause).__name__}: {cause}", log_path=job.log_path) from cause
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The one error inside task-group wrappers (ExceptionGroup of one, nested)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
     started = time.monotonic()
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)
@@ -439,6 +465,22 @@ async def open_provider(
         yield create_provider(settings, client)
 
 
+def _open_log(job: PreparedJob, settings: ProviderSettings, options: RunOptions) -> RunLog:
+    log = RunLog(job.log_path, secrets=(settings.api_key or "",))
+    log.event(
+        "run_started",
+        job=job.spec.name,
+        rows=job.rows,
+        model=settings.model,
+        provider=settings.name,
+        params=settings.params,
+        prompt=job.spec.prompt.model_dump(exclude_none=True, exclude_defaults=True),
+        limit=job.limit,
+        command=options.command,
+    )
+    return log
+
+
 async def _pump(
     job: PreparedJob,
     settings: ProviderSettings,
@@ -449,8 +491,7 @@ async def _pump(
     options: RunOptions,
 ) -> Outcome:
     limits = job.spec.limits
-    log = RunLog(job.log_path, secrets=(settings.api_key or "",))
-    log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
+    log = _open_log(job, settings, options)
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
     pacer = _pacer(limits)
@@ -467,6 +508,7 @@ async def _pump(
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
+            breaker=Breaker(stall_s=limits.stall_timeout_s),
             counters=counters,
             on_stop=partial(_note_stopping, progress, counters),
         )

@@ -21,10 +21,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from pipeline.attempt import Attempt, AttemptCounts, Attempts, RowTries
+from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.config import Price
 from pipeline.counters import RunCounters
-from pipeline.errors import BudgetExceeded, JobFatalError
+from pipeline.errors import JobFatalError, JobStopped
 from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -54,7 +55,7 @@ class ResultSink(Protocol):
 class Outcome(AttemptCounts):
     """How the pool ended."""
 
-    fatal: JobFatalError | BudgetExceeded | None = None
+    fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     recorded: int = 0
 
@@ -75,6 +76,7 @@ class Scheduler:
         grace_s: float = 10.0,
         counters: RunCounters | None = None,
         on_stop: Callable[[float], None] | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.pacer = pacer
         self.concurrency = concurrency
@@ -91,6 +93,8 @@ class Scheduler:
             log or RunLog(None),
             self.outcome,
             self.counters,
+            breaker or Breaker(),
+            self._fail_job,
             schema,
             schema_retries,
         )
@@ -153,7 +157,7 @@ class Scheduler:
             if isinstance(item, ChatRequest):
                 try:
                     result = await self._process(item)
-                except (JobFatalError, BudgetExceeded) as exc:
+                except (JobFatalError, JobStopped) as exc:
                     self._fail_job(exc)
                     return
                 if result is None:
@@ -162,7 +166,7 @@ class Scheduler:
             if sink.land(item) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
 
-    def _fail_job(self, error: JobFatalError | BudgetExceeded) -> None:
+    def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:
             self.outcome.fatal = error
         self._stop_taking_rows()

@@ -10,6 +10,7 @@ import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -52,6 +53,35 @@ class ModelSpec(_Strict):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
+    @field_validator("base_url")
+    @classmethod
+    def _an_http_url(cls, url: str | None) -> str | None:
+        # A typo here would otherwise fail every row at its first request.
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{url!r} is not an http(s) URL with a host; write it like "
+                "https://api.example.com/v1"
+            )
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError(f"{url!r} has an invalid port") from None
+        return url
+
+    @field_validator("tools")
+    @classmethod
+    def _named_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(tools or []):
+            function = tool.get("function") if tool.get("type") == "function" else tool
+            name = function.get("name") if isinstance(function, dict) else None
+            if not isinstance(name, str) or not name:
+                form = "{type: function, function: {name, parameters}} or {name, input_schema}"
+                raise ValueError(f"tool {i} has no name: write it as {form}")
+        return tools
+
     @field_validator("params")
     @classmethod
     def _params_owned_elsewhere(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +112,8 @@ class PromptSpec(_Strict):
     system: str | None = None
     template: str | None = Field(default=None, min_length=1)
     messages: list[MessageSpec] | None = Field(default=None, min_length=1)
+    # Rows whose user message(s) render to nothing are not sent; see docs/JOB_SPEC.md.
+    skip_empty: bool = False
 
     @model_validator(mode="after")
     def _one_form(self) -> PromptSpec:
@@ -111,6 +143,7 @@ class LimitsSpec(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
+    stall_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class OutputSpec(_Strict):

@@ -19,6 +19,9 @@ FAULT_KINDS: tuple[str, ...] = (
     "malformed",
     "status_error_200",
     "truncate_stream",
+    "fail_502_html",
+    "html_200",
+    "wrong_shape_200",
 )
 
 
@@ -83,6 +86,13 @@ class SimulatorConfig(BaseModel):
     malformed: Probability = 0.0
     status_error_200: Probability = 0.0
     truncate_stream: Probability = 0.0
+    fail_502_html: Probability = 0.0
+    """A proxy's 502 page: HTML, not JSON."""
+    html_200: Probability = 0.0
+    """An HTML page sent with HTTP 200 (a captive portal, a misrouted proxy)."""
+    wrong_shape_200: Probability = 0.0
+    """Well-formed JSON of an unexpected shape with HTTP 200 (empty choices, a null
+    message, null content without usage, usage counts as text)."""
 
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:

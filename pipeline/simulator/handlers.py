@@ -8,6 +8,7 @@ then the (paid) answer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,13 @@ def _fault_response(fault: str, request: web.Request, anthropic: bool, model: st
         return drop(request)
     if fault == "status_error_200":
         return E.json_response(_BUSY)
+    if fault == "fail_502_html":
+        return _html(502, "502 Bad Gateway")
+    if fault == "html_200":
+        return _html(200, "Please sign in to continue")
+    if fault == "wrong_shape_200":
+        shapes = _WRONG_SHAPES_ANTHROPIC if anthropic else _WRONG_SHAPES_OPENAI
+        return E.json_response(shapes[next(_wrong_shape_turn) % len(shapes)])
     # malformed: HTTP 200 whose JSON body stops halfway
     if anthropic:
         text = f'{{"id":"msg_sim","type":"message","role":"assistant","model":"{model}","cont'
@@ -162,6 +170,25 @@ def _fault_response(fault: str, request: web.Request, anthropic: bool, model: st
             f'"model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","con'
         )
     return web.Response(body=text.encode(), content_type="application/json")
+
+
+_WRONG_SHAPES_OPENAI: list[dict[str, Any]] = [
+    {"id": "chatcmpl-sim", "object": "chat.completion", "choices": []},
+    {"choices": [{"index": 0, "message": None, "finish_reason": "stop"}]},
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]},
+    {"choices": "n/a", "usage": {"prompt_tokens": "n/a"}},
+]
+_WRONG_SHAPES_ANTHROPIC: list[dict[str, Any]] = [
+    {"type": "message", "role": "assistant", "content": None},
+    {"type": "message", "role": "assistant", "content": [], "usage": None},
+    {"type": "message", "role": "assistant", "content": "text where blocks belong"},
+]
+_wrong_shape_turn = itertools.count()
+
+
+def _html(status: int, title: str) -> web.Response:
+    page = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
+    return web.Response(status=status, text=page, content_type="text/html")
 
 
 async def _hang(request: web.Request, seconds: float) -> bool:

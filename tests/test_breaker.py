@@ -1,0 +1,143 @@
+"""The breaker: systematic failure stops the job; failures now and then never do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import make_job, reviews, run_cli
+
+from pipeline import errors
+from pipeline.breaker import Breaker
+from pipeline.simulator import RunningSimulator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bad_request() -> errors.BadRequest:
+    return errors.BadRequest("No connected db.", status=400)
+
+
+def test_the_same_row_error_on_consecutive_rows_stops() -> None:
+    breaker = Breaker(same_error_rows=5)
+    stops = [breaker.row_failed(bad_request()) for _ in range(5)]
+    assert stops[:4] == [None] * 4
+    stop = stops[4]
+    assert isinstance(stop, errors.SystematicFailure)
+    assert "bad_request (HTTP 400)" in str(stop) and "fix and rerun" in stop.advice
+
+
+def test_a_success_in_between_starts_the_count_afresh() -> None:
+    breaker = Breaker(same_error_rows=5)
+    for _ in range(10):
+        for _ in range(4):
+            assert breaker.row_failed(bad_request()) is None
+        breaker.succeeded()
+
+
+def test_different_errors_do_not_add_up() -> None:
+    breaker = Breaker(same_error_rows=3)
+    for i in range(12):
+        error = bad_request() if i % 2 else errors.ServerError("x", status=500)
+        assert breaker.row_failed(error) is None
+
+
+def test_content_filtered_rows_never_stop_the_job() -> None:
+    breaker = Breaker(same_error_rows=2)
+    for _ in range(5):
+        assert breaker.row_failed(errors.ContentFiltered("no", status=400)) is None
+
+
+def test_nothing_but_overload_for_too_long_stops() -> None:
+    clock = Clock()
+    breaker = Breaker(stall_s=60, clock=clock)
+    for second in range(60):
+        clock.now = float(second)
+        assert breaker.answered_with(errors.RateLimited("slow down", status=429)) is None
+    clock.now = 60.0
+    stop = breaker.answered_with(errors.ServerError("down", status=503))
+    assert isinstance(stop, errors.SystematicFailure)
+    assert "no request has succeeded for 60s" in str(stop)
+
+
+def test_overload_with_successes_in_between_never_stops() -> None:
+    clock = Clock()
+    breaker = Breaker(stall_s=60, clock=clock)
+    for second in range(600):
+        clock.now = float(second)
+        assert breaker.answered_with(errors.RateLimited("slow down", status=429)) is None
+        if second % 50 == 0:
+            breaker.succeeded()
+
+
+def test_other_errors_are_left_to_the_row_count() -> None:
+    clock = Clock()
+    breaker = Breaker(stall_s=10, clock=clock)
+    breaker.answered_with(errors.RateLimited("slow", status=429))
+    breaker.answered_with(bad_request())
+    clock.now = 100.0
+    assert breaker.answered_with(errors.RateLimited("slow", status=429)) is None
+
+
+# -- end to end: the real CLI against the simulator ----------------------------------------
+
+
+def test_a_gateway_answering_every_request_with_the_same_400_stops_within_a_few_dozen(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(1000).write_csv(tmp_path / "reviews.csv")
+    job = make_job(
+        tmp_path,
+        simulator,
+        prompt__template="Summarize: {{ text }} [[sim:status=400]]",
+        limits__concurrency=None,
+    )
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    assert "bad_request (HTTP 400)" in result.stderr and "fix and rerun" in result.stderr
+    assert simulator.stats()["requests"] <= 48
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_a_model_answering_every_request_with_429_stops(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(200).write_csv(tmp_path / "reviews.csv")
+    job = make_job(
+        tmp_path,
+        simulator,
+        prompt__template="Summarize: {{ text }} [[sim:status=429]]",
+        limits__stall_timeout_s=1,
+        limits__max_attempts=100,
+    )
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    assert "no request has succeeded" in result.stderr
+
+
+@pytest.mark.parametrize("every", [3, 10])
+def test_rows_that_fail_now_and_then_finish_with_exit_1(
+    tmp_path: Path, simulator: RunningSimulator, every: int
+) -> None:
+    data = reviews(120)
+    texts = [
+        f"{t} [[sim:status=400]]" if i % every else t for i, t in enumerate(data["text"].to_list())
+    ]
+    data.with_columns(text=pl.Series(texts)).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 120
