@@ -190,16 +190,7 @@ class Checkpoint:
         hash), a result recorded for another request counts as missing."""
         selected = ("row_key", "request_hash", *names)
         stored = {row[0]: row for row in self._select(", ".join(selected), keys)}
-        missing = (None,) * len(selected)
-        rows = [stored.get(key, missing) for key in keys]
-        if hashes is not None:
-            rows = [
-                row if row[1] == request_hash else missing
-                for row, request_hash in zip(rows, hashes, strict=True)
-            ]
-        columns = list(zip(*rows, strict=True)) if rows else [()] * len(selected)
-        values = dict(zip(selected, columns, strict=True))
-        return Fetched([key is not None for key in values["row_key"]], values)
+        return fetched(keys, stored, selected, hashes)
 
     def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[Any, ...]]:
         for start in range(0, len(keys), _LOOKUP_CHUNK):
@@ -251,6 +242,26 @@ class Checkpoint:
         self._journal.close()
         self._writer.close()
         self._reader.close()
+
+
+def fetched(
+    keys: list[str],
+    stored: dict[str, tuple[Any, ...]],
+    selected: tuple[str, ...],
+    hashes: list[str] | None,
+) -> Fetched:
+    """`stored` rows (row_key, request_hash, then the rest of `selected`) in `keys` order,
+    column by column; with `hashes`, a row recorded for another request counts as missing."""
+    missing = (None,) * len(selected)
+    rows = [stored.get(key, missing) for key in keys]
+    if hashes is not None:
+        rows = [
+            row if row[1] == request_hash else missing
+            for row, request_hash in zip(rows, hashes, strict=True)
+        ]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(selected)
+    values = dict(zip(selected, columns, strict=True))
+    return Fetched([key is not None for key in values["row_key"]], values)
 
 
 def _row(result: RowResult, finished_at: float) -> Row:

@@ -18,6 +18,7 @@ for requests in flight, under the job's hard cap.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,7 +99,54 @@ class PacerState:
     paused_s: float
 
 
-class Pacer:
+class Turns(ABC):
+    """What an attempt needs from a pacer: a turn before it, and an account of it after.
+
+    Built on the pacing primitives a pacer has (`acquire`, `release`, `observe`,
+    `rate_limited`, `learn_prompt_scale`, `prompt_scale`), so a pacer that paces
+    differently (a cluster worker's, paced by leases) offers the attempt the same two
+    calls.
+    """
+
+    prompt_scale: float
+    _clock: Callable[[], float]  # the event loop's clock
+
+    async def take_turn(self, request: ChatRequest) -> float:
+        """Wait for a slot and this request's paced turn; returns the start time (loop clock)."""
+        await self.acquire(request.prompt_estimate * self.prompt_scale + request.reply_budget)
+        return self._clock()
+
+    def end_turn(
+        self, request: ChatRequest, sent_at: float, answer: Completion | ProviderError | None
+    ) -> None:
+        """Give the slot back and learn from the answer (None: the attempt never finished)."""
+        self.release(succeeded=isinstance(answer, Completion))
+        if isinstance(answer, Completion):
+            self.observe(answer.rate_limits)
+            if answer.usage is not None:
+                self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
+        elif answer is not None:
+            self.observe(answer.rate_limits)
+            if isinstance(answer, RateLimited):
+                self.rate_limited(answer.retry_after, sent_at=sent_at)
+
+    @abstractmethod
+    async def acquire(self, tokens: float) -> None: ...
+
+    @abstractmethod
+    def release(self, *, succeeded: bool) -> None: ...
+
+    @abstractmethod
+    def observe(self, info: RateLimitInfo | None) -> None: ...
+
+    @abstractmethod
+    def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None: ...
+
+    @abstractmethod
+    def learn_prompt_scale(self, estimated: int, actual: int) -> None: ...
+
+
+class Pacer(Turns):
     def __init__(
         self,
         requests_per_minute: float | None,
@@ -135,27 +183,6 @@ class Pacer:
         self._unpaced_requests = 0.0
         self._unpaced_tokens = 0.0
         self._last_tokens = 1.0
-
-    # -- what an attempt needs: a turn before it, and an account of it after ----------
-
-    async def take_turn(self, request: ChatRequest) -> float:
-        """Wait for a slot and this request's paced turn; returns the start time (loop clock)."""
-        await self.acquire(request.prompt_estimate * self.prompt_scale + request.reply_budget)
-        return self._clock()
-
-    def end_turn(
-        self, request: ChatRequest, sent_at: float, answer: Completion | ProviderError | None
-    ) -> None:
-        """Give the slot back and learn from the answer (None: the attempt never finished)."""
-        self.release(succeeded=isinstance(answer, Completion))
-        if isinstance(answer, Completion):
-            self.observe(answer.rate_limits)
-            if answer.usage is not None:
-                self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
-        elif answer is not None:
-            self.observe(answer.rate_limits)
-            if isinstance(answer, RateLimited):
-                self.rate_limited(answer.retry_after, sent_at=sent_at)
 
     # -- the pacing primitives -----------------------------------------------------------
 
