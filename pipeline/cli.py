@@ -19,6 +19,7 @@ from pipeline.runner import (
     EXIT_CRASHED,
     EXIT_INVALID,
     EXIT_STOPPED,
+    PreparedJob,
     RunOptions,
     RunSummary,
     Status,
@@ -94,6 +95,30 @@ def validate(job: Path) -> None:
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
         f"output {prepared.output_location}"
     )
+    _warn_empty_prompts(prepared)
+
+
+def _warn_empty_prompts(prepared: PreparedJob) -> None:
+    from pipeline.plan import empty_prompt_rows
+
+    count, examples = empty_prompt_rows(prepared.table, prepared.renderer, prepared.limit)
+    if not count:
+        return
+    which = prepared.spec.input.id_column or "row number"
+    sample = f" ({which} {', '.join(examples)}{', ...' if count > len(examples) else ''})"
+    if prepared.spec.prompt.skip_empty:
+        click.echo(
+            f"note: {count:,} row(s) render an empty prompt{sample}; prompt.skip_empty is on, "
+            "so they are not sent (their output rows say finish_reason: skipped)",
+            err=True,
+        )
+        return
+    click.echo(
+        f"warning: {count:,} row(s) render an empty prompt{sample}; they would be sent and "
+        "paid for. Add `skip_empty: true` under `prompt:` to skip them (they still get an "
+        "output row, with finish_reason: skipped)",
+        err=True,
+    )
 
 
 @main.command()
@@ -132,7 +157,11 @@ def run(
         _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
     try:
         options = RunOptions(
-            handle_signals=True, show_progress=not quiet, fresh=fresh, retry_failed=retry_failed
+            handle_signals=True,
+            show_progress=not quiet,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
         summary = execute(prepared, options)
     except SpecError as exc:

@@ -11,11 +11,14 @@ from jinja2 import TemplateError
 
 from pipeline.checkpoint import Checkpoint, Finished
 from pipeline.inputs import InputTable, row_keys
-from pipeline.render import PromptRenderer, estimate_prompt_tokens
-from pipeline.types import ChatRequest, Message, RowResult
+from pipeline.render import PromptRenderer, estimate_prompt_tokens, is_empty_prompt
+from pipeline.types import ChatRequest, Completion, Message, RowResult, Usage
 
 READ_BATCH_ROWS = 10_000
 RENDER_CHUNK_ROWS = 2000
+SKIPPED = "skipped"  # finish_reason of a row not sent because its prompt is empty
+# A skipped row's recorded hash: reused while prompt.skip_empty is on, sent once it is off.
+_SKIPPED_HASH = ":" + SKIPPED
 
 
 @dataclass
@@ -29,6 +32,7 @@ class WorkPlan:
     retry_failed: bool = False
     request_extra: Any = None
     start_at: int = 0
+    skip_empty: bool = False
     reused: int = 0
     planned: int = 0
     cursor: int = 0
@@ -80,7 +84,7 @@ class WorkPlan:
             total += len(keys)
             for key, request_hash in zip(keys, hashes, strict=True):
                 previous = finished.get(key)
-                if previous is not None and previous.request_hash == request_hash:
+                if previous is not None and self._same_request(previous, request_hash):
                     ok += previous.ok
                     failed += not previous.ok
         return ok, failed, total - ok - failed
@@ -103,9 +107,15 @@ class WorkPlan:
         return [digest(values) for values in rows]
 
     def _reusable(self, previous: Finished | None, request_hash: str) -> bool:
-        if previous is None or previous.request_hash != request_hash:
+        if previous is None or not self._same_request(previous, request_hash):
             return False
         return previous.ok or not self.retry_failed
+
+    def _same_request(self, previous: Finished, request_hash: str) -> bool:
+        recorded = previous.request_hash
+        return recorded == request_hash or (
+            self.skip_empty and recorded == request_hash + _SKIPPED_HASH
+        )
 
     def _request(
         self, index: int, key: str, values: tuple[Any, ...], request_hash: str, max_tokens: int
@@ -114,8 +124,35 @@ class WorkPlan:
             messages = self.renderer.render(values)
         except TemplateError as exc:
             return RowResult(index, key, request_hash, 0, None, error=f"render_error: {exc}")
+        if self.skip_empty and is_empty_prompt(messages):
+            skipped = Completion("", None, Usage(), SKIPPED, None)
+            return RowResult(index, key, request_hash + _SKIPPED_HASH, 0, None, completion=skipped)
         prompt_estimate = estimate_prompt_tokens(messages)
         return ChatRequest(index, key, messages, request_hash, prompt_estimate, max_tokens)
+
+
+def empty_prompt_rows(
+    table: InputTable, renderer: PromptRenderer, limit: int | None = None
+) -> tuple[int, list[str]]:
+    """(how many rows render an empty prompt, the keys of the first few)."""
+    count = 0
+    examples: list[str] = []
+    variables = list(renderer.variables)
+    offset = 0
+    for batch in table.batches(READ_BATCH_ROWS, limit):
+        keys = row_keys(batch, offset, table.id_column)
+        rows = batch.select(variables).rows() if variables else [()] * batch.height
+        for key, values in zip(keys, rows, strict=True):
+            try:
+                empty = is_empty_prompt(renderer.render(values))
+            except TemplateError:
+                continue
+            if empty:
+                count += 1
+                if len(examples) < 5:
+                    examples.append(key)
+        offset += batch.height
+    return count, examples
 
 
 def rendered_rows(

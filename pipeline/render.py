@@ -91,3 +91,8 @@ class PromptRenderer:
 def estimate_prompt_tokens(messages: list[Message]) -> int:
     """A cheap, offline estimate: ~4 characters a token plus per-message overhead."""
     return 3 + sum(4 + math.ceil(len(m["content"]) / 4) for m in messages)
+
+
+def is_empty_prompt(messages: list[Message]) -> bool:
+    """Whether every user message rendered to nothing but whitespace."""
+    return all(not m["content"].strip() for m in messages if m["role"] == "user")

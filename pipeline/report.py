@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,8 +29,10 @@ import polars as pl
 from pipeline.output import OUTPUT_COLUMNS
 from pipeline.runlog import read_events
 
-SAMPLE_ROWS = 20
+SAMPLE_ROWS = 24
 CELL_CHARS = 3000
+MAX_RESULT_CHARTS = 6  # charts of schema properties
+MAX_CATEGORIES = 30  # a text property with more distinct values is not charted
 MAX_TIME_BINS = 120
 _ERROR_CLASS = r"(?s)( \(|:).*$"  # the class is the text before the first " (" or ":"
 
@@ -131,6 +134,7 @@ class OutputStats:
     attempts: int
     retries: int
     finish_reasons: list[tuple[str, int]]
+    typed: bool = False  # the output has typed answer columns (an output.schema job)
 
     @property
     def failed_rows(self) -> int:
@@ -162,6 +166,7 @@ class OutputStats:
             attempts=int(attempts.sum() or 0),
             retries=int((attempts - 1).clip(lower_bound=0).sum() or 0),
             finish_reasons=[(str(r), int(n)) for r, n in finish.iter_rows()],
+            typed=any(c != "tool_calls" for c in result_columns(frame)),
         )
 
     @classmethod
@@ -291,6 +296,39 @@ class Timeline:
         return edges, np.clip(filled, 0, None)
 
 
+@dataclass
+class RunInfo:
+    """Who ran what, from the run log's start lines: the report's header."""
+
+    runs: int
+    started: float
+    ended: float | None
+    provider: str | None
+    model: str | None
+    params: dict[str, Any] | None
+    prompt: dict[str, Any] | None
+    commands: list[str]
+
+    @classmethod
+    def from_events(cls, events: list[dict[str, Any]]) -> RunInfo | None:
+        starts = [e for e in events if e.get("event") == "run_started"]
+        if not starts:
+            return None
+        ends = [e for e in events if e.get("event") in ("run_sent_all", "run_stopped")]
+        last = starts[-1]
+        commands = [str(e["command"]) for e in starts if e.get("command")]
+        return cls(
+            runs=len(starts),
+            started=float(starts[0]["t"]),
+            ended=float(ends[-1]["t"]) if ends else None,
+            provider=last.get("provider"),
+            model=last.get("model"),
+            params=last.get("params"),
+            prompt=last.get("prompt"),
+            commands=list(dict.fromkeys(commands)),  # each distinct command once, in order
+        )
+
+
 # ---- charts --------------------------------------------------------------------------
 
 _STYLE: Any = {  # rcParams; matplotlib types the keys as a Literal of every name
@@ -318,11 +356,16 @@ def _svg(figure: Any) -> str:
     return text[text.index("<svg") :]  # drop the XML prolog: the SVG goes inline
 
 
-def _figure(width: float = 7.0, height: float = 2.8, **subplots: Any) -> tuple[Any, Any]:
+def _figure(
+    width: float = 7.0, height: float = 2.8, *, aligned: bool = False, **subplots: Any
+) -> tuple[Any, Any]:
+    """A figure; `aligned` ones share fixed margins, so stacked time axes line up."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height), layout=None if aligned else "constrained")
+    if aligned:
+        figure.subplots_adjust(left=0.09, right=0.98, bottom=0.17, top=0.84)
     axes = figure.subplots(**subplots)
     for one in np.atleast_1d(axes).flat:
         one.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of rows or attempts
@@ -330,21 +373,41 @@ def _figure(width: float = 7.0, height: float = 2.8, **subplots: Any) -> tuple[A
 
 
 def _time_axis(axes: Any, timeline: Timeline) -> None:
+    """The same x range on every time chart, and each later run marked once, legibly."""
+    edges, _ = timeline.bins()
+    axes.set_xlim(0, edges[-1])
     axes.set_xlabel(
         "seconds since the run started"
         + (", runs end to end" if len(timeline.run_starts) > 1 else "")
     )
-    for k, start in enumerate(timeline.run_starts[1:], start=2):
+    for start, label in run_labels(timeline.run_starts, float(edges[-1])):
         axes.axvline(start, color=_GREY, linestyle="--", linewidth=0.8)
-        axes.annotate(
-            f"run {k}",
-            (start, 1),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -10),
-            textcoords="offset points",
-            color=_GREY,
-            fontsize=8,
-        )
+        if label:
+            axes.annotate(
+                label,
+                (start, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -10),
+                textcoords="offset points",
+                color=_GREY,
+                fontsize=8,
+            )
+
+
+def run_labels(starts: list[float], span: float, room: float = 0.08) -> list[tuple[float, str]]:
+    """(where, label) for each run after the first. Runs closer than `room` of the axis
+    to a labelled one share its label ("runs 2-4") instead of printing over it."""
+    later = list(enumerate(starts[1:], start=2))
+    labels = [""] * len(later)
+    i = 0
+    while i < len(later):
+        j = i
+        while j + 1 < len(later) and later[j + 1][1] - later[i][1] < room * span:
+            j += 1
+        first, last = later[i][0], later[j][0]
+        labels[i] = f"run {first}" if i == j else f"runs {first}-{last}"
+        i = j + 1
+    return [(start, label) for (_, start), label in zip(later, labels, strict=True)]
 
 
 def _legend(axes: Any, columns: int) -> None:
@@ -356,7 +419,7 @@ def _throughput_chart(timeline: Timeline) -> str:
     edges, width = timeline.bins()
     ok, _ = np.histogram(timeline.end[timeline.outcome == "ok"], edges)
     every, _ = np.histogram(timeline.end, edges)
-    figure, axes = _figure()
+    figure, axes = _figure(aligned=True)
     axes.stairs(ok / width, edges, fill=True, color=_BLUE, alpha=0.85, label="completions")
     if (every != ok).any():
         axes.stairs(every / width, edges, color=_RED, linewidth=0.8, label="all attempts")
@@ -369,13 +432,13 @@ def _throughput_chart(timeline: Timeline) -> str:
 
 def _in_flight_chart(timeline: Timeline, cap: int | None) -> str:
     edges, flying = timeline.in_flight()
-    figure, axes = _figure()
+    figure, axes = _figure(aligned=True)
     axes.stairs(flying, edges, fill=True, color=_BLUE, alpha=0.85)
     if cap:
         axes.axhline(cap, color=_RED, linestyle="--", linewidth=1, label=f"concurrency cap {cap}")
         _legend(axes, 1)
     axes.set_ylim(0, max(int(flying.max()), cap or 0, 1) * 1.15)
-    axes.set_title(f"Requests in flight (highest per {edges[1] - edges[0]:g} s)")
+    axes.set_title(f"HTTP requests in flight (highest per {edges[1] - edges[0]:g} s)")
     axes.set_ylabel("requests")
     _time_axis(axes, timeline)
     return _svg(figure)
@@ -389,7 +452,7 @@ def _errors_chart(timeline: Timeline) -> str:
     failed = timeline.outcome != "ok"
     kinds, counts = np.unique(timeline.outcome[failed], return_counts=True)
     order = [str(k) for k in kinds[np.argsort(-counts, kind="stable")]]
-    figure, axes = _figure()
+    figure, axes = _figure(aligned=True)
     bottom = np.zeros(len(edges) - 1)
     for k, kind in enumerate(order):
         hits, _ = np.histogram(timeline.end[failed & (timeline.outcome == kind)], edges)
@@ -399,7 +462,6 @@ def _errors_chart(timeline: Timeline) -> str:
         bottom = bottom + hits
     axes.set_title(f"Failed attempts by class ({width:g} s bins)")
     axes.set_ylabel("attempts")
-    axes.set_xlim(0, edges[-1])
     axes.set_ylim(0, max(float(bottom.max()), 1) * 1.1)
     _legend(axes, min(len(order), 3))
     _time_axis(axes, timeline)
@@ -469,8 +531,9 @@ def _distribution_chart(frame: pl.DataFrame) -> str:
     for axes, (column, title, colour) in zip(grid.flat, panels, strict=True):
         values = ok[column].drop_nulls().to_numpy()
         axes.set_title(title)
-        if values.size == 0:
-            axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+        if values.size == 0 or values.min() == values.max():
+            said = "no data" if values.size == 0 else f"every row: {_number(values[0], column)}"
+            _say(axes, said)
             continue
         edges = _edges(values, bins=30)
         axes.stairs(np.histogram(values, edges)[0], edges, fill=True, color=colour)
@@ -486,6 +549,68 @@ def _distribution_chart(frame: pl.DataFrame) -> str:
             else:
                 axes.xaxis.set_major_formatter(_dollars(float(values.min()), float(values.max())))
     return _svg(figure)
+
+
+def _say(axes: Any, text: str) -> None:
+    """A panel that states its one value instead of drawing a one-bar histogram."""
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, fontsize=12)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.grid(False)
+
+
+def _number(value: Any, column: str = "") -> str:
+    if column == "cost_usd":
+        return f"${float(value):.6f}"
+    return f"{value:,}" if isinstance(value, (int, np.integer)) else f"{float(value):,.4g}"
+
+
+def result_charts(frame: pl.DataFrame) -> list[str]:
+    """For typed answer columns (output.schema): counts per value, or a histogram."""
+    charts = []
+    for column in [c for c in result_columns(frame) if c != "tool_calls"][:MAX_RESULT_CHARTS]:
+        series = frame.get_column(column)
+        if series.dtype in (pl.Categorical, pl.Enum, pl.String, pl.Boolean):
+            counts = series.cast(pl.String).fill_null("(no value)").value_counts(sort=True)
+            if 0 < counts.height <= MAX_CATEGORIES:
+                charts.append(_counts_chart(column, counts))
+        elif series.dtype.is_numeric():
+            charts.append(_numeric_chart(column, series.drop_nulls().to_numpy()))
+    return charts
+
+
+def _counts_chart(column: str, counts: pl.DataFrame) -> str:
+    names = [str(v) for v in counts.get_column(column)][::-1]
+    values = counts.get_column("count").to_numpy()[::-1]
+    figure, axes = _figure(7.0, 0.8 + 0.28 * len(names))
+    axes.barh(names, values, color=_BLUE)
+    for y, value in enumerate(values):
+        axes.annotate(f" {value:,}", (value, y), va="center", fontsize=8)
+    axes.set_title(f"{column}: rows per value")
+    axes.set_xlabel("rows")
+    axes.xaxis.set_major_locator(_integer_ticks())
+    axes.grid(axis="y", visible=False)
+    axes.set_xlim(0, float(values.max()) * 1.12)
+    return _svg(figure)
+
+
+def _numeric_chart(column: str, values: np.ndarray) -> str:
+    figure, axes = _figure(7.0, 2.4)
+    axes.set_title(f"{column}: distribution over rows")
+    if values.size == 0 or values.min() == values.max():
+        _say(axes, "no values" if values.size == 0 else f"every row: {_number(values[0])}")
+        return _svg(figure)
+    edges = _edges(values, bins=30)
+    axes.stairs(np.histogram(values, edges)[0], edges, fill=True, color=_BLUE)
+    axes.set_xlabel(column)
+    axes.set_ylabel("rows")
+    return _svg(figure)
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 # ---- the page ------------------------------------------------------------------------
@@ -505,6 +630,7 @@ def write_report(target: Target, destination: Path) -> Report:
     stats = OutputStats.of(frame)
     events = read_events(target.log_path) if target.log_path else []
     timeline = Timeline.from_events(events)
+    run = RunInfo.from_events(events)
     notes: list[str] = []
     if target.partial_of is not None:
         notes.append(
@@ -525,8 +651,9 @@ def write_report(target: Target, destination: Path) -> Report:
             else:
                 notes.append("No attempt failed, so there is no chart of errors over time.")
         if frame.height:
+            charts += result_charts(frame)
             charts += [_latency_chart(frame, stats), _distribution_chart(frame)]
-    page = _page(target, frame, stats, timeline, charts, notes)
+    page = _page(target, frame, stats, timeline, charts, notes, run)
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(page, encoding="utf-8")
     return Report(destination, len(charts), notes)
@@ -562,18 +689,51 @@ def summary_rows(stats: OutputStats, timeline: Timeline | None) -> list[tuple[st
     rows.append(
         ("finish reasons", ", ".join(f"{r} {n:,}" for r, n in stats.finish_reasons) or "none")
     )
+    violations = dict(stats.failed).get("schema_violation")
+    if stats.typed:
+        rate = (violations or 0) / stats.rows if stats.rows else 0.0
+        rows.append(("schema violations", f"{violations or 0:,} ({rate:.1%} of rows)"))
     return rows
 
 
 def _sample(frame: pl.DataFrame, limit: int = SAMPLE_ROWS) -> pl.DataFrame:
-    """Up to `limit` rows: the failing ones first, then ok rows spread over the output."""
+    """Rows worth reading, each with why it was picked (column `_why`): failures, the
+    slowest, the most retried, empty inputs, one per value of each category, then rows
+    spread over the output."""
     numbered = frame.with_row_index("_row")
-    sample = numbered.filter(pl.col("error").is_not_null()).head(limit)
     ok = numbered.filter(pl.col("error").is_null())
-    room = limit - sample.height
+    inputs = input_columns(frame)
+    blank = pl.any_horizontal(
+        [pl.col(c).cast(pl.String).str.strip_chars().fill_null("") == "" for c in inputs]
+        or [pl.lit(False)]
+    )
+    picks: list[tuple[str, pl.DataFrame]] = [
+        ("failed", numbered.filter(pl.col("error").is_not_null()).head(limit // 3)),
+        ("slowest", ok.drop_nulls("latency_s").sort("latency_s", descending=True).head(2)),
+        ("most retried", numbered.filter(pl.col("attempts") > 1).sort("attempts").tail(2)),
+        ("empty input", numbered.filter(blank | (pl.col("finish_reason") == "skipped")).head(2)),
+    ]
+    for column in result_columns(frame):
+        series = frame.get_column(column)
+        if series.dtype in (pl.Categorical, pl.Enum, pl.Boolean) and series.n_unique() <= 12:
+            values = ok.filter(pl.col(column).is_not_null())
+            picks.append((f"{column}", values.unique(column, keep="first", maintain_order=True)))
+    chosen: dict[int, str] = {}
+    for why, rows in picks:
+        for row in rows.get_column("_row").to_list():
+            if len(chosen) < limit:
+                chosen.setdefault(row, why)
+    room = limit - len(chosen)
     if room > 0 and ok.height:
-        sample = pl.concat([sample, ok.gather_every(max(ok.height // room, 1)).head(room)])
-    return sample
+        for row in ok.gather_every(max(ok.height // room, 1)).get_column("_row").to_list():
+            if len(chosen) < limit:
+                chosen.setdefault(row, "spread over the output")
+    order = sorted(chosen, key=lambda r: (chosen[r] != "failed", r))
+    reasons = pl.DataFrame(
+        {"_row": order, "_why": [chosen[r] for r in order]},
+        schema={"_row": pl.UInt32, "_why": pl.String},
+    )
+    return reasons.join(numbered, on="_row", how="left", maintain_order="left")
 
 
 def _cell(value: Any) -> str:
@@ -588,18 +748,21 @@ def _sample_html(target: Target, frame: pl.DataFrame) -> str:
     inputs = input_columns(frame)
     id_column = target.id_column if target.id_column in inputs else None
     shown = [c for c in (target.prompt_columns or inputs) if c in inputs and c != id_column][:4]
+    typed = [c for c in result_columns(frame) if c != "tool_calls"]
     cards = []
     for row in _sample(frame).iter_rows(named=True):
         label = f"{row[id_column]} · row {row['_row']}" if id_column else f"row {row['_row']}"
         failed = row["error"] is not None
+        status = "failed" if failed else "skipped" if row["finish_reason"] == "skipped" else "ok"
         facts = [
-            "failed" if failed else "ok",
+            status,
+            f"picked: {row['_why']}",
             ""
             if row["prompt_tokens"] is None
             else f"{row['prompt_tokens']} in / {row['completion_tokens'] or 0} out / "
             f"{row['reasoning_tokens'] or 0} reasoning tokens",
             "" if row["cost_usd"] is None else f"${row['cost_usd']:.6f}",
-            "" if row["latency_s"] is None else f"{row['latency_s']:.2f} s",
+            "" if row["latency_s"] is None else _latency(row["latency_s"]),
             f"{row['attempts'] or 0} attempt(s)",
         ]
         given = "".join(
@@ -608,8 +771,13 @@ def _sample_html(target: Target, frame: pl.DataFrame) -> str:
         answer = (
             f'<div class="error">{_cell(row["error"])}</div>' if failed else _cell(row["response"])
         )
+        values = [(c, row[c]) for c in typed if row[c] is not None]
+        if values and not failed:
+            answer = "".join(
+                f'<div class="field"><b>{html.escape(c)}</b>{_cell(v)}</div>' for c, v in values
+            )
         cards.append(
-            f'<div class="card{" bad" if failed else ""}"><div class="head">'
+            f'<div class="card{" bad" if failed else ""}" data-status="{status}"><div class="head">'
             f"<b>{html.escape(str(label))}</b> · "
             + html.escape(" · ".join(f for f in facts if f))
             + f'</div><div class="cols"><div><h4>input</h4>{given}</div>'
@@ -619,6 +787,35 @@ def _sample_html(target: Target, frame: pl.DataFrame) -> str:
     return "\n".join(cards) or "<p>No rows.</p>"
 
 
+def _latency(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
+
+
+def _when(stamp: float | None) -> str:
+    return (
+        "unknown" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+    )
+
+
+def header_rows(run: RunInfo | None) -> list[tuple[str, str]]:
+    """What was run, as the run log recorded it: model, provider, params, prompt, times."""
+    if run is None:
+        return [("run", "unknown (no run log beside the output)")]
+    rows = [
+        ("model", run.model or "unknown"),
+        ("provider", run.provider or "unknown"),
+        ("params", json.dumps(run.params, sort_keys=True) if run.params else "none"),
+    ]
+    for part, text in (run.prompt or {}).items():
+        if text:
+            shown = text if isinstance(text, str) else json.dumps(text, indent=1)
+            rows.append((f"prompt {part}", shown))
+    rows.append(("started", _when(run.started)))
+    rows.append(("ended", _when(run.ended) + (f" ({run.runs} runs)" if run.runs > 1 else "")))
+    rows += [("command", command) for command in run.commands[-3:]]
+    return rows
+
+
 def _page(
     target: Target,
     frame: pl.DataFrame,
@@ -626,10 +823,15 @@ def _page(
     timeline: Timeline | None,
     charts: list[str],
     notes: list[str],
+    run: RunInfo | None = None,
 ) -> str:
     table = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
         for k, v in summary_rows(stats, timeline)
+    )
+    header = "".join(
+        f"<dt>{html.escape(k)}</dt><dd><code>{html.escape(v)}</code></dd>"
+        for k, v in header_rows(run)
     )
     shown = min(frame.height, SAMPLE_ROWS)
     return f"""<!DOCTYPE html>
@@ -641,14 +843,44 @@ def _page(
 <h1>{html.escape(target.name)}</h1>
 <p class="meta">{html.escape(str(target.output_path.name))} · {stats.rows:,} rows ·
 report written {time.strftime("%Y-%m-%d %H:%M")}</p>
+<dl class="run">{header}</dl>
 {"".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)}
 <div class="top"><section><h2>Summary</h2><table class="summary">{table}</table></section>
 <section class="charts">{"".join(f"<figure>{c}</figure>" for c in charts)}</section></div>
 <h2>Sample rows</h2>
-<p class="meta">{shown} of {frame.height:,} rows, failing rows first; texts are cut at
-{CELL_CHARS:,} characters.</p>
-{_sample_html(target, frame)}
+<p class="meta">{shown} of {frame.height:,} rows, picked to be worth reading: failures first,
+then the slowest, the most retried, empty inputs and one per answer category; texts are cut
+at {CELL_CHARS:,} characters.</p>
+<div class="filter"><input id="find" type="search" placeholder="filter the sample: any text">
+<select id="status"><option value="">all</option><option>ok</option><option>failed</option>
+<option>skipped</option></select> <span id="count"></span></div>
+<div id="sample">{_sample_html(target, frame)}</div>
+<script>{_FILTER_JS}</script>
 </body></html>
+"""
+
+
+# The one script: filters the embedded sample cards as you type (no network, no library).
+_FILTER_JS = """
+function filterSample() {
+  const words = document.getElementById('find').value.toLowerCase().split(/\\s+/)
+    .filter(Boolean);
+  const status = document.getElementById('status').value;
+  const cards = document.querySelectorAll('#sample .card');
+  let shown = 0;
+  for (const card of cards) {
+    const text = card.textContent.toLowerCase();
+    const keep = (!status || card.dataset.status === status) &&
+      words.every(w => text.includes(w));
+    card.hidden = !keep;
+    shown += keep;
+  }
+  document.getElementById('count').textContent = shown + ' of ' + cards.length + ' shown';
+  return shown;
+}
+document.getElementById('find').addEventListener('input', filterSample);
+document.getElementById('status').addEventListener('change', filterSample);
+filterSample();
 """
 
 
@@ -677,5 +909,10 @@ pre, .field { white-space: pre-wrap; word-wrap: break-word; margin: 0; max-heigh
   overflow: auto; font: 13px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; }
 .field { margin-bottom: 6px; } .field b { display: block; color: #555; }
 .error { color: #a3271d; } .none { color: #aaa; font-style: italic; }
+dl.run { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0 0 12px; }
+dl.run dt { color: #555; } dl.run dd { margin: 0; }
+dl.run code { white-space: pre-wrap; font: 13px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; }
+.filter { margin: 0 0 10px; } .filter input { width: 320px; padding: 4px 6px; }
+.filter span { color: #666; margin-left: 8px; }
 @media (max-width: 900px) { .top, .cols { grid-template-columns: 1fr; } }
 """

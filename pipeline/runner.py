@@ -191,6 +191,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         retry_failed=retry_failed,
         request_extra=job.request_extra,
         start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
+        skip_empty=job.spec.prompt.skip_empty,
     )
 
 
@@ -236,6 +237,7 @@ class RunOptions:
     retry_failed: bool = False
     on_result: Callable[[RowResult], None] | None = None
     write_output: bool = True
+    command: str | None = None  # how the run was started, for the run log and the report
 
 
 def execute(job: PreparedJob, options: RunOptions = RunOptions()) -> RunSummary:
@@ -358,7 +360,17 @@ async def _pump(
     )
 
     log = RunLog(job.log_path, secrets=(settings.api_key or "",))
-    log.event("run_started", job=job.spec.name, rows=job.rows, model=settings.model)
+    log.event(
+        "run_started",
+        job=job.spec.name,
+        rows=job.rows,
+        model=settings.model,
+        provider=settings.name,
+        params=settings.params,
+        prompt=job.spec.prompt.model_dump(exclude_none=True, exclude_defaults=True),
+        limit=job.limit,
+        command=options.command,
+    )
 
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))

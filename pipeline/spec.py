@@ -126,6 +126,8 @@ class PromptSpec(_Strict):
     system: str | None = None
     template: str | None = Field(default=None, min_length=1)
     messages: list[MessageSpec] | None = Field(default=None, min_length=1)
+    # Rows whose user message(s) render to nothing are not sent; see docs/JOB_SPEC.md.
+    skip_empty: bool = False
 
     @model_validator(mode="after")
     def _one_form(self) -> PromptSpec:

@@ -59,8 +59,9 @@ def test_report_from_a_job_writes_one_self_contained_html(finished: Path) -> Non
     assert f"wrote {Path('out') / 'result.report.html'} (5 charts)" in result.stdout
     page = path.read_text()
     assert len(charts_in(page)) == CHARTS_WITH_LOG
-    # Nothing to fetch: no scripts, stylesheets or images from anywhere else.
-    assert not re.search(r"<(script|link|iframe)\b", page)
+    # Nothing to fetch: one inline script, no stylesheets or images from anywhere else.
+    assert len(re.findall(r"<script\b", page)) == 1 and "<script>" in page
+    assert not re.search(r"<(link|iframe)\b|<script [^>]*src", page)
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
     # The summary: rows by error class, retries and the other facts.
     for fact in ("bad_request", "server_error", "tokens cached", "latency p99", "429s"):
@@ -70,6 +71,21 @@ def test_report_from_a_job_writes_one_self_contained_html(finished: Path) -> Non
     assert page.index("R002 · row 2") < page.index("R005 · row 5") < page.index("R000 · row 0")
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;" in page
     assert "<script>alert" not in page
+    # Who ran what: the header from the run log.
+    for fact in (
+        "<dt>model</dt><dd><code>x-ai-grok-3-mini</code>",
+        "<dt>provider</dt><dd><code>openai</code>",
+        "<dt>params</dt><dd><code>{&quot;max_tokens&quot;: 200}</code>",
+        "<dt>prompt template</dt><dd><code>Summarize: {{ text }}</code>",
+        "<dt>prompt system</dt><dd><code>You are terse.</code>",
+    ):
+        assert fact in page, fact
+    assert re.search(r"<dt>command</dt><dd><code>pipeline run \S*test-job.yaml</code>", page)
+    assert re.search(r"<dt>started</dt><dd><code>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", page)
+    # The sample says why each row is in it: failures, the slowest, the most retried.
+    for why in ("picked: failed", "picked: slowest", "picked: most retried"):
+        assert why in page, why
+    assert "R007 · row 7</b> · ok · picked: most retried" in page
 
 
 def test_report_from_a_parquet_without_its_run_log_skips_the_time_charts(finished: Path) -> None:
@@ -133,9 +149,20 @@ def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> No
     )
     (tmp_path / "probe.html").write_text(page.replace("</body>", probe))
 
-    dom = chromium("--dump-dom", (tmp_path / "probe.html").as_uri(), cwd=tmp_path)
+    dom = chromium(
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        (tmp_path / "probe.html").as_uri(),
+        cwd=tmp_path,
+    )
 
     assert dom.returncode == 0, dom.stderr
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console  # no script error, no failed load
+    assert 'id="count">24 of 24 shown<' in dom.stdout or re.search(
+        r'id="count">(\d+) of \1 shown<', dom.stdout
+    ), "the filter script ran"
     svgs = charts_in(dom.stdout)
     assert len(svgs) == CHARTS_WITH_LOG
     for tag in svgs:
@@ -162,3 +189,97 @@ def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> No
     assert ink > 0.05, f"the page is almost blank ({ink:.1%} of pixels drawn)"
     bars = np.abs(pixels - np.array([0x3B, 0x6F, 0xB6]) / 255).max(axis=2) < 0.08
     assert bars.mean() > 0.01, "the charts' blue bars are not on the page"
+
+
+def test_the_sample_filter_narrows_the_cards_in_a_browser(finished: Path, tmp_path: Path) -> None:
+    made = run_cli("report", "test-job.yaml", "--to", str(tmp_path / "r.html"), cwd=finished)
+    assert made.returncode == 0, made.stderr
+    page = (tmp_path / "r.html").read_text()
+    # Type into the filter as a person would, then record what is left visible.
+    probe = (
+        "<script>const box = document.getElementById('find'); box.value = 'R005';"
+        "box.dispatchEvent(new Event('input'));"
+        "document.body.dataset.visible = [...document.querySelectorAll('#sample .card')]"
+        ".filter(c => !c.hidden).length;"
+        "const s = document.getElementById('status'); box.value = ''; s.value = 'failed';"
+        "s.dispatchEvent(new Event('change'));"
+        "document.body.dataset.failed = [...document.querySelectorAll('#sample .card')]"
+        ".filter(c => !c.hidden).length;</script></body>"
+    )
+    (tmp_path / "probe.html").write_text(page.replace("</body>", probe))
+
+    dom = chromium(
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        (tmp_path / "probe.html").as_uri(),
+        cwd=tmp_path,
+    )
+
+    assert dom.returncode == 0, dom.stderr
+    assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert 'data-visible="1"' in dom.stdout
+    assert 'data-failed="2"' in dom.stdout  # R002 and R005
+
+
+@pytest.fixture(scope="module")
+def classified(
+    tmp_path_factory: pytest.TempPathFactory, _shared_simulator: RunningSimulator
+) -> Path:
+    """A finished schema job: a label enum and a confidence number per row."""
+    simulator = _shared_simulator
+    simulator.configure(**SimulatorConfig(api_key=SIM_KEY).model_dump())
+    simulator.reset()
+    workdir = tmp_path_factory.mktemp("classified")
+    reviews(30).write_csv(workdir / "reviews.csv")
+    schema = {"label": {"enum": ["positive", "negative", "neutral"]}, "confidence": "number"}
+    job = make_job(workdir, simulator, output__schema=schema)
+    result = run_cli("run", str(job), "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def test_a_schema_jobs_report_counts_labels_and_draws_numbers(classified: Path) -> None:
+    result = run_cli("report", "test-job.yaml", cwd=classified)
+    assert result.returncode == 0, result.stderr
+    page = (classified / "out" / "result.report.html").read_text()
+    labels = pl.read_parquet(classified / "out" / "result.parquet")["label"].value_counts()
+
+    assert len(charts_in(page)) == CHARTS_WITH_LOG - 1 + 2  # no errors chart; label, confidence
+    assert "label: rows per value" in page and "confidence: distribution over rows" in page
+    for label, count in labels.iter_rows():
+        assert f"> {count:,}<" in page or f">{label}<" in page
+    assert "<th>schema violations</th><td>0 (0.0% of rows)</td>" in page
+    # One sample row per label, with the typed values shown rather than raw JSON.
+    for label in labels["label"]:
+        assert f"<b>label</b>{label}" in page
+    assert page.count("picked: label") == labels.height
+
+
+def test_run_markers_that_would_overprint_share_one_label() -> None:
+    from pipeline.report import run_labels
+
+    marks = run_labels([0.0, 50.0, 51.0, 52.0, 90.0], span=100.0)
+
+    assert marks == [(50.0, "runs 2-4"), (51.0, ""), (52.0, ""), (90.0, "run 5")]
+
+
+def test_a_constant_distribution_is_stated_not_drawn() -> None:
+    from matplotlib import rc_context
+
+    from pipeline.report import _STYLE, _distribution_chart
+
+    frame = pl.DataFrame(
+        {
+            "error": [None] * 5,
+            "prompt_tokens": [10, 12, 14, 16, 18],
+            "completion_tokens": [22] * 5,
+            "reasoning_tokens": [0] * 5,
+            "cost_usd": [0.5] * 5,
+        },
+        schema_overrides={"error": pl.String},
+    )
+    with rc_context(_STYLE):
+        svg = _distribution_chart(frame)
+    assert "every row: 22" in svg and "every row: 0" in svg and "every row: $0.500000" in svg
+    assert "21.6" not in svg and "22.4" not in svg
