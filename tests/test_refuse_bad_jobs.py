@@ -36,6 +36,7 @@ INVALID: dict[str, Any] = {
     "model.tools": [{"type": "function", "function": {"description": "no name"}}],
     "model.tool_choice": 42,
     "prompt": "Summarize",
+    "prompt.skip_empty": "sometimes",
     "prompt.system": "{{ no_such_column }}",
     "prompt.template": "{{ no_such_column }}",
     "prompt.messages": [{"role": "robot", "content": "hi"}],
