@@ -153,12 +153,15 @@ def make_input(rows: int, path: Path) -> pl.DataFrame:
     return frame
 
 
-def run_client(job: Path, workdir: Path) -> tuple[float, float, float, int, float]:
+def run_client(
+    job: Path, workdir: Path, extra: list[str] | None = None, *, pin: bool = True
+) -> tuple[float, float, float, int, float]:
     """Wall seconds, CPU seconds, peak RSS in MB, exit code of `pipeline run`, and the
     seconds from its first request to its last answer (from its summary)."""
-    command = [sys.executable, "-m", "pipeline", "run", str(job), "--quiet"]
+    command = [sys.executable, "-m", "pipeline", "run", str(job), "--quiet", *(extra or [])]
     started = time.perf_counter()
-    process = subprocess.Popen(pinned(0, command), cwd=workdir, stderr=subprocess.PIPE, text=True)
+    command = pinned(0, command) if pin else command
+    process = subprocess.Popen(command, cwd=workdir, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     stderr = process.stderr.read() if process.stderr else ""

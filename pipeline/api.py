@@ -84,9 +84,14 @@ def run(
     fresh: bool = False,
     retry_failed: bool = False,
     on_result: Callable[[RowResult], None] | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
 ) -> pl.DataFrame:
     """Run `job` over `data` (or the job's own input) and return the output rows.
 
+    `ray=True` runs it sharded on a local Ray cluster started on the spot;
+    `ray_address="auto"` (or "host:port") on an existing one (`pip install 'pipeline[ray]'`).
     Raises RuntimeError inside a running event loop: use `await arun(...)` there.
     """
     try:
@@ -108,6 +113,9 @@ def run(
             fresh=fresh,
             retry_failed=retry_failed,
             on_result=on_result,
+            ray=ray,
+            ray_address=ray_address,
+            ray_workers=ray_workers,
             _notebook=False,
         ),
         backend="asyncio",
@@ -125,9 +133,19 @@ async def arun(
     fresh: bool = False,
     retry_failed: bool = False,
     on_result: Callable[[RowResult], None] | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
     _notebook: bool = True,
 ) -> pl.DataFrame:
     """`run` for code that already has an event loop (Jupyter, async applications)."""
+    cluster = ray or ray_address is not None or ray_workers is not None
+    if cluster:
+        from pipeline.cluster import require_ray
+
+        require_ray()
+        if on_result is not None:
+            raise SpecError("on_result is called by local runs only; drop it or ray=")
     prepared = await anyio.to_thread.run_sync(lambda: _prepare(job, data, output, limit))
     options = RunOptions(
         show_progress=progress,
@@ -137,13 +155,24 @@ async def arun(
         on_result=on_result,
     )
     try:
-        summary = await execute_async(prepared, options)
+        if cluster:
+            from pipeline.cluster import ClusterOptions, run_on_ray
+
+            cluster_options = ClusterOptions(ray_address, ray_workers)
+            summary = await anyio.to_thread.run_sync(
+                lambda: run_on_ray(prepared, options, cluster_options)
+            )
+        else:
+            summary = await execute_async(prepared, options)
     except RunCrashed as exc:
         message = f"the run stopped on an unexpected error: {exc}; finished rows are kept"
         raise RunFailed(message, None) from exc.__cause__
     if summary.exit_code in (EXIT_STOPPED, EXIT_INTERRUPTED) or summary.output_path is None:
         reason = summary.fatal.describe() if summary.fatal else "interrupted"
         raise RunFailed(f"{reason}; finished rows are kept, call again to resume", summary)
+    if prepared.output_folder:
+        source = str(summary.output_path / "part-*.parquet")
+        return await anyio.to_thread.run_sync(pl.read_parquet, source)
     return await anyio.to_thread.run_sync(pl.read_parquet, summary.output_path)
 
 

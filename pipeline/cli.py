@@ -136,8 +136,29 @@ def _warn_empty_prompts(prepared: PreparedJob) -> None:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
 @click.option("--retry-failed", is_flag=True, help="Send rows that ended in error again.")
+@click.option(
+    "--ray", "use_ray", is_flag=True, help="Run sharded on a local Ray cluster started now."
+)
+@click.option(
+    "--ray-address",
+    metavar="auto|ADDRESS",
+    help="Run sharded on an existing Ray cluster ('auto', or the head's host:port).",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(min=1),
+    help="Shards to run at once (default: the cluster's CPUs).",
+)
 def run(
-    job: Path, limit: int | None, output: str | None, quiet: bool, fresh: bool, retry_failed: bool
+    job: Path,
+    limit: int | None,
+    output: str | None,
+    quiet: bool,
+    fresh: bool,
+    retry_failed: bool,
+    use_ray: bool,
+    ray_address: str | None,
+    ray_workers: int | None,
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
@@ -146,10 +167,15 @@ def run(
     --output, the first N rows go to <output stem>.first-N.parquet, never over the
     job's output; they are kept for the full run.
     """
+    cluster = use_ray or ray_address is not None or ray_workers is not None
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
         f" --output {shlex.quote(str(output))}" if output else ""
     )
     try:
+        if cluster:
+            from pipeline.cluster import require_ray
+
+            require_ray()
         prepared = prepare(job, output=output, limit=limit)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
@@ -163,7 +189,12 @@ def run(
             retry_failed=retry_failed,
             command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
-        summary = execute(prepared, options)
+        if cluster:
+            from pipeline.cluster import ClusterOptions, run_on_ray
+
+            summary = run_on_ray(prepared, options, ClusterOptions(ray_address, ray_workers))
+        else:
+            summary = execute(prepared, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except RunCrashed as exc:

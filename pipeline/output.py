@@ -137,6 +137,17 @@ def write_output(
     return rows
 
 
+def join_results(
+    inputs: pa.Table, keys: list[str], results: Checkpoint, layout: Layout
+) -> pa.Table:
+    """An input batch with its result columns, exactly as the output file has them.
+
+    `results` is anything with the checkpoint's `fetch(keys)`: a cluster run passes
+    the rows its shards committed.
+    """
+    return _with_results(inputs, keys, results, layout)
+
+
 def _with_results(
     inputs: pa.Table,
     keys: list[str],

@@ -50,6 +50,10 @@ class WorkPlan:
         if self.start_at:
             yield from self._requests_between(0, self.start_at, track=False)
 
+    def requests_between(self, start: int, stop: int) -> Iterator[ChatRequest | RowResult]:
+        """The rows at positions `start` to `stop` that need work: one shard of a cluster run."""
+        return self._requests_between(start, stop, track=False)
+
     def _requests_between(
         self, start: int, stop: int | None, *, track: bool
     ) -> Iterator[ChatRequest | RowResult]:

@@ -68,6 +68,8 @@ class PreparedJob:
     # Set when output.path is an object-storage URI: the run builds the file at
     # output_path (a local stage) and uploads it there when it is complete.
     output_uri: str | None = None
+    # output.path ends with "/": a folder of part files (cluster runs write one per shard)
+    output_folder: bool = False
 
     @property
     def replaced_output(self) -> Path | None:
@@ -77,7 +79,9 @@ class PreparedJob:
     @property
     def output_location(self) -> str:
         """Where the output ends up, as the user named it."""
-        return self.output_uri or str(self.output_path)
+        if self.output_uri is not None:
+            return self.output_uri
+        return f"{self.output_path}/" if self.output_folder else str(self.output_path)
 
     @property
     def request_extra(self) -> dict[str, object]:
@@ -144,13 +148,14 @@ def prepare(
         output_path = storage.local_stage(output_uri)
     else:
         output_path = Path(target)
+    folder = target.endswith("/")
     run_base = None
-    if limit is not None and limit < rows and output is None:
+    if limit is not None and limit < rows and output is None and not folder:
         # A partial run never replaces the job's (possibly complete) output.
         run_base, output_path = output_path, limited_output(output_path, limit)
         if output_uri is not None:
             output_uri = limited_uri(output_uri, limit)
-    _check_writable(output_path)
+    _check_writable(output_path / "part.parquet" if folder else output_path)
     if limit is not None:
         rows = min(rows, limit)
     return PreparedJob(
@@ -164,6 +169,7 @@ def prepare(
         layout,
         run_base=run_base,
         output_uri=output_uri,
+        output_folder=folder,
     )
 
 
@@ -271,6 +277,11 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
+    if job.output_folder:
+        raise SpecError(
+            f"output.path: {job.output_location} ends with '/', which asks for a folder of "
+            "part files: only cluster runs (--ray) write those; name a .parquet file"
+        )
     started = time.monotonic()
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)

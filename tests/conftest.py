@@ -174,3 +174,20 @@ def s3(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return {**s3_server, "BUCKET": bucket}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One small local Ray cluster for the whole session; yields its address for subprocesses."""
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[dev]'")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        object_store_memory=100 * 1024 * 1024,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -1,0 +1,401 @@
+"""The driver of a cluster run: shards out, one limiter, progress in, one output.
+
+`run_on_ray` connects to Ray (a local cluster started on the spot, or an existing
+one), starts the `ClusterLimiter` actor, submits one task per shard, shows the
+cluster's progress as the limiter aggregates it, and when every shard is done
+assembles the output from the committed segments in input order. Ray retries a
+shard whose worker or node died (`max_retries`); the retried task reads the shard's
+segments and sends only the rest. A driver killed and run again finds the same
+segments and the same shard layout, so it resumes the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.checkpoint import Totals
+from pipeline.cluster.limiter import ClusterLimiter, ClusterProgress
+from pipeline.cluster.segments import ShardStore, StateRoot
+from pipeline.cluster.shards import Shard, dump, load, plan_shards
+from pipeline.cluster.worker import ShardOutcome, ShardTask, run_shard
+from pipeline.counters import RunCounters
+from pipeline.errors import SpecError
+from pipeline.inputs import row_keys
+from pipeline.output import READ_BATCH_ROWS, join_results
+from pipeline.progress import Progress
+from pipeline.runner import (
+    ADAPTIVE_MAX_CONCURRENCY,
+    ADAPTIVE_START_CONCURRENCY,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    EXIT_STOPPED,
+    PreparedJob,
+    RunOptions,
+    RunSummary,
+    uses_embedded_simulator,
+)
+from pipeline.scheduler import Outcome
+from pipeline.spec import JobSpec
+
+INSTALL_HINT = "pip install 'pipeline[ray]'"
+SHARD_RETRIES = 3  # a shard whose worker dies is run again, from its committed rows
+POLL_S = 0.5
+GRACE_S = 15.0
+# What workers need to reach object storage (read from the environment by pyarrow and polars).
+STORAGE_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "HF_TOKEN",
+    "PIPELINE_CONFIG_DIR",
+)
+
+
+def require_ray() -> ModuleType:
+    """The ray module, or a SpecError (exit 2) saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise SpecError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    address: str | None = None  # None: start a local cluster; "auto" or host:port: join one
+    workers: int | None = None  # shards run at once; default: the cluster's CPUs
+
+
+def state_location(job: PreparedJob) -> str:
+    """Where shards commit: beside the output, where every node can read it."""
+    return job.output_location.rstrip("/") + ".cluster"
+
+
+def output_is_folder(job: PreparedJob) -> bool:
+    return job.output_location.endswith("/")
+
+
+def connect(ray: ModuleType, cluster: ClusterOptions) -> int:
+    """Join or start the cluster; returns how many shards to run at once."""
+    if not ray.is_initialized():
+        if cluster.address is None:
+            ray.init(
+                num_cpus=cluster.workers or os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+            )
+        else:
+            ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    return cluster.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def run_on_ray(
+    job: PreparedJob, options: RunOptions, cluster: ClusterOptions | None = None
+) -> RunSummary:
+    """Run a prepared job sharded over a Ray cluster and write its output."""
+    ray = require_ray()
+    _refuse_unsupported(job)
+    started = time.monotonic()
+    with ExitStack() as stack:
+        settings = uses_embedded_simulator(job, stack)
+        workers = connect(ray, cluster or ClusterOptions())
+        root = StateRoot(state_location(job))
+        if options.fresh:
+            root.remove_all()
+        shards = _shards(root, job, workers)
+        limits = job.spec.limits
+        cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
+        limiter = (
+            ray.remote(ClusterLimiter)
+            .options(num_cpus=0, name=f"pipeline-limiter-{uuid.uuid4().hex[:8]}")
+            .remote(
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+                concurrency=cap,
+                initial_concurrency=limits.concurrency
+                or min(cap, ADAPTIVE_START_CONCURRENCY * workers),
+            )
+        )
+        share = max(1, math.ceil(cap / max(1, min(workers, len(shards)))))
+        environment = {k: os.environ[k] for k in STORAGE_ENVIRONMENT if k in os.environ}
+        spec = _absolute_input(job)
+        task = ray.remote(run_shard).options(num_cpus=1, max_retries=SHARD_RETRIES)
+        pending = {
+            task.remote(
+                ShardTask(
+                    spec,
+                    settings,
+                    shard,
+                    root.location,
+                    job.limit,
+                    options.retry_failed,
+                    share,
+                    environment,
+                ),
+                limiter,
+            ): shard
+            for shard in shards
+        }
+        progress = Progress(
+            job.rows,
+            enabled=options.show_progress,
+            notebook=options.notebook,
+            headline=f"starting: {job.rows:,} rows in {len(shards)} shards on {workers} workers",
+        )
+        stack.callback(progress.close)
+        outcomes = _collect(ray, pending, limiter, progress, options)
+        final = ray.get(limiter.progress.remote())
+        return _finish(job, root, shards, outcomes, final, time.monotonic() - started, options)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _absolute_input(job: PreparedJob) -> JobSpec:
+    """The spec with a local input path made absolute: workers run in other folders."""
+    path = job.spec.input.path
+    if storage.is_remote(path):
+        return job.spec
+    absolute = str(Path(path).absolute())
+    return job.spec.model_copy(
+        update={"input": job.spec.input.model_copy(update={"path": absolute})}
+    )
+
+
+def _refuse_unsupported(job: PreparedJob) -> None:
+    limits = job.spec.limits
+    if limits.max_cost_usd is not None or limits.max_tokens_total is not None:
+        raise SpecError(
+            "limits.max_cost_usd / limits.max_tokens_total are not enforced across a cluster "
+            "yet; remove them or run without --ray"
+        )
+
+
+def _shards(root: StateRoot, job: PreparedJob, workers: int) -> list[Shard]:
+    """The saved layout when the input is the same, else a new one (saved)."""
+    manifest = root.join("shards.json")
+    saved = root.read_bytes(manifest)
+    shards = load(saved, job.rows) if saved is not None else None
+    if shards is None:
+        shards = plan_shards(job.table, job.rows, workers)
+        root.write_bytes(manifest, dump(shards, job.rows))
+    return shards
+
+
+def _collect(
+    ray: ModuleType,
+    pending: dict[Any, Shard],
+    limiter: Any,
+    progress: Progress,
+    options: RunOptions,
+) -> list[ShardOutcome]:
+    outcomes: list[ShardOutcome] = []
+    interrupted_at: float | None = None
+    while pending:
+        try:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                pending.pop(ref)
+                try:
+                    outcomes.append(ray.get(ref))
+                except Exception:
+                    # A shard failed for good (not a dead worker: Ray retried those):
+                    # stop the others, then let the error say what happened.
+                    limiter.stop.remote("a shard failed")
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    raise
+            _show(progress, ray.get(limiter.progress.remote()))
+            if interrupted_at is not None and time.monotonic() - interrupted_at > GRACE_S:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if interrupted_at is not None or not options.handle_signals:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                outcomes.extend(ShardOutcome(s.index, interrupted=True) for s in pending.values())
+                break
+            # First ^C: every worker stops taking rows and commits what it has.
+            interrupted_at = time.monotonic()
+            limiter.stop.remote("interrupted")
+    return outcomes
+
+
+def _show(progress: Progress, cluster: ClusterProgress) -> None:
+    counters = RunCounters(
+        rows_reused=cluster.reused,
+        rows_finished=cluster.rows,
+        rows_failed=cluster.failed,
+        requests_sent=cluster.sent,
+        in_flight=cluster.in_flight,
+        tokens=cluster.tokens,
+        cost_usd=cluster.cost,
+        priced=cluster.priced,
+    )
+    progress.update(
+        counters,
+        reused=cluster.reused,
+        retries=cluster.retries,
+        requests_per_minute=cluster.requests_per_s * 60,
+    )
+
+
+def _finish(
+    job: PreparedJob,
+    root: StateRoot,
+    shards: list[Shard],
+    outcomes: list[ShardOutcome],
+    cluster: ClusterProgress,
+    wall_s: float,
+    options: RunOptions,
+) -> RunSummary:
+    fatal = next((o.fatal for o in outcomes if o.fatal is not None), None)
+    interrupted = any(o.interrupted for o in outcomes) or cluster.stop == "interrupted"
+    sent = [o.first_sent_at for o in outcomes if o.first_sent_at is not None]
+    answered = [o.last_answer_at for o in outcomes if o.last_answer_at is not None]
+    outcome = Outcome(
+        fatal=fatal,
+        interrupted=interrupted and fatal is None,
+        recorded=cluster.rows,
+        retries=sum(o.retries for o in outcomes),
+        rate_limited=sum(o.rate_limited for o in outcomes),
+        first_sent_at=min(sent) if sent else None,
+        last_answer_at=max(answered) if answered else None,
+    )
+    output_path: Path | None = None
+    failed = 0
+    totals = Totals()
+    if fatal is not None:
+        code = EXIT_STOPPED
+    elif outcome.interrupted:
+        code = EXIT_INTERRUPTED
+    else:
+        totals, failed = assemble(job, root, shards)
+        output_path = job.output_path
+        code = EXIT_ROW_ERRORS if failed else EXIT_OK
+    write_run_log(job, root, shards)
+    return RunSummary(
+        rows=job.rows,
+        reused=sum(o.reused for o in outcomes),
+        sent=sum(o.planned for o in outcomes),
+        totals=totals,
+        outcome=outcome,
+        wall_s=wall_s,
+        output_path=output_path,
+        exit_code=code,
+        fatal=fatal,
+        run_cost=cluster.cost,
+        run_failed=cluster.failed,
+        counters=RunCounters(
+            rows_reused=cluster.reused,
+            rows_finished=cluster.rows,
+            rows_failed=cluster.failed,
+            requests_sent=cluster.sent,
+            tokens=cluster.tokens,
+            cost_usd=cluster.cost,
+            priced=cluster.priced,
+        ),
+        output_uri=job.output_uri if output_path is not None else None,
+        notes=[f"cluster: {len(shards)} shards, {cluster.leases} leases from the limiter"],
+    )
+
+
+def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
+    """Write the output from the segments, in input order; returns totals and failed rows.
+
+    One Parquet file, or one part file per shard when the output path ends with `/`.
+    Built locally (beside the output, or in the local stage of a remote output) and
+    moved or uploaded into place only when complete.
+    """
+    folder = output_is_folder(job)
+    target = job.output_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        target.mkdir(parents=True, exist_ok=True)
+    writer: pq.ParquetWriter | None = None
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    totals = Totals()
+    failed = 0
+    for shard in shards:
+        results = ShardStore(root, shard.index).read()
+        totals = _add(totals, results.totals())
+        part = target / f"part-{shard.index:05d}.parquet" if folder else None
+        part_temporary = part.with_name(f".{part.name}.tmp") if part else None
+        offset = shard.start
+        part_writer: pq.ParquetWriter | None = None
+        for batch in job.table.batches(READ_BATCH_ROWS, job.limit, shard.start, shard.stop):
+            keys = row_keys(batch, offset, job.table.id_column)
+            offset += batch.height
+            joined = join_results(batch.to_arrow(), keys, results, job.layout)  # type: ignore[arg-type]
+            errors = joined.column("error")
+            failed += len(errors) - errors.null_count
+            if part_temporary is not None:
+                part_writer = part_writer or pq.ParquetWriter(
+                    part_temporary, joined.schema, compression="zstd"
+                )
+                part_writer.write_table(joined)
+            else:
+                writer = writer or pq.ParquetWriter(temporary, joined.schema, compression="zstd")
+                writer.write_table(joined)
+        if part is not None and part_temporary is not None and part_writer is not None:
+            part_writer.close()
+            os.replace(part_temporary, part)
+            _publish(job, part, f"part-{shard.index:05d}.parquet")
+    if not folder:
+        if writer is None:
+            raise SpecError("the input has no rows to write")
+        writer.close()
+        os.replace(temporary, target)
+        _publish(job, target, None)
+    return totals, failed
+
+
+def _publish(job: PreparedJob, local: Path, part: str | None) -> None:
+    if job.output_uri is None:
+        return
+    uri = job.output_uri + part if part else job.output_uri
+    storage.upload(local, uri)
+
+
+def _add(a: Totals, b: Totals) -> Totals:
+    return Totals(
+        a.rows + b.rows,
+        a.failed + b.failed,
+        a.prompt_tokens + b.prompt_tokens,
+        a.output_tokens + b.output_tokens,
+        a.reasoning_tokens + b.reasoning_tokens,
+        a.cost_usd + b.cost_usd,
+    )
+
+
+def write_run_log(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> None:
+    """One run log for the whole cluster, in time order, where a local run keeps it."""
+    lines = [line for s in shards for line in ShardStore(root, s.index).log_lines() if line]
+    lines.sort(key=_time_of)
+    job.log_path.parent.mkdir(parents=True, exist_ok=True)
+    job.log_path.write_bytes(b"\n".join(lines) + b"\n" if lines else b"")
+
+
+def _time_of(line: bytes) -> float:
+    try:
+        return float(orjson.loads(line).get("t", 0.0))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0.0

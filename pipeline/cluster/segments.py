@@ -1,0 +1,217 @@
+"""Exactly-once across a cluster: finished rows as immutable segment files.
+
+Every commit of a shard's worker writes one new Parquet file (its finished rows)
+and one JSON-lines file (its run-log lines) under
+`<output>.cluster/shards/<shard>/`, named by the worker's attempt id and a sequence
+number. Nothing is ever rewritten, so no lock is needed and any node can read what
+any other committed: object stores make a PUT visible only once it is complete, and
+on a local or network file system a segment is written under a temporary name and
+renamed. A shard retried after its worker died reads its segments first and sends
+only the rows not in them; the final assembly reads every segment of a shard and
+keeps one result per row (the latest, should a row ever have been committed twice).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import orjson
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.checkpoint import EXTRA_FIELDS, RESULT_FIELDS, Finished, Totals
+from pipeline.output import RESULT_SCHEMA
+from pipeline.types import RowResult
+
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("row_key", pa.string()),
+        ("request_hash", pa.string()),
+        *RESULT_SCHEMA,
+        ("tool_calls", pa.string()),
+        ("parsed", pa.string()),
+        ("finished_at", pa.float64()),
+    ]
+)
+assert tuple(SEGMENT_SCHEMA.names[2:-1]) == RESULT_FIELDS + EXTRA_FIELDS
+
+
+class StateRoot:
+    """The folder every node shares: a local or network path, or an object-store URI."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location.rstrip("/")
+        if storage.is_remote(self.location):
+            self.fs, self.path = storage.filesystem(self.location)
+            self.local = False
+        else:
+            # Absolute: workers do not share the driver's working directory.
+            self.location = _absolute(self.location)
+            self.fs = pafs.LocalFileSystem()
+            self.path = self.location
+            self.local = True
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file so that readers see all of it or nothing."""
+        if self.local:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            self.fs.move(temporary, path)
+        else:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                return bytes(stream.read())
+        except FileNotFoundError:
+            return None
+
+    def list_files(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
+        return sorted(
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and not info.path.endswith(".tmp")
+        )
+
+    def remove_all(self) -> None:
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+
+
+def _absolute(location: str) -> str:
+    from pathlib import Path
+
+    return str(Path(location).resolve())
+
+
+@dataclass
+class ShardResults:
+    """What a shard's segments hold: key -> (request hash, result fields...)."""
+
+    records: dict[str, tuple[object, ...]]
+
+    def finished(self, keys: list[str]) -> dict[str, Finished]:
+        found = {}
+        for key in keys:
+            record = self.records.get(key)
+            if record is not None:
+                found[key] = Finished(str(record[0]), record[_ERROR] is None)
+        return found
+
+    def fetch(self, keys: list[str]) -> dict[str, tuple[object, ...]]:
+        return {key: self.records[key] for key in keys if key in self.records}
+
+    def totals(self) -> Totals:
+        rows = failed = prompt = output = reasoning = 0
+        cost = 0.0
+        for record in self.records.values():
+            rows += 1
+            failed += record[_ERROR] is not None
+            prompt += int(record[_PROMPT] or 0)  # type: ignore[call-overload]
+            output += int(record[_COMPLETION] or 0)  # type: ignore[call-overload]
+            reasoning += int(record[_REASONING] or 0)  # type: ignore[call-overload]
+            cost += float(record[_COST] or 0.0)  # type: ignore[arg-type]
+        return Totals(rows, failed, prompt, output, reasoning, cost)
+
+
+# positions in a record (the request hash first, then RESULT_FIELDS and EXTRA_FIELDS)
+_FIELDS = ("request_hash", *RESULT_FIELDS, *EXTRA_FIELDS)
+_ERROR = _FIELDS.index("error")
+_PROMPT = _FIELDS.index("prompt_tokens")
+_COMPLETION = _FIELDS.index("completion_tokens")
+_REASONING = _FIELDS.index("reasoning_tokens")
+_COST = _FIELDS.index("cost_usd")
+
+
+class ShardStore:
+    """One shard's segments: read what is committed, commit more."""
+
+    def __init__(self, root: StateRoot, shard: int, attempt: str | None = None) -> None:
+        self.root = root
+        self.folder = root.join("shards", f"{shard:05d}")
+        self.attempt = attempt or uuid.uuid4().hex[:12]
+        self._sequence = 0
+
+    def read(self) -> ShardResults:
+        records: dict[str, tuple[object, ...]] = {}
+        for path in self.root.list_files(self.folder):
+            if not path.endswith(".parquet"):
+                continue
+            data = self.root.read_bytes(path)
+            if data is None:
+                continue
+            try:
+                table = pq.read_table(pa.BufferReader(data))
+            except (pa.ArrowInvalid, OSError):
+                continue  # a torn write from a killed worker on a file system without rename
+            table = table.sort_by("finished_at")
+            columns = [table.column(name).to_pylist() for name in _FIELDS]
+            for key, *values in zip(table.column("row_key").to_pylist(), *columns, strict=True):
+                records[key] = tuple(values)
+        return ShardResults(records)
+
+    def commit(self, results: Iterable[RowResult], log_lines: list[bytes]) -> None:
+        """Write one immutable segment: the log lines first, then the rows."""
+        rows = [_record(result) for result in results]
+        name = f"{self.attempt}-{self._sequence:06d}"
+        self._sequence += 1
+        if log_lines:
+            self.root.write_bytes(f"{self.folder}/{name}.jsonl", b"\n".join(log_lines) + b"\n")
+        if rows:
+            table = pa.Table.from_pylist(
+                [dict(zip(SEGMENT_SCHEMA.names, row, strict=True)) for row in rows],
+                schema=SEGMENT_SCHEMA,
+            )
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            self.root.write_bytes(f"{self.folder}/{name}.parquet", sink.getvalue().to_pybytes())
+
+    def log_lines(self) -> list[bytes]:
+        lines: list[bytes] = []
+        for path in self.root.list_files(self.folder):
+            if path.endswith(".jsonl"):
+                lines.extend((self.root.read_bytes(path) or b"").splitlines())
+        return lines
+
+
+def _record(result: RowResult) -> tuple[object, ...]:
+    completion = result.completion
+    usage = completion.usage if completion else None
+    return (
+        result.key,
+        result.request_hash,
+        completion.response if completion else None,
+        completion.reasoning if completion else None,
+        usage.prompt_tokens if usage else None,
+        usage.completion_tokens if usage else None,
+        usage.reasoning_tokens if usage else None,
+        usage.cached_tokens if usage else None,
+        usage.total_tokens if usage else None,
+        result.cost_usd,
+        completion.finish_reason if completion else None,
+        completion.model if completion else None,
+        result.latency_s,
+        result.attempts,
+        result.error,
+        _json(completion.tool_calls if completion else None),
+        _json(result.parsed),
+        time.time(),
+    )
+
+
+def _json(value: object) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()

@@ -1,0 +1,178 @@
+"""One shard on one Ray worker, with the same engine a local run uses.
+
+The worker rebuilds the job's parts from the spec (templates, request hashes,
+schema), reads what its shard already committed, and runs the ordinary `Scheduler`
+over the shard's rows with a `LeasedPacer` in place of the local pacer. Each
+recorder flush becomes one immutable segment (`segments.py`), so a worker killed at
+any moment loses at most the rows it had not yet committed, as a local run does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
+from pipeline.cluster.segments import ShardStore, StateRoot
+from pipeline.cluster.shards import Shard
+from pipeline.config import ProviderSettings
+from pipeline.errors import JobFatalError, JobStopped
+from pipeline.http import HttpClient
+from pipeline.inputs import InputTable
+from pipeline.output import Layout
+from pipeline.plan import WorkPlan
+from pipeline.providers import create_provider
+from pipeline.render import PromptRenderer
+from pipeline.retry import RetryPolicy
+from pipeline.runlog import RunLog
+from pipeline.scheduler import Scheduler
+from pipeline.spec import JobSpec
+from pipeline.structured import OutputSchema
+from pipeline.types import RowResult
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    spec: JobSpec
+    settings: ProviderSettings
+    shard: Shard
+    state: str  # the StateRoot every node shares
+    limit: int | None
+    retry_failed: bool
+    concurrency: int  # this worker's cap on requests in flight
+    environment: dict[str, str]  # object-storage settings the driver had
+
+
+@dataclass
+class ShardOutcome:
+    shard: int
+    planned: int = 0
+    reused: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    fatal: JobFatalError | JobStopped | None = None
+    interrupted: bool = False
+    first_sent_at: float | None = None  # wall clock
+    last_answer_at: float | None = None
+    leases: int = 0
+    dropped_grants: int = 0
+    pid: int = 0
+
+
+def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
+    """The Ray task's body: run one shard to the end (or to a cluster-wide stop)."""
+    os.environ.update(task.environment)
+
+    async def lease(report: WorkerReport, tokens: float) -> Lease:
+        return cast(Lease, await limiter.lease.remote(report, tokens))
+
+    async def report(news: WorkerReport) -> None:
+        await limiter.report.remote(news)
+
+    return anyio.run(
+        run_shard_async,
+        task,
+        lease,
+        report,
+        backend="asyncio",
+        backend_options={"use_uvloop": True},
+    )
+
+
+async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutcome:
+    spec, settings, shard = task.spec, task.settings, task.shard
+    store = ShardStore(StateRoot(task.state), shard.index)
+    committed = await anyio.to_thread.run_sync(store.read)
+    schema = OutputSchema(spec.output.schema_) if spec.output.schema_ else None
+    layout = Layout(tool_calls=bool(spec.model.tools), schema=schema)
+    table = InputTable(spec.input.path, spec.input.id_column)
+    renderer = PromptRenderer(spec.prompt)
+    plan = WorkPlan(
+        table,
+        renderer,
+        cast(Checkpoint, committed),  # segments answer the planner's look-ups
+        settings.model,
+        settings.params,
+        task.limit,
+        retry_failed=task.retry_failed,
+        request_extra={
+            "schema": layout.schema.schema if layout.schema else None,
+            "tools": spec.model.tools,
+            "tool_choice": spec.model.tool_choice,
+        },
+    )
+    outcome = ShardOutcome(shard.index, pid=os.getpid())
+    worker = f"shard-{shard.index}-{uuid.uuid4().hex[:8]}"
+    scheduler: Scheduler | None = None
+
+    def stop() -> None:
+        if scheduler is not None:
+            scheduler.stop()
+
+    pacer = LeasedPacer(worker, lease, max_concurrency=task.concurrency, on_stop=stop)
+    log = RunLog(Path(os.devnull), secrets=(settings.api_key or "",))
+    log.event("shard_started", shard=shard.index, rows=shard.rows, worker=worker, pid=os.getpid())
+
+    async def record(batch: list[RowResult]) -> None:
+        await anyio.to_thread.run_sync(store.commit, batch, log.take())
+        for result in batch:
+            pacer.counters.row_finished(result)
+        assert scheduler is not None
+        pacer.totals.reused = plan.reused
+        pacer.totals.retries = scheduler.outcome.retries
+        pacer.totals.rate_limited = scheduler.outcome.rate_limited
+        if scheduler.outcome.fatal is not None and pacer.stop_reason is None:
+            pacer.stop_reason = scheduler.outcome.fatal.describe()
+        await report(pacer.report())
+
+    cap = task.concurrency
+    async with HttpClient(cap, spec.limits.timeout_s) as client:
+        scheduler = Scheduler(
+            create_provider(settings, client),
+            pacer,  # type: ignore[arg-type]  # the scheduler's pacer interface, leased
+            RetryPolicy(max_attempts=spec.limits.max_attempts),
+            settings.price,
+            concurrency=cap,
+            log=log,
+            schema=layout.schema,
+            schema_retries=spec.output.schema_retries,
+            counters=pacer.counters,
+        )
+        await scheduler.run(plan.requests_between(shard.start, shard.stop), record)
+    result = scheduler.outcome
+    outcome.planned, outcome.reused = pacer.counters.requests_sent, plan.reused
+    outcome.retries, outcome.rate_limited = result.retries, result.rate_limited
+    outcome.fatal = result.fatal
+    outcome.interrupted = result.interrupted and result.fatal is None
+    outcome.first_sent_at = _wall(result.first_sent_at)
+    outcome.last_answer_at = _wall(result.last_answer_at)
+    outcome.leases, outcome.dropped_grants = pacer.leases, pacer.dropped
+    log.event(
+        "shard_stopped" if result.fatal or result.interrupted else "shard_finished",
+        shard=shard.index,
+        sent=plan.planned,
+        reused=plan.reused,
+        retries=result.retries,
+        rate_limited=result.rate_limited,
+        leases=pacer.leases,
+        stop=result.fatal.describe() if result.fatal else None,
+    )
+    await anyio.to_thread.run_sync(store.commit, [], log.take())
+    if result.fatal is not None and pacer.stop_reason is None:
+        pacer.stop_reason = result.fatal.describe()
+    pacer.totals.reused = plan.reused
+    await report(pacer.report(done=True))
+    return outcome
+
+
+def _wall(loop_time: float | None) -> float | None:
+    if loop_time is None:
+        return None
+    return time.time() - (anyio.current_time() - loop_time)

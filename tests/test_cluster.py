@@ -1,0 +1,324 @@
+"""Cluster runs (`pipeline run --ray`): a real local Ray cluster, the real simulator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+from conftest import SIM_KEY, make_job, messages_for, reviews, run_cli, start_cli
+
+from pipeline.output import OUTPUT_COLUMNS
+from pipeline.runner import RunOptions, prepare
+from pipeline.simulator import RunningSimulator, expected_response
+
+MODEL = "x-ai-grok-3-mini"
+TIMING = ["latency_s"]  # differs run to run by nature; every other column must match
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def cluster_run(job: Path, workers: int = 2, **options: object):  # type: ignore[no-untyped-def]
+    from pipeline.cluster import ClusterOptions, run_on_ray
+
+    prepared = prepare(job)
+    return run_on_ray(
+        prepared, RunOptions(show_progress=False, **options), ClusterOptions(workers=workers)
+    )
+
+
+def check_answers(out: pl.DataFrame) -> None:
+    for row in out.iter_rows(named=True):
+        assert row["error"] is None, row["error"]
+        assert row["response"] == expected_response(MODEL, messages_for(row["text"]))
+
+
+@pytest.fixture
+def sim_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIM_API_KEY", SIM_KEY)
+
+
+def test_cluster_output_is_the_local_output(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str, sim_key: None
+) -> None:
+    data = reviews(400)
+    data.write_parquet(tmp_path / "reviews.parquet", row_group_size=50)
+    local_job = make_job(tmp_path, simulator, input_path="reviews.parquet", name="local")
+    assert run_cli("run", str(local_job), cwd=tmp_path).returncode == 0
+    local = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    simulator.reset()
+
+    job = make_job(
+        tmp_path,
+        simulator,
+        input_path=str(tmp_path / "reviews.parquet"),
+        name="cluster",
+        output__path=str(tmp_path / "out" / "cluster.parquet"),
+    )
+    summary = cluster_run(job)
+
+    assert summary.exit_code == 0
+    out = pl.read_parquet(tmp_path / "out" / "cluster.parquet")
+    assert out.columns == [*data.columns, *OUTPUT_COLUMNS]
+    assert out.drop(TIMING).equals(local.drop(TIMING))
+    check_answers(out)
+    stats = simulator.stats()
+    assert stats["completions"] == 400
+    assert stats["duplicate_paid"] == 0
+    # One run log for the whole cluster, every attempt in it.
+    events = [orjson.loads(line) for line in summary_log(tmp_path, "cluster.parquet")]
+    assert sum(e["event"] == "attempt" for e in events) == 400
+    assert len({e["shard"] for e in events if e["event"] == "shard_finished"}) > 1
+
+    # A rerun sends nothing.
+    again = cluster_run(job)
+    assert again.exit_code == 0 and again.sent == 0 and again.reused == 400
+    assert simulator.stats()["completions"] == 400
+
+
+def summary_log(workdir: Path, name: str) -> list[bytes]:
+    return (workdir / "out" / f"{name}.run" / "events.jsonl").read_bytes().splitlines()
+
+
+def test_workers_share_one_rate_limit(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str, sim_key: None
+) -> None:
+    # The server enforces 3,000 RPM per second (50 a second); two workers together stay under.
+    simulator.configure(rpm=3000, limit_window="second", latency_ms=(20, 60))
+    reviews(500).write_parquet(tmp_path / "reviews.parquet", row_group_size=50)
+    job = make_job(
+        tmp_path,
+        simulator,
+        input_path=str(tmp_path / "reviews.parquet"),
+        output__path=str(tmp_path / "out" / "result.parquet"),
+        limits__requests_per_minute=3000,
+        limits__concurrency=32,
+    )
+
+    summary = cluster_run(job)
+
+    assert summary.exit_code == 0
+    check_answers(pl.read_parquet(tmp_path / "out" / "result.parquet"))
+    stats = simulator.stats()
+    assert stats["rate_limited"] <= 0.005 * 500
+    assert stats["completions"] == 500
+
+
+def test_folder_output_has_one_part_per_shard(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str, sim_key: None
+) -> None:
+    data = reviews(200)
+    data.write_csv(tmp_path / "a.csv")
+    (tmp_path / "more").mkdir()
+    reviews(300)[200:].write_csv(tmp_path / "more" / "b.csv")
+    job = make_job(
+        tmp_path,
+        simulator,
+        input_path=str(tmp_path / "*.csv"),
+        output__path=str(tmp_path / "parts") + "/",
+    )
+
+    summary = cluster_run(job)
+
+    assert summary.exit_code == 0
+    parts = sorted((tmp_path / "parts").glob("part-*.parquet"))
+    assert len(parts) > 1
+    out = pl.concat([pl.read_parquet(p) for p in parts])
+    assert out["review_id"].to_list() == data["review_id"].to_list()
+    check_answers(out)
+
+
+def test_sigkill_of_a_worker_loses_nothing_and_repays_only_what_was_in_flight(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    simulator.configure(latency_ms=(30, 60))
+    rows = 1200
+    reviews(rows).write_parquet(tmp_path / "reviews.parquet", row_group_size=100)
+    job = make_job(
+        tmp_path,
+        simulator,
+        input_path="reviews.parquet",
+        limits__requests_per_minute=6000,  # 100 a second: long enough to kill mid-run
+        limits__concurrency=8,
+    )
+    driver = start_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+    state = tmp_path / "out" / "result.parquet.cluster"
+    try:
+        victim = wait_for_a_running_shard(state, driver)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=240)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode == 0, stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out.height == rows
+    assert out["review_id"].n_unique() == rows
+    check_answers(out)
+    stats = simulator.stats()
+    # Paid twice: at most what the killed worker had in flight (its share of the window,
+    # 4) plus what it finished after its last commit (half a second at its ~50 a second).
+    assert stats["duplicate_paid"] <= 4 + 30
+    assert stats["distinct_paid"] == rows
+    # The killed worker's shard was run again, from its committed rows.
+    events = [orjson.loads(line) for line in summary_log(tmp_path, "result.parquet")]
+    starts = [e["shard"] for e in events if e["event"] == "shard_started"]
+    assert len(starts) > len(set(starts))
+
+
+def wait_for_a_running_shard(state: Path, driver: subprocess.Popen[str]) -> int:
+    """The pid of a worker that has committed rows of a shard it has not finished."""
+    while driver.poll() is None:
+        started: dict[int, int] = {}
+        finished: set[int] = set()
+        committed: dict[int, int] = {}
+        for log in state.glob("shards/*/*.jsonl"):
+            for line in log.read_bytes().splitlines():
+                event = orjson.loads(line)
+                if event["event"] == "shard_started":
+                    started[event["shard"]] = event["pid"]
+                elif event["event"] in ("shard_finished", "shard_stopped"):
+                    finished.add(event["shard"])
+        for segment in state.glob("shards/*/*.parquet"):
+            shard = int(segment.parent.name)
+            committed[shard] = committed.get(shard, 0) + 1
+        for shard, pid in started.items():
+            if shard not in finished and committed.get(shard, 0) >= 2:
+                return pid
+    raise AssertionError(f"the run ended before a worker was killed: {driver.communicate()}")
+
+
+def test_driver_killed_and_rerun_resumes_without_resending(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    simulator.configure(latency_ms=(20, 40))
+    rows = 1200
+    reviews(rows).write_parquet(tmp_path / "reviews.parquet", row_group_size=100)
+    job = make_job(
+        tmp_path,
+        simulator,
+        input_path="reviews.parquet",
+        limits__requests_per_minute=6000,
+        limits__concurrency=8,
+    )
+    driver = start_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+    state = tmp_path / "out" / "result.parquet.cluster"
+    try:
+        while driver.poll() is None and len(list(state.glob("shards/*/*.parquet"))) < 4:
+            pass
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    # Ray ends a dead driver's workers; wait for that, then see what was committed.
+    wait_until_no_shard_runs()
+    committed = committed_keys(state)
+    paid_before = simulator.stats()["completions"]
+    assert 0 < len(committed) < rows
+
+    result = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out.height == rows and out["review_id"].n_unique() == rows
+    check_answers(out)
+    stats = simulator.stats()
+    assert stats["distinct_paid"] == rows
+    # Nothing committed is sent again: the rerun sent exactly the rest.
+    assert stats["completions"] - paid_before == rows - len(committed)
+    # Paid twice: what was in flight (the window, 8) or finished but not yet committed
+    # when Ray ended the workers (a commit every half second, at 100 a second).
+    assert stats["duplicate_paid"] <= 8 + 100
+
+
+def wait_until_no_shard_runs() -> None:
+    """Until no process on this machine is a Ray worker running a shard."""
+    while True:
+        running = False
+        for proc in Path("/proc").iterdir():
+            try:
+                running = (proc / "cmdline").read_bytes().startswith(b"ray::run_shard")
+            except OSError:
+                continue
+            if running:
+                break
+        if not running:
+            return
+
+
+def committed_keys(state: Path) -> set[str]:
+    keys: set[str] = set()
+    for segment in state.glob("shards/*/*.parquet"):
+        keys.update(pl.read_parquet(segment)["row_key"].to_list())
+    return keys
+
+
+def test_s3_input_and_output_on_the_cluster_match_a_local_run(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str, s3: dict[str, str], sim_key: None
+) -> None:
+    from pipeline import storage
+
+    bucket = s3["BUCKET"]
+    data = reviews(300)
+    data.write_parquet(tmp_path / "reviews.parquet", row_group_size=60)
+    storage.upload(tmp_path / "reviews.parquet", f"s3://{bucket}/in/reviews.parquet")
+    local_job = make_job(tmp_path, simulator, input_path="reviews.parquet", name="local")
+    assert run_cli("run", str(local_job), cwd=tmp_path).returncode == 0
+    local = pl.read_parquet(tmp_path / "out" / "result.parquet")
+
+    job = make_job(
+        tmp_path,
+        simulator,
+        name="remote",
+        input_path=f"s3://{bucket}/in/reviews.parquet",
+        output__path=f"s3://{bucket}/out/result.parquet",
+    )
+    os.environ.setdefault("PIPELINE_STAGE_DIR", str(tmp_path / "stage"))
+    summary = cluster_run(job)
+
+    assert summary.exit_code == 0
+    fs, path = storage.filesystem(f"s3://{bucket}/out/result.parquet")
+    with fs.open_input_file(path) as handle:
+        remote = pl.read_parquet(handle.read())
+    assert remote.drop(TIMING).equals(local.drop(TIMING))
+    # Segments live beside the output, in the bucket.
+    listing = storage.expand(f"s3://{bucket}/out/result.parquet.cluster/shards/*/*.parquet")
+    assert listing
+
+
+def test_without_ray_the_switch_says_how_to_install_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocked"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    reviews(3).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, None)
+
+    result = run_cli("run", str(job), "--ray", cwd=tmp_path, PYTHONPATH=str(blocker))
+
+    assert result.returncode == 2
+    assert "pip install 'pipeline[ray]'" in result.stderr
+    assert sys.executable  # the same interpreter ran it
+
+
+def test_python_api_runs_on_the_cluster(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str, sim_key: None
+) -> None:
+    import pipeline
+
+    data = reviews(120)
+    job = make_job(
+        tmp_path, simulator, input_path="unused.csv", output__path=str(tmp_path / "o.parquet")
+    )
+    out = pipeline.run(
+        pipeline.Job.from_yaml(job), data=data, ray=True, ray_workers=2, progress=False
+    )
+    assert out["review_id"].to_list() == data["review_id"].to_list()
+    check_answers(out)
