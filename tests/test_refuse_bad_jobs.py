@@ -42,7 +42,6 @@ INVALID: dict[str, Any] = {
     "prompt.messages": [{"role": "robot", "content": "hi"}],
     "prompt.messages.role": "robot",
     "prompt.messages.content": "",
-    "prompt.skip_empty": "sometimes",
     "limits": 5,
     "limits.concurrency": 0,
     "limits.requests_per_minute": -1,
