@@ -97,7 +97,7 @@ def test_the_run_log_is_written_as_attempts_happen(
     now = [100.0]
     monkeypatch.setattr(runlog.time, "monotonic", lambda: now[0])
     path = tmp_path / "events.jsonl"
-    log = runlog.RunLog(path)
+    log = runlog.RunLog(path, write_every_s=runlog.WRITE_EVERY_S)
     log.attempt("r1", 1, status=429, latency_s=0.1, outcome="rate_limited", in_flight=1)
     assert read_events(path) == []  # buffered for now
     now[0] += runlog.WRITE_EVERY_S
