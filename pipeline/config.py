@@ -35,6 +35,11 @@ class ProviderPreset(BaseModel):
     # Anthropic-style providers: the default max_tokens, which their API requires.
     default_max_tokens: int = 1024
     count_tokens: bool = False  # has a count_tokens endpoint
+    # Which batch API the provider has (None: none), for which models (glob patterns;
+    # empty: any), and the discount it gives where pricing.yaml names no batch prices.
+    batch_api: Literal["openai", "anthropic"] | None = None
+    batch_models: list[str] = Field(default_factory=list)
+    batch_discount: float | None = Field(default=None, gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class ProviderSettings:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     schema: OutputSchema | None = None
+    batch_price: Price | None = None
 
     @property
     def needs_key(self) -> bool:
@@ -123,6 +129,29 @@ def resolve_price(model: ModelSpec) -> Price | None:
     return Price(input=pricing.input, output=pricing.output, cached_input=cached)
 
 
+def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | None:
+    """USD per million tokens through the batch API: pricing.yaml's batch prices, else
+    the online prices times the preset's discount; None when neither is known."""
+    pricing = model.pricing or load_prices().get(model.model)
+    if pricing is None:
+        return None
+    online = resolve_price(model)
+    assert online is not None
+    factor = preset.batch_discount
+    explicit = (pricing.batch_input, pricing.batch_output)
+    if None in explicit and factor is None:
+        return None
+
+    def pick(value: float | None, fallback: float) -> float:
+        return value if value is not None else fallback * (factor or 1.0)
+
+    return Price(
+        input=pick(pricing.batch_input, online.input),
+        output=pick(pricing.batch_output, online.output),
+        cached_input=pick(pricing.batch_cached_input, online.cached_input),
+    )
+
+
 def resolve_provider(
     model: ModelSpec,
     *,
@@ -156,4 +185,5 @@ def resolve_provider(
         tools=model.tools,
         tool_choice=model.tool_choice,
         schema=schema,
+        batch_price=resolve_batch_price(model, preset),
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from pipeline.config import Price
 from pipeline.errors import ProviderError
 from pipeline.http import HttpClient
 from pipeline.plan import max_reply_tokens, rendered_rows
@@ -43,6 +44,10 @@ class Estimate:
     cost_input: float | None = None
     cost_expected: float | None = None
     cost_worst: float | None = None
+    # The same through the provider's batch API (None: no batch API or no batch price).
+    batch_cost_input: float | None = None
+    batch_cost_expected: float | None = None
+    batch_cost_worst: float | None = None
     wall_s: float | None = None
     wall_basis: str = ""
 
@@ -101,6 +106,11 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
     answered: list[RowResult] = []
     options = RunOptions(show_progress=False, write_output=False, on_result=answered.append)
     sampled = dataclasses.replace(job, limit=min(sample, result.rows), rows=min(sample, job.rows))
+    if job.spec.model.batch:
+        # A sample is measured online: a batch may take hours. Its rows are reused by
+        # the batch run all the same (the request hash does not depend on the switch).
+        online = job.spec.model.model_copy(update={"batch": False})
+        sampled.spec = job.spec.model_copy(update={"model": online})
     await execute_async(sampled, options)
     usable = [r for r in answered if r.completion is not None]
     if not usable:
@@ -117,17 +127,24 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
 
 
 def _price(job: PreparedJob, result: Estimate) -> None:
-    price = job.settings.price
+    result.cost_input, result.cost_expected, result.cost_worst = _costs(job.settings.price, result)
+    if job.settings.preset.batch_api is not None:
+        costs = _costs(job.settings.batch_price, result)
+        result.batch_cost_input, result.batch_cost_expected, result.batch_cost_worst = costs
+
+
+def _costs(
+    price: Price | None, result: Estimate
+) -> tuple[float | None, float | None, float | None]:
+    """(input only, expected, every reply at max_tokens) at this price."""
     if price is None:
-        return
-    result.cost_input = result.input_tokens * price.input / 1e6
-    result.cost_worst = (
-        result.cost_input + result.rows * result.max_output_per_row * price.output / 1e6
-    )
+        return None, None, None
+    cost_input = result.input_tokens * price.input / 1e6
+    worst = cost_input + result.rows * result.max_output_per_row * price.output / 1e6
+    expected = None
     if result.output_per_row is not None:
-        result.cost_expected = (
-            result.cost_input + result.rows * result.output_per_row * price.output / 1e6
-        )
+        expected = cost_input + result.rows * result.output_per_row * price.output / 1e6
+    return cost_input, expected, worst
 
 
 def _time(job: PreparedJob, result: Estimate) -> None:

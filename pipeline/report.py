@@ -308,6 +308,7 @@ class RunInfo:
     params: dict[str, Any] | None
     prompt: dict[str, Any] | None
     commands: list[str]
+    requests_sent: int | None = None  # HTTP requests the runs sent, as they counted them
 
     @classmethod
     def from_events(cls, events: list[dict[str, Any]]) -> RunInfo | None:
@@ -326,6 +327,9 @@ class RunInfo:
             params=last.get("params"),
             prompt=last.get("prompt"),
             commands=list(dict.fromkeys(commands)),  # each distinct command once, in order
+            requests_sent=sum(int(e["requests_sent"]) for e in ends if "requests_sent" in e)
+            if any("requests_sent" in e for e in ends)
+            else None,
         )
 
 
@@ -659,7 +663,9 @@ def write_report(target: Target, destination: Path) -> Report:
     return Report(destination, len(charts), notes)
 
 
-def summary_rows(stats: OutputStats, timeline: Timeline | None) -> list[tuple[str, str]]:
+def summary_rows(
+    stats: OutputStats, timeline: Timeline | None, run: RunInfo | None = None
+) -> list[tuple[str, str]]:
     ok = stats.rows - stats.failed_rows
     rows = [("rows", f"{stats.rows:,}"), ("ok", f"{ok:,}")]
     rows.append(("failed", f"{stats.failed_rows:,}"))
@@ -685,6 +691,8 @@ def summary_rows(stats: OutputStats, timeline: Timeline | None) -> list[tuple[st
     if timeline is not None:
         rows.append(("429s", f"{int((timeline.status == 429).sum()):,}"))
         rows.append(("attempts logged", f"{timeline.end.size:,}"))
+    if run is not None and run.requests_sent is not None:
+        rows.append(("requests sent", f"{run.requests_sent:,}"))
     rows.append(("retries", f"{stats.retries:,}"))
     rows.append(
         ("finish reasons", ", ".join(f"{r} {n:,}" for r, n in stats.finish_reasons) or "none")
@@ -827,7 +835,7 @@ def _page(
 ) -> str:
     table = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-        for k, v in summary_rows(stats, timeline)
+        for k, v in summary_rows(stats, timeline, run)
     )
     header = "".join(
         f"<dt>{html.escape(k)}</dt><dd><code>{html.escape(v)}</code></dd>"

@@ -19,6 +19,7 @@ from typing import Literal
 import anyio
 
 from pipeline import storage
+from pipeline.batch.support import require_batch_api
 from pipeline.breaker import Breaker
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Totals
@@ -128,14 +129,20 @@ def prepare(
     output: str | Path | None = None,
     limit: int | None = None,
     read_key: bool | Literal["if_set"] = True,
+    batch: bool = False,
 ) -> PreparedJob:
-    """Load and check everything a run needs; raises SpecError naming the problem."""
+    """Load and check everything a run needs; raises SpecError naming the problem.
+
+    `batch` switches the job to the provider's batch API, as `model.batch: true` does."""
     spec = job if isinstance(job, JobSpec) else load_spec(job)
+    if batch and not spec.model.batch:
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"batch": True})})
     if limit is not None and limit < 0:
         raise SpecError("--limit must be zero or more")
     schema = OutputSchema(spec.output.schema_) if spec.output.schema_ else None
     layout = Layout(tool_calls=bool(spec.model.tools), schema=schema)
     settings = resolve_provider(spec.model, read_key=read_key, schema=schema)
+    require_batch_api(spec.model, settings.preset)
     renderer = PromptRenderer(spec.prompt)
     table = InputTable(spec.input.path, spec.input.id_column)
     renderer.check_columns(table.columns)
@@ -243,6 +250,7 @@ class RunOptions:
     retry_failed: bool = False
     on_result: Callable[[RowResult], None] | None = None
     write_output: bool = True
+    detach: bool = False  # batch jobs: submit the batches and return without waiting
     command: str | None = None  # how the run was started, for the run log and the report
 
 
@@ -282,6 +290,10 @@ async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
             f"output.path: {job.output_location} ends with '/', which asks for a folder of "
             "part files: only cluster runs (--ray) write those; name a .parquet file"
         )
+    if job.spec.model.batch:
+        from pipeline.batch.engine import run_batch
+
+        return await run_batch(job, options)
     started = time.monotonic()
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)

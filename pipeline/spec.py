@@ -41,6 +41,10 @@ class Pricing(_Strict):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+    # Prices through the provider's batch API; unset: the preset's batch_discount applies.
+    batch_input: float | None = Field(default=None, ge=0)
+    batch_output: float | None = Field(default=None, ge=0)
+    batch_cached_input: float | None = Field(default=None, ge=0)
 
 
 class ModelSpec(_Strict):
@@ -53,6 +57,9 @@ class ModelSpec(_Strict):
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # Send through the provider's batch API (half price, results within 24 h).
+    batch: bool = False
+    batch_poll_s: float = Field(default=30.0, gt=0)
 
     @field_validator("base_url")
     @classmethod

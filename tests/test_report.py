@@ -67,6 +67,8 @@ def test_report_from_a_job_writes_one_self_contained_html(finished: Path) -> Non
     for fact in ("bad_request", "server_error", "tokens cached", "latency p99", "429s"):
         assert fact in page
     assert re.search(r"<th>retries</th><td>2</td>", page), "R005 once, R007 once, R002 never"
+    # Requests as the run counted them: 40 rows, R005 and R007 sent twice.
+    assert "<th>requests sent</th><td>42</td>" in page
     # Sample rows: failing first, the row's text escaped, never interpreted.
     assert page.index("R002 · row 2") < page.index("R005 · row 5") < page.index("R000 · row 0")
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;" in page

@@ -55,10 +55,11 @@ def test_a_finished_job_says_done_with_separators_and_no_rate(
 def test_status_during_a_limited_run_counts_that_run_and_says_it_is_active(
     tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
 ) -> None:
-    simulator.configure(latency_ms=(200, 300))
+    # 60 rows, two at a time, 0.4-0.5 s each: the run lasts long enough to be seen running.
+    simulator.configure(latency_ms=(400, 500))
     reviews(200).write_csv(tmp_path / "reviews.csv")
     job = make_job(tmp_path, simulator, limits__concurrency=2)
-    proc = start_cli("run", str(job), "--quiet", "--limit", "40", cwd=tmp_path)
+    proc = start_cli("run", str(job), "--quiet", "--limit", "60", cwd=tmp_path)
     started.append(proc)
     deadline = time.monotonic() + 30
     while recorded(tmp_path) < 4:
@@ -69,9 +70,9 @@ def test_status_during_a_limited_run_counts_that_run_and_says_it_is_active(
 
     done = int(re.search(r"test-job: (\d+)/200 rows finished", out)[1])  # type: ignore[index]
     assert f"{200 - done} pending" in out
-    assert f"run: active with --limit 40 (pid {proc.pid})" in out
-    left = int(re.search(r"(\d+) of its 40 rows left", out)[1])  # type: ignore[index]
-    assert 0 < left <= 40 - 4
+    assert f"run: active with --limit 60 (pid {proc.pid})" in out
+    left = int(re.search(r"(\d+) of its 60 rows left", out)[1])  # type: ignore[index]
+    assert 0 < left <= 60 - 4
 
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)

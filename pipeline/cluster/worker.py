@@ -73,8 +73,10 @@ def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
     async def lease(report: WorkerReport, tokens: float) -> Lease:
         return cast(Lease, await limiter.lease.remote(report, tokens))
 
-    async def report(news: WorkerReport) -> None:
-        await limiter.report.remote(news)
+    async def report(news: WorkerReport, *, wait: bool = True) -> None:
+        call = limiter.report.remote(news)  # calls from one worker arrive in order
+        if wait:
+            await call
 
     return anyio.run(
         run_shard_async,
@@ -130,7 +132,8 @@ async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutc
         pacer.totals.rate_limited = scheduler.outcome.rate_limited
         if scheduler.outcome.fatal is not None and pacer.stop_reason is None:
             pacer.stop_reason = scheduler.outcome.fatal.describe()
-        await report(pacer.report())
+        # Not awaited: the next commit must not wait on the actor.
+        await report(pacer.report(), wait=False)
 
     cap = task.concurrency
     async with HttpClient(cap, spec.limits.timeout_s) as client:
