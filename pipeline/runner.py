@@ -41,7 +41,7 @@ from pipeline.providers import create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
-from pipeline.runlog import RunLog
+from pipeline.runlog import WRITE_EVERY_S, RunLog
 from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, load_spec
 from pipeline.structured import OutputSchema
@@ -382,7 +382,7 @@ async def _pump(
         spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
     )
 
-    log = RunLog(job.log_path, secrets=(settings.api_key or "",))
+    log = RunLog(job.log_path, secrets=(settings.api_key or "",), write_every_s=WRITE_EVERY_S)
     log.event(
         "run_started",
         job=job.spec.name,
