@@ -55,12 +55,34 @@ def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
     sys.exit(EXIT_CRASHED)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Guarded(click.Group):
+    """Every command behind the last line of defence: an unexpected error is one line and
+    exit 4, never a traceback (PIPELINE_DEBUG=1 shows it)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except SpecError as exc:
+            _fail(str(exc), EXIT_INVALID)
+        except Exception as exc:
+            if os.environ.get("PIPELINE_DEBUG") == "1":
+                traceback.print_exception(exc)
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} "
+                "(PIPELINE_DEBUG=1 shows the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_CRASHED)
+
+
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeline")
 def main() -> None:
     """Run an LLM prompt over every row of a CSV or Parquet table."""

@@ -56,6 +56,7 @@ class Gate:
         self.declared = per_minute / 60.0 if per_minute else None
         self.learned: float | None = None
         self.adaptive: float | None = None
+        self.backlog_booked = False
         self._next_free = 0.0
 
     @property
@@ -80,6 +81,7 @@ class Gate:
 
     def book_backlog(self, since: float, amount: float) -> None:
         """Count `amount` units already sent since `since` as if they had been paced."""
+        self.backlog_booked = True
         rate = self.rate
         if rate is not None:
             self._next_free = max(self._next_free, since + amount / rate)
@@ -246,7 +248,7 @@ class Pacer(Turns):
                 self.pause(min(wait, MAX_HEADER_PAUSE_S))
 
     def _learn(self, gate: Gate, per_minute: float, unpaced: float) -> None:
-        first = gate.rate is None
+        first = gate.rate is None and not gate.backlog_booked
         gate.learned = per_minute / 60.0
         if first and self._slow_start:
             # The rate is known now and paces the pool: the window need not probe further.
@@ -255,7 +257,8 @@ class Pacer(Turns):
             self._wake_waiters()
         if first and unpaced and self._unpaced_since is not None:
             # What went out before any limit was known counts against the same window:
-            # book it, so a fixed-window limiter is not overrun at the end of the first one.
+            # book it (once), so a fixed-window limiter is not overrun at the end of the
+            # first one.
             gate.book_backlog(self._unpaced_since, unpaced)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:

@@ -38,7 +38,7 @@ from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
-from pipeline.runlog import RunLog
+from pipeline.runlog import WRITE_EVERY_S, RunLog
 from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, LimitsSpec, load_spec
 from pipeline.structured import OutputSchema
@@ -489,7 +489,7 @@ async def open_provider(
 
 
 def _open_log(job: PreparedJob, settings: ProviderSettings, options: RunOptions) -> RunLog:
-    log = RunLog(job.log_path, secrets=(settings.api_key or "",))
+    log = RunLog(job.log_path, secrets=(settings.api_key or "",), write_every_s=WRITE_EVERY_S)
     log.event(
         "run_started",
         job=job.spec.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import sqlite3
 import subprocess
@@ -342,3 +343,21 @@ def test_structured_output_and_row_errors_work_as_online(
     assert good.height == 7
     assert set(good["label"].to_list()) <= {"positive", "negative"}
     assert good["stars"].null_count() == 0
+
+
+def test_estimate_shows_online_and_batch_cost_side_by_side(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(2000).write_csv(tmp_path / "reviews.csv")  # costs large enough to print exactly
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("estimate", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("online vs batch"))
+    online, batch = line.split(" | ")
+    low, high = (float(v) for v in re.findall(r"\$([0-9.]+)", online))
+    batch_low, batch_high = (float(v) for v in re.findall(r"\$([0-9.]+)", batch))
+    assert math.isclose(batch_low, low / 2, rel_tol=1e-2)
+    assert math.isclose(batch_high, high / 2, rel_tol=1e-2)
+    assert simulator.stats()["requests"] == 0
