@@ -16,8 +16,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.checkpoint import EXTRA_FIELDS, RESULT_FIELDS, Checkpoint
-from pipeline.output import NOT_PROCESSED, Layout
+from pipeline.checkpoint import Checkpoint
+from pipeline.columns import NOT_PROCESSED, RESULT_COLUMNS, STORED_COLUMNS
+from pipeline.output import Layout
 from pipeline.plan import WorkPlan
 
 READ_BATCH_ROWS = 10_000
@@ -31,7 +32,7 @@ def adopt_output(output: Path, checkpoint: Checkpoint, plan: WorkPlan, layout: L
     """
     if not output.exists() or output.suffix.lower() != ".parquet":
         return 0
-    needed = set(plan.renderer.variables) | set(RESULT_FIELDS)
+    needed = set(plan.renderer.variables) | {c.name for c in RESULT_COLUMNS}
     if plan.table.id_column:
         needed.add(plan.table.id_column)
     try:
@@ -56,17 +57,22 @@ def _records(
         assert isinstance(batch, pl.DataFrame)
         hashes = plan.hashes_for(batch)
         keys = plan.keys_for(batch, offset, hashes)
-        results = batch.select(RESULT_FIELDS).rows()
-        tool_calls = (
-            batch["tool_calls"].to_list() if "tool_calls" in batch.columns else [None] * len(keys)
-        )
         parsed = _parsed(batch, layout)
+        columns: list[list[Any]] = []
+        for column in STORED_COLUMNS:
+            if column.name == "parsed":
+                columns.append(parsed)
+            elif column.name in batch.columns:
+                columns.append(batch[column.name].to_list())
+            else:
+                columns.append([None] * batch.height)
+        errors = batch["error"].to_list()
         rows = [
-            (key, request_hash, *result, calls, answer)
-            for key, request_hash, result, calls, answer in zip(
-                keys, hashes, results, tool_calls, parsed, strict=True
+            (key, request_hash, *values)
+            for key, request_hash, error, *values in zip(
+                keys, hashes, errors, *columns, strict=True
             )
-            if result[-1] != NOT_PROCESSED
+            if error != NOT_PROCESSED
         ]
         offset += batch.height
         yield rows
@@ -83,6 +89,3 @@ def _parsed(batch: pl.DataFrame, layout: Layout) -> list[str | None]:
         None if error is not None else orjson.dumps(row, default=str).decode()
         for row, error in zip(batch.select(columns).to_dicts(), errors, strict=True)
     ]
-
-
-assert len(EXTRA_FIELDS) == 2, "tool_calls and parsed, in that order"
