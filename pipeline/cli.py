@@ -16,10 +16,8 @@ if TYPE_CHECKING:
 
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.runner import (
-    EXIT_CRASHED,
-    EXIT_INVALID,
-    EXIT_STOPPED,
     PreparedJob,
+    RunEnd,
     RunOptions,
     RunSummary,
     Status,
@@ -28,6 +26,14 @@ from pipeline.runner import (
     prepare,
     status,
 )
+
+EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
+EXIT_CODES = {
+    RunEnd.ALL_OK: 0,
+    RunEnd.ROWS_FAILED: 1,
+    RunEnd.STOPPED: EXIT_STOPPED,
+    RunEnd.INTERRUPTED: 130,
+}
 
 
 def _cost(usd: float | None) -> str:
@@ -49,12 +55,34 @@ def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
     sys.exit(EXIT_CRASHED)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Guarded(click.Group):
+    """Every command behind the last line of defence: an unexpected error is one line and
+    exit 4, never a traceback (PIPELINE_DEBUG=1 shows it)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except SpecError as exc:
+            _fail(str(exc), EXIT_INVALID)
+        except Exception as exc:
+            if os.environ.get("PIPELINE_DEBUG") == "1":
+                traceback.print_exception(exc)
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} "
+                "(PIPELINE_DEBUG=1 shows the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_CRASHED)
+
+
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeline")
 def main() -> None:
     """Run an LLM prompt over every row of a CSV or Parquet table."""
@@ -115,6 +143,12 @@ def _warn_empty_prompts(prepared: PreparedJob) -> None:
 @click.option("--fresh", is_flag=True, help="Ignore results recorded by earlier runs.")
 @click.option("--retry-failed", is_flag=True, help="Send rows that ended in error again.")
 @click.option(
+    "--batch", is_flag=True, help="Use the provider's batch API (half price, within 24 h)."
+)
+@click.option(
+    "--detach", is_flag=True, help="Batch jobs: submit the batches and exit without waiting."
+)
+@click.option(
     "--ray", "use_ray", is_flag=True, help="Run sharded on a local Ray cluster started now."
 )
 @click.option(
@@ -134,6 +168,8 @@ def run(
     quiet: bool,
     fresh: bool,
     retry_failed: bool,
+    batch: bool,
+    detach: bool,
     use_ray: bool,
     ray_address: str | None,
     ray_workers: int | None,
@@ -144,6 +180,8 @@ def run(
     reused, so only new, changed or unfinished rows are sent. With --limit N and no
     --output, the first N rows go to <output stem>.first-N.parquet, never over the
     job's output; they are kept for the full run.
+    A batch job (--batch or model.batch) resumes its submitted batches instead of
+    sending them again.
     """
     cluster = use_ray or ray_address is not None or ray_workers is not None
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
@@ -154,7 +192,11 @@ def run(
             from pipeline.cluster import require_ray
 
             require_ray()
-        prepared = prepare(job, output=output, limit=limit)
+        prepared = prepare(job, output=output, limit=limit, batch=batch)
+        if detach and not prepared.spec.model.batch:
+            raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")
+        if cluster and prepared.spec.model.batch:
+            raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except Exception as exc:  # the last line of defence, before anything was sent
@@ -165,6 +207,7 @@ def run(
             show_progress=not quiet,
             fresh=fresh,
             retry_failed=retry_failed,
+            detach=detach,
             command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
         if cluster:
@@ -188,7 +231,7 @@ def run(
             f"{prepared.replaced_output} (the whole job's output) is left as it was",
             err=True,
         )
-    sys.exit(summary.exit_code)
+    sys.exit(EXIT_CODES[summary.end])
 
 
 def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) -> None:
@@ -255,7 +298,9 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     elif summary.outcome.interrupted:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
-    elif summary.output_path is not None:
+    lines.extend(summary.notes)
+    stopped = summary.fatal is not None or summary.outcome.interrupted
+    if not stopped and summary.output_path is not None:
         where = shlex.quote(str(summary.output_path))
         if summary.output_uri is not None:
             lines.append(f"output: {summary.output_uri} (built locally at {summary.output_path})")
@@ -284,7 +329,8 @@ def status_command(job: Path, output: Path | None) -> None:
     if report is None:
         click.echo(f"{prepared.spec.name}: not started ({prepared.rows:,} rows pending)")
         return
-    click.echo("\n".join(_describe_status(prepared.spec.name, report, job, output)))
+    lines = _describe_status(prepared.spec.name, report, job, output)
+    click.echo("\n".join([*lines, *_batch_lines(prepared)]))
 
 
 def _describe_status(name: str, report: Status, job: Path, output: Path | None) -> list[str]:
@@ -334,6 +380,46 @@ def _duration(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def _batch_lines(prepared: PreparedJob) -> list[str]:
+    """One line per batch of the job, as last seen by a run or a cancel."""
+    from pipeline.batch.engine import batch_chunks
+
+    lines = []
+    for chunk in batch_chunks(prepared):
+        answered = f"{chunk.done + chunk.failed}/{chunk.requests} answered"
+        failed = f" ({chunk.failed} failed)" if chunk.failed else ""
+        status = f", provider status {chunk.status}" if chunk.status else ""
+        detail = f": {chunk.detail}" if chunk.detail else ""
+        lines.append(
+            f"batch {chunk.chunk_id} {chunk.batch_id or '(not created)'}: {chunk.state}"
+            f"{status}, {answered}{failed}{detail}"
+        )
+    return lines
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="The run's --output, if given.")
+def cancel(job: Path, output: Path | None) -> None:
+    """Cancel the open provider batches of JOB; a rerun sends their unfinished rows again."""
+    import anyio
+
+    from pipeline.batch.engine import cancel_batches
+
+    try:
+        prepared = prepare(job, output=output)
+        cancelled = anyio.run(cancel_batches, prepared)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except PipelineError as exc:
+        _fail(str(exc), EXIT_STOPPED)
+    if not cancelled:
+        click.echo(f"{prepared.spec.name}: no open batches")
+        return
+    for chunk, state in cancelled:
+        click.echo(f"batch {chunk.chunk_id} {state.batch_id}: {state.status}")
 
 
 @main.command()
@@ -481,6 +567,17 @@ def _describe_estimate(report: Estimate) -> str:
         f"cost range: {money(report.cost_input)} (input only) to {money(report.cost_worst)} "
         "(every reply at max_tokens)"
     )
+    if report.batch_cost_input is not None or report.batch_cost_worst is not None:
+        expected = (
+            f"expected {money(report.batch_cost_expected)}; "
+            if report.batch_cost_expected is not None
+            else ""
+        )
+        lines.append(
+            f"online vs batch: online {money(report.cost_input)} to {money(report.cost_worst)}"
+            f" | batch {expected}{money(report.batch_cost_input)} to "
+            f"{money(report.batch_cost_worst)} (provider batch API, results within 24 h)"
+        )
     wall = f"about {report.wall_s:,.0f}s" if report.wall_s is not None else "unknown"
     lines.append(f"time at the configured limits: {wall} ({report.wall_basis})")
     return "\n".join(lines)
@@ -495,8 +592,7 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
     import anyio
 
     from pipeline.config import resolve_provider
-    from pipeline.http import HttpClient
-    from pipeline.providers import create_provider
+    from pipeline.runner import open_provider
     from pipeline.spec import ModelSpec
 
     fields: dict[str, object] = {"provider": provider_name, "model": "-", "base_url": base_url}
@@ -505,8 +601,8 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
 
     async def listing() -> list[str]:
         settings = resolve_provider(ModelSpec.model_validate(fields))
-        async with HttpClient(4, 30.0) as client:
-            return await create_provider(settings, client).list_models()
+        async with open_provider(settings, connections=4, timeout_s=30.0) as provider:
+            return await provider.list_models()
 
     try:
         names = anyio.run(listing)

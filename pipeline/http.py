@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -87,6 +89,54 @@ class HttpClient:
         session = self._session or self._start()
         try:
             async with session.post(url, data=body, headers=headers) as response:
+                yield HttpStream(response)
+        except TimeoutError:
+            raise TransportError(f"no answer within {self.timeout_s:g}s") from None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise TransportError(f"connection failed: {type(exc).__name__}: {detail}") from None
+
+    async def upload(
+        self,
+        url: str,
+        path: Path,
+        *,
+        fields: Mapping[str, str],
+        file_field: str,
+        headers: Mapping[str, str],
+    ) -> HttpResponse:
+        """POST a multipart form with the file at `path`, streamed from disk."""
+        session = self._session or self._start()
+        with path.open("rb") as handle:
+            form = aiohttp.FormData()
+            for name, value in fields.items():
+                form.add_field(name, value)
+            form.add_field(file_field, handle, filename=path.name, content_type="application/jsonl")
+            return await self._send(session.post(url, data=form, headers=headers))
+
+    async def post_file(self, url: str, path: Path, headers: Mapping[str, str]) -> HttpResponse:
+        """POST the file at `path` as the body, streamed from disk."""
+        session = self._session or self._start()
+        with path.open("rb") as handle:
+            return await self._send(session.post(url, data=handle, headers=headers))
+
+    async def _send(self, pending: Any) -> HttpResponse:
+        try:
+            async with pending as response:
+                content = await response.read()
+                return HttpResponse(response.status, response.headers, content)
+        except TimeoutError:
+            raise TransportError(f"no answer within {self.timeout_s:g}s") from None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise TransportError(f"connection failed: {type(exc).__name__}: {detail}") from None
+
+    @asynccontextmanager
+    async def get_stream(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[HttpStream]:
+        """GET and read the answer as it arrives (a large download, line by line)."""
+        session = self._session or self._start()
+        try:
+            async with session.get(url, headers=headers) as response:
                 yield HttpStream(response)
         except TimeoutError:
             raise TransportError(f"no answer within {self.timeout_s:g}s") from None

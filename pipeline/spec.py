@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -41,6 +40,10 @@ class Pricing(_Strict):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+    # Prices through the provider's batch API; unset: the preset's batch_discount applies.
+    batch_input: float | None = Field(default=None, ge=0)
+    batch_output: float | None = Field(default=None, ge=0)
+    batch_cached_input: float | None = Field(default=None, ge=0)
 
 
 class ModelSpec(_Strict):
@@ -53,6 +56,9 @@ class ModelSpec(_Strict):
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # Send through the provider's batch API (half price, results within 24 h).
+    batch: bool = False
+    batch_poll_s: float = Field(default=30.0, gt=0)
 
     @field_validator("base_url")
     @classmethod
@@ -98,19 +104,6 @@ class ModelSpec(_Strict):
             if key in params:
                 raise ValueError(f"'{key}' cannot be set in model.params; use {owner}")
         return params
-
-    @model_validator(mode="after")
-    def _warn_known_rejections(self) -> ModelSpec:
-        # xAI's reasoning models refuse these; better a warning now than a failed night.
-        rejected = {"presence_penalty", "frequency_penalty", "stop"} & set(self.params)
-        if rejected and "grok-3-mini" in self.model:
-            warnings.warn(
-                f"model.params: {', '.join(sorted(rejected))} may be rejected by {self.model} "
-                "(xAI reasoning models refuse them)",
-                SpecWarning,
-                stacklevel=2,
-            )
-        return self
 
 
 class SpecWarning(UserWarning):

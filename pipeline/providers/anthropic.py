@@ -97,6 +97,12 @@ class AnthropicMessages(Provider):
             body["system"] = system
         return body
 
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
+        return self.body(request.messages)
+
+    def parse_body(self, status: int, body: Any) -> Completion:
+        return self.parse(HttpResponse(status, {}, orjson.dumps(body)))
+
     async def list_models(self) -> list[str]:
         url = self.url.removesuffix("/messages") + "/models"
         payload = await self._get_json(url, self.headers)

@@ -32,6 +32,15 @@ class Provider(ABC):
     async def complete(self, request: ChatRequest) -> Completion:
         """Send one request; return its completion or raise a `ProviderError`."""
 
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body `complete` would send for this request (batch APIs send it later)."""
+        raise SpecError(f"provider '{self.settings.name}' cannot build request bodies")
+
+    def parse_body(self, status: int, body: Any) -> Completion:
+        """The completion in an answer body received elsewhere (a batch result line), or
+        the classified `ProviderError` it describes."""
+        raise SpecError(f"provider '{self.settings.name}' cannot parse answer bodies")
+
     async def count_tokens(self, messages: list[Message]) -> int | None:
         """The provider's own prompt token count, where it has an endpoint for it."""
         return None

@@ -99,8 +99,15 @@ class OpenAIChat(Provider):
         data = payload.get("data") if isinstance(payload, dict) else None
         return [str(m.get("id")) for m in data or [] if isinstance(m, dict)]
 
+    def request_body(self, request: ChatRequest) -> dict[str, Any]:
+        return {**self.body_base, "messages": self._messages(request)}
+
+    def parse_body(self, status: int, body: Any) -> Completion:
+        completion = self.parse(HttpResponse(status, {}, orjson.dumps(body)))
+        return _schema_answer_from_tool(completion) if self.schema_via_tool else completion
+
     async def complete(self, request: ChatRequest) -> Completion:
-        body = orjson.dumps({**self.body_base, "messages": self._messages(request)})
+        body = orjson.dumps(self.request_body(request))
         if self.settings.stream:
             completion = await self._stream(body)
         else:

@@ -13,7 +13,13 @@ In-band triggers in the last user message: ``[[sim:status=NNN]]``, ``[[sim:quota
 ``[[sim:context]]``, ``[[sim:filter]]``, ``[[sim:length]]``, ``[[sim:fail_first=N]]``,
 ``[[sim:drop_first=N]]``, ``[[sim:slow=MS]]``, ``[[sim:tool]]`` (call the first tool
 when tool_choice is auto or absent), ``[[sim:bad_json]]`` (the first answered attempt of
-a structured request is invalid), ``[[sim:always_bad_json]]``.
+a structured request is invalid), ``[[sim:always_bad_json]]``, ``[[sim:batch_invalid]]``
+(the line fails batch validation).
+
+Batch APIs (``batches.py``): OpenAI-style ``/v1/files`` and ``/v1/batches`` and Anthropic
+``/v1/messages/batches``, ending ``batch_turnaround_s`` after creation, with
+``batch_fail_rate`` / ``batch_expire_rate`` per request; stats ``batches_created`` and
+``batch_requests_paid`` (``duplicate_paid`` counts batch answers too).
 
 Structured answers (values from :func:`expected_structured`): OpenAI
 ``response_format`` json_schema, or json_object (schema from a system-message line

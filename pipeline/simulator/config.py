@@ -94,6 +94,16 @@ class SimulatorConfig(BaseModel):
     """Well-formed JSON of an unexpected shape with HTTP 200 (empty choices, a null
     message, null content without usage, usage counts as text)."""
 
+    # --- batch APIs (files, batches, message batches) ---------------------------------
+    batch_turnaround_s: float = Field(default=2.0, ge=0)
+    """Seconds from creating a batch until it ends with every answer."""
+    batch_fail_rate: Probability = 0.0
+    """Share of batched requests answered with a 500 (error file / errored result)."""
+    batch_expire_rate: Probability = 0.0
+    """Share of batched requests that expire unanswered."""
+    batch_drop_create_response: bool = False
+    """The next batch create succeeds but its response is lost (connection dropped)."""
+
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:
         lo, hi = self.latency_ms

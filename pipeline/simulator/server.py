@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from . import errors as E
+from .batches import BatchStore
 from .behaviour import (
     Completion,
     Triggers,
@@ -47,6 +48,9 @@ class Stats:
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.cached_tokens = 0
+        self.batches_created = 0
+        self.files_uploaded = 0
+        self.batch_requests_paid = 0
 
     def paid(self, key: str, c: Completion) -> None:
         self.completions += 1
@@ -76,6 +80,9 @@ class Stats:
             "completion_tokens": self.completion_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "cached_tokens": self.cached_tokens,
+            "batches_created": self.batches_created,
+            "files_uploaded": self.files_uploaded,
+            "batch_requests_paid": self.batch_requests_paid,
         }
         if full:
             out["paid_by_digest"] = dict(self.paid_by_digest)
@@ -98,6 +105,7 @@ class Simulator:
         self._apply(self._config, first=True)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.batch_store = BatchStore(self)
 
     # --- configuration and stats ------------------------------------------------------
 
@@ -133,13 +141,16 @@ class Simulator:
         self.stats_obj.in_flight = in_flight
         self.attempts.clear()
         self.json_attempts.clear()
+        self.batch_store.close()
+        self.batch_store = BatchStore(self)
         cfg = self._config
         self.limiter = _limiter(cfg)
 
     # --- lifecycle --------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
+        # Anthropic batch bodies may reach 256 MB; file uploads are streamed, not read.
+        app = web.Application(client_max_size=300 * 1024**2)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
@@ -162,12 +173,20 @@ class Simulator:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        self.batch_store.close()
 
     # --- routing ----------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/")
         method = request.method
+        if "/batches" in path or "/files" in path:
+            try:
+                batch_response = await self.batch_store.dispatch(request, path)
+            except E.Reject as r:
+                return r.response
+            if batch_response is not None:
+                return batch_response
         if path.endswith("/chat/completions"):
             if method != "POST":
                 err = E.openai_error("Method not allowed.", "invalid_request_error")
