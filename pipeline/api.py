@@ -25,8 +25,6 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.runner import (
-    EXIT_INTERRUPTED,
-    EXIT_STOPPED,
     PreparedJob,
     RunOptions,
     RunSummary,
@@ -167,9 +165,10 @@ async def arun(
     except RunCrashed as exc:
         message = f"the run stopped on an unexpected error: {exc}; finished rows are kept"
         raise RunFailed(message, None) from exc.__cause__
-    if summary.exit_code in (EXIT_STOPPED, EXIT_INTERRUPTED) or summary.output_path is None:
-        reason = summary.fatal.describe() if summary.fatal else "interrupted"
-        raise RunFailed(f"{reason}; finished rows are kept, call again to resume", summary)
+    if not summary.finished or summary.output_path is None:
+        raise RunFailed(
+            f"{summary.why_unfinished}; finished rows are kept, call again to resume", summary
+        )
     if prepared.output_folder:
         source = str(summary.output_path / "part-*.parquet")
         return await anyio.to_thread.run_sync(pl.read_parquet, source)

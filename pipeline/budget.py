@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import Price
-from pipeline.errors import BudgetExceeded
-from pipeline.types import ChatRequest, Usage
+from pipeline.errors import BudgetExceeded, ProviderError
+from pipeline.spend import attempt_cost
+from pipeline.types import ChatRequest, Completion, Usage
 
 WARMUP_ANSWERS = 5
 
@@ -42,8 +43,13 @@ class Budget:
         usd = self.price.cost(worst) if self.price else 0.0
         return usd, float(request.prompt_estimate + request.reply_budget)
 
-    def reserve(self, request: ChatRequest) -> tuple[float, float]:
-        """Claim room for one attempt, or raise BudgetExceeded if there is none."""
+    def reserve(self, request: ChatRequest) -> tuple[float, float] | None:
+        """Claim room for one attempt, or raise BudgetExceeded if there is none.
+
+        Returns what was reserved, for `settle`; None when there are no limits.
+        """
+        if not self.active:
+            return None
         usd, tokens = self.projection(request)
         if self.max_cost_usd is not None:
             projected = self.spent_usd + self._reserved_usd + usd
@@ -66,16 +72,21 @@ class Budget:
         return usd, tokens
 
     def settle(
-        self, reserved: tuple[float, float], usage: Usage | None, cost: float | None
+        self, reserved: tuple[float, float] | None, answer: Completion | ProviderError | None
     ) -> None:
         """Replace a reservation with what the attempt really cost (nothing if it failed)."""
+        if reserved is None:
+            return
         self._reserved_usd -= reserved[0]
         self._reserved_tokens -= reserved[1]
-        if usage is None:
+        if not isinstance(answer, Completion):
             return
-        tokens = usage.prompt_tokens + usage.output_tokens
-        self.spent_usd += cost or 0.0
+        usage = answer.usage
+        cost = attempt_cost(answer, self.price) or 0.0
+        tokens = usage.prompt_tokens + usage.output_tokens if usage is not None else 0
+        self.spent_usd += cost
         self.spent_tokens += tokens
-        self._answers += 1
-        self._answer_usd += cost or 0.0
-        self._answer_tokens += tokens
+        if usage is not None:  # only answers with usage say what the next one will cost
+            self._answers += 1
+            self._answer_usd += cost
+            self._answer_tokens += tokens

@@ -2,8 +2,12 @@
 
 Why SQLite: one file, atomic multi-row commits, readers (`pipeline status`, the final
 assembly) that never block the writer, and point look-ups by row key, so neither a
-rerun nor the final assembly has to hold a million results in memory. A kill -9
-loses at most the rows not yet committed (the writer commits about twice a second).
+rerun nor the final assembly has to hold a million results in memory.
+
+Each answer is also appended to a journal the moment it lands (one write(2), no
+fsync), and the journal is folded into SQLite in batches about twice a second. A
+kill -9 therefore loses no answer that arrived: the next run replays the journal
+before it plans anything. Only requests still in flight at the kill are sent again.
 
 A row is keyed by its id AND the hash of the exact request it was: a finished row is
 reused only while its request is unchanged.
@@ -11,43 +15,38 @@ reused only while its request is unchanged.
 
 from __future__ import annotations
 
+import mmap
+import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from pipeline.columns import JSON_COLUMNS, STORED_COLUMNS, stored_values
 from pipeline.types import RowResult
 
-RESULT_FIELDS = (
-    "response",
-    "reasoning",
-    "prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "total_tokens",
-    "cost_usd",
-    "finish_reason",
-    "model",
-    "latency_s",
-    "attempts",
-    "error",
-)
-# Stored as JSON text; they become columns only for jobs with tools or a schema.
-EXTRA_FIELDS = ("tool_calls", "parsed")
+_STORED_NAMES = tuple(c.name for c in STORED_COLUMNS)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS results (
     row_key TEXT PRIMARY KEY,
     request_hash TEXT NOT NULL,
-    {", ".join(RESULT_FIELDS + EXTRA_FIELDS)},
+    {", ".join(_STORED_NAMES)},
     finished_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_INSERT = (
+    f"INSERT OR REPLACE INTO results (row_key, request_hash, {', '.join(_STORED_NAMES)}, "
+    f"finished_at) VALUES ({', '.join('?' * (len(_STORED_NAMES) + 3))})"
+)
+Row = tuple[Any, ...]  # row_key, request_hash, the stored columns, finished_at
+_ROW_WIDTH = len(_STORED_NAMES) + 3
+_SEGMENT_BYTES = 8 << 20  # grown when the answers between two commits need more
+Sealed = tuple[list[Row], Path | None]  # rows landed, and the journal segment holding them
 # Under SQLite's limit of bound parameters (32,766 since 3.32; 999 before).
 _LOOKUP_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 
@@ -56,6 +55,18 @@ _LOOKUP_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 class Finished:
     request_hash: str
     ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Stored values for a list of row keys, column by column, in the keys' order.
+
+    `found[i]` says whether key i has a result (for its current request, when hashes
+    were given); where it has none, every column holds None.
+    """
+
+    found: list[bool]
+    values: dict[str, tuple[Any, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +97,15 @@ class Checkpoint:
         self._add_missing_columns()
         self._reader = self._connect()
         self.since = float(self.get_meta("fresh_since") or 0.0)
+        self._journal = Journal(path.parent, f"{path.stem}.landed")
+        self._landed: list[Row] = []
 
     def _add_missing_columns(self) -> None:
         # A checkpoint written by an earlier version lacks the newer (nullable) columns.
         present = {row[1] for row in self._writer.execute("PRAGMA table_info(results)")}
-        for column in EXTRA_FIELDS:
-            if column not in present:
-                self._writer.execute(f"ALTER TABLE results ADD COLUMN {column}")
+        for column in JSON_COLUMNS:
+            if column.name not in present:
+                self._writer.execute(f"ALTER TABLE results ADD COLUMN {column.name}")
 
     def get_meta(self, name: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -119,17 +132,45 @@ class Checkpoint:
     def write(self, results: Iterable[RowResult], meta: dict[str, str] | None = None) -> None:
         """Commit a batch of finished rows (and any meta values) atomically."""
         now = time.time()
-        rows = [_row(result, now) for result in results]
+        self._write_rows([_row(result, now) for result in results], meta)
+
+    # -- answers as they land: the journal ---------------------------------------------
+
+    def recover(self) -> int:
+        """Fold answers a killed run journaled but never committed into the database, and
+        start a new journal. Only the run that writes may call this; returns the rows."""
+        rows = self._journal.replay()
+        self._write_rows(rows)
+        self._journal.discard_sealed()
+        self._journal.open()
+        return len(rows)
+
+    def land(self, result: RowResult) -> None:
+        """Hand a finished row to the operating system at once; `commit` makes it queryable."""
+        row = _row(result, time.time())
+        self._journal.append(row)
+        self._landed.append(row)
+
+    def seal(self) -> Sealed:
+        """Everything landed since the last seal, and the journal segment that holds it.
+
+        Call on the thread that lands rows, so no row falls between the two."""
+        rows, self._landed = self._landed, []
+        return rows, self._journal.rotate()
+
+    def commit(self, sealed: Sealed, meta: dict[str, str]) -> None:
+        """Commit sealed rows (and meta values) atomically, then drop their journal segment."""
+        rows, segment = sealed
+        self._write_rows(rows, meta)
+        if segment is not None:
+            segment.unlink(missing_ok=True)
+
+    def _write_rows(self, rows: list[Row], meta: dict[str, str] | None = None) -> None:
         if not rows and not meta:
             return
-        columns = ("row_key", "request_hash", *RESULT_FIELDS, *EXTRA_FIELDS, "finished_at")
-        statement = (
-            f"INSERT OR REPLACE INTO results ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})"
-        )
         with self._writer:
             self._writer.execute("BEGIN")
-            self._writer.executemany(statement, rows)
+            self._writer.executemany(_INSERT, rows)
             for name, value in (meta or {}).items():
                 self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
@@ -142,10 +183,14 @@ class Checkpoint:
             found[key] = Finished(request_hash, not error)
         return found
 
-    def fetch(self, keys: list[str]) -> dict[str, tuple[object, ...]]:
-        """The stored fields (RESULT_FIELDS, then EXTRA_FIELDS) with the request hash first."""
-        columns = "row_key, request_hash, " + ", ".join(RESULT_FIELDS + EXTRA_FIELDS)
-        return {row[0]: row[1:] for row in self._select(columns, keys)}
+    def fetch(
+        self, keys: list[str], names: Sequence[str], hashes: list[str] | None = None
+    ) -> Fetched:
+        """The named columns' values for `keys`; with `hashes` (each key's current request
+        hash), a result recorded for another request counts as missing."""
+        selected = ("row_key", "request_hash", *names)
+        stored = {row[0]: row for row in self._select(", ".join(selected), keys)}
+        return fetched(keys, stored, selected, hashes)
 
     def _select(self, columns: str, keys: list[str]) -> Iterator[tuple[Any, ...]]:
         for start in range(0, len(keys), _LOOKUP_CHUNK):
@@ -194,34 +239,113 @@ class Checkpoint:
         )
 
     def close(self) -> None:
+        self._journal.close()
         self._writer.close()
         self._reader.close()
 
 
-def _row(result: RowResult, now: float) -> tuple[object, ...]:
-    completion = result.completion
-    usage = completion.usage if completion else None
-    return (
-        result.key,
-        result.request_hash,
-        completion.response if completion else None,
-        completion.reasoning if completion else None,
-        usage.prompt_tokens if usage else None,
-        usage.completion_tokens if usage else None,
-        usage.reasoning_tokens if usage else None,
-        usage.cached_tokens if usage else None,
-        usage.total_tokens if usage else None,
-        result.cost_usd,
-        completion.finish_reason if completion else None,
-        completion.model if completion else None,
-        result.latency_s,
-        result.attempts,
-        result.error,
-        _json(completion.tool_calls if completion else None),
-        _json(result.parsed),
-        now,
-    )
+def fetched(
+    keys: list[str],
+    stored: dict[str, tuple[Any, ...]],
+    selected: tuple[str, ...],
+    hashes: list[str] | None,
+) -> Fetched:
+    """`stored` rows (row_key, request_hash, then the rest of `selected`) in `keys` order,
+    column by column; with `hashes`, a row recorded for another request counts as missing."""
+    missing = (None,) * len(selected)
+    rows = [stored.get(key, missing) for key in keys]
+    if hashes is not None:
+        rows = [
+            row if row[1] == request_hash else missing
+            for row, request_hash in zip(rows, hashes, strict=True)
+        ]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(selected)
+    values = dict(zip(selected, columns, strict=True))
+    return Fetched([key is not None for key in values["row_key"]], values)
 
 
-def _json(value: object) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+def _row(result: RowResult, finished_at: float) -> Row:
+    return (result.key, result.request_hash, *stored_values(result), finished_at)
+
+
+class Journal:
+    """Answers appended one line each, in numbered segments beside the database.
+
+    Each segment is a file mapped into memory: a line copied into the mapping is in the
+    operating system's page cache at once, so it survives the process being killed,
+    without a system call per answer (a write(2) per answer measured 8 us here; the copy
+    well under 1). Only a power cut needs fsync, which would cost a disk flush per answer.
+    Segments are sealed as their rows are committed and deleted after; whatever a
+    killed run left is replayed on the next start. A line torn by the kill is skipped
+    (its row is simply sent again), as is the zero-filled tail of an unfinished segment.
+    """
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.directory = directory
+        self.stem = stem
+        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._used = 0
+        self._path: Path | None = None
+
+    def segments(self) -> list[Path]:
+        found = self.directory.glob(f"{self.stem}.*.jsonl")
+        return sorted(found, key=lambda path: int(path.suffixes[-2][1:]))
+
+    def replay(self) -> list[Row]:
+        rows: list[Row] = []
+        for segment in self.segments():
+            for line in segment.read_bytes().rstrip(b"\0").splitlines():
+                try:
+                    row = tuple(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    continue  # torn by the kill
+                if len(row) == _ROW_WIDTH:
+                    rows.append(row)
+        return rows
+
+    def discard_sealed(self) -> None:
+        for segment in self.segments():
+            if segment != self._path:
+                segment.unlink()
+
+    def open(self) -> None:
+        existing = self.segments()
+        number = int(existing[-1].suffixes[-2][1:]) + 1 if existing else 1
+        self._path = self.directory / f"{self.stem}.{number}.jsonl"
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, _SEGMENT_BYTES)  # sparse: pages are allocated as written
+        self._map = mmap.mmap(self._fd, _SEGMENT_BYTES)
+        self._used = 0
+
+    def append(self, row: Row) -> None:
+        if self._map is None:
+            return
+        line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+        end = self._used + len(line)
+        if end > len(self._map):
+            self._grow(end)
+        self._map[self._used : end] = line
+        self._used = end
+
+    def _grow(self, needed: int) -> None:
+        assert self._map is not None and self._fd is not None
+        size = max(needed, 2 * len(self._map))
+        os.ftruncate(self._fd, size)
+        self._map.resize(size)
+
+    def rotate(self) -> Path | None:
+        """Start a new segment; returns the one just closed (None when not journaling)."""
+        sealed = self._path
+        if self._map is None:
+            return None
+        self.close()
+        self.open()
+        return sealed
+
+    def close(self) -> None:
+        if self._map is not None and self._fd is not None:
+            self._map.close()
+            os.ftruncate(self._fd, self._used)
+            os.close(self._fd)
+        self._map = self._fd = None

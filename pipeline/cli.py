@@ -16,10 +16,8 @@ if TYPE_CHECKING:
 
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.runner import (
-    EXIT_CRASHED,
-    EXIT_INVALID,
-    EXIT_STOPPED,
     PreparedJob,
+    RunEnd,
     RunOptions,
     RunSummary,
     Status,
@@ -28,6 +26,14 @@ from pipeline.runner import (
     prepare,
     status,
 )
+
+EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
+EXIT_CODES = {
+    RunEnd.ALL_OK: 0,
+    RunEnd.ROWS_FAILED: 1,
+    RunEnd.STOPPED: EXIT_STOPPED,
+    RunEnd.INTERRUPTED: 130,
+}
 
 
 def _cost(usd: float | None) -> str:
@@ -49,12 +55,34 @@ def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
     sys.exit(EXIT_CRASHED)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Guarded(click.Group):
+    """Every command behind the last line of defence: an unexpected error is one line and
+    exit 4, never a traceback (PIPELINE_DEBUG=1 shows it)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except SpecError as exc:
+            _fail(str(exc), EXIT_INVALID)
+        except Exception as exc:
+            if os.environ.get("PIPELINE_DEBUG") == "1":
+                traceback.print_exception(exc)
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} "
+                "(PIPELINE_DEBUG=1 shows the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_CRASHED)
+
+
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeline")
 def main() -> None:
     """Run an LLM prompt over every row of a CSV or Parquet table."""
@@ -203,7 +231,7 @@ def run(
             f"{prepared.replaced_output} (the whole job's output) is left as it was",
             err=True,
         )
-    sys.exit(summary.exit_code)
+    sys.exit(EXIT_CODES[summary.end])
 
 
 def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) -> None:
@@ -561,8 +589,7 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
     import anyio
 
     from pipeline.config import resolve_provider
-    from pipeline.http import HttpClient
-    from pipeline.providers import create_provider
+    from pipeline.runner import open_provider
     from pipeline.spec import ModelSpec
 
     fields: dict[str, object] = {"provider": provider_name, "model": "-", "base_url": base_url}
@@ -571,8 +598,8 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
 
     async def listing() -> list[str]:
         settings = resolve_provider(ModelSpec.model_validate(fields))
-        async with HttpClient(4, 30.0) as client:
-            return await create_provider(settings, client).list_models()
+        async with open_provider(settings, connections=4, timeout_s=30.0) as provider:
+            return await provider.list_models()
 
     try:
         names = anyio.run(listing)

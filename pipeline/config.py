@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import SpecError
-from pipeline.spec import ModelSpec, Pricing
+from pipeline.spec import ModelSpec, Pricing, SpecWarning
 from pipeline.structured import OutputSchema
 from pipeline.types import Usage
 
@@ -35,6 +36,21 @@ class ProviderPreset(BaseModel):
     # Anthropic-style providers: the default max_tokens, which their API requires.
     default_max_tokens: int = 1024
     count_tokens: bool = False  # has a count_tokens endpoint
+    # Params some models refuse: a fragment of the model name -> the params it refuses.
+    refused_params: dict[str, list[str]] = Field(default_factory=dict)
+
+    def refused_by(self, model: str, params: dict[str, Any]) -> list[str]:
+        """The params in `params` that `model` is known to refuse."""
+        return sorted(
+            {
+                p
+                for fragment, names in self.refused_params.items()
+                if fragment in model
+                for p in names
+            }
+            & set(params)
+        )
+
     # Which batch API the provider has (None: none), for which models (glob patterns;
     # empty: any), and the discount it gives where pricing.yaml names no batch prices.
     batch_api: Literal["openai", "anthropic"] | None = None
@@ -93,15 +109,24 @@ def config_dir() -> Path:
     raise SpecError("cannot find the configs/ folder; set PIPELINE_CONFIG_DIR to it")
 
 
-def available_providers() -> list[str]:
-    return sorted(p.stem for p in (config_dir() / "providers").glob("*.yaml"))
+def available_providers(folder: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in ((folder or config_dir()) / "providers").glob("*.yaml"))
 
 
-@cache
 def load_preset(name: str) -> ProviderPreset:
-    path = config_dir() / "providers" / f"{name}.yaml"
+    return _load_preset(config_dir(), name)
+
+
+def load_prices() -> dict[str, Pricing]:
+    return _load_prices(config_dir())
+
+
+# Cached per folder, so pointing PIPELINE_CONFIG_DIR elsewhere reads that folder's files.
+@cache
+def _load_preset(folder: Path, name: str) -> ProviderPreset:
+    path = folder / "providers" / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(available_providers())
+        known = ", ".join(available_providers(folder))
         raise SpecError(f"model.provider: unknown provider '{name}' (known: {known})")
     try:
         return ProviderPreset.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
@@ -110,8 +135,8 @@ def load_preset(name: str) -> ProviderPreset:
 
 
 @cache
-def load_prices() -> dict[str, Pricing]:
-    path = config_dir() / "pricing.yaml"
+def _load_prices(folder: Path) -> dict[str, Pricing]:
+    path = folder / "pricing.yaml"
     if not path.is_file():
         return {}
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -161,6 +186,14 @@ def resolve_provider(
     """Merge preset and job; with `read_key`, require the key variable to be set
     ("if_set": use it when it is, for calls that can do without)."""
     preset = load_preset(model.provider)
+    if refused := preset.refused_by(model.model, model.params):
+        # Better a warning now than a night of failed rows.
+        warnings.warn(
+            f"model.params: {', '.join(refused)} may be rejected by {model.model} "
+            f"(see refused_params in the '{model.provider}' preset)",
+            SpecWarning,
+            stacklevel=2,
+        )
     # An explicit `api_key_env: null` means "this server needs no key".
     explicit = "api_key_env" in model.model_fields_set
     key_env = model.api_key_env if explicit else preset.api_key_env

@@ -20,12 +20,17 @@ import anyio
 
 from pipeline.config import Price
 from pipeline.errors import ProviderError
-from pipeline.http import HttpClient
 from pipeline.plan import max_reply_tokens, rendered_rows
-from pipeline.providers import Provider, create_provider
+from pipeline.providers.base import Provider
 from pipeline.render import estimate_prompt_tokens
-from pipeline.runner import PreparedJob, RunOptions, execute_async, uses_embedded_simulator
-from pipeline.types import Message, RowResult
+from pipeline.runner import (
+    PreparedJob,
+    RunOptions,
+    execute_async,
+    open_provider,
+    uses_embedded_simulator,
+)
+from pipeline.types import Message, RowResult, Usage
 
 CALIBRATION_ROWS = 100
 COUNT_CONCURRENCY = 8
@@ -41,6 +46,7 @@ class Estimate:
     output_per_row: float | None = None
     reasoning_per_row: float | None = None
     latency_s: float | None = None
+    cached_share: float = 0.0  # of prompt tokens, as measured on the sample
     cost_input: float | None = None
     cost_expected: float | None = None
     cost_worst: float | None = None
@@ -61,8 +67,10 @@ async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
             first.append(messages)
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)
-        async with HttpClient(COUNT_CONCURRENCY, job.spec.limits.timeout_s) as client:
-            counted = await _count(create_provider(settings, client), first)
+        async with open_provider(
+            settings, connections=COUNT_CONCURRENCY, timeout_s=job.spec.limits.timeout_s
+        ) as provider:
+            counted = await _count(provider, first)
     input_tokens, counted_with = sum(local), "offline estimate (~4 characters a token)"
     calibrated = sum(local[: len(first)])
     if counted is not None and calibrated > 0:
@@ -124,6 +132,8 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
     result.output_per_row = sum(u.output_tokens for u in usages) / len(usable)
     result.reasoning_per_row = sum(u.reasoning_tokens for u in usages) / len(usable)
     result.latency_s = sum(r.latency_s or 0.0 for r in usable) / len(usable)
+    prompt = sum(u.prompt_tokens for u in usages)
+    result.cached_share = sum(u.cached_tokens for u in usages) / prompt if prompt else 0.0
 
 
 def _price(job: PreparedJob, result: Estimate) -> None:
@@ -139,12 +149,20 @@ def _costs(
     """(input only, expected, every reply at max_tokens) at this price."""
     if price is None:
         return None, None, None
-    cost_input = result.input_tokens * price.input / 1e6
-    worst = cost_input + result.rows * result.max_output_per_row * price.output / 1e6
+
+    def cost(output_per_row: float, cached_share: float = 0.0) -> float:
+        usage = Usage(
+            prompt_tokens=result.input_tokens,
+            completion_tokens=round(result.rows * output_per_row),
+            cached_tokens=round(result.input_tokens * cached_share),
+        )
+        return price.cost(usage)
+
+    # The range assumes no cache hits; the expected cost uses the share the sample measured.
     expected = None
     if result.output_per_row is not None:
-        expected = cost_input + result.rows * result.output_per_row * price.output / 1e6
-    return cost_input, expected, worst
+        expected = cost(result.output_per_row, result.cached_share)
+    return cost(0), expected, cost(result.max_output_per_row)
 
 
 def _time(job: PreparedJob, result: Estimate) -> None:

@@ -15,37 +15,15 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.checkpoint import EXTRA_FIELDS, RESULT_FIELDS, Checkpoint
+from pipeline.checkpoint import Checkpoint
+from pipeline.columns import NOT_PROCESSED, RESULT_COLUMNS
 from pipeline.inputs import InputTable, row_keys
 from pipeline.structured import OutputSchema
 
 READ_BATCH_ROWS = 10_000
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("response", pa.string()),
-        ("reasoning", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("reasoning_tokens", pa.int64()),
-        ("cached_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("finish_reason", pa.string()),
-        ("model", pa.string()),
-        ("latency_s", pa.float64()),
-        ("attempts", pa.int64()),
-        ("error", pa.string()),
-    ]
-)
-OUTPUT_COLUMNS = tuple(RESULT_SCHEMA.names)
-assert OUTPUT_COLUMNS == RESULT_FIELDS, "checkpoint and output disagree on the result columns"
-NOT_PROCESSED = "not_processed: no result was recorded"
-_MISSING = (None,) * (len(RESULT_FIELDS) - 1) + (NOT_PROCESSED,) + (None,) * len(EXTRA_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -111,10 +89,9 @@ def write_output(
         for batch in table.batches(READ_BATCH_ROWS, limit):
             keys = row_keys(batch, offset, table.id_column)
             current = hashes(batch) if hashes else None
-            joined = _with_results(batch.to_arrow(), keys, checkpoint, layout, current)
+            joined, found = _with_results(batch.to_arrow(), keys, checkpoint, layout, current)
             if finished_only:
-                missing = pc.fill_null(pc.equal(joined["error"], NOT_PROCESSED), False)
-                joined = joined.filter(pc.invert(missing))
+                joined = joined.filter(pa.array(found, type=pa.bool_()))
             if writer is None:
                 writer = pq.ParquetWriter(temporary, joined.schema, compression="zstd")
             writer.write_table(joined)
@@ -122,7 +99,7 @@ def write_output(
             rows += joined.num_rows
         if writer is None:
             empty = pl.DataFrame(schema=table.schema).to_arrow()
-            schema = _with_results(empty, [], checkpoint, layout).schema
+            schema = _with_results(empty, [], checkpoint, layout)[0].schema
             writer = pq.ParquetWriter(temporary, schema)
         writer.close()
         writer = None
@@ -142,10 +119,10 @@ def join_results(
 ) -> pa.Table:
     """An input batch with its result columns, exactly as the output file has them.
 
-    `results` is anything with the checkpoint's `fetch(keys)`: a cluster run passes
-    the rows its shards committed.
+    `results` is anything with the checkpoint's `fetch`: a cluster run passes the rows
+    its shards committed.
     """
-    return _with_results(inputs, keys, results, layout)
+    return _with_results(inputs, keys, results, layout)[0]
 
 
 def _with_results(
@@ -154,28 +131,31 @@ def _with_results(
     checkpoint: Checkpoint,
     layout: Layout,
     current: list[str] | None = None,
-) -> pa.Table:
-    stored = checkpoint.fetch(keys)
-    if current is not None:
-        stored = {
-            key: stored[key]
-            for key, request_hash in zip(keys, current, strict=True)
-            if key in stored and stored[key][0] == request_hash
-        }
-    records = [stored[key][1:] if key in stored else _MISSING for key in keys]
-    width = len(RESULT_FIELDS) + len(EXTRA_FIELDS)
-    columns = list(zip(*records, strict=True)) if records else [()] * width
-    for field, values in zip(RESULT_SCHEMA, columns, strict=False):
-        inputs = inputs.append_column(field, pa.array(values, type=field.type))
-    tool_calls, parsed = columns[len(RESULT_FIELDS) :]
+) -> tuple[pa.Table, list[bool]]:
+    """The input batch with its result columns appended, and which rows have a result."""
+    names = [c.name for c in RESULT_COLUMNS]
     if layout.tool_calls:
-        inputs = inputs.append_column("tool_calls", pa.array(tool_calls, type=pa.string()))
+        names.append("tool_calls")
     if layout.schema is not None:
-        objects = [None if text is None else orjson.loads(text) for text in parsed]
+        names.append("parsed")
+    stored = checkpoint.fetch(keys, names, current)
+    values = stored.values
+    for column in RESULT_COLUMNS:
+        column_values = values[column.name]
+        if column.name == "error":
+            column_values = tuple(
+                e if found else NOT_PROCESSED
+                for e, found in zip(column_values, stored.found, strict=True)
+            )
+        inputs = inputs.append_column(column.name, pa.array(column_values, type=column.type))
+    if layout.tool_calls:
+        inputs = inputs.append_column("tool_calls", pa.array(values["tool_calls"], pa.string()))
+    if layout.schema is not None:
+        objects = [None if text is None else orjson.loads(text) for text in values["parsed"]]
         fields = layout.schema.arrow_fields()
         for field, array in zip(fields, layout.schema.arrays(objects), strict=True):
             inputs = inputs.append_column(field.with_type(array.type), array)
-    return inputs
+    return inputs, stored.found
 
 
 def _fsync(path: Path) -> None:

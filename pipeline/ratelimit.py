@@ -18,13 +18,15 @@ for requests in flight, under the job's hard cap.
 from __future__ import annotations
 
 import math
-import time
+from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 
-from pipeline.types import RateLimitInfo
+from pipeline.errors import ProviderError, RateLimited
+from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
 HEADROOM = 0.99  # pace 1% under a known limit: arrival jitter must not tip a window over
 BACKOFF_FACTOR = 0.7
@@ -54,6 +56,7 @@ class Gate:
         self.declared = per_minute / 60.0 if per_minute else None
         self.learned: float | None = None
         self.adaptive: float | None = None
+        self.backlog_booked = False
         self._next_free = 0.0
 
     @property
@@ -78,6 +81,7 @@ class Gate:
 
     def book_backlog(self, since: float, amount: float) -> None:
         """Count `amount` units already sent since `since` as if they had been paced."""
+        self.backlog_booked = True
         rate = self.rate
         if rate is not None:
             self._next_free = max(self._next_free, since + amount / rate)
@@ -97,7 +101,54 @@ class PacerState:
     paused_s: float
 
 
-class Pacer:
+class Turns(ABC):
+    """What an attempt needs from a pacer: a turn before it, and an account of it after.
+
+    Built on the pacing primitives a pacer has (`acquire`, `release`, `observe`,
+    `rate_limited`, `learn_prompt_scale`, `prompt_scale`), so a pacer that paces
+    differently (a cluster worker's, paced by leases) offers the attempt the same two
+    calls.
+    """
+
+    prompt_scale: float
+    _clock: Callable[[], float]  # the event loop's clock
+
+    async def take_turn(self, request: ChatRequest) -> float:
+        """Wait for a slot and this request's paced turn; returns the start time (loop clock)."""
+        await self.acquire(request.prompt_estimate * self.prompt_scale + request.reply_budget)
+        return self._clock()
+
+    def end_turn(
+        self, request: ChatRequest, sent_at: float, answer: Completion | ProviderError | None
+    ) -> None:
+        """Give the slot back and learn from the answer (None: the attempt never finished)."""
+        self.release(succeeded=isinstance(answer, Completion))
+        if isinstance(answer, Completion):
+            self.observe(answer.rate_limits)
+            if answer.usage is not None:
+                self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
+        elif answer is not None:
+            self.observe(answer.rate_limits)
+            if isinstance(answer, RateLimited):
+                self.rate_limited(answer.retry_after, sent_at=sent_at)
+
+    @abstractmethod
+    async def acquire(self, tokens: float) -> None: ...
+
+    @abstractmethod
+    def release(self, *, succeeded: bool) -> None: ...
+
+    @abstractmethod
+    def observe(self, info: RateLimitInfo | None) -> None: ...
+
+    @abstractmethod
+    def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None: ...
+
+    @abstractmethod
+    def learn_prompt_scale(self, estimated: int, actual: int) -> None: ...
+
+
+class Pacer(Turns):
     def __init__(
         self,
         requests_per_minute: float | None,
@@ -105,7 +156,11 @@ class Pacer:
         *,
         max_concurrency: int,
         initial_concurrency: int | None = None,
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
+        # Every time the pacer reads, and every time it sleeps until, is on this clock:
+        # the event loop's, so that a test's virtual loop clock drives all of it.
+        self._clock = clock
         self.requests = Gate(requests_per_minute)
         self.tokens = Gate(tokens_per_minute)
         self.max_concurrency = max_concurrency
@@ -122,7 +177,7 @@ class Pacer:
         self._rate_grown_at = 0.0
         self._backed_off_at = -math.inf
         self._rate_step = 0.0
-        # Send times on the process clock (cheap to read), only to estimate the recent rate.
+        # Send times, only to estimate the recent rate.
         self._sent_times: deque[float] = deque(maxlen=4096)
         self.prompt_scale = 1.0
         # Sent while no limit was known, booked once one is learned (see `_learn`).
@@ -131,31 +186,31 @@ class Pacer:
         self._unpaced_tokens = 0.0
         self._last_tokens = 1.0
 
-    # -- before and after each attempt ------------------------------------------------
+    # -- the pacing primitives -----------------------------------------------------------
 
     async def acquire(self, tokens: float) -> None:
         """Wait for a free slot in the window, then for this request's turn."""
         await self._take_slot()
         self._last_tokens = max(1.0, tokens)
         if self.requests.rate is None and self.tokens.rate is None and not self._paused_until:
-            self._sent_times.append(time.monotonic())
+            self._sent_times.append(self._clock())
             if self._unpaced_since is None:
-                self._unpaced_since = anyio.current_time()
+                self._unpaced_since = self._clock()
             self._unpaced_requests += 1
             self._unpaced_tokens += tokens
             return  # nothing to pace against (yet): no reservation needed
         try:
             while True:
-                now = anyio.current_time()
+                now = self._clock()
                 start = max(now, self._paused_until, self.requests.next_free, self.tokens.next_free)
                 self.requests.commit(start, 1)
                 self.tokens.commit(start, tokens)
                 if start > now:
                     await anyio.sleep(start - now)
                 # A 429 elsewhere may have paused the pool while this one slept.
-                if anyio.current_time() >= self._paused_until:
+                if self._clock() >= self._paused_until:
                     break
-            self._sent_times.append(time.monotonic())
+            self._sent_times.append(self._clock())
         except BaseException:
             self._give_slot()
             raise
@@ -193,7 +248,7 @@ class Pacer:
                 self.pause(min(wait, MAX_HEADER_PAUSE_S))
 
     def _learn(self, gate: Gate, per_minute: float, unpaced: float) -> None:
-        first = gate.rate is None
+        first = gate.rate is None and not gate.backlog_booked
         gate.learned = per_minute / 60.0
         if first and self._slow_start:
             # The rate is known now and paces the pool: the window need not probe further.
@@ -202,7 +257,8 @@ class Pacer:
             self._wake_waiters()
         if first and unpaced and self._unpaced_since is not None:
             # What went out before any limit was known counts against the same window:
-            # book it, so a fixed-window limiter is not overrun at the end of the first one.
+            # book it (once), so a fixed-window limiter is not overrun at the end of the
+            # first one.
             gate.book_backlog(self._unpaced_since, unpaced)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
@@ -214,7 +270,7 @@ class Pacer:
         self.pause(retry_after if retry_after is not None else 1.0)
         if sent_at is not None and sent_at < self._backed_off_at:
             return
-        now = anyio.current_time()
+        now = self._clock()
         self._backed_off_at = now
         self.window = max(1, math.floor(self.window * BACKOFF_FACTOR))
         self._slow_start = False
@@ -226,7 +282,7 @@ class Pacer:
         self._window_grown_at = self._rate_grown_at = now
 
     def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, anyio.current_time() + seconds)
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
         """Correct the offline prompt estimate from the usage that came back."""
@@ -234,7 +290,7 @@ class Pacer:
             self.prompt_scale += 0.1 * (actual / estimated - self.prompt_scale)
 
     def state(self) -> PacerState:
-        paused = max(0.0, self._paused_until - anyio.current_time())
+        paused = max(0.0, self._paused_until - self._clock())
         return PacerState(self.requests.rate, self.tokens.rate, self.window, paused)
 
     # -- internals ----------------------------------------------------------------------
@@ -266,7 +322,7 @@ class Pacer:
     def _grow(self) -> None:
         if self.window >= self.max_concurrency and self.requests.adaptive is None:
             return
-        now = anyio.current_time()
+        now = self._clock()
         # Time spent paused at the server's request is not evidence of spare capacity.
         if self.window < self.max_concurrency and (
             self._slow_start or now - max(self._window_grown_at, self._paused_until) >= 1.0
@@ -285,7 +341,7 @@ class Pacer:
         return self._recent_rate() or 0.0
 
     def _recent_rate(self) -> float | None:
-        now = time.monotonic()
+        now = self._clock()
         recent = [t for t in self._sent_times if now - t <= 2.0]
         if len(recent) < 2:
             return None

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.output import OUTPUT_COLUMNS
+from pipeline.columns import RESULT_NAMES
 from pipeline.runlog import read_events
 
 SAMPLE_ROWS = 24
@@ -97,15 +97,15 @@ def locate(target: Path) -> Iterator[Target]:
 
 def input_columns(frame: pl.DataFrame) -> list[str]:
     """The input's columns: they come first, before the output columns."""
-    first = next((i for i, c in enumerate(frame.columns) if c in OUTPUT_COLUMNS), None)
+    first = next((i for i, c in enumerate(frame.columns) if c in RESULT_NAMES), None)
     columns = frame.columns if first is None else frame.columns[:first]
-    return [c for c in columns if c not in OUTPUT_COLUMNS]
+    return [c for c in columns if c not in RESULT_NAMES]
 
 
 def result_columns(frame: pl.DataFrame) -> list[str]:
     """Columns made from the answer beyond the fixed ones: schema properties, tool calls."""
     inputs = set(input_columns(frame))
-    return [c for c in frame.columns if c not in OUTPUT_COLUMNS and c not in inputs]
+    return [c for c in frame.columns if c not in RESULT_NAMES and c not in inputs]
 
 
 def error_classes(errors: pl.Series) -> list[tuple[str, int]]:

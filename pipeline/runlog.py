@@ -22,8 +22,17 @@ WRITE_EVERY_S = 0.5
 
 
 class RunLog:
-    def __init__(self, path: Path | None, secrets: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        secrets: tuple[str, ...] = (),
+        *,
+        write_every_s: float | None = None,
+    ) -> None:
+        """`write_every_s`: also append buffered lines this often as attempts happen (off
+        when the owner ships the lines elsewhere with `take`)."""
         self.path = path
+        self.write_every_s = write_every_s
         self._secrets = tuple(s for s in secrets if s)
         self._buffer: list[bytes] = []
         self._written_at = time.monotonic()
@@ -74,7 +83,8 @@ class RunLog:
             }
         )
         self._buffer.append(self._redact(line) if message else line)
-        if time.monotonic() - self._written_at >= WRITE_EVERY_S:
+        every = self.write_every_s
+        if every is not None and time.monotonic() - self._written_at >= every:
             self.flush()
 
     def take(self) -> list[bytes]:

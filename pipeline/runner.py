@@ -10,9 +10,11 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -22,35 +24,39 @@ from pipeline import storage
 from pipeline.batch.support import require_batch_api
 from pipeline.breaker import Breaker
 from pipeline.budget import Budget
-from pipeline.checkpoint import Checkpoint, Totals
+from pipeline.checkpoint import Checkpoint, Sealed, Totals
+from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
 from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError
 from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
-from pipeline.output import (
-    OUTPUT_COLUMNS,
-    Layout,
-    count_failed,
-    output_is_current,
-    write_output,
-)
+from pipeline.output import Layout, count_failed, output_is_current, write_output
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
-from pipeline.providers import create_provider
+from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
-from pipeline.runlog import RunLog
+from pipeline.runlog import WRITE_EVERY_S, RunLog
 from pipeline.scheduler import Outcome, Scheduler
-from pipeline.spec import JobSpec, load_spec
+from pipeline.spec import JobSpec, LimitsSpec, load_spec
 from pipeline.structured import OutputSchema
 from pipeline.types import RowResult
 
 ADAPTIVE_MAX_CONCURRENCY = 256
 ADAPTIVE_START_CONCURRENCY = 16
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_INVALID, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_CRASHED = 4
+
+
+class RunEnd(Enum):
+    """How a run ended. The CLI maps it to an exit code; the Python API returns the
+    output for the first two and raises `RunFailed` for the others. (An unexpected
+    error is not an end: it leaves `execute` as `RunCrashed`.)"""
+
+    ALL_OK = "every row has an answer"
+    ROWS_FAILED = "finished, with some rows in error"
+    STOPPED = "stopped by a job-level failure"
+    INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -114,13 +120,22 @@ class RunSummary:
     outcome: Outcome
     wall_s: float
     output_path: Path | None
-    exit_code: int
+    end: RunEnd
     fatal: JobFatalError | JobStopped | None = None
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
     output_uri: str | None = None  # where the output was uploaded, for remote outputs
     counters: RunCounters = field(default_factory=RunCounters)
+
+    @property
+    def finished(self) -> bool:
+        """Every row has a result (an answer or its error)."""
+        return self.end in (RunEnd.ALL_OK, RunEnd.ROWS_FAILED)
+
+    @property
+    def why_unfinished(self) -> str:
+        return self.fatal.describe() if self.fatal else self.end.value
 
 
 def prepare(
@@ -209,13 +224,13 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
 
 
 def _check_column_names(spec: JobSpec, table: InputTable, layout: Layout) -> None:
-    reserved = set(OUTPUT_COLUMNS) | {"tool_calls"}
+    reserved = set(RESULT_NAMES) | {"tool_calls"}
     if clashes := sorted(reserved & set(layout.schema.columns if layout.schema else [])):
         raise SpecError(
             f"output.schema: propert(ies) {', '.join(clashes)} would clash with the output "
             "columns of the same name; rename them"
         )
-    produced = [*OUTPUT_COLUMNS, *layout.extra_columns]
+    produced = [*RESULT_NAMES, *layout.extra_columns]
     if clashes := sorted(set(produced) & set(table.columns)):
         raise SpecError(
             f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
@@ -299,6 +314,7 @@ async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
         settings = uses_embedded_simulator(job, stack)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
+        checkpoint.recover()
         if options.fresh:
             checkpoint.start_fresh()
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
@@ -363,18 +379,87 @@ def _starting_point(job: PreparedJob, checkpoint: Checkpoint, options: RunOption
     return StartingPoint(ok + failed, pending)
 
 
-async def _pump(
-    job: PreparedJob,
-    settings: ProviderSettings,
-    plan: WorkPlan,
-    checkpoint: Checkpoint,
-    progress: Progress,
-    counters: RunCounters,
-    options: RunOptions,
-) -> Outcome:
+@dataclass
+class _Recorder:
+    """Commits each batch of finished rows, then tells the caller and the progress display."""
+
+    plan: WorkPlan
+    checkpoint: Checkpoint
+    log: RunLog
+    progress: Progress
+    counters: RunCounters
+    pacer: Pacer
+    outcome: Outcome
+    run_state: RunState
+    on_result: Callable[[RowResult], None] | None
+    _landed: list[RowResult] = field(default_factory=list)
+
+    def land(self, result: RowResult) -> int:
+        self.checkpoint.land(result)
+        self._landed.append(result)
+        return len(self._landed)
+
+    async def commit(self) -> int:
+        if not self._landed:
+            return 0
+        # Sealed before the first await, so no row lands between the journal and the batch.
+        sealed = self.checkpoint.seal()
+        batch, self._landed = self._landed, []
+        await anyio.to_thread.run_sync(self._write, sealed, self.log.take(), self.plan.cursor)
+        for result in batch:
+            if self.on_result is not None:
+                self.on_result(result)
+            self.counters.row_finished(result)
+        self.show()
+        return len(batch)
+
+    def _write(self, sealed: Sealed, lines: list[bytes], cursor: int) -> None:
+        # Every row before the cursor was planned, so at most the rows in flight there
+        # are unfinished: a resume starts at the cursor and sends its first request at once.
+        meta = {"plan_cursor": str(cursor), RUN_STATE_META: self.run_state.dumps(self.counters)}
+        self.checkpoint.commit(sealed, meta)
+        self.log.write(lines)
+
+    def finish(self) -> None:
+        """The run stopped sending: show where it got to, and record that it ended."""
+        self.show(force=True)
+        self.run_state.active = False
+        self.checkpoint.set_meta(RUN_STATE_META, self.run_state.dumps(self.counters))
+        outcome = self.outcome
+        self.log.event(
+            "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
+            **self.counters.snapshot(),
+            reused=self.plan.reused,
+            retries=outcome.retries,
+            rate_limited=outcome.rate_limited,
+            stop=outcome.fatal.describe() if outcome.fatal else None,
+            interrupted=outcome.interrupted,
+        )
+        self.log.flush()
+
+    def show(self, force: bool = False) -> None:
+        self.progress.update(
+            self.counters,
+            reused=self.plan.reused,
+            retries=self.outcome.retries,
+            requests_per_minute=self.pacer.recent_rate() * 60,
+            force=force,
+        )
+
+
+def _note_stopping(progress: Progress, counters: RunCounters, grace_s: float) -> None:
+    waiting = counters.in_flight
+    progress.note(
+        f"stopping: waiting up to {grace_s:g}s for {waiting:,} request(s) in flight\n"
+        "  (sent and paid for; no new ones are sent). Ctrl-C again abandons them."
+    )
+
+
+def _budget(job: PreparedJob, settings: ProviderSettings, checkpoint: Checkpoint) -> Budget:
+    """The job's spending limits, counting what earlier runs of it already spent."""
     limits = job.spec.limits
     spent = checkpoint.totals()
-    budget = Budget(
+    return Budget(
         limits.max_cost_usd,
         limits.max_tokens_total,
         settings.price,
@@ -382,7 +467,29 @@ async def _pump(
         spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
     )
 
-    log = RunLog(job.log_path, secrets=(settings.api_key or "",))
+
+def _pacer(limits: LimitsSpec) -> Pacer:
+    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
+    return Pacer(
+        limits.requests_per_minute,
+        limits.tokens_per_minute,
+        max_concurrency=cap,
+        # A cap the user chose is used from the start; otherwise start small and grow.
+        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
+    )
+
+
+@asynccontextmanager
+async def open_provider(
+    settings: ProviderSettings, *, connections: int, timeout_s: float
+) -> AsyncIterator[Provider]:
+    """The provider adapter for `settings` on its own HTTP client, closed on exit."""
+    async with HttpClient(connections, timeout_s) as client:
+        yield create_provider(settings, client)
+
+
+def _open_log(job: PreparedJob, settings: ProviderSettings, options: RunOptions) -> RunLog:
+    log = RunLog(job.log_path, secrets=(settings.api_key or "",), write_every_s=WRITE_EVERY_S)
     log.event(
         "run_started",
         job=job.spec.name,
@@ -394,84 +501,57 @@ async def _pump(
         limit=job.limit,
         command=options.command,
     )
+    return log
 
+
+async def _pump(
+    job: PreparedJob,
+    settings: ProviderSettings,
+    plan: WorkPlan,
+    checkpoint: Checkpoint,
+    progress: Progress,
+    counters: RunCounters,
+    options: RunOptions,
+) -> Outcome:
+    limits = job.spec.limits
+    log = _open_log(job, settings, options)
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
-
-    def commit(batch: list[RowResult], lines: list[bytes], cursor: int) -> None:
-        # Every row before the cursor was planned, so at most the rows in flight there
-        # are unfinished: a resume starts at the cursor and sends its first request at once.
-        meta = {"plan_cursor": str(cursor), RUN_STATE_META: run_state.dumps(counters)}
-        checkpoint.write(batch, meta)
-        log.write(lines)
-
-    async def record(batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(commit, batch, log.take(), plan.cursor)
-        for result in batch:
-            if options.on_result is not None:
-                options.on_result(result)
-            counters.row_finished(result)
-        show_progress()
-
-    def show_progress(force: bool = False) -> None:
-        progress.update(
-            counters,
-            reused=plan.reused,
-            retries=scheduler.outcome.retries if scheduler else 0,
-            requests_per_minute=pacer.recent_rate() * 60,
-            force=force,
-        )
-
-    def stopping(grace_s: float) -> None:
-        waiting = counters.in_flight
-        progress.note(
-            f"stopping: waiting up to {grace_s:g}s for {waiting:,} request(s) in flight\n"
-            "  (sent and paid for; no new ones are sent). Ctrl-C again abandons them."
-        )
-
-    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
-    pacer = Pacer(
-        limits.requests_per_minute,
-        limits.tokens_per_minute,
-        max_concurrency=cap,
-        # A cap the user chose is used from the start; otherwise start small and grow.
-        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
-    )
-    scheduler: Scheduler | None = None
-    async with HttpClient(cap, limits.timeout_s) as client:
+    pacer = _pacer(limits)
+    async with open_provider(
+        settings, connections=pacer.max_concurrency, timeout_s=limits.timeout_s
+    ) as provider:
         scheduler = Scheduler(
-            create_provider(settings, client),
+            provider,
             pacer,
             RetryPolicy(max_attempts=limits.max_attempts),
             settings.price,
-            concurrency=cap,
-            budget=budget,
+            concurrency=pacer.max_concurrency,
+            budget=_budget(job, settings, checkpoint),
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
             breaker=Breaker(stall_s=limits.stall_timeout_s),
             counters=counters,
-            on_stop=stopping,
+            on_stop=partial(_note_stopping, progress, counters),
+        )
+        recorder = _Recorder(
+            plan,
+            checkpoint,
+            log,
+            progress,
+            counters,
+            pacer,
+            scheduler.outcome,
+            run_state,
+            options.on_result,
         )
         try:
             return await scheduler.run(
-                plan.requests(), record, handle_signals=options.handle_signals
+                plan.requests(), recorder, handle_signals=options.handle_signals
             )
         finally:
-            outcome = scheduler.outcome
-            show_progress(force=True)
-            run_state.active = False
-            checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
-            log.event(
-                "run_stopped" if outcome.fatal or outcome.interrupted else "run_sent_all",
-                **counters.snapshot(),
-                reused=plan.reused,
-                retries=outcome.retries,
-                rate_limited=outcome.rate_limited,
-                stop=outcome.fatal.describe() if outcome.fatal else None,
-                interrupted=outcome.interrupted,
-            )
-            log.flush()
+            recorder.finish()
 
 
 def _finish(
@@ -485,11 +565,11 @@ def _finish(
 ) -> RunSummary:
     output_path: Path | None = None
     if outcome.fatal is not None:
-        code = EXIT_STOPPED
+        end = RunEnd.STOPPED
     elif outcome.interrupted:
-        code = EXIT_INTERRUPTED
+        end = RunEnd.INTERRUPTED
     elif not options.write_output:
-        code = EXIT_ROW_ERRORS if counters.rows_failed else EXIT_OK
+        end = RunEnd.ROWS_FAILED if counters.rows_failed else RunEnd.ALL_OK
     else:
         # A rerun that found everything done leaves an up-to-date output untouched.
         if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
@@ -497,7 +577,7 @@ def _finish(
             if job.output_uri is not None:
                 storage.upload(job.output_path, job.output_uri)
         output_path = job.output_path
-        code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
+        end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
@@ -506,7 +586,7 @@ def _finish(
         outcome=outcome,
         wall_s=wall_s,
         output_path=output_path,
-        exit_code=code,
+        end=end,
         fatal=outcome.fatal,
         run_cost=counters.cost_usd,
         run_failed=counters.rows_failed,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -105,19 +104,6 @@ class ModelSpec(_Strict):
             if key in params:
                 raise ValueError(f"'{key}' cannot be set in model.params; use {owner}")
         return params
-
-    @model_validator(mode="after")
-    def _warn_known_rejections(self) -> ModelSpec:
-        # xAI's reasoning models refuse these; better a warning now than a failed night.
-        rejected = {"presence_penalty", "frequency_penalty", "stop"} & set(self.params)
-        if rejected and "grok-3-mini" in self.model:
-            warnings.warn(
-                f"model.params: {', '.join(sorted(rejected))} may be rejected by {self.model} "
-                "(xAI reasoning models refuse them)",
-                SpecWarning,
-                stacklevel=2,
-            )
-        return self
 
 
 class SpecWarning(UserWarning):

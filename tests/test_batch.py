@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import polars as pl
 from conftest import make_job, messages_for, reviews, run_cli, start_cli
 
-from pipeline.output import OUTPUT_COLUMNS
+from pipeline.columns import RESULT_NAMES
 from pipeline.simulator import RunningSimulator, expected_reasoning, expected_response
 
 MODEL = "x-ai-grok-3-mini"
@@ -38,7 +39,7 @@ def test_openai_batch_with_failures_and_expiry_finishes_every_row_at_half_price(
 
     assert result.returncode == 0, result.stderr
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
-    assert out.columns == [*data.columns, *OUTPUT_COLUMNS]
+    assert out.columns == [*data.columns, *RESULT_NAMES]
     assert out["review_id"].to_list() == data["review_id"].to_list()
     assert out["error"].null_count() == len(out)
     for row in out.iter_rows(named=True):
@@ -342,3 +343,21 @@ def test_structured_output_and_row_errors_work_as_online(
     assert good.height == 7
     assert set(good["label"].to_list()) <= {"positive", "negative"}
     assert good["stars"].null_count() == 0
+
+
+def test_estimate_shows_online_and_batch_cost_side_by_side(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(2000).write_csv(tmp_path / "reviews.csv")  # costs large enough to print exactly
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("estimate", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("online vs batch"))
+    online, batch = line.split(" | ")
+    low, high = (float(v) for v in re.findall(r"\$([0-9.]+)", online))
+    batch_low, batch_high = (float(v) for v in re.findall(r"\$([0-9.]+)", batch))
+    assert math.isclose(batch_low, low / 2, rel_tol=1e-2)
+    assert math.isclose(batch_high, high / 2, rel_tol=1e-2)
+    assert simulator.stats()["requests"] == 0

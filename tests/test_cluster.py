@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from conftest import SIM_KEY, make_job, messages_for, reviews, run_cli, start_cli
 
-from pipeline.output import OUTPUT_COLUMNS
-from pipeline.runner import RunOptions, prepare
+from pipeline.columns import RESULT_NAMES
+from pipeline.runner import RunEnd, RunOptions, prepare
 from pipeline.simulator import RunningSimulator, expected_response
 
 MODEL = "x-ai-grok-3-mini"
@@ -64,9 +64,9 @@ def test_cluster_output_is_the_local_output(
     )
     summary = cluster_run(job)
 
-    assert summary.exit_code == 0
+    assert summary.end is RunEnd.ALL_OK
     out = pl.read_parquet(tmp_path / "out" / "cluster.parquet")
-    assert out.columns == [*data.columns, *OUTPUT_COLUMNS]
+    assert out.columns == [*data.columns, *RESULT_NAMES]
     assert out.drop(TIMING).equals(local.drop(TIMING))
     check_answers(out)
     stats = simulator.stats()
@@ -79,7 +79,7 @@ def test_cluster_output_is_the_local_output(
 
     # A rerun sends nothing.
     again = cluster_run(job)
-    assert again.exit_code == 0 and again.sent == 0 and again.reused == 400
+    assert again.end is RunEnd.ALL_OK and again.sent == 0 and again.reused == 400
     assert simulator.stats()["completions"] == 400
 
 
@@ -104,7 +104,7 @@ def test_workers_share_one_rate_limit(
 
     summary = cluster_run(job)
 
-    assert summary.exit_code == 0
+    assert summary.end is RunEnd.ALL_OK
     check_answers(pl.read_parquet(tmp_path / "out" / "result.parquet"))
     stats = simulator.stats()
     # benchmarks/cluster.py measures 0.04% over 20,000 rows; 500 rows on a busy CI
@@ -129,7 +129,7 @@ def test_folder_output_has_one_part_per_shard(
 
     summary = cluster_run(job)
 
-    assert summary.exit_code == 0
+    assert summary.end is RunEnd.ALL_OK
     parts = sorted((tmp_path / "parts").glob("part-*.parquet"))
     assert len(parts) > 1
     out = pl.concat([pl.read_parquet(p) for p in parts])
@@ -292,7 +292,7 @@ def test_s3_input_and_output_on_the_cluster_match_a_local_run(
     os.environ.setdefault("PIPELINE_STAGE_DIR", str(tmp_path / "stage"))
     summary = cluster_run(job)
 
-    assert summary.exit_code == 0
+    assert summary.end is RunEnd.ALL_OK
     fs, path = storage.filesystem(f"s3://{bucket}/out/result.parquet")
     with fs.open_input_file(path) as handle:
         remote = pl.read_parquet(handle.read())

@@ -86,3 +86,20 @@ def test_an_unknown_price_prints_unknown(tmp_path: Path, simulator: RunningSimul
     assert result.returncode == 0, result.stderr
     assert "cost: unknown this run, unknown all finished rows" in result.stderr
     assert "$0.000000" not in result.stderr
+
+
+def test_the_run_log_is_written_as_attempts_happen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run where no row finishes (nothing to commit) still shows its attempts."""
+    from pipeline import runlog
+
+    now = [100.0]
+    monkeypatch.setattr(runlog.time, "monotonic", lambda: now[0])
+    path = tmp_path / "events.jsonl"
+    log = runlog.RunLog(path, write_every_s=runlog.WRITE_EVERY_S)
+    log.attempt("r1", 1, status=429, latency_s=0.1, outcome="rate_limited", in_flight=1)
+    assert read_events(path) == []  # buffered for now
+    now[0] += runlog.WRITE_EVERY_S
+    log.attempt("r1", 2, status=429, latency_s=0.1, outcome="rate_limited", in_flight=1)
+    assert [e["attempt"] for e in read_events(path)] == [1, 2]

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from conftest import ROOT, run_cli
 
-from pipeline.output import OUTPUT_COLUMNS
+from pipeline.columns import RESULT_NAMES
 from pipeline.spec import load_spec
 
 SIMULATED = [
@@ -40,7 +40,7 @@ def test_example_job_runs(project: Path, name: str) -> None:
     spec = load_spec(project / "jobs" / name)
     out = pl.read_parquet(project / spec.output_path)
     start = out.columns.index("response")
-    assert out.columns[start : start + len(OUTPUT_COLUMNS)] == list(OUTPUT_COLUMNS)
+    assert out.columns[start : start + len(RESULT_NAMES)] == list(RESULT_NAMES)
     if spec.output.schema_:
         assert out.columns[-len(spec.output.schema_) :] == list(spec.output.schema_)
     assert out["error"].null_count() == out.height > 0

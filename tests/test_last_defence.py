@@ -112,3 +112,23 @@ def test_the_python_api_raises_run_failed_with_the_cause_chained(
     monkeypatch.setenv("SIM_API_KEY", SIM_KEY)
     done = pipeline.run(job, data, progress=False)
     assert isinstance(done, pl.DataFrame) and done.height == 60
+
+
+def test_any_command_answers_an_unexpected_error_with_one_line_and_exit_4(
+    tmp_path: Path, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reviews(3).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise Boom("status broke")
+
+    monkeypatch.setattr("pipeline.cli.status", broken)
+    monkeypatch.setattr("pipeline.cli.prepare", broken)
+
+    result = CliRunner().invoke(main, ["status", str(job)])
+
+    assert result.exit_code == 4
+    assert "Boom: status broke" in result.output and "Traceback" not in result.output

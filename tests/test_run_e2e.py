@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, SIM_KEY, make_job, messages_for, reviews, run_cli
 
-from pipeline.output import OUTPUT_COLUMNS
+from pipeline.columns import RESULT_NAMES
 from pipeline.simulator import (
     RunningSimulator,
     estimate_prompt_tokens,
@@ -39,7 +39,7 @@ def test_csv_job_writes_every_row_with_its_own_answer(
 
     assert result.returncode == 0, result.stderr
     out = read_output(tmp_path)
-    assert out.columns == [*data.columns, *OUTPUT_COLUMNS]
+    assert out.columns == [*data.columns, *RESULT_NAMES]
     assert out["review_id"].to_list() == data["review_id"].to_list()
     for row in out.iter_rows(named=True):
         messages = messages_for(row["text"])
@@ -258,7 +258,7 @@ def test_example_job_runs_on_the_embedded_simulator(tmp_path: Path) -> None:
     out = pl.read_parquet(tmp_path / "out" / "example.parquet")
     source = pl.read_csv(ROOT / "data" / "reviews.csv")
     assert out.height == source.height
-    assert out.columns == [*source.columns, *OUTPUT_COLUMNS]
+    assert out.columns == [*source.columns, *RESULT_NAMES]
     assert out["response"].null_count() == 0
     assert out["reasoning"].null_count() == 0
     assert out["cost_usd"].sum() > 0

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
@@ -26,6 +27,7 @@ from pipeline.http import HttpClient
 from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import HEADROOM, Pacer
 from pipeline.retry import RetryPolicy
+from pipeline.runlog import RunLog, read_events
 from pipeline.scheduler import Outcome, Planned, Scheduler
 from pipeline.simulator import RunningSimulator
 from pipeline.spec import ModelSpec
@@ -107,11 +109,21 @@ def planned(n: int, extra: list[RowResult] | None = None) -> Iterator[Planned]:
 
 
 class Recorder:
+    """A result sink that keeps each committed batch."""
+
     def __init__(self) -> None:
         self.batches: list[list[RowResult]] = []
+        self.landed: list[RowResult] = []
 
-    async def __call__(self, batch: list[RowResult]) -> None:
-        self.batches.append(list(batch))
+    def land(self, result: RowResult) -> int:
+        self.landed.append(result)
+        return len(self.landed)
+
+    async def commit(self) -> int:
+        batch, self.landed = self.landed, []
+        if batch:
+            self.batches.append(batch)
+        return len(batch)
 
     @property
     def results(self) -> list[RowResult]:
@@ -338,11 +350,15 @@ def test_answered_rows_are_recorded_even_when_the_run_is_cut_short(how: str) -> 
     batches_started = 0
 
     class SlowRecorder(Recorder):
-        async def __call__(self, batch: list[RowResult]) -> None:
+        async def commit(self) -> int:
             nonlocal batches_started
+            batch, self.landed = self.landed, []
+            if not batch:
+                return 0
             batches_started += 1
             await anyio.sleep(1.0)  # a slow checkpoint write, 0.5 s .. 1.5 s into the run
-            await super().__call__(batch)
+            self.batches.append(batch)
+            return len(batch)
 
     record = SlowRecorder()
 
@@ -625,3 +641,44 @@ def test_stop_abandons_rows_still_in_flight_after_the_grace_period() -> None:
     assert finished == pytest.approx(3.0)  # stop at 2.0 + 1.0 grace, not the 5.5 s rows
     assert sorted(record.by_index()) == [0, 1, 2, 3]  # the slow in-flight rows are not recorded
     assert {call.index for call in provider.calls} == set(range(8))
+
+
+def test_each_attempt_logs_the_decision_taken_and_why(tmp_path: Path) -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        if req.index == 0 and attempt == 1:
+            raise errors.RateLimited("slow down", status=429, retry_after=0.2)
+        if req.index == 1 and attempt == 1:
+            raise errors.ServerError("overloaded", status=503)
+        if req.index == 2:
+            raise errors.BadRequest("bad field", status=400)
+        if req.index == 3:
+            raise errors.MalformedResponse("no choices")
+        return completion()
+
+    log = RunLog(tmp_path / "events.jsonl")
+
+    async def main() -> Outcome:
+        run = Scheduler(
+            FakeProvider(script),
+            Pacer(None, None, max_concurrency=4),
+            FAST,
+            None,
+            concurrency=4,
+            log=log,
+        )
+        return await run.run(planned(4), Recorder())
+
+    run_virtual(main)
+    log.flush()
+    events = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "attempt"]
+    why = {(e["row"], e["attempt"]): (e["outcome"], e["why"], e["wait_s"]) for e in events}
+    assert why[("K0000", 1)][:2] == (
+        "rate_limited",
+        "rate limited: whole pool paused 0.2s as the server asked",
+    )
+    assert why[("K0000", 1)][2] >= 0.2
+    assert why[("K0001", 1)][:2] == ("server_error", "exponential backoff with jitter")
+    assert why[("K0002", 1)] == ("bad_request", "not retryable: recorded as the row's error", None)
+    assert why[("K0003", 3)] == ("malformed_response", "gave up after 3 attempts", None)
+    assert why[("K0000", 2)] == ("ok", None, None)
+    assert len(events) == 2 + 2 + 1 + 3

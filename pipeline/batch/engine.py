@@ -47,11 +47,8 @@ from pipeline.providers import Provider, create_provider
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.runner import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
-    EXIT_STOPPED,
     PreparedJob,
+    RunEnd,
     RunOptions,
     RunSummary,
     uses_embedded_simulator,
@@ -474,15 +471,15 @@ class _BatchRun:
         output_path = None
         outcome = self.outcome
         if outcome.fatal is not None:
-            code = EXIT_STOPPED
+            end = RunEnd.STOPPED
         elif outcome.interrupted:
-            code = EXIT_INTERRUPTED
+            end = RunEnd.INTERRUPTED
             self.notes.append(
                 "stopped waiting: the submitted batches go on at the provider; "
                 "rerun the same command to collect their results"
             )
         elif self.detach:
-            code = EXIT_OK
+            end = RunEnd.ALL_OK
             open_batches = self.store.chunks(["submitted"])
             self.notes.append(
                 f"submitted: {len(open_batches)} batch(es) are running at the provider "
@@ -490,13 +487,13 @@ class _BatchRun:
                 "command without --detach collects them"
             )
         elif not self.options.write_output:
-            code = EXIT_ROW_ERRORS if self.counters.rows_failed else EXIT_OK
+            end = RunEnd.ROWS_FAILED if self.counters.rows_failed else RunEnd.ALL_OK
         else:
             write_output(job.table, self.checkpoint, job.output_path, job.limit, layout=job.layout)
             if job.output_uri is not None:
                 storage.upload(job.output_path, job.output_uri)
             output_path = job.output_path
-            code = EXIT_ROW_ERRORS if count_failed(output_path) else EXIT_OK
+            end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
         outcome.retries = self.tally.retried
         self.counters.requests_sent = self.sent  # requests put into batches this run
         return RunSummary(
@@ -507,7 +504,7 @@ class _BatchRun:
             outcome=outcome,
             wall_s=wall_s,
             output_path=output_path,
-            exit_code=code,
+            end=end,
             fatal=outcome.fatal,
             run_cost=self.counters.cost_usd,
             run_failed=self.counters.rows_failed,

@@ -38,11 +38,8 @@ from pipeline.progress import Progress
 from pipeline.runner import (
     ADAPTIVE_MAX_CONCURRENCY,
     ADAPTIVE_START_CONCURRENCY,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
-    EXIT_STOPPED,
     PreparedJob,
+    RunEnd,
     RunOptions,
     RunSummary,
     uses_embedded_simulator,
@@ -285,13 +282,13 @@ def _finish(
     failed = 0
     totals = Totals()
     if fatal is not None:
-        code = EXIT_STOPPED
+        end = RunEnd.STOPPED
     elif outcome.interrupted:
-        code = EXIT_INTERRUPTED
+        end = RunEnd.INTERRUPTED
     else:
         totals, failed = assemble(job, root, shards)
         output_path = job.output_path
-        code = EXIT_ROW_ERRORS if failed else EXIT_OK
+        end = RunEnd.ROWS_FAILED if failed else RunEnd.ALL_OK
     write_run_log(job, root, shards)
     return RunSummary(
         rows=job.rows,
@@ -301,7 +298,7 @@ def _finish(
         outcome=outcome,
         wall_s=wall_s,
         output_path=output_path,
-        exit_code=code,
+        end=end,
         fatal=fatal,
         run_cost=cluster.cost,
         run_failed=cluster.failed,

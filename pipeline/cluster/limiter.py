@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.counters import RunCounters
-from pipeline.ratelimit import BACKOFF_FACTOR, Gate, Pacer
+from pipeline.ratelimit import BACKOFF_FACTOR, Gate, Pacer, Turns
 from pipeline.types import RateLimitInfo
 
 SLICE_S = 0.2  # a lease covers this much of the cluster's schedule
@@ -257,7 +257,7 @@ class _Totals:
     rate_limited: int = 0
 
 
-class LeasedPacer:
+class LeasedPacer(Turns):
     """A worker's pacer: the scheduler's `Pacer` interface, paced by leases.
 
     A local `Pacer` without rates keeps this worker's requests in flight within its
@@ -274,7 +274,9 @@ class LeasedPacer:
         on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.worker = worker
+        self._clock = anyio.current_time
         self._lease = lease
+        self.prompt_scale = 1.0
         self._on_stop = on_stop
         self.local = Pacer(
             None,
@@ -298,10 +300,6 @@ class LeasedPacer:
         self.leases = 0
 
     # -- the scheduler's pacer interface -----------------------------------------------
-
-    @property
-    def prompt_scale(self) -> float:
-        return self.local.prompt_scale
 
     @property
     def in_flight(self) -> int:
@@ -353,6 +351,7 @@ class LeasedPacer:
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
         self.local.learn_prompt_scale(estimated, actual)
+        self.prompt_scale = self.local.prompt_scale
 
     # -- reports --------------------------------------------------------------------------
 

@@ -15,30 +15,26 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.checkpoint import EXTRA_FIELDS, RESULT_FIELDS, Finished, Totals
-from pipeline.output import RESULT_SCHEMA
+from pipeline.checkpoint import Fetched, Finished, Totals, fetched
+from pipeline.columns import STORED_COLUMNS, stored_values
 from pipeline.types import RowResult
 
 SEGMENT_SCHEMA = pa.schema(
     [
         ("row_key", pa.string()),
         ("request_hash", pa.string()),
-        *RESULT_SCHEMA,
-        ("tool_calls", pa.string()),
-        ("parsed", pa.string()),
+        *((c.name, c.type) for c in STORED_COLUMNS),
         ("finished_at", pa.float64()),
     ]
 )
-assert tuple(SEGMENT_SCHEMA.names[2:-1]) == RESULT_FIELDS + EXTRA_FIELDS
 
 
 class StateRoot:
@@ -112,8 +108,17 @@ class ShardResults:
                 found[key] = Finished(str(record[0]), record[_ERROR] is None)
         return found
 
-    def fetch(self, keys: list[str]) -> dict[str, tuple[object, ...]]:
-        return {key: self.records[key] for key in keys if key in self.records}
+    def fetch(
+        self, keys: list[str], names: Sequence[str], hashes: list[str] | None = None
+    ) -> Fetched:
+        """As `Checkpoint.fetch`."""
+        positions = [_FIELDS.index(name) for name in names]
+        stored = {
+            key: (key, record[0], *(record[i] for i in positions))
+            for key in keys
+            if (record := self.records.get(key)) is not None
+        }
+        return fetched(keys, stored, ("row_key", "request_hash", *names), hashes)
 
     def totals(self) -> Totals:
         rows = failed = prompt = output = reasoning = 0
@@ -128,8 +133,8 @@ class ShardResults:
         return Totals(rows, failed, prompt, output, reasoning, cost)
 
 
-# positions in a record (the request hash first, then RESULT_FIELDS and EXTRA_FIELDS)
-_FIELDS = ("request_hash", *RESULT_FIELDS, *EXTRA_FIELDS)
+# positions in a record (the request hash first, then the stored columns)
+_FIELDS = ("request_hash", *(c.name for c in STORED_COLUMNS))
 _ERROR = _FIELDS.index("error")
 _PROMPT = _FIELDS.index("prompt_tokens")
 _COMPLETION = _FIELDS.index("completion_tokens")
@@ -189,29 +194,4 @@ class ShardStore:
 
 
 def _record(result: RowResult) -> tuple[object, ...]:
-    completion = result.completion
-    usage = completion.usage if completion else None
-    return (
-        result.key,
-        result.request_hash,
-        completion.response if completion else None,
-        completion.reasoning if completion else None,
-        usage.prompt_tokens if usage else None,
-        usage.completion_tokens if usage else None,
-        usage.reasoning_tokens if usage else None,
-        usage.cached_tokens if usage else None,
-        usage.total_tokens if usage else None,
-        result.cost_usd,
-        completion.finish_reason if completion else None,
-        completion.model if completion else None,
-        result.latency_s,
-        result.attempts,
-        result.error,
-        _json(completion.tool_calls if completion else None),
-        _json(result.parsed),
-        time.time(),
-    )
-
-
-def _json(value: object) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return (result.key, result.request_hash, *stored_values(result), time.time())

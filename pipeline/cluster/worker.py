@@ -24,14 +24,13 @@ from pipeline.cluster.segments import ShardStore, StateRoot
 from pipeline.cluster.shards import Shard
 from pipeline.config import ProviderSettings
 from pipeline.errors import JobFatalError, JobStopped
-from pipeline.http import HttpClient
 from pipeline.inputs import InputTable
 from pipeline.output import Layout
 from pipeline.plan import WorkPlan
-from pipeline.providers import create_provider
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
+from pipeline.runner import open_provider
 from pipeline.scheduler import Scheduler
 from pipeline.spec import JobSpec
 from pipeline.structured import OutputSchema
@@ -122,23 +121,37 @@ async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutc
     log = RunLog(Path(os.devnull), secrets=(settings.api_key or "",))
     log.event("shard_started", shard=shard.index, rows=shard.rows, worker=worker, pid=os.getpid())
 
-    async def record(batch: list[RowResult]) -> None:
-        await anyio.to_thread.run_sync(store.commit, batch, log.take())
-        for result in batch:
-            pacer.counters.row_finished(result)
-        assert scheduler is not None
-        pacer.totals.reused = plan.reused
-        pacer.totals.retries = scheduler.outcome.retries
-        pacer.totals.rate_limited = scheduler.outcome.rate_limited
-        if scheduler.outcome.fatal is not None and pacer.stop_reason is None:
-            pacer.stop_reason = scheduler.outcome.fatal.describe()
-        # Not awaited: the next commit must not wait on the actor.
-        await report(pacer.report(), wait=False)
+    landed: list[RowResult] = []
+
+    class Sink:
+        """Each recorder flush becomes one immutable segment of the shard."""
+
+        def land(self, result: RowResult) -> int:
+            landed.append(result)
+            return len(landed)
+
+        async def commit(self) -> int:
+            batch = landed.copy()
+            landed.clear()
+            await anyio.to_thread.run_sync(store.commit, batch, log.take())
+            for result in batch:
+                pacer.counters.row_finished(result)
+            assert scheduler is not None
+            pacer.totals.reused = plan.reused
+            pacer.totals.retries = scheduler.outcome.retries
+            pacer.totals.rate_limited = scheduler.outcome.rate_limited
+            if scheduler.outcome.fatal is not None and pacer.stop_reason is None:
+                pacer.stop_reason = scheduler.outcome.fatal.describe()
+            # Not awaited: the next commit must not wait on the actor.
+            await report(pacer.report(), wait=False)
+            return len(batch)
 
     cap = task.concurrency
-    async with HttpClient(cap, spec.limits.timeout_s) as client:
+    async with open_provider(
+        settings, connections=cap, timeout_s=spec.limits.timeout_s
+    ) as provider:
         scheduler = Scheduler(
-            create_provider(settings, client),
+            provider,
             pacer,  # type: ignore[arg-type]  # the scheduler's pacer interface, leased
             RetryPolicy(max_attempts=spec.limits.max_attempts),
             settings.price,
@@ -148,7 +161,7 @@ async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutc
             schema_retries=spec.output.schema_retries,
             counters=pacer.counters,
         )
-        await scheduler.run(plan.requests_between(shard.start, shard.stop), record)
+        await scheduler.run(plan.requests_between(shard.start, shard.stop), Sink())
     result = scheduler.outcome
     outcome.planned, outcome.reused = pacer.counters.requests_sent, plan.reused
     outcome.retries, outcome.rate_limited = result.retries, result.rate_limited
