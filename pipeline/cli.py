@@ -287,8 +287,11 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     if stats is not None:
         failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
+        skipped = dict(stats.finish_reasons).get("skipped", 0)
         lines.append(
-            f"results: {stats.rows - stats.failed_rows} ok, {stats.failed_rows} failed"
+            f"results: {stats.rows - stats.failed_rows:,} ok"
+            + (f" ({skipped:,} of them skipped: empty prompt)" if skipped else "")
+            + f", {stats.failed_rows:,} failed"
             + (f" ({failed})" if failed else "")
         )
         lines.append(

@@ -135,6 +135,7 @@ def run_on_ray(
                 or min(cap, ADAPTIVE_START_CONCURRENCY * workers),
             )
         )
+        stack.callback(ray.kill, limiter)  # one per run: a notebook's driver lives on
         share = max(1, math.ceil(cap / max(1, min(workers, len(shards)))))
         environment = {k: os.environ[k] for k in STORAGE_ENVIRONMENT if k in os.environ}
         spec = _absolute_input(job)
