@@ -286,8 +286,10 @@ def fetched(
     missing = (None,) * len(selected)
     rows = [stored.get(key, missing) for key in keys]
     if hashes is not None:
+        # A recorded hash may carry a suffix (":skipped", a row not sent because its
+        # prompt was empty): it still answers that request.
         rows = [
-            row if row[1] == request_hash else missing
+            row if row[1] is not None and str(row[1]).partition(":")[0] == request_hash else missing
             for row, request_hash in zip(rows, hashes, strict=True)
         ]
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(selected)
