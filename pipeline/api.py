@@ -142,7 +142,7 @@ async def arun(
     if cluster:
         from pipeline.cluster import require_ray
 
-        require_ray()
+        require_ray(local=ray_address is None)
         if on_result is not None:
             raise SpecError("on_result is called by local runs only; drop it or ray=")
     prepared = await anyio.to_thread.run_sync(lambda: _prepare(job, data, output, limit))

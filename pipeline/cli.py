@@ -220,7 +220,7 @@ def run(
         if cluster:
             from pipeline.cluster import require_ray
 
-            require_ray()
+            require_ray(local=ray_address is None)
         prepared = prepare(job, output=output, limit=limit, batch=batch)
         if detach and not prepared.spec.model.batch:
             raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")

@@ -16,6 +16,9 @@ import yaml
 from pipeline.simulator import RunningSimulator, SimulatorConfig, start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every Ray service on loopback (the switch a local `--ray` run sets), before any
+# test module imports ray; the CLI subprocesses that join the test cluster inherit it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 SIM_KEY = "sk-test-4f9c2d1e8b7a6350"
 KEY_VARIABLES = ("OPENAI_API_KEY", "MODELSLAB_API_KEY", "XAI_API_KEY", "OPENROUTER_API_KEY")
 
@@ -181,6 +184,7 @@ def ray_cluster() -> Iterator[str]:
     """One small local Ray cluster for the whole session; yields its address for subprocesses."""
     ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[dev]'")
     ray.init(
+        _node_ip_address="127.0.0.1",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

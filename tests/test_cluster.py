@@ -347,7 +347,7 @@ def test_cluster_rows_without_an_id_are_keyed_by_request(
 
     summary = cluster_run(job)
 
-    assert summary.exit_code == 0
+    assert summary.end is RunEnd.ALL_OK
     out = pl.read_parquet(tmp_path / "out" / "cluster.parquet")
     assert out["text"].to_list() == data["text"].to_list()
     check_answers(out)

@@ -405,7 +405,7 @@ def test_a_full_disk_during_the_final_write_exits_3_and_the_rerun_pays_nothing(
     import errno
 
     from pipeline import output
-    from pipeline.runner import RunOptions, execute, prepare
+    from pipeline.runner import RunEnd, RunOptions, execute, prepare
 
     data = reviews(30)
     data.write_csv(tmp_path / "reviews.csv")
@@ -420,13 +420,13 @@ def test_a_full_disk_during_the_final_write_exits_3_and_the_rerun_pays_nothing(
     with monkeypatch.context() as patched:
         patched.setattr(output, "_fsync", no_space)
         summary = execute(prepare(job), RunOptions(show_progress=False))
-    assert summary.exit_code == 3
+    assert summary.end is RunEnd.STOPPED
     assert summary.fatal is not None and "No space left on device" in summary.fatal.describe()
     assert "free space and rerun" in summary.fatal.advice
     assert not (tmp_path / "out" / "result.parquet").exists()
 
     again = execute(prepare(job), RunOptions(show_progress=False))
-    assert again.exit_code == 0
+    assert again.end is RunEnd.ALL_OK
     assert simulator.stats(full=False)["completions"] == data.height
 
 

@@ -69,8 +69,15 @@ STORAGE_ENVIRONMENT = (
 )
 
 
-def require_ray() -> ModuleType:
-    """The ray module, or a SpecError (exit 2) saying how to install it."""
+def require_ray(*, local: bool = False) -> ModuleType:
+    """The ray module, or a SpecError (exit 2) saying how to install it.
+
+    `local`: this process will start a cluster of its own, which then keeps every
+    address on loopback. Ray reads the switch when it is first imported, so it is
+    set here, before the import; a cluster that is joined keeps its own addresses.
+    """
+    if local:
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
     try:
         import ray
     except ImportError:
@@ -82,6 +89,11 @@ def require_ray() -> ModuleType:
 class ClusterOptions:
     address: str | None = None  # None: start a local cluster; "auto" or host:port: join one
     workers: int | None = None  # shards run at once; default: the cluster's CPUs
+
+
+# Ray's single-machine mode (as on macOS): every service on 127.0.0.1, not the
+# host's network address.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def state_location(job: PreparedJob) -> str:
@@ -102,6 +114,7 @@ def connect(ray: ModuleType, cluster: ClusterOptions) -> int:
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level="ERROR",
+                _node_ip_address="127.0.0.1",
             )
         else:
             ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
@@ -112,7 +125,7 @@ def run_on_ray(
     job: PreparedJob, options: RunOptions, cluster: ClusterOptions | None = None
 ) -> RunSummary:
     """Run a prepared job sharded over a Ray cluster and write its output."""
-    ray = require_ray()
+    ray = require_ray(local=(cluster or ClusterOptions()).address is None)
     _refuse_unsupported(job)
     started = time.monotonic()
     with ExitStack() as stack:
