@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.errors import PipelineError, RunCrashed, SpecError
+from pipeline.output import scan_output
 from pipeline.runner import (
     PreparedJob,
     RunOptions,
@@ -172,7 +173,8 @@ async def arun(
     if prepared.output_folder:
         source = str(summary.output_path / "part-*.parquet")
         return await anyio.to_thread.run_sync(pl.read_parquet, source)
-    return await anyio.to_thread.run_sync(pl.read_parquet, summary.output_path)
+    output = summary.output_path
+    return await anyio.to_thread.run_sync(lambda: scan_output(output).collect())
 
 
 def _prepare(

@@ -174,6 +174,37 @@ class Checkpoint:
             for name, value in (meta or {}).items():
                 self._writer.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
+    def import_results(self, rows: list[tuple[Any, ...]]) -> None:
+        """Add results recovered from elsewhere (key, hash, then the stored columns); a
+        key already recorded keeps its result."""
+        statement = (
+            f"INSERT OR IGNORE INTO results (row_key, request_hash, {', '.join(_STORED_NAMES)}, "
+            f"finished_at) VALUES ({', '.join('?' * (len(_STORED_NAMES) + 3))})"
+        )
+        now = time.time()
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.executemany(statement, [(*row, now) for row in rows])
+
+    def key_by_request(self) -> None:
+        """Re-key results by their request hash (for a job without an id column).
+
+        Earlier versions keyed such rows by position; their answers stay valid for
+        their requests, so they are kept under the new key instead of bought again.
+        """
+        if self.get_meta("keyed_by_request") == "1":
+            return
+        base = (
+            "CASE WHEN instr(request_hash, ':') > 0 "
+            "THEN substr(request_hash, 1, instr(request_hash, ':') - 1) ELSE request_hash END"
+        )
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.execute(
+                f"UPDATE OR IGNORE results SET row_key = {base} WHERE row_key != {base}"
+            )
+            self._writer.execute("INSERT OR REPLACE INTO meta VALUES ('keyed_by_request', '1')")
+
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         """Which of these rows already have a result, and for which request."""
         found: dict[str, Finished] = {}
@@ -255,8 +286,10 @@ def fetched(
     missing = (None,) * len(selected)
     rows = [stored.get(key, missing) for key in keys]
     if hashes is not None:
+        # A recorded hash may carry a suffix (":skipped", a row not sent because its
+        # prompt was empty): it still answers that request.
         rows = [
-            row if row[1] == request_hash else missing
+            row if row[1] is not None and str(row[1]).partition(":")[0] == request_hash else missing
             for row, request_hash in zip(rows, hashes, strict=True)
         ]
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(selected)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from pipeline.estimate import Estimate
 
 from pipeline.errors import PipelineError, RunCrashed, SpecError
+from pipeline.plan import template_failures
 from pipeline.runner import (
     PreparedJob,
     RunEnd,
@@ -86,6 +87,24 @@ class _Guarded(click.Group):
 @click.version_option(package_name="pipeline")
 def main() -> None:
     """Run an LLM prompt over every row of a CSV or Parquet table."""
+    _reopen_closed_std_streams()
+
+
+def _reopen_closed_std_streams() -> None:
+    """Point a closed stdin/stdout/stderr (`>&- 2>&-`) at /dev/null.
+
+    Otherwise printing fails, and worse, the next file opened (the checkpoint) gets
+    descriptor 1 or 2 and would receive whatever is printed.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - process-long
 
 
 @main.command()
@@ -96,6 +115,16 @@ def validate(job: Path) -> None:
         prepared = prepare(job)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    failures = template_failures(prepared.table, prepared.renderer, prepared.limit)
+    if failures.count:
+        shown = "\n".join(f"  - row {n} (key {key}): {error}" for n, key, error in failures.first)
+        _fail(
+            f"{job}: the prompt fails to render for {failures.count} of {prepared.rows} row(s); "
+            f"a run would record them as template_error. First failures:\n{shown}\n"
+            "Guard the template against these values (e.g. `{{ x or '' }}`, "
+            "`{{ tags | default([], true) | join(', ') }}`) or fix the rows",
+            EXIT_INVALID,
+        )
     click.echo(
         f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
@@ -243,16 +272,26 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
     )
     stats = OutputStats.read(summary.output_path) if summary.output_path is not None else None
     counters = summary.counters
-    unfinished = max(0, summary.rows - summary.reused - counters.rows_finished)
+    unfinished = max(
+        0, summary.rows - summary.reused - summary.deduplicated - counters.rows_finished
+    )
     lines = [
         f"rows: {summary.rows:,} ({summary.reused:,} reused from earlier runs, "
         f"{counters.rows_finished:,} finished this run of which {counters.rows_failed:,} "
         f"failed" + (f", {unfinished:,} not finished" if unfinished else "") + ")",
     ]
+    if summary.deduplicated:
+        lines.append(
+            f"deduplicated: {summary.deduplicated:,} row(s) made the same request as another "
+            "row and share its answer (sent once)"
+        )
     if stats is not None:
         failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
+        skipped = dict(stats.finish_reasons).get("skipped", 0)
         lines.append(
-            f"results: {stats.rows - stats.failed_rows} ok, {stats.failed_rows} failed"
+            f"results: {stats.rows - stats.failed_rows:,} ok"
+            + (f" ({skipped:,} of them skipped: empty prompt)" if skipped else "")
+            + f", {stats.failed_rows:,} failed"
             + (f" ({failed})" if failed else "")
         )
         lines.append(
@@ -322,7 +361,10 @@ def status_command(job: Path, output: Path | None) -> None:
         prepared = prepare(job, output=output, read_key=False)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
-    report = status(prepared)
+    try:
+        report = status(prepared)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
     if report is None:
         click.echo(f"{prepared.spec.name}: not started ({prepared.rows:,} rows pending)")
         return

@@ -3,6 +3,7 @@
     PipelineError
     ├── SpecError                 invalid job, input or arguments: exit 2, nothing sent
     ├── JobStopped                the run stopped before finishing: exit 3
+    │   ├── WriteFailed           a write failed (disk full): stop sending, keep the rest
     │   ├── BudgetExceeded        the next request would cross a spending limit
     │   └── SystematicFailure     the same failure on row after row: no row can succeed
     ├── RunCrashed                an unexpected error stopped the run: exit 4
@@ -49,6 +50,17 @@ class JobStopped(PipelineError):
 
     def describe(self) -> str:
         return str(self)
+
+
+class WriteFailed(JobStopped):
+    """A write to the checkpoint, run log or output failed (a full disk, a quota)."""
+
+    advice = "free space and rerun; every row committed before the failure is kept"
+
+    @classmethod
+    def while_(cls, doing: str, exc: BaseException) -> WriteFailed:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return cls(f"could not write while {doing} ({reason}); no more requests were sent")
 
 
 class BudgetExceeded(JobStopped):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -14,16 +15,33 @@ from pipeline.errors import SpecError
 
 SUPPORTED = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CSV_SCHEMA_ROWS = 10_000
+CSV_TYPES: dict[str, pl.DataType] = {
+    "string": pl.String(),
+    "integer": pl.Int64(),
+    "number": pl.Float64(),
+    "boolean": pl.Boolean(),
+    "date": pl.Date(),
+    "datetime": pl.Datetime(),
+}
 
 
 class InputTable:
     """A lazily scanned input; nothing but the schema is read until asked."""
 
-    def __init__(self, pattern: str, id_column: str | None = None) -> None:
+    def __init__(
+        self, pattern: str, id_column: str | None = None, types: Mapping[str, str] | None = None
+    ) -> None:
         self.pattern = pattern
         self.id_column = id_column
         self.paths = _expand(pattern)
         self.format = _format_of(self.paths, pattern)
+        if types and self.format != "csv":
+            raise SpecError("input.types: only for CSV input; a Parquet file carries its types")
+        self.types = {name: CSV_TYPES[kind] for name, kind in (types or {}).items()}
+        if id_column is not None:
+            # Ids are labels, never numbers: 001, 01 and 1 are three different rows.
+            self.types.setdefault(id_column, pl.String())
+        self.opened_as = self.fingerprint()
         self._scan = self._open()
         try:
             self.schema = self._scan.collect_schema()
@@ -36,15 +54,52 @@ class InputTable:
                 f"input.id_column: column '{id_column}' is not in {pattern} "
                 f"(columns: {', '.join(self.schema)})"
             )
+        if unknown := sorted(set(types or {}) - set(self.schema)):
+            raise SpecError(
+                f"input.types: column(s) {', '.join(unknown)} not in {pattern} "
+                f"(columns: {', '.join(self.schema)})"
+            )
 
     @property
     def columns(self) -> list[str]:
         return list(self.schema)
 
+    def fingerprint(self) -> tuple[object, ...]:
+        """Changes when the input does: the files matched, their size, mtime and inode,
+        and for Parquet each row group's row count and byte size."""
+        try:
+            paths = _expand(self.pattern)
+            parts: list[object] = []
+            for path in paths:
+                parts.append((str(path), *storage.signature(path)))
+                if not storage.is_remote(path):
+                    parts.append(Path(path).stat().st_ino)  # replaced by a rename
+                if self.format == "parquet":
+                    meta = pq.ParquetFile(storage.open_input(path)).metadata
+                    groups = range(meta.num_row_groups)
+                    parts.append(
+                        tuple(
+                            (meta.row_group(g).num_rows, meta.row_group(g).total_byte_size)
+                            for g in groups
+                        )
+                    )
+            return tuple(parts)
+        except (SpecError, OSError, pa.ArrowException) as exc:
+            return ("unreadable", str(exc))
+
+    def changed(self) -> bool:
+        """True when the input is no longer what was read when the run was planned."""
+        return self.fingerprint() != self.opened_as
+
     def _open(self) -> pl.LazyFrame:
         sources = [str(p) for p in self.paths]
         if self.format == "csv":
-            return pl.scan_csv(sources, infer_schema_length=CSV_SCHEMA_ROWS)
+            # Only columns present get an override; a missing one is reported above.
+            header = pl.scan_csv(sources, n_rows=0).collect_schema()
+            overrides = {k: v for k, v in self.types.items() if k in header}
+            return pl.scan_csv(
+                sources, infer_schema_length=CSV_SCHEMA_ROWS, schema_overrides=overrides
+            )
         return pl.scan_parquet(sources)
 
     def check(self) -> int:
@@ -59,7 +114,15 @@ class InputTable:
         try:
             stats = self._scan.select(checks).collect(engine="streaming").row(0, named=True)
         except (pl.exceptions.PolarsError, OSError) as exc:
-            raise SpecError(f"input.path: cannot read {self.pattern}: {_short(exc)}") from None
+            hint = ""
+            if self.format == "csv" and isinstance(exc, pl.exceptions.ComputeError):
+                hint = (
+                    f"; a column's type is guessed from its first {CSV_SCHEMA_ROWS:,} rows: "
+                    "give it in input.types (e.g. `types: {zip: string}`)"
+                )
+            raise SpecError(
+                f"input.path: cannot read {self.pattern}: {_short(exc)}{hint}"
+            ) from None
         rows = int(stats["rows"])
         if self.id_column:
             self._check_ids(stats, rows)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.checkpoint import Checkpoint
 from pipeline.columns import NOT_PROCESSED, RESULT_COLUMNS
+from pipeline.errors import SpecError
 from pipeline.inputs import InputTable, row_keys
 from pipeline.structured import OutputSchema
 
@@ -57,9 +58,48 @@ def _stamp(table: InputTable, checkpoint: Checkpoint, path: Path, limit: int | N
     return repr((str(path.resolve()), inputs, limit, state, output.st_size, output.st_mtime_ns))
 
 
+OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+
+
+def output_format(path: Path, layout: Layout | None = None) -> str:
+    """The output's format, from its extension; SpecError for any other."""
+    found = OUTPUT_FORMATS.get(path.suffix.lower())
+    if found is None:
+        raise SpecError(
+            f"output.path: {path} does not end in .parquet, .csv or .jsonl; the format "
+            "follows the extension"
+        )
+    if found == "csv" and layout is not None and layout.schema is not None:
+        nested = [
+            f.name
+            for f in layout.schema.arrow_fields()
+            if pa.types.is_nested(f.type) and not pa.types.is_dictionary(f.type)
+        ]
+        if nested:
+            raise SpecError(
+                f"output.path: CSV cannot hold the list or object column(s) "
+                f"{', '.join(nested)} of output.schema; write .parquet or .jsonl"
+            )
+    return found
+
+
+def scan_output(path: Path) -> pl.LazyFrame:
+    """An output file of any supported format, lazily."""
+    found = OUTPUT_FORMATS.get(path.suffix.lower(), "parquet")
+    if found == "parquet":
+        return pl.scan_parquet(path)
+    frame = pl.scan_csv(path) if found == "csv" else pl.scan_ndjson(path)
+    # Text formats carry no types: an all-empty column would read back as nulls of no type.
+    arrow = pa.schema([(column.name, column.type) for column in RESULT_COLUMNS])
+    results = pl.DataFrame(arrow.empty_table()).schema
+    return frame.with_columns(pl.col(name).cast(dtype) for name, dtype in results.items())
+
+
 def count_failed(path: Path) -> int:
-    errors = pq.read_table(path, columns=["error"]).column("error")
-    return len(errors) - errors.null_count
+    if output_format(path) == "parquet":
+        errors = pq.read_table(path, columns=["error"]).column("error")
+        return len(errors) - errors.null_count
+    return int(scan_output(path).select(pl.col("error").is_not_null().sum()).collect().item())
 
 
 def write_output(
@@ -78,6 +118,7 @@ def write_output(
     run in progress) and leaves the record of the last full output alone. With `hashes`
     (a row's current request hash), results recorded for another request count as missing.
     """
+    fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
         leftover.unlink(missing_ok=True)  # from a writer that was killed
@@ -87,8 +128,12 @@ def write_output(
     try:
         offset = 0
         for batch in table.batches(READ_BATCH_ROWS, limit):
-            keys = row_keys(batch, offset, table.id_column)
             current = hashes(batch) if hashes else None
+            # Without an id column a row's key is its request hash (see plan.keys_for).
+            if table.id_column is None and current is not None:
+                keys = current
+            else:
+                keys = row_keys(batch, offset, table.id_column)
             joined, found = _with_results(batch.to_arrow(), keys, checkpoint, layout, current)
             if finished_only:
                 joined = joined.filter(pa.array(found, type=pa.bool_()))
@@ -103,6 +148,8 @@ def write_output(
             writer = pq.ParquetWriter(temporary, schema)
         writer.close()
         writer = None
+        if fmt != "parquet":
+            temporary = _convert(temporary, fmt)
         _fsync(temporary)
         os.replace(temporary, path)
         if not finished_only:
@@ -156,6 +203,23 @@ def _with_results(
         for field, array in zip(fields, layout.schema.arrays(objects), strict=True):
             inputs = inputs.append_column(field.with_type(array.type), array)
     return inputs, stored.found
+
+
+def _convert(parquet: Path, fmt: str) -> Path:
+    """Rewrite the assembled Parquet as CSV or JSON lines beside it (streaming)."""
+    converted = parquet.with_name(parquet.name.removesuffix(".tmp") + f".{fmt}.tmp")
+    try:
+        frame = pl.scan_parquet(parquet)
+        if fmt == "csv":
+            frame.sink_csv(converted)
+        else:
+            frame.sink_ndjson(converted)
+    except BaseException:
+        converted.unlink(missing_ok=True)
+        raise
+    finally:
+        parquet.unlink(missing_ok=True)
+    return converted
 
 
 def _fsync(path: Path) -> None:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-from jinja2 import TemplateError
+import pyarrow as pa
 
 from pipeline.checkpoint import Checkpoint, Finished
 from pipeline.inputs import InputTable, row_keys
-from pipeline.render import PromptRenderer, estimate_prompt_tokens, is_empty_prompt
+from pipeline.render import (
+    PromptRenderer,
+    estimate_prompt_tokens,
+    is_empty_prompt,
+    template_error,
+)
 from pipeline.types import ChatRequest, Completion, Message, RowResult, Usage
 
 READ_BATCH_ROWS = 10_000
+# What reading an input that changed under the run can raise.
+INPUT_READ_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, OSError, ValueError)
 RENDER_CHUNK_ROWS = 2000
 SKIPPED = "skipped"  # finish_reason of a row not sent because its prompt is empty
 # A skipped row's recorded hash: reused while prompt.skip_empty is on, sent once it is off.
@@ -36,6 +43,11 @@ class WorkPlan:
     reused: int = 0
     planned: int = 0
     cursor: int = 0
+    # Rows whose identical request another row of this run already sends (no id column).
+    deduplicated: int = 0
+    # Set when the input could not be read mid-run (deleted, rewritten, a column renamed).
+    input_error: str | None = None
+    _sending: set[int] = field(default_factory=set)
 
     def requests(self) -> Iterator[ChatRequest | RowResult]:
         """Every row that needs work; render failures come as results.
@@ -46,9 +58,13 @@ class WorkPlan:
         once instead of first checking every row the last run finished. `cursor`
         says how far the first pass has got, for the next resume.
         """
-        yield from self._requests_between(self.start_at, None, track=True)
-        if self.start_at:
-            yield from self._requests_between(0, self.start_at, track=False)
+        try:
+            yield from self._requests_between(self.start_at, None, track=True)
+            if self.start_at:
+                yield from self._requests_between(0, self.start_at, track=False)
+        except INPUT_READ_ERRORS as exc:
+            # The workers stop taking rows; the runner sees this and plans again.
+            self.input_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
 
     def requests_between(self, start: int, stop: int) -> Iterator[ChatRequest | RowResult]:
         """The rows at positions `start` to `stop` that need work: one shard of a cluster run."""
@@ -63,13 +79,17 @@ class WorkPlan:
         offset = start
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit, start, stop):
             for chunk in batch.iter_slices(RENDER_CHUNK_ROWS):
-                keys = row_keys(chunk, offset, self.table.id_column)
                 rows = chunk.select(variables).rows() if variables else [()] * chunk.height
+                hashes = [digest(values) for values in rows]
+                keys = self.keys_for(chunk, offset, hashes)
                 finished = self.checkpoint.finished(keys)
                 for i, (key, values) in enumerate(zip(keys, rows, strict=True)):
-                    request_hash = digest(values)
+                    request_hash = hashes[i]
                     if self._reusable(finished.get(key), request_hash):
                         self.reused += 1
+                        continue
+                    if self._already_sending(request_hash):
+                        self.deduplicated += 1
                         continue
                     self.planned += 1
                     if track:
@@ -100,8 +120,30 @@ class WorkPlan:
     def _hashed_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
         offset = 0
         for batch in self.table.batches(READ_BATCH_ROWS, self.limit):
-            yield row_keys(batch, offset, self.table.id_column), self.hashes_for(batch)
+            hashes = self.hashes_for(batch)
+            yield self.keys_for(batch, offset, hashes), hashes
             offset += batch.height
+
+    def keys_for(self, batch: pl.DataFrame, offset: int, hashes: list[str]) -> list[str]:
+        """The checkpoint key of each row: its id, else the request it makes.
+
+        Without an id column a row is matched by content, so inserting, deleting or
+        shuffling rows between runs re-sends nothing, and rows that make the same
+        request share one answer.
+        """
+        if self.table.id_column is None:
+            return hashes
+        return row_keys(batch, offset, self.table.id_column)
+
+    def _already_sending(self, request_hash: str) -> bool:
+        if self.table.id_column is not None:
+            return False
+        # 64 bits of the hash: 1M rows cost ~60 MB less than keeping the strings.
+        short = int(request_hash[:16], 16)
+        if short in self._sending:
+            return True
+        self._sending.add(short)
+        return False
 
     def hashes_for(self, batch: pl.DataFrame) -> list[str]:
         """The request hash of every row of an input batch."""
@@ -126,8 +168,8 @@ class WorkPlan:
     ) -> ChatRequest | RowResult:
         try:
             messages = self.renderer.render(values)
-        except TemplateError as exc:
-            return RowResult(index, key, request_hash, 0, None, error=f"render_error: {exc}")
+        except Exception as exc:
+            return RowResult(index, key, request_hash, 0, None, error=template_error(exc))
         if self.skip_empty and is_empty_prompt(messages):
             skipped = Completion("", None, Usage(), SKIPPED, None)
             return RowResult(index, key, request_hash + _SKIPPED_HASH, 0, None, completion=skipped)
@@ -149,7 +191,7 @@ def empty_prompt_rows(
         for key, values in zip(keys, rows, strict=True):
             try:
                 empty = is_empty_prompt(renderer.render(values))
-            except TemplateError:
+            except Exception:  # the run records it as the row's template_error
                 continue
             if empty:
                 count += 1
@@ -169,8 +211,36 @@ def rendered_rows(
         for values in rows:
             try:
                 yield renderer.render(values)
-            except TemplateError:
+            except Exception:
                 continue
+
+
+@dataclass
+class TemplateFailures:
+    count: int = 0
+    first: list[tuple[int, str, str]] = field(default_factory=list)  # (row, key, error)
+
+
+def template_failures(
+    table: InputTable, renderer: PromptRenderer, limit: int | None = None, *, keep: int = 5
+) -> TemplateFailures:
+    """Render every row; how many fail, and the first `keep` of them."""
+    failures = TemplateFailures()
+    variables = list(renderer.variables)
+    offset = 0
+    for batch in table.batches(READ_BATCH_ROWS, limit):
+        rows = batch.select(variables).rows() if variables else [()] * batch.height
+        keys: list[str] | None = None
+        for i, values in enumerate(rows):
+            try:
+                renderer.render(values)
+            except Exception as exc:
+                failures.count += 1
+                if len(failures.first) < keep:
+                    keys = keys or row_keys(batch, offset, table.id_column)
+                    failures.first.append((offset + i, keys[i], template_error(exc)))
+        offset += batch.height
+    return failures
 
 
 def max_reply_tokens(params: dict[str, Any]) -> int:

@@ -9,12 +9,21 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline.errors import SpecError
 from pipeline.spec import PromptSpec
 from pipeline.types import Message
+
+# Names the Jinja parser turns into literals before any variable lookup.
+JINJA_CONSTANTS = frozenset({"true", "false", "none", "True", "False", "None"})
+
+
+def template_error(exc: Exception) -> str:
+    """How a row whose template failed is recorded (the `error` column)."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"template_error: {type(exc).__name__}" + (f": {detail}" if detail else "")
 
 
 def _blank_for_none(value: Any) -> Any:
@@ -31,11 +40,13 @@ class PromptRenderer:
         )
         self._parts: list[tuple[str, Any]] = []
         self._sources: list[tuple[str, str]] = []
-        found: set[str] = set()
+        self._found: set[str] = set()
+        self._constants: set[str] = set()
         for role, source, where in prompt.parts():
-            found |= self._add(role, source, where)
-        # Sorted, so a row's values always hash in the same order.
-        self.variables: tuple[str, ...] = tuple(sorted(found - set(self._env.globals)))
+            self._found |= self._add(role, source, where)
+        # Sorted, so a row's values always hash in the same order. A global such as
+        # `range` is a variable only when the input has a column of that name.
+        self.variables: tuple[str, ...] = tuple(sorted(self._found - set(self._env.globals)))
 
     def _add(self, role: str, source: str, where: str) -> set[str]:
         try:
@@ -46,9 +57,29 @@ class PromptRenderer:
             ) from None
         self._parts.append((role, self._env.from_string(source)))
         self._sources.append((role, source))
-        return meta.find_undeclared_variables(parsed)
+        self._constants |= {
+            value for _, kind, value in self._env.lex(source) if kind == "name"
+        } & JINJA_CONSTANTS
+        # Jinja leaves its globals (range, dict, ...) out of the undeclared names; they
+        # are kept here so that an input column of the same name can shadow them.
+        used_globals = {
+            node.name
+            for node in parsed.find_all(nodes.Name)
+            if node.ctx == "load" and node.name in self._env.globals
+        }
+        return meta.find_undeclared_variables(parsed) | used_globals
 
     def check_columns(self, columns: list[str]) -> None:
+        """Refuse variables the input lacks; make columns shadow Jinja's globals."""
+        if clashes := sorted(self._constants & set(columns)):
+            raise SpecError(
+                f"prompt: the template uses {', '.join(clashes)}, which Jinja always reads as a "
+                f"constant, never as the input column of that name; rename the column"
+            )
+        globals_ = set(self._env.globals)
+        self.variables = tuple(
+            sorted(v for v in self._found if v not in globals_ or v in set(columns))
+        )
         missing = sorted(set(self.variables) - set(columns))
         if missing:
             hints = []
@@ -64,7 +95,12 @@ class PromptRenderer:
             )
 
     def render(self, values: tuple[Any, ...]) -> list[Message]:
-        """The messages for one row, given its values of `variables` in that order."""
+        """The messages for one row, given its values of `variables` in that order.
+
+        Row values shadow Jinja's globals (a column named `range` is the column).
+        Any exception here is about this row only (a filter on an empty cell, say):
+        callers record it as the row's `template_error`.
+        """
         row = dict(zip(self.variables, values, strict=True))
         return [{"role": role, "content": template.render(row)} for role, template in self._parts]
 

@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.columns import RESULT_NAMES
+from pipeline.output import scan_output
 from pipeline.runlog import read_events
 
 SAMPLE_ROWS = 24
@@ -173,7 +174,7 @@ class OutputStats:
     def read(cls, path: Path) -> OutputStats:
         """The same figures as `of`, aggregated while streaming: a million-row output
         is summarised without holding its columns in memory."""
-        scan = pl.scan_parquet(path)
+        scan = scan_output(path)
         latency = pl.col("latency_s")
         totals = (
             scan.select(

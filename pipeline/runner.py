@@ -30,14 +30,18 @@ from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
 from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError
 from pipeline.http import HttpClient
+from pipeline.identity import claim, describe_job, open_checkpoint
 from pipeline.inputs import InputTable
-from pipeline.output import Layout, count_failed, output_is_current, write_output
+from pipeline.oslimits import fit_concurrency
+from pipeline.output import Layout, count_failed, output_format, output_is_current, write_output
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
 from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import Pacer
+from pipeline.recover import adopt_output
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
+from pipeline.runlock import RunLock
 from pipeline.runlog import WRITE_EVERY_S, RunLog
 from pipeline.scheduler import Outcome, Scheduler
 from pipeline.spec import JobSpec, LimitsSpec, load_spec
@@ -69,6 +73,7 @@ class PreparedJob:
     output_path: Path
     limit: int | None = None
     layout: Layout = field(default_factory=Layout)
+    job_file: Path | None = None
     # Where the checkpoint and run log live, when not beside output_path: a --limit run
     # writes its own output but records into (and reuses) the job's checkpoint.
     run_base: Path | None = None
@@ -125,6 +130,7 @@ class RunSummary:
     run_cost: float = 0.0
     run_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    deduplicated: int = 0  # rows given the answer of an identical request sent once
     output_uri: str | None = None  # where the output was uploaded, for remote outputs
     counters: RunCounters = field(default_factory=RunCounters)
 
@@ -159,7 +165,7 @@ def prepare(
     settings = resolve_provider(spec.model, read_key=read_key, schema=schema)
     require_batch_api(spec.model, settings.preset)
     renderer = PromptRenderer(spec.prompt)
-    table = InputTable(spec.input.path, spec.input.id_column)
+    table = InputTable(spec.input.path, spec.input.id_column, spec.input.types)
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)
     rows = table.check()
@@ -171,6 +177,10 @@ def prepare(
     else:
         output_path = Path(target)
     folder = target.endswith("/")
+    job_file = None if isinstance(job, JobSpec) else Path(job)
+    _check_not_overwriting(output_path, table, job_file)
+    if not folder:
+        output_format(output_path, layout)
     run_base = None
     if limit is not None and limit < rows and output is None and not folder:
         # A partial run never replaces the job's (possibly complete) output.
@@ -189,6 +199,7 @@ def prepare(
         output_path,
         limit,
         layout,
+        job_file=job_file,
         run_base=run_base,
         output_uri=output_uri,
         output_folder=folder,
@@ -207,7 +218,13 @@ def limited_uri(uri: str, limit: int) -> str:
     return f"{folder}/{stem}.first-{limit}.{suffix}" if dot else f"{uri}.first-{limit}"
 
 
-def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = False) -> WorkPlan:
+def _plan(
+    job: PreparedJob,
+    checkpoint: Checkpoint,
+    *,
+    retry_failed: bool = False,
+    from_start: bool = False,
+) -> WorkPlan:
     settings = job.settings
     return WorkPlan(
         job.table,
@@ -218,7 +235,7 @@ def _plan(job: PreparedJob, checkpoint: Checkpoint, *, retry_failed: bool = Fals
         job.limit,
         retry_failed=retry_failed,
         request_extra=job.request_extra,
-        start_at=0 if retry_failed else int(checkpoint.get_meta("plan_cursor") or 0),
+        start_at=0 if retry_failed or from_start else int(checkpoint.get_meta("plan_cursor") or 0),
         skip_empty=job.spec.prompt.skip_empty,
     )
 
@@ -236,6 +253,18 @@ def _check_column_names(spec: JobSpec, table: InputTable, layout: Layout) -> Non
             f"input.path: column(s) {', '.join(clashes)} would clash with the output columns "
             f"of the same name; rename them in {spec.input.path}"
         )
+
+
+def _check_not_overwriting(output: Path, table: InputTable, job_file: Path | None) -> None:
+    target = output.resolve()
+    for source in table.paths:
+        if not storage.is_remote(source) and Path(source).resolve() == target:
+            raise SpecError(
+                f"output.path: {output} is the job's input; writing the output there would "
+                "destroy it; choose another output path"
+            )
+    if job_file is not None and job_file.resolve() == target:
+        raise SpecError(f"output.path: {output} is the job file itself; choose another output path")
 
 
 def _check_writable(path: Path) -> None:
@@ -308,16 +337,32 @@ async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
     if job.spec.model.batch:
         from pipeline.batch.engine import run_batch
 
-        return await run_batch(job, options)
+        with RunLock(job.run_dir):  # one run per job, batch runs too
+            return await run_batch(job, options)
     started = time.monotonic()
     with ExitStack() as stack:
+        # Taken before the checkpoint is touched and held to the end: one run per job.
+        stack.enter_context(RunLock(job.run_dir))
         settings = uses_embedded_simulator(job, stack)
-        checkpoint = Checkpoint(job.checkpoint_path)
+        lost = not job.checkpoint_path.exists()
+        checkpoint = open_checkpoint(job.checkpoint_path, fresh=options.fresh)
         stack.callback(checkpoint.close)
+        claim(checkpoint, _identity(job), fresh=options.fresh)
         checkpoint.recover()
         if options.fresh:
             checkpoint.start_fresh()
+        if job.table.id_column is None:
+            checkpoint.key_by_request()
+        elif checkpoint.get_meta("keyed_by_request") == "1":
+            checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
+        adopted = 0
+        if lost and not options.fresh:
+            # A deleted checkpoint beside a complete output: its answers are not paid twice.
+            own_output = job.run_base or job.output_path
+            adopted = await anyio.to_thread.run_sync(
+                adopt_output, own_output, checkpoint, plan, job.layout
+            )
         start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
         progress = Progress(
             job.rows,
@@ -327,12 +372,70 @@ async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
             headline=start.describe(job.rows),
         )
         stack.callback(progress.close)
+        if adopted:
+            progress.note(
+                f"note: no checkpoint was found; {adopted:,} answered row(s) of "
+                f"{job.run_base or job.output_path} are reused instead of being sent again"
+            )
         counters = RunCounters()
-        outcome = await _pump(job, settings, plan, checkpoint, progress, counters, options)
-        return await anyio.to_thread.run_sync(
-            _finish, job, checkpoint, plan, outcome, counters, time.monotonic() - started, options
+        for replans in range(MAX_INPUT_REPLANS + 1):
+            if replans:
+                # Rows already answered for their current request are kept; only rows
+                # whose request changed (or that are new) are sent.
+                progress.note(
+                    f"note: {job.spec.input.path} changed during the run; planning again "
+                    "against the new input (answers to the old rows are not mixed in)"
+                )
+                job = await anyio.to_thread.run_sync(_reopen_input, job)
+                plan = _plan(job, checkpoint, retry_failed=options.retry_failed, from_start=True)
+            outcome = await _pump(job, settings, plan, checkpoint, progress, counters, options)
+            if not outcome.fatal and not outcome.interrupted and _input_moved(job, plan):
+                continue
+            summary = await anyio.to_thread.run_sync(
+                _finish,
+                job,
+                checkpoint,
+                plan,
+                outcome,
+                counters,
+                time.monotonic() - started,
+                options,
+            )
+            if summary.output_path is None or not job.table.changed():
+                return summary
+        raise SpecError(
+            f"input.path: {job.spec.input.path} kept changing during the run; finished rows "
+            "are kept. Rerun once the input is no longer being written"
         )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+MAX_INPUT_REPLANS = 3
+
+
+def _input_moved(job: PreparedJob, plan: WorkPlan) -> bool:
+    return plan.input_error is not None or job.table.changed()
+
+
+def _reopen_input(job: PreparedJob) -> PreparedJob:
+    """The job against its input as it is now; SpecError if it can no longer be used."""
+    spec = job.spec
+    try:
+        table = InputTable(spec.input.path, spec.input.id_column, spec.input.types)
+        job.renderer.check_columns(table.columns)
+        rows = table.check()
+    except SpecError as exc:
+        raise SpecError(
+            f"the input changed during the run and cannot be used now: {exc}. Finished rows "
+            "are kept; fix the input and rerun"
+        ) from None
+    if job.limit is not None:
+        rows = min(rows, job.limit)
+    return dataclasses.replace(job, table=table, rows=rows)
+
+
+def _identity(job: PreparedJob) -> dict[str, str]:
+    return describe_job(job.spec.name, job.job_file, job.spec.input.path, job.run_dir)
 
 
 EXACT_START_MAX_ROWS = 200_000  # above this the start line counts from the checkpoint alone
@@ -468,14 +571,17 @@ def _budget(job: PreparedJob, settings: ProviderSettings, checkpoint: Checkpoint
     )
 
 
-def _pacer(limits: LimitsSpec) -> Pacer:
-    cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
+def _pacer(limits: LimitsSpec, note: Callable[[str], None] | None = None) -> Pacer:
+    # Every connection is an open file: a pool above the limit would fail mid-run.
+    cap, capped = fit_concurrency(limits.concurrency or ADAPTIVE_MAX_CONCURRENCY)
+    if capped and (limits.concurrency or 0) > cap and note is not None:
+        note(f"note: {capped}")
     return Pacer(
         limits.requests_per_minute,
         limits.tokens_per_minute,
         max_concurrency=cap,
         # A cap the user chose is used from the start; otherwise start small and grow.
-        initial_concurrency=limits.concurrency or min(cap, ADAPTIVE_START_CONCURRENCY),
+        initial_concurrency=min(cap, limits.concurrency or ADAPTIVE_START_CONCURRENCY),
     )
 
 
@@ -517,7 +623,7 @@ async def _pump(
     log = _open_log(job, settings, options)
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
-    pacer = _pacer(limits)
+    pacer = _pacer(limits, progress.note)
     async with open_provider(
         settings, connections=pacer.max_concurrency, timeout_s=limits.timeout_s
     ) as provider:
@@ -571,16 +677,12 @@ def _finish(
     elif not options.write_output:
         end = RunEnd.ROWS_FAILED if counters.rows_failed else RunEnd.ALL_OK
     else:
-        # A rerun that found everything done leaves an up-to-date output untouched.
-        if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
-            write_output(job.table, checkpoint, job.output_path, job.limit, layout=job.layout)
-            if job.output_uri is not None:
-                storage.upload(job.output_path, job.output_uri)
-        output_path = job.output_path
+        output_path = _write_final_output(job, checkpoint, plan)
         end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
+        deduplicated=plan.deduplicated,
         sent=counters.requests_sent,
         totals=checkpoint.totals(),
         outcome=outcome,
@@ -593,6 +695,24 @@ def _finish(
         counters=counters,
         output_uri=job.output_uri if output_path is not None else None,
     )
+
+
+def _write_final_output(job: PreparedJob, checkpoint: Checkpoint, plan: WorkPlan) -> Path:
+    # A rerun that found everything done leaves an up-to-date output untouched.
+    if plan.planned or not output_is_current(job.table, checkpoint, job.output_path, job.limit):
+        # Only a result for the row's current request is attached: an input changed
+        # under the run never puts an answer beside a text it did not answer.
+        write_output(
+            job.table,
+            checkpoint,
+            job.output_path,
+            job.limit,
+            layout=job.layout,
+            hashes=plan.hashes_for,
+        )
+        if job.output_uri is not None:
+            storage.upload(job.output_path, job.output_uri)
+    return job.output_path
 
 
 def uses_embedded_simulator(job: PreparedJob, stack: ExitStack) -> ProviderSettings:
@@ -635,7 +755,7 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
     """What the checkpoint says about a job, running or not; None before its first run."""
     if not job.checkpoint_path.exists():
         return None
-    checkpoint = Checkpoint(job.checkpoint_path)
+    checkpoint = open_checkpoint(job.checkpoint_path)
     try:
         totals = checkpoint.totals()
         recent, last = checkpoint.recent(window_s)
@@ -667,7 +787,7 @@ def export_partial(job: PreparedJob, path: Path) -> int:
     """Write the rows finished so far to `path`; safe while the job runs."""
     if not job.checkpoint_path.exists():
         raise SpecError(f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist")
-    checkpoint = Checkpoint(job.checkpoint_path)
+    checkpoint = open_checkpoint(job.checkpoint_path)
     try:
         return write_output(
             job.table,

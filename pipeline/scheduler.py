@@ -143,7 +143,8 @@ class Scheduler:
             self._work.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # A closed terminal or a dropped ssh session sends SIGHUP: stop as for SIGTERM.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for _ in signals:
                 if self._stopping:
                     self.stop_now()
@@ -165,6 +166,10 @@ class Scheduler:
                 item = result
             if sink.land(item) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
+
+    def fail(self, error: JobStopped) -> None:
+        """Stop the job for a reason found outside the workers (a failed write)."""
+        self._fail_job(error)
 
     def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:

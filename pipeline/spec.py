@@ -6,7 +6,9 @@ typo in an overnight job fails in a second instead of silently using a default.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +31,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ColumnType = Literal["string", "integer", "number", "boolean", "date", "datetime"]
+
+
 class InputSpec(_Strict):
     path: str = Field(min_length=1)
     id_column: str | None = None
+    # CSV only: a column's type instead of the one inferred from the first rows.
+    types: dict[str, ColumnType] | None = None
 
 
 class Pricing(_Strict):
@@ -192,7 +199,35 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(f"{path}: a job file must be a YAML mapping with input, model and prompt")
     # A file called "my reviews.yaml" still gets a usable default name.
     data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "job")
+    _resolve_paths(data, path.parent)
     return parse_spec(data, source=str(path))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a job file are relative to the job file, not to where it is run.
+
+    `pipeline run ../other/job.yaml` must read and write the other project's files,
+    never this directory's files of the same names.
+    """
+    with contextlib.suppress(ValueError, OSError):
+        # Kept short for messages when the job file is under the current directory.
+        if not (relative := os.path.relpath(base)).startswith(".."):
+            base = Path(relative)
+    if base == Path("."):
+        return
+    sections = [(data.get("input"), "path")]
+    output = data.get("output")
+    if output is None or (isinstance(output, dict) and output.get("path") is None):
+        name = data.get("name")
+        if isinstance(name, str) and name:
+            output = data["output"] = {**(output or {}), "path": f"out/{name}.parquet"}
+    sections.append((output, "path"))
+    for section, key in sections:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            value = section[key]
+            remote = "://" in value  # an object-storage URI is not a path
+            if value and not remote and not Path(value).expanduser().is_absolute():
+                section[key] = str(base / value)
 
 
 def parse_spec(data: dict[str, Any], *, source: str = "job") -> JobSpec:

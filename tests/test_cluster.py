@@ -332,6 +332,27 @@ def test_python_api_runs_on_the_cluster(
     check_answers(out)
 
 
+def test_cluster_rows_without_an_id_are_keyed_by_request(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str, sim_key: None
+) -> None:
+    data = reviews(120).drop("review_id")
+    data.write_parquet(tmp_path / "reviews.parquet", row_group_size=30)
+    job = make_job(
+        tmp_path,
+        simulator,
+        input_path=str(tmp_path / "reviews.parquet"),
+        input__id_column=None,
+        output__path=str(tmp_path / "out" / "cluster.parquet"),
+    )
+
+    summary = cluster_run(job)
+
+    assert summary.exit_code == 0
+    out = pl.read_parquet(tmp_path / "out" / "cluster.parquet")
+    assert out["text"].to_list() == data["text"].to_list()
+    check_answers(out)
+
+
 def test_a_rejected_key_stops_every_worker_with_exit_3(
     tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
 ) -> None:

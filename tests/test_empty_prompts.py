@@ -37,6 +37,7 @@ def test_skip_empty_sends_nothing_for_them_and_keeps_each_row_once(
     result = run_cli("run", str(job), "--quiet", cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
+    assert "results: 10 ok (2 of them skipped: empty prompt), 0 failed" in result.stderr
     assert simulator.stats(full=False)["requests"] == 8
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert out["review_id"].to_list() == [f"R{i:03d}" for i in range(10)]

@@ -22,6 +22,7 @@ INVALID: dict[str, Any] = {
     "input": "reviews.csv",
     "input.path": "no-such-file.csv",
     "input.id_column": "no_such_column",
+    "input.types": {"text": "no-such-type"},
     "model": "openai",
     "model.provider": "no-such-provider",
     "model.model": "",

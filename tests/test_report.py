@@ -255,7 +255,8 @@ def test_a_schema_jobs_report_counts_labels_and_draws_numbers(classified: Path) 
     # One sample row per label, with the typed values shown rather than raw JSON.
     for label in labels["label"]:
         assert f"<b>label</b>{label}" in page
-    assert page.count("picked: label") == labels.height
+    # A label's row may have been picked for another reason first (the slowest, say).
+    assert 1 <= page.count("picked: label") <= labels.height
 
 
 def test_run_markers_that_would_overprint_share_one_label() -> None:

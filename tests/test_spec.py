@@ -27,7 +27,9 @@ def test_minimal_spec_gets_defaults(tmp_path: Path) -> None:
     assert spec.name == "my-job"
     assert spec.limits.concurrency is None, "unset concurrency means adaptive"
     assert spec.limits.max_attempts > 1
-    assert spec.output_path == Path("out/my-job.parquet")
+    # Relative to the job file's folder, wherever it is run from.
+    assert spec.output_path == tmp_path / "out" / "my-job.parquet"
+    assert spec.input.path == str(tmp_path / "d.csv")
 
 
 @pytest.mark.parametrize(

@@ -489,7 +489,24 @@ class _BatchRun:
         elif not self.options.write_output:
             end = RunEnd.ROWS_FAILED if self.counters.rows_failed else RunEnd.ALL_OK
         else:
-            write_output(job.table, self.checkpoint, job.output_path, job.limit, layout=job.layout)
+            # Attach only answers to each row's current request (keyed by it without an id).
+            hasher = WorkPlan(
+                job.table,
+                job.renderer,
+                self.checkpoint,
+                self.settings.model,
+                self.settings.params,
+                job.limit,
+                request_extra=job.request_extra,
+            )
+            write_output(
+                job.table,
+                self.checkpoint,
+                job.output_path,
+                job.limit,
+                layout=job.layout,
+                hashes=hasher.hashes_for,
+            )
             if job.output_uri is not None:
                 storage.upload(job.output_path, job.output_uri)
             output_path = job.output_path

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import orjson
+import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -134,6 +135,7 @@ def run_on_ray(
                 or min(cap, ADAPTIVE_START_CONCURRENCY * workers),
             )
         )
+        stack.callback(ray.kill, limiter)  # one per run: a notebook's driver lives on
         share = max(1, math.ceil(cap / max(1, min(workers, len(shards)))))
         environment = {k: os.environ[k] for k in STORAGE_ENVIRONMENT if k in os.environ}
         spec = _absolute_input(job)
@@ -339,7 +341,7 @@ def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[To
         offset = shard.start
         part_writer: pq.ParquetWriter | None = None
         for batch in job.table.batches(READ_BATCH_ROWS, job.limit, shard.start, shard.stop):
-            keys = row_keys(batch, offset, job.table.id_column)
+            keys = _keys(job, batch, offset)
             offset += batch.height
             joined = join_results(batch.to_arrow(), keys, results, job.layout)  # type: ignore[arg-type]
             errors = joined.column("error")
@@ -363,6 +365,16 @@ def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[To
         os.replace(temporary, target)
         _publish(job, target, None)
     return totals, failed
+
+
+def _keys(job: PreparedJob, batch: pl.DataFrame, offset: int) -> list[str]:
+    """The keys the shards recorded rows under: the id, else the request hash."""
+    if job.table.id_column is not None:
+        return row_keys(batch, offset, job.table.id_column)
+    digest = job.renderer.request_hasher(job.settings.model, job.settings.params, job.request_extra)
+    variables = list(job.renderer.variables)
+    rows = batch.select(variables).rows() if variables else [()] * batch.height
+    return [digest(values) for values in rows]
 
 
 def _publish(job: PreparedJob, local: Path, part: str | None) -> None:
