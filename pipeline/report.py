@@ -722,16 +722,16 @@ def _sample(frame: pl.DataFrame, limit: int = SAMPLE_ROWS) -> pl.DataFrame:
         ("most retried", numbered.filter(pl.col("attempts") > 1).sort("attempts").tail(2)),
         ("empty input", numbered.filter(blank | (pl.col("finish_reason") == "skipped")).head(2)),
     ]
+    chosen: dict[int, str] = {}
+    for why, rows in picks:
+        _choose(chosen, why, rows, limit)
     for column in result_columns(frame):
         series = frame.get_column(column)
         if series.dtype in (pl.Categorical, pl.Enum, pl.Boolean) and series.n_unique() <= 12:
+            # A row not already shown for another reason, so each value gets its own card.
             values = ok.filter(pl.col(column).is_not_null())
-            picks.append((f"{column}", values.unique(column, keep="first", maintain_order=True)))
-    chosen: dict[int, str] = {}
-    for why, rows in picks:
-        for row in rows.get_column("_row").to_list():
-            if len(chosen) < limit:
-                chosen.setdefault(row, why)
+            fresh = values.filter(~pl.col("_row").is_in(list(chosen)))
+            _choose(chosen, column, fresh.unique(column, keep="first", maintain_order=True), limit)
     room = limit - len(chosen)
     if room > 0 and ok.height:
         for row in ok.gather_every(max(ok.height // room, 1)).get_column("_row").to_list():
@@ -743,6 +743,12 @@ def _sample(frame: pl.DataFrame, limit: int = SAMPLE_ROWS) -> pl.DataFrame:
         schema={"_row": pl.UInt32, "_why": pl.String},
     )
     return reasons.join(numbered, on="_row", how="left", maintain_order="left")
+
+
+def _choose(chosen: dict[int, str], why: str, rows: pl.DataFrame, limit: int) -> None:
+    for row in rows.get_column("_row").to_list():
+        if len(chosen) < limit:
+            chosen.setdefault(row, why)
 
 
 def _cell(value: Any) -> str:
