@@ -21,7 +21,6 @@ from pipeline.providers import sse, tools
 from pipeline.providers.base import Provider, register
 from pipeline.providers.classify import (
     classify,
-    classify_error_in_body,
     embedded_status,
     has_error,
 )
@@ -134,18 +133,7 @@ class AnthropicMessages(Provider):
             payload = None
         if status >= 400:
             raise self._error(status, payload, headers)
-        if not isinstance(payload, dict):
-            raise malformed(
-                "response body is not a JSON object",
-                response.content,
-                self.redact,
-                status=status,
-                headers=headers,
-            )
-        if has_error(payload):
-            error = classify_error_in_body(payload, headers, self.redact)
-            error.rate_limits = parse_rate_limits(headers)
-            raise error
+        payload = self._answer_object(payload, response)
         if not isinstance(payload.get("content"), list):
             raise malformed("response has no content blocks", response.content, self.redact)
         body = read(AnthropicBody, payload, response.content, self.redact)
@@ -193,16 +181,6 @@ class AnthropicMessages(Provider):
             tool_calls=calls or None,
             reported_cost_usd=response_cost(headers),
         )
-
-    async def _stream(self, body: bytes) -> Completion:
-        async with self.client.stream(self.url, body, self.headers) as response:
-            if response.status >= 400 or not sse.is_event_stream(response.headers):
-                # An error, or a server that answered with the plain body: read it as one.
-                content = await response.read()
-                if response.status < 400 and sse.looks_like_events(content):
-                    return await self._assemble(sse.lines_of(content), response.headers)
-                return self.parse(HttpResponse(response.status, response.headers, content))
-            return await self._assemble(response.lines(), response.headers)
 
     async def _assemble(
         self, lines: AsyncIterator[bytes], headers: Mapping[str, str]

@@ -9,7 +9,7 @@ package never names a concrete provider.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -17,16 +17,58 @@ import orjson
 from pipeline.config import ProviderSettings
 from pipeline.errors import SpecError
 from pipeline.http import HttpClient, HttpResponse
-from pipeline.providers.classify import classify
+from pipeline.providers import sse
+from pipeline.providers.classify import classify, classify_error_in_body, has_error
+from pipeline.providers.headers import parse_rate_limits
+from pipeline.providers.shapes import malformed
 from pipeline.types import ChatRequest, Completion, Message
 
 
 class Provider(ABC):
     """One model endpoint speaking one wire protocol."""
 
+    url: str
+    headers: dict[str, str]
+
     def __init__(self, settings: ProviderSettings, client: HttpClient) -> None:
         self.settings = settings
         self.client = client
+
+    def parse(self, response: HttpResponse) -> Completion:
+        """One whole answer (status, headers, body) as a completion, or its error."""
+        raise NotImplementedError
+
+    async def _assemble(
+        self, lines: AsyncIterator[bytes], headers: Mapping[str, str]
+    ) -> Completion:
+        """The events of a streamed answer joined into the completion a plain call gives."""
+        raise NotImplementedError
+
+    async def _stream(self, body: bytes) -> Completion:
+        async with self.client.stream(self.url, body, self.headers) as response:
+            if response.status >= 400 or not sse.is_event_stream(response.headers):
+                # An error, or a server that answered with the plain body: read it as one.
+                content = await response.read()
+                if response.status < 400 and sse.looks_like_events(content):
+                    return await self._assemble(sse.lines_of(content), response.headers)
+                return self.parse(HttpResponse(response.status, response.headers, content))
+            return await self._assemble(response.lines(), response.headers)
+
+    def _answer_object(self, payload: Any, response: HttpResponse) -> dict[str, Any]:
+        """A successful answer's body as a JSON object, or the error a gateway put in it."""
+        if not isinstance(payload, dict):
+            raise malformed(
+                "response body is not a JSON object",
+                response.content,
+                self.redact,
+                status=response.status,
+                headers=response.headers,
+            )
+        if has_error(payload):
+            error = classify_error_in_body(payload, response.headers, self.redact)
+            error.rate_limits = parse_rate_limits(response.headers)
+            raise error
+        return payload
 
     @abstractmethod
     async def complete(self, request: ChatRequest) -> Completion:

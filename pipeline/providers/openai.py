@@ -116,16 +116,6 @@ class OpenAIChat(Provider):
             return _schema_answer_from_tool(completion)
         return completion
 
-    async def _stream(self, body: bytes) -> Completion:
-        async with self.client.stream(self.url, body, self.headers) as response:
-            if response.status >= 400 or not sse.is_event_stream(response.headers):
-                # An error, or a server that answered with the plain body: read it as one.
-                content = await response.read()
-                if response.status < 400 and sse.looks_like_events(content):
-                    return await self._assemble(sse.lines_of(content), response.headers)
-                return self.parse(HttpResponse(response.status, response.headers, content))
-            return await self._assemble(response.lines(), response.headers)
-
     async def _assemble(
         self, lines: AsyncIterator[bytes], headers: Mapping[str, str]
     ) -> Completion:
@@ -150,18 +140,7 @@ class OpenAIChat(Provider):
             error = self.classify(status, payload, headers)
             error.rate_limits = parse_rate_limits(headers)
             raise error
-        if not isinstance(payload, dict):
-            raise malformed(
-                "response body is not a JSON object",
-                response.content,
-                self.redact,
-                status=status,
-                headers=headers,
-            )
-        if has_error(payload):
-            error = classify_error_in_body(payload, headers, self.redact)
-            error.rate_limits = parse_rate_limits(headers)
-            raise error
+        payload = self._answer_object(payload, response)
         body = read(OpenAIBody, payload, response.content, self.redact)
         if not body.choices:
             raise malformed("response has no choices", response.content, self.redact)
