@@ -116,10 +116,16 @@ class Checkpoint:
 
     def start_fresh(self) -> None:
         """Ignore every result recorded so far (kept on disk until replaced)."""
-        self.since = time.time()
+        newest = self._reader.execute("SELECT max(finished_at) FROM results").fetchone()[0]
+        self.since = max(time.time(), (newest or 0.0) + 1e-3)
         self.set_meta("fresh_since", repr(self.since))
         self.set_meta("output_stamp", "")
         self.set_meta("plan_cursor", "0")
+
+    def _stamp(self) -> float:
+        """When a row finished, as the checkpoint orders rows: the wall clock, never
+        earlier than the last `--fresh`, so a clock stepped back cannot hide new rows."""
+        return max(time.time(), self.since)
 
     def _connect(self) -> sqlite3.Connection:
         # The writer runs in worker threads, one call at a time; the reader on the loop.
@@ -131,7 +137,7 @@ class Checkpoint:
 
     def write(self, results: Iterable[RowResult], meta: dict[str, str] | None = None) -> None:
         """Commit a batch of finished rows (and any meta values) atomically."""
-        now = time.time()
+        now = self._stamp()
         self._write_rows([_row(result, now) for result in results], meta)
 
     # -- answers as they land: the journal ---------------------------------------------
@@ -147,7 +153,7 @@ class Checkpoint:
 
     def land(self, result: RowResult) -> None:
         """Hand a finished row to the operating system at once; `commit` makes it queryable."""
-        row = _row(result, time.time())
+        row = _row(result, self._stamp())
         self._journal.append(row)
         self._landed.append(row)
 
@@ -181,7 +187,7 @@ class Checkpoint:
             f"INSERT OR IGNORE INTO results (row_key, request_hash, {', '.join(_STORED_NAMES)}, "
             f"finished_at) VALUES ({', '.join('?' * (len(_STORED_NAMES) + 3))})"
         )
-        now = time.time()
+        now = self._stamp()
         with self._writer:
             self._writer.execute("BEGIN")
             self._writer.executemany(statement, [(*row, now) for row in rows])

@@ -460,7 +460,6 @@ def test_a_damaged_checkpoint_is_reported_in_one_line(
     assert list(path.parent.glob("checkpoint.sqlite.damaged-*")), "the damaged file is kept"
 
 
-@pytest.mark.skip(reason="not re-applied yet to the journaled checkpoint and recorder")
 def test_results_after_the_clock_stepped_back_still_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,6 +477,10 @@ def test_results_after_the_clock_stepped_back_still_count(
     reopened = Checkpoint(tmp_path / "checkpoint.sqlite")
     assert set(reopened.finished(["a", "b"])) == {"b"}
     assert reopened.totals().rows == 1
+    # A second --fresh on the stepped-back clock still hides everything before it.
+    reopened.start_fresh()
+    reopened.write([RowResult(2, "c", "h3", 1, None)])
+    assert set(reopened.finished(["a", "b", "c"])) == {"c"}
 
 
 # --- input types -------------------------------------------------------------------------
