@@ -45,7 +45,7 @@ _INSERT = (
 )
 Row = tuple[Any, ...]  # row_key, request_hash, the stored columns, finished_at
 _ROW_WIDTH = len(_STORED_NAMES) + 3
-_SEGMENT_BYTES = 8 << 20  # grown when the answers between two commits need more
+_SEGMENT_BYTES = 64 << 10  # doubled when the answers between two commits need more
 Sealed = tuple[list[Row], Path | None]  # rows landed, and the journal segment holding them
 # Under SQLite's limit of bound parameters (32,766 since 3.32; 999 before).
 _LOOKUP_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 900
@@ -353,7 +353,7 @@ class Journal:
         number = int(existing[-1].suffixes[-2][1:]) + 1 if existing else 1
         self._path = self.directory / f"{self.stem}.{number}.jsonl"
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, _SEGMENT_BYTES)  # sparse: pages are allocated as written
+        _reserve(self._fd, _SEGMENT_BYTES)
         self._map = mmap.mmap(self._fd, _SEGMENT_BYTES)
         self._used = 0
 
@@ -370,7 +370,7 @@ class Journal:
     def _grow(self, needed: int) -> None:
         assert self._map is not None and self._fd is not None
         size = max(needed, 2 * len(self._map))
-        os.ftruncate(self._fd, size)
+        _reserve(self._fd, size)
         self._map.resize(size)
 
     def rotate(self) -> Path | None:
@@ -388,3 +388,13 @@ class Journal:
             os.ftruncate(self._fd, self._used)
             os.close(self._fd)
         self._map = self._fd = None
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the journal file `size` bytes of disk now. A sparse file would be filled
+    through the memory map, where a full disk is a SIGBUS that kills the process; a
+    reservation that fails is an OSError the run can stop on cleanly."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    else:
+        os.ftruncate(fd, size)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -28,7 +29,7 @@ from pipeline.checkpoint import Checkpoint, Sealed, Totals
 from pipeline.columns import RESULT_NAMES
 from pipeline.config import ProviderSettings, resolve_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
-from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError
+from pipeline.errors import JobFatalError, JobStopped, RunCrashed, SpecError, WriteFailed
 from pipeline.http import HttpClient
 from pipeline.identity import claim, describe_job, open_checkpoint
 from pipeline.inputs import InputTable
@@ -495,20 +496,29 @@ class _Recorder:
     outcome: Outcome
     run_state: RunState
     on_result: Callable[[RowResult], None] | None
+    stop: Callable[[JobStopped], None]
     _landed: list[RowResult] = field(default_factory=list)
 
     def land(self, result: RowResult) -> int:
-        self.checkpoint.land(result)
+        try:
+            self.checkpoint.land(result)
+        except OSError as exc:
+            self._failed_write(exc)
+            return len(self._landed)
         self._landed.append(result)
         return len(self._landed)
 
     async def commit(self) -> int:
         if not self._landed:
             return 0
-        # Sealed before the first await, so no row lands between the journal and the batch.
-        sealed = self.checkpoint.seal()
         batch, self._landed = self._landed, []
-        await anyio.to_thread.run_sync(self._write, sealed, self.log.take(), self.plan.cursor)
+        try:
+            # Sealed before the first await, so no row lands between the journal and the batch.
+            sealed = self.checkpoint.seal()
+            await anyio.to_thread.run_sync(self._write, sealed, self.log.take(), self.plan.cursor)
+        except (OSError, sqlite3.Error) as exc:
+            self._failed_write(exc)
+            return 0
         for result in batch:
             if self.on_result is not None:
                 self.on_result(result)
@@ -523,8 +533,17 @@ class _Recorder:
         self.checkpoint.commit(sealed, meta)
         self.log.write(lines)
 
+    def _failed_write(self, exc: OSError | sqlite3.Error) -> None:
+        # A full disk: answers bought now could not be kept, so no more are sent.
+        self.stop(WriteFailed.while_("recording finished rows", exc))
+
     def finish(self) -> None:
         """The run stopped sending: show where it got to, and record that it ended."""
+        # A full disk: the outcome already says so, and what is durable stays.
+        with suppress(OSError, sqlite3.Error):
+            self._record_end()
+
+    def _record_end(self) -> None:
         self.show(force=True)
         self.run_state.active = False
         self.checkpoint.set_meta(RUN_STATE_META, self.run_state.dumps(self.counters))
@@ -651,6 +670,7 @@ async def _pump(
             scheduler.outcome,
             run_state,
             options.on_result,
+            scheduler.fail,
         )
         try:
             return await scheduler.run(
@@ -670,6 +690,7 @@ def _finish(
     options: RunOptions,
 ) -> RunSummary:
     output_path: Path | None = None
+    fatal = outcome.fatal
     if outcome.fatal is not None:
         end = RunEnd.STOPPED
     elif outcome.interrupted:
@@ -677,8 +698,13 @@ def _finish(
     elif not options.write_output:
         end = RunEnd.ROWS_FAILED if counters.rows_failed else RunEnd.ALL_OK
     else:
-        output_path = _write_final_output(job, checkpoint, plan)
-        end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
+        try:
+            output_path = _write_final_output(job, checkpoint, plan)
+            end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
+        except (OSError, sqlite3.Error) as exc:
+            # Every answer is in the checkpoint: a rerun with free space writes the output.
+            output_path, end = None, RunEnd.STOPPED
+            fatal = WriteFailed.while_(f"writing {job.output_path}", exc)
     return RunSummary(
         rows=job.rows,
         reused=plan.reused,
@@ -689,7 +715,7 @@ def _finish(
         wall_s=wall_s,
         output_path=output_path,
         end=end,
-        fatal=outcome.fatal,
+        fatal=fatal,
         run_cost=counters.cost_usd,
         run_failed=counters.rows_failed,
         counters=counters,
