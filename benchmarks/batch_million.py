@@ -19,28 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+import million
 from million import make_input
 from run import pinned, sim_stats, start_simulator
 
 
 def write_job(workdir: Path, url: str) -> Path:
-    job = workdir / "job.yaml"
-    spec = {
-        "name": "batch-million",
-        "input": {"path": "input.parquet", "id_column": "id"},
-        "model": {
-            "provider": "openai",
-            "model": "sim-model",
-            "base_url": f"{url}/v1",
-            "api_key_env": None,
-            "params": {"max_tokens": 50},
-        },
-        "prompt": {"template": "{{ text }}"},
-        "output": {"path": "out/batch-million.parquet"},
-    }
-    job.write_text(yaml.safe_dump(spec))
-    return job
+    return million.write_job(
+        workdir, url, name="batch-million", output="out/batch-million.parquet", limits={}
+    )
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from million import write_job
 from run import check_rows, make_input, run_client, sim_stats, start_simulator
 
 ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
@@ -35,22 +35,14 @@ def efficiency() -> str:
             {"latency_ms": [50, 150], "rpm": RPM, "limit_window": "second"}, workdir
         )
         try:
-            job = workdir / "job.yaml"
-            spec = {
-                "name": "cluster-efficiency",
-                "input": {"path": "input.parquet", "id_column": "id"},
-                "model": {
-                    "provider": "openai",
-                    "model": "sim-model",
-                    "base_url": f"{url}/v1",
-                    "api_key_env": None,
-                    "params": {"max_tokens": 200},
-                },
-                "prompt": {"template": "{{ text }}"},
-                "limits": {"requests_per_minute": RPM, "concurrency": 64},
-                "output": {"path": "out.parquet"},
-            }
-            job.write_text(yaml.safe_dump(spec))
+            job = write_job(
+                workdir,
+                url,
+                name="cluster-efficiency",
+                output="out.parquet",
+                max_tokens=200,
+                limits={"requests_per_minute": RPM, "concurrency": 64},
+            )
             wall, cpu, rss, code, _ = run_client(
                 # Ray's processes inherit the driver's CPU affinity: leave them unpinned.
                 job,

@@ -44,21 +44,30 @@ def make_input(rows: int, path: Path) -> None:
     frame.write_parquet(path)
 
 
-def write_job(workdir: Path, url: str) -> Path:
+def write_job(
+    workdir: Path,
+    url: str,
+    *,
+    name: str = "million",
+    output: str = "out/million.parquet",
+    max_tokens: int = 50,
+    limits: dict[str, int] | None = None,
+) -> Path:
+    """A job over `input.parquet` against the simulator at `url` (shared by the benchmarks)."""
     job = workdir / "job.yaml"
     spec = {
-        "name": "million",
+        "name": name,
         "input": {"path": "input.parquet", "id_column": "id"},
         "model": {
             "provider": "openai",
             "model": "sim-model",
             "base_url": f"{url}/v1",
             "api_key_env": None,
-            "params": {"max_tokens": 50},
+            "params": {"max_tokens": max_tokens},
         },
         "prompt": {"template": "{{ text }}"},
-        "limits": {"concurrency": 200},
-        "output": {"path": "out/million.parquet"},
+        "limits": {"concurrency": 200} if limits is None else limits,
+        "output": {"path": output},
     }
     job.write_text(yaml.safe_dump(spec))
     return job
