@@ -134,7 +134,7 @@ def run_on_ray(
         root = StateRoot(state_location(job))
         if options.fresh:
             root.remove_all()
-        shards = _shards(root, job, workers)
+        shards, layout_id = _shards(root, job, workers)
         limits = job.spec.limits
         cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
         limiter = (
@@ -164,6 +164,7 @@ def run_on_ray(
                     options.retry_failed,
                     share,
                     environment,
+                    layout_id,
                 ),
                 limiter,
             ): shard
@@ -202,15 +203,17 @@ def _refuse_unsupported(job: PreparedJob) -> None:
         )
 
 
-def _shards(root: StateRoot, job: PreparedJob, workers: int) -> list[Shard]:
-    """The saved layout when the input is the same, else a new one (saved)."""
+def _shards(root: StateRoot, job: PreparedJob, workers: int) -> tuple[list[Shard], str]:
+    """The saved layout (and its id) when the input is the same, else a new one (saved)."""
     manifest = root.join("shards.json")
     saved = root.read_bytes(manifest)
-    shards = load(saved, job.rows) if saved is not None else None
-    if shards is None:
-        shards = plan_shards(job.table, job.rows, workers)
-        root.write_bytes(manifest, dump(shards, job.rows))
-    return shards
+    layout = load(saved, job.rows) if saved is not None else None
+    if layout is None:
+        data = dump(plan_shards(job.table, job.rows, workers), job.rows)
+        root.write_bytes(manifest, data)
+        layout = load(data, job.rows)
+        assert layout is not None
+    return layout
 
 
 def _collect(
