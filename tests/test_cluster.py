@@ -401,7 +401,7 @@ def test_a_budget_is_refused_rather_than_overspent(
     assert simulator.stats()["requests"] == 0
 
 
-def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
+def test_ctrl_c_stops_the_cluster_status_and_export_read_it_and_a_rerun_finishes(
     tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
 ) -> None:
     simulator.configure(latency_ms=(20, 40))
@@ -415,6 +415,8 @@ def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
     try:
         while driver.poll() is None and len(list(state.glob("shards/*/*.parquet"))) < 4:
             time.sleep(POLL_S)  # re-read the state a few times a second
+        # While it runs, status reads what the shards committed.
+        live = run_cli("status", str(job), cwd=tmp_path)
         driver.send_signal(signal.SIGINT)
         _, stderr = driver.communicate(timeout=120)
     finally:
@@ -423,6 +425,22 @@ def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
             driver.communicate()
     assert driver.returncode == 130, stderr
     assert not (tmp_path / "out" / "result.parquet").exists()
+    assert live.returncode == 0, live.stderr
+    assert "shards, committing:" in live.stdout, live.stdout
+    assert int(live.stdout.split("/")[0].rsplit(" ", 1)[1].replace(",", "")) > 0
+
+    committed = committed_keys(state)
+    assert 0 < len(committed) < rows
+    stopped = run_cli("status", str(job), cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"{len(committed):,}/{rows:,} rows finished (0 failed)" in stopped.stdout
+    assert f"{rows - len(committed):,} pending" in stopped.stdout
+    assert "--ray` resumes" in stopped.stdout
+    exported = run_cli("export", str(job), "--to", str(tmp_path / "partial.parquet"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    partial = pl.read_parquet(tmp_path / "partial.parquet")
+    assert sorted(partial["review_id"].to_list()) == sorted(committed)
+    check_answers(partial)
 
     result = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
 
@@ -431,3 +449,6 @@ def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
     assert out.height == rows and out["review_id"].n_unique() == rows
     # The interrupted run committed what it had finished: nothing was paid twice.
     assert simulator.stats()["duplicate_paid"] == 0
+    done = run_cli("status", str(job), cwd=tmp_path)
+    assert f"{rows:,}/{rows:,} rows finished" in done.stdout
+    assert "shards; done, every row has a result" in done.stdout

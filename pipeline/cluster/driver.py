@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import uuid
 from contextlib import ExitStack
@@ -135,6 +136,8 @@ def run_on_ray(
         if options.fresh:
             root.remove_all()
         shards, layout_id = _shards(root, job, workers)
+        mark_driver(root, active=True)
+        stack.callback(mark_driver, root, active=False)  # a killed driver never says so
         limits = job.spec.limits
         cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
         limiter = (
@@ -181,6 +184,15 @@ def run_on_ray(
         final = ray.get(limiter.progress.remote())
         return _finish(job, root, shards, outcomes, final, time.monotonic() - started, options)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+DRIVER_MARK = "driver.json"
+
+
+def mark_driver(root: StateRoot, *, active: bool) -> None:
+    """Say in the shared folder which driver runs the job, for `pipeline status`."""
+    mark = {"host": socket.gethostname(), "pid": os.getpid(), "active": active, "t": time.time()}
+    root.write_bytes(root.join(DRIVER_MARK), orjson.dumps(mark))
 
 
 def _absolute_input(job: PreparedJob) -> JobSpec:

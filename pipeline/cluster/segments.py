@@ -93,6 +93,14 @@ class StateRoot:
             if info.type == pafs.FileType.File and not info.path.endswith(".tmp")
         )
 
+    def list_folders(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
+        return sorted(
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.Directory
+        )
+
     def remove_all(self) -> None:
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.Directory:
@@ -109,7 +117,7 @@ def _absolute(location: str) -> str:
 class ShardResults:
     """What a shard's segments hold: key -> (request hash, result fields...)."""
 
-    records: dict[str, tuple[object, ...]]
+    records: dict[str, tuple[object, ...]]  # the `_FIELDS`, then finished_at
 
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         found = {}
@@ -132,7 +140,7 @@ class ShardResults:
         return fetched(keys, stored, ("row_key", "request_hash", *names), hashes)
 
     def totals(self) -> Totals:
-        rows = failed = prompt = output = reasoning = 0
+        rows = failed = prompt = output = reasoning = priced = unpriced = 0
         cost = 0.0
         for record in self.records.values():
             rows += 1
@@ -141,7 +149,23 @@ class ShardResults:
             output += int(record[_COMPLETION] or 0)  # type: ignore[call-overload]
             reasoning += int(record[_REASONING] or 0)  # type: ignore[call-overload]
             cost += float(record[_COST] or 0.0)  # type: ignore[arg-type]
-        return Totals(rows, failed, prompt, output, reasoning, cost)
+            priced += record[_COST] is not None
+            unpriced += record[_COST] is None and record[_RESPONSE] is not None
+        return Totals(rows, failed, prompt, output, reasoning, cost, priced, unpriced)
+
+    def recent(self, window_s: float) -> tuple[int, float | None]:
+        """As `Checkpoint.recent`: rows finished in the last `window_s` seconds, and
+        when the last one finished."""
+        since = time.time() - window_s
+        stamps = [float(record[-1]) for record in self.records.values()]  # type: ignore[arg-type]
+        return sum(stamp >= since for stamp in stamps), max(stamps, default=None)
+
+    def get_meta(self, name: str) -> str | None:
+        """Segments keep no run state: a cluster's progress is in its driver."""
+        return None
+
+    def merge(self, other: ShardResults) -> None:
+        self.records.update(other.records)
 
 
 # positions in a record (the request hash first, then the stored columns)
@@ -151,6 +175,7 @@ _PROMPT = _FIELDS.index("prompt_tokens")
 _COMPLETION = _FIELDS.index("completion_tokens")
 _REASONING = _FIELDS.index("reasoning_tokens")
 _COST = _FIELDS.index("cost_usd")
+_RESPONSE = _FIELDS.index("response")
 
 
 class ShardStore:
@@ -175,7 +200,7 @@ class ShardStore:
             except (pa.ArrowInvalid, OSError):
                 continue  # a torn write from a killed worker on a file system without rename
             table = table.sort_by("finished_at")
-            columns = [table.column(name).to_pylist() for name in _FIELDS]
+            columns = [table.column(name).to_pylist() for name in (*_FIELDS, "finished_at")]
             for key, *values in zip(table.column("row_key").to_pylist(), *columns, strict=True):
                 records[key] = tuple(values)
         return ShardResults(records)
