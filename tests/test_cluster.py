@@ -13,6 +13,7 @@ import orjson
 import polars as pl
 import pytest
 from conftest import SIM_KEY, make_job, messages_for, reviews, run_cli, start_cli
+from test_resume import billed_usd, settle
 
 from pipeline.checkpoint import Journal
 from pipeline.columns import RESULT_NAMES
@@ -388,17 +389,39 @@ def test_a_rejected_key_stops_every_worker_with_exit_3(
     assert simulator.stats()["requests"] < 100
 
 
-def test_a_budget_is_refused_rather_than_overspent(
+def test_one_budget_for_the_whole_cluster_stops_every_worker_and_a_larger_one_resumes(
     tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
 ) -> None:
-    reviews(10).write_csv(tmp_path / "reviews.csv")
-    job = make_job(tmp_path, simulator, limits__max_cost_usd=1.0)
+    simulator.configure(latency_ms=(20, 40))
+    rows = 400
+    data = reviews(rows)
+    data.write_parquet(tmp_path / "reviews.parquet", row_group_size=50)
+    # About $0.000028 a row: $0.002 buys about 70 of the 400, over two workers.
+    job = make_job(tmp_path, simulator, input_path="reviews.parquet", limits__max_cost_usd=0.002)
 
-    result = run_cli("run", str(job), "--ray-address", ray_cluster, cwd=tmp_path)
+    first = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
 
-    assert result.returncode == 2
-    assert "limits.max_cost_usd" in result.stderr
-    assert simulator.stats()["requests"] == 0
+    assert first.returncode == 3, first.stderr
+    assert "budget reached across the cluster" in first.stderr
+    assert "limits.max_cost_usd = $0.002" in first.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    assert "finished so far: 0 ok" not in first.stderr  # the summary counts the shards' rows
+    settle(simulator)
+    assert billed_usd(simulator.stats(full=False)) <= 0.002, "a limit on what is really spent"
+    committed = committed_keys(tmp_path / "out" / "result.parquet.cluster")
+    assert 0 < len(committed) < rows
+    # Both workers spent from the one budget: rows of more than one shard were answered.
+    assert len(list((tmp_path / "out" / "result.parquet.cluster").glob("shards/*/*.parquet"))) > 1
+
+    make_job(tmp_path, simulator, input_path="reviews.parquet", limits__max_cost_usd=1.0)
+    second = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr
+    stats = simulator.stats(full=False)
+    assert stats["completions"] == rows and stats["duplicate_paid"] == 0
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["review_id"].to_list() == data["review_id"].to_list()
+    check_answers(out)
 
 
 def test_ctrl_c_stops_the_cluster_status_and_export_read_it_and_a_rerun_finishes(

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import Totals
+from pipeline.cluster.budget import Allowances
 from pipeline.cluster.limiter import ClusterLimiter, ClusterProgress
 from pipeline.cluster.segments import ShardStore, StateRoot
 from pipeline.cluster.shards import Shard, dump, load, plan_shards
@@ -127,7 +128,6 @@ def run_on_ray(
 ) -> RunSummary:
     """Run a prepared job sharded over a Ray cluster and write its output."""
     ray = require_ray(local=(cluster or ClusterOptions()).address is None)
-    _refuse_unsupported(job)
     started = time.monotonic()
     with ExitStack() as stack:
         settings = uses_embedded_simulator(job, stack)
@@ -149,6 +149,7 @@ def run_on_ray(
                 concurrency=cap,
                 initial_concurrency=limits.concurrency
                 or min(cap, ADAPTIVE_START_CONCURRENCY * workers),
+                budget=_budget(job, root, shards),
             )
         )
         stack.callback(ray.kill, limiter)  # one per run: a notebook's driver lives on
@@ -206,13 +207,26 @@ def _absolute_input(job: PreparedJob) -> JobSpec:
     )
 
 
-def _refuse_unsupported(job: PreparedJob) -> None:
+def _budget(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> Allowances | None:
+    """The job's spending limits for the limiter, counting what earlier runs spent."""
     limits = job.spec.limits
-    if limits.max_cost_usd is not None or limits.max_tokens_total is not None:
-        raise SpecError(
-            "limits.max_cost_usd / limits.max_tokens_total are not enforced across a cluster "
-            "yet; remove them or run without --ray"
-        )
+    if limits.max_cost_usd is None and limits.max_tokens_total is None:
+        return None
+    spent = committed_totals(root, shards)
+    return Allowances(
+        limits.max_cost_usd,
+        limits.max_tokens_total,
+        spent_usd=spent.cost_usd,
+        spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
+    )
+
+
+def committed_totals(root: StateRoot, shards: list[Shard]) -> Totals:
+    """Rows, tokens and cost of everything the shards committed."""
+    totals = Totals()
+    for shard in shards:
+        totals = _add(totals, ShardStore(root, shard.index).read().totals())
+    return totals
 
 
 def _shards(root: StateRoot, job: PreparedJob, workers: int) -> tuple[list[Shard], str]:
@@ -310,10 +324,10 @@ def _finish(
     output_path: Path | None = None
     failed = 0
     totals = Totals()
-    if fatal is not None:
-        end = RunEnd.STOPPED
-    elif outcome.interrupted:
-        end = RunEnd.INTERRUPTED
+    if fatal is not None or outcome.interrupted:
+        end = RunEnd.STOPPED if fatal is not None else RunEnd.INTERRUPTED
+        totals = committed_totals(root, shards)
+        failed = totals.failed
     else:
         totals, failed = assemble(job, root, shards)
         output_path = job.output_path
@@ -420,6 +434,8 @@ def _add(a: Totals, b: Totals) -> Totals:
         a.output_tokens + b.output_tokens,
         a.reasoning_tokens + b.reasoning_tokens,
         a.cost_usd + b.cost_usd,
+        a.priced_rows + b.priced_rows,
+        a.unpriced_rows + b.unpriced_rows,
     )
 
 

@@ -18,7 +18,9 @@ from typing import Any, cast
 
 import anyio
 
+from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint, Journal, Row
+from pipeline.cluster.budget import AllowanceBudget
 from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
 from pipeline.cluster.segments import ShardStore, StateRoot, record
 from pipeline.cluster.shards import Shard
@@ -78,6 +80,11 @@ def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
     async def lease(report: WorkerReport, tokens: float) -> Lease:
         return cast(Lease, await limiter.lease.remote(report, tokens))
 
+    async def allow(
+        news: WorkerReport, needed: tuple[float, float], wanted: tuple[float, float]
+    ) -> tuple[float, float]:
+        return cast(tuple[float, float], await limiter.allow.remote(news, needed, wanted))
+
     async def report(news: WorkerReport, *, wait: bool = True) -> None:
         call = limiter.report.remote(news)  # calls from one worker arrive in order
         if wait:
@@ -88,19 +95,22 @@ def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
         task,
         lease,
         report,
+        allow,
         backend="asyncio",
         backend_options={"use_uvloop": True},
     )
 
 
-async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutcome:
+async def run_shard_async(
+    task: ShardTask, lease: Any, report: Any, allow: Any = None
+) -> ShardOutcome:
     store = ShardStore(StateRoot(task.state), task.shard.index)
     journal = store.journal(task.layout_id)
     lock = RunLock(journal.directory)
     await _hold(lock)
     try:
         recovered = await anyio.to_thread.run_sync(store.take_over, journal)
-        outcome = await _run_shard(task, store, journal, recovered, lease, report)
+        outcome = await _run_shard(task, store, journal, recovered, lease, report, allow)
         # Everything landed is in a segment now: the journal has nothing to replay.
         journal.close()
         journal.discard_sealed()
@@ -128,6 +138,7 @@ async def _run_shard(
     recovered: int,
     lease: Any,
     report: Any,
+    allow: Any,
 ) -> ShardOutcome:
     spec, settings, shard = task.spec, task.settings, task.shard
     committed = await anyio.to_thread.run_sync(store.read)
@@ -157,7 +168,17 @@ async def _run_shard(
         if scheduler is not None:
             scheduler.stop()
 
-    pacer = LeasedPacer(worker, lease, max_concurrency=task.concurrency, on_stop=stop)
+    limits = spec.limits
+    # The job's limits are the cluster's: this worker spends the allowances it is given.
+    budget = AllowanceBudget(Budget(limits.max_cost_usd, limits.max_tokens_total, settings.price))
+    pacer = LeasedPacer(
+        worker,
+        lease,
+        max_concurrency=task.concurrency,
+        on_stop=stop,
+        budget=budget,
+        allow=allow,
+    )
     log = RunLog(Path(os.devnull), secrets=(settings.api_key or "",))
     log.event(
         "shard_started",
@@ -213,6 +234,7 @@ async def _run_shard(
             RetryPolicy(max_attempts=spec.limits.max_attempts),
             settings.price,
             concurrency=cap,
+            budget=budget,
             log=log,
             schema=layout.schema,
             schema_retries=spec.output.schema_retries,
