@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import uuid
 from contextlib import ExitStack
@@ -134,7 +135,9 @@ def run_on_ray(
         root = StateRoot(state_location(job))
         if options.fresh:
             root.remove_all()
-        shards = _shards(root, job, workers)
+        shards, layout_id = _shards(root, job, workers)
+        mark_driver(root, active=True)
+        stack.callback(mark_driver, root, active=False)  # a killed driver never says so
         limits = job.spec.limits
         cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
         limiter = (
@@ -164,6 +167,7 @@ def run_on_ray(
                     options.retry_failed,
                     share,
                     environment,
+                    layout_id,
                 ),
                 limiter,
             ): shard
@@ -180,6 +184,15 @@ def run_on_ray(
         final = ray.get(limiter.progress.remote())
         return _finish(job, root, shards, outcomes, final, time.monotonic() - started, options)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+DRIVER_MARK = "driver.json"
+
+
+def mark_driver(root: StateRoot, *, active: bool) -> None:
+    """Say in the shared folder which driver runs the job, for `pipeline status`."""
+    mark = {"host": socket.gethostname(), "pid": os.getpid(), "active": active, "t": time.time()}
+    root.write_bytes(root.join(DRIVER_MARK), orjson.dumps(mark))
 
 
 def _absolute_input(job: PreparedJob) -> JobSpec:
@@ -202,15 +215,17 @@ def _refuse_unsupported(job: PreparedJob) -> None:
         )
 
 
-def _shards(root: StateRoot, job: PreparedJob, workers: int) -> list[Shard]:
-    """The saved layout when the input is the same, else a new one (saved)."""
+def _shards(root: StateRoot, job: PreparedJob, workers: int) -> tuple[list[Shard], str]:
+    """The saved layout (and its id) when the input is the same, else a new one (saved)."""
     manifest = root.join("shards.json")
     saved = root.read_bytes(manifest)
-    shards = load(saved, job.rows) if saved is not None else None
-    if shards is None:
-        shards = plan_shards(job.table, job.rows, workers)
-        root.write_bytes(manifest, dump(shards, job.rows))
-    return shards
+    layout = load(saved, job.rows) if saved is not None else None
+    if layout is None:
+        data = dump(plan_shards(job.table, job.rows, workers), job.rows)
+        root.write_bytes(manifest, data)
+        layout = load(data, job.rows)
+        assert layout is not None
+    return layout
 
 
 def _collect(
