@@ -475,3 +475,19 @@ def test_ctrl_c_stops_the_cluster_status_and_export_read_it_and_a_rerun_finishes
     done = run_cli("status", str(job), cwd=tmp_path)
     assert f"{rows:,}/{rows:,} rows finished" in done.stdout
     assert "shards; done, every row has a result" in done.stdout
+
+
+def test_a_second_driver_of_the_same_job_is_refused(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    from pipeline.runlock import RunLock
+
+    reviews(10).write_parquet(tmp_path / "reviews.parquet")
+    job = make_job(tmp_path, simulator, input_path="reviews.parquet")
+
+    with RunLock(tmp_path / "out" / "result.parquet.run"):  # as a running driver holds it
+        result = run_cli("run", str(job), "--ray-address", ray_cluster, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "another run" in result.stderr
+    assert simulator.stats()["requests"] == 0
