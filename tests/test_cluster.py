@@ -319,6 +319,14 @@ def test_s3_input_and_output_on_the_cluster_match_a_local_run(
     # Segments live beside the output, in the bucket.
     listing = storage.expand(f"s3://{bucket}/out/result.parquet.cluster/shards/*/*.parquet")
     assert listing
+    # Status and export read them there.
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "300/300 rows finished (0 failed), 0 pending" in status.stdout
+    assert "shards; done, every row has a result" in status.stdout
+    exported = run_cli("export", str(job), "--to", str(tmp_path / "all.parquet"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert pl.read_parquet(tmp_path / "all.parquet").drop(TIMING).equals(local.drop(TIMING))
 
 
 def test_without_ray_the_switch_says_how_to_install_it(tmp_path: Path) -> None:
