@@ -85,7 +85,17 @@ class RunLog:
         self._buffer.append(self._redact(line) if message else line)
         every = self.write_every_s
         if every is not None and time.monotonic() - self._written_at >= every:
-            self.flush()
+            self._flush_between_commits()
+
+    def _flush_between_commits(self) -> None:
+        lines = self.take()
+        try:
+            self.write(lines)
+        except OSError:
+            # A full disk: the lines wait for the next commit, whose write fails the same
+            # way and stops the run where every failed write does (exit 3), not in the
+            # middle of an attempt.
+            self._buffer[:0] = lines
 
     def take(self) -> list[bytes]:
         """The buffered lines, handed over on the event loop's thread."""
