@@ -43,7 +43,6 @@ from pipeline.runner import (
     RunEnd,
     RunOptions,
     RunSummary,
-    uses_embedded_simulator,
 )
 from pipeline.scheduler import Outcome
 from pipeline.spec import JobSpec
@@ -129,7 +128,7 @@ def run_on_ray(
     _refuse_unsupported(job)
     started = time.monotonic()
     with ExitStack() as stack:
-        settings = uses_embedded_simulator(job, stack)
+        settings = job.settings
         workers = connect(ray, cluster or ClusterOptions())
         root = StateRoot(state_location(job))
         if options.fresh:
