@@ -2,27 +2,35 @@
 
     .venv/bin/python benchmarks/cluster.py efficiency   # 20,000 rows, 4 workers, 6,000 RPM
     .venv/bin/python benchmarks/cluster.py leases       # lease calls a second the actor serves
+    .venv/bin/python benchmarks/cluster.py kill         # SIGKILL a worker: what is paid twice
 
 `efficiency` runs the real CLI (`pipeline run --ray --ray-workers 4`) on a local Ray
 cluster against the simulator in another process, enforcing 6,000 RPM per second
 (100 requests in any one-second window). It reports the rate achieved from the first
 request to the last answer against the limit, the 429s, and whether every row carries
 its own answer. `leases` starts the limiter actor and calls `lease` from several
-client processes as fast as they can, for the actor's calls a second.
+client processes as fast as they can, for the actor's calls a second. `kill` runs
+the same job on KILL_ROWS rows, SIGKILLs one worker once its journal holds answers it
+has not committed yet, and reports what was paid twice against what was in flight.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import orjson
 from million import write_job
 from run import check_rows, make_input, run_client, sim_stats, start_simulator
 
 ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
+KILL_ROWS = int(os.environ.get("BENCH_KILL_ROWS", "5000"))
+KILL_AT_JOURNALED = 20  # answers landed but not committed when the worker is killed
 WORKERS = 4
 RPM = 6000
 
@@ -101,6 +109,76 @@ def leases(callers: int = 4, seconds: float = 10.0) -> str:
     )
 
 
+def kill() -> str:
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-cluster-kill-") as tmp:
+        workdir = Path(tmp)
+        frame = make_input(KILL_ROWS, workdir / "input.parquet")
+        simulator, url = start_simulator(
+            {"latency_ms": [50, 150], "rpm": RPM, "limit_window": "second"}, workdir
+        )
+        state = workdir / "out.parquet.cluster"
+        command = [sys.executable, "-m", "pipeline", "run", "--quiet", "--ray"]
+        try:
+            job = write_job(
+                workdir,
+                url,
+                name="cluster-kill",
+                output="out.parquet",
+                max_tokens=200,
+                limits={"requests_per_minute": RPM, "concurrency": 64},
+            )
+            driver = subprocess.Popen(
+                [*command, "--ray-workers", str(WORKERS), str(job)],
+                cwd=workdir,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            victim, journaled = _victim(state, driver)
+            before = sim_stats(url)["in_flight"]
+            os.kill(victim, signal.SIGKILL)
+            gauge = max(before, sim_stats(url)["in_flight"])
+            _, stderr = driver.communicate(timeout=1800)
+            stats = sim_stats(url)
+            correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
+            log = workdir / "out.parquet.run" / "events.jsonl"
+            events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+        finally:
+            simulator.terminate()
+            simulator.wait(timeout=10)
+    recovered = sum(e.get("recovered", 0) for e in events if e["event"] == "shard_started")
+    window = 64 // WORKERS
+    failure = "" if driver.returncode == 0 else f" ({stderr[-300:]})"
+    return (
+        f"{KILL_ROWS} rows, {WORKERS} workers, one SIGKILLed with {journaled} answers in its "
+        f"journal: exit {driver.returncode}{failure}, "
+        f"journaled answers recovered {recovered}, duplicate paid {stats['duplicate_paid']} "
+        f"(in flight at the kill: simulator gauge {gauge}, the worker's window {window}), "
+        f"distinct paid {stats['distinct_paid']}, rows correct {correct}, wrong {wrong}, "
+        f"missing {missing}"
+    )
+
+
+def _victim(state: Path, driver: subprocess.Popen[str]) -> tuple[int, int]:
+    """A worker's pid once its shard's journal holds KILL_AT_JOURNALED answers, and how
+    many it held then."""
+    from pipeline.checkpoint import Journal
+
+    while driver.poll() is None:
+        for log in state.glob("shards/*/*.jsonl"):
+            for line in log.read_bytes().splitlines():
+                event = orjson.loads(line)
+                if event["event"] != "shard_started":
+                    continue
+                folder = state / "journal" / log.parent.name
+                journaled = len(Journal(folder, "landed").replay())
+                if journaled >= KILL_AT_JOURNALED:
+                    return int(event["pid"]), journaled
+        time.sleep(0.005)
+    raise SystemExit(f"the run ended before a worker was killed: {driver.communicate()}")
+
+
 if __name__ == "__main__":
+    benchmarks = {"efficiency": efficiency, "leases": leases, "kill": kill}
     for name in sys.argv[1:] or ["leases", "efficiency"]:
-        print({"efficiency": efficiency, "leases": leases}[name](), flush=True)
+        print(benchmarks[name](), flush=True)

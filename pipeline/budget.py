@@ -43,6 +43,17 @@ class Budget:
         usd = self.price.cost(worst) if self.price else 0.0
         return usd, float(request.prompt_estimate + request.reply_budget)
 
+    def shortfall(self, request: ChatRequest) -> tuple[float, float]:
+        """(USD, tokens) one attempt of `request` needs beyond what the limits leave."""
+        usd, tokens = self.projection(request)
+        short_usd = short_tokens = 0.0
+        if self.max_cost_usd is not None:
+            short_usd = self.spent_usd + self._reserved_usd + usd - self.max_cost_usd
+        if self.max_tokens_total is not None:
+            reserved = self.spent_tokens + self._reserved_tokens
+            short_tokens = reserved + tokens - self.max_tokens_total
+        return max(0.0, short_usd), max(0.0, short_tokens)
+
     def reserve(self, request: ChatRequest) -> tuple[float, float] | None:
         """Claim room for one attempt, or raise BudgetExceeded if there is none.
 

@@ -24,9 +24,7 @@ from pipeline.runner import (
     RunSummary,
     Status,
     execute,
-    export_partial,
     prepare,
-    status,
 )
 
 EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
@@ -363,8 +361,10 @@ def status_command(job: Path, output: Path | None) -> None:
         prepared = prepare(job, output=output, read_key=False)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    from pipeline.cluster.status import job_status
+
     try:
-        report = status(prepared)
+        report = job_status(prepared)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     if report is None:
@@ -385,7 +385,9 @@ def _describe_status(name: str, report: Status, job: Path, output: Path | None) 
     ]
     run = report.run
     sent = (run.counters or {}) if run is not None else {}
-    if report.running and run is not None:
+    if report.shards is not None:
+        lines.append(_cluster_line(report, job, output))
+    elif report.running and run is not None:
         scope = f" with --limit {run.limit:,}" if report.run_pending is not None else ""
         lines.append(
             f"run: active{scope} (pid {run.pid}): {sent.get('requests_sent', 0):,} requests "
@@ -410,6 +412,23 @@ def _describe_status(name: str, report: Status, job: Path, output: Path | None) 
         last = "" if run is None else f" (the last one sent {sent.get('requests_sent', 0):,})"
         lines.append(f"run: none active{last}; `{rerun}` resumes")
     return lines
+
+
+def _cluster_line(report: Status, job: Path, output: Path | None) -> str:
+    """A cluster run: its progress is what the shards committed."""
+    where = f"cluster: {report.shards:,} shards"
+    if report.pending == 0:
+        return f"{where}; done, every row has a result"
+    if report.running:
+        eta = report.eta_s
+        return (
+            f"{where}, committing: {report.recent_rows_per_s:,.1f} rows/s over the last "
+            "minute; " + (f"about {_duration(eta)} left" if eta else "time left unknown")
+        )
+    rerun = f"pipeline run {shlex.quote(str(job))} --ray" + (
+        f" --output {shlex.quote(str(output))}" if output else ""
+    )
+    return f"{where}, nothing committed in the last minute; `{rerun}` resumes"
 
 
 def _duration(seconds: float) -> str:
@@ -471,10 +490,12 @@ def cancel(job: Path, output: Path | None) -> None:
 )
 def export(job: Path, output: Path | None, destination: Path | None) -> None:
     """Write the rows of JOB finished so far to a Parquet file (safe while it runs)."""
+    from pipeline.cluster.status import export_job
+
     try:
         prepared = prepare(job, output=output, read_key=False)
         target = destination or prepared.output_path.with_suffix(".partial.parquet")
-        rows = export_partial(prepared, target)
+        rows = export_job(prepared, target)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     click.echo(f"wrote {rows} finished row(s) to {target}")

@@ -7,12 +7,13 @@ column here adds it everywhere; nothing else lists them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
+import polars as pl
 import pyarrow as pa
 
 from pipeline.types import RowResult
@@ -34,6 +35,25 @@ class Column:
         value = _sources(row)[self.source]
         value = None if value is None else getattr(value, self.name)
         return _json(value) if self.json else value
+
+
+# Built through polars: `pa.array` imports pandas whenever it is installed, which
+# costs half a second at the end of every run.
+_POLARS_TYPES: dict[pa.DataType, pl.DataType] = {
+    pa.string(): pl.String(),
+    pa.int64(): pl.Int64(),
+    pa.float64(): pl.Float64(),
+    pa.bool_(): pl.Boolean(),
+}
+
+
+def arrow_array(values: Sequence[Any], type: pa.DataType) -> pa.Array:
+    """`values` (None for null) as an Arrow array of `type`."""
+    dtype = _POLARS_TYPES.get(type)
+    if dtype is None:
+        return pa.array(values, type=type)
+    array = pl.Series(values=values, dtype=dtype).to_arrow()
+    return array if array.type == type else array.cast(type)
 
 
 def _sources(row: RowResult) -> dict[Source, object]:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import Checkpoint
-from pipeline.columns import NOT_PROCESSED, RESULT_COLUMNS
+from pipeline.columns import NOT_PROCESSED, RESULT_COLUMNS, arrow_array
 from pipeline.errors import SpecError
 from pipeline.inputs import InputTable, row_keys
 from pipeline.structured import OutputSchema
@@ -97,7 +97,8 @@ def scan_output(path: Path) -> pl.LazyFrame:
 
 def count_failed(path: Path) -> int:
     if output_format(path) == "parquet":
-        errors = pq.read_table(path, columns=["error"]).column("error")
+        # ParquetFile, not read_table: that imports the dataset layer (and pandas).
+        errors = pq.ParquetFile(path).read(columns=["error"]).column("error")
         return len(errors) - errors.null_count
     return int(scan_output(path).select(pl.col("error").is_not_null().sum()).collect().item())
 
@@ -136,7 +137,7 @@ def write_output(
                 keys = row_keys(batch, offset, table.id_column)
             joined, found = _with_results(batch.to_arrow(), keys, checkpoint, layout, current)
             if finished_only:
-                joined = joined.filter(pa.array(found, type=pa.bool_()))
+                joined = joined.filter(arrow_array(found, pa.bool_()))
             if writer is None:
                 writer = pq.ParquetWriter(temporary, joined.schema, compression="zstd")
             writer.write_table(joined)
@@ -194,9 +195,9 @@ def _with_results(
                 e if found else NOT_PROCESSED
                 for e, found in zip(column_values, stored.found, strict=True)
             )
-        inputs = inputs.append_column(column.name, pa.array(column_values, type=column.type))
+        inputs = inputs.append_column(column.name, arrow_array(column_values, column.type))
     if layout.tool_calls:
-        inputs = inputs.append_column("tool_calls", pa.array(values["tool_calls"], pa.string()))
+        inputs = inputs.append_column("tool_calls", arrow_array(values["tool_calls"], pa.string()))
     if layout.schema is not None:
         objects = [None if text is None else orjson.loads(text) for text in values["parsed"]]
         fields = layout.schema.arrow_fields()

@@ -814,6 +814,7 @@ class Status:
     run: RunState | None = None  # the latest run, as it last recorded itself
     running: bool = False  # whether that run's process is alive and still sending
     run_pending: int | None = None  # rows left of a running --limit run
+    shards: int | None = None  # a cluster run's shards (its results are their segments)
 
     @property
     def eta_s(self) -> float | None:
@@ -832,17 +833,22 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
         return None
     checkpoint = open_checkpoint(job.checkpoint_path)
     try:
-        totals = checkpoint.totals()
-        recent, last = checkpoint.recent(window_s)
-        ok, failed, pending = _plan(job, checkpoint).tally()
-        run = RunState.loads(checkpoint.get_meta(RUN_STATE_META))
-        running = run is not None and run.running
-        run_pending = None
-        if run is not None and running and run.limit is not None and run.limit < job.rows:
-            limited = dataclasses.replace(job, limit=run.limit, rows=run.rows)
-            run_pending = _plan(limited, checkpoint).tally()[2]
+        return status_of(job, checkpoint, window_s=window_s)
     finally:
         checkpoint.close()
+
+
+def status_of(job: PreparedJob, checkpoint: Checkpoint, *, window_s: float = 60.0) -> Status:
+    """What these results (a checkpoint, or a cluster's segments) say about a job."""
+    totals = checkpoint.totals()
+    recent, last = checkpoint.recent(window_s)
+    ok, failed, pending = _plan(job, checkpoint).tally()
+    run = RunState.loads(checkpoint.get_meta(RUN_STATE_META))
+    running = run is not None and run.running
+    run_pending = None
+    if run is not None and running and run.limit is not None and run.limit < job.rows:
+        limited = dataclasses.replace(job, limit=run.limit, rows=run.rows)
+        run_pending = _plan(limited, checkpoint).tally()[2]
     rate = recent / window_s if last is not None and time.time() - last < window_s else 0.0
     return Status(
         rows=job.rows,
@@ -864,14 +870,19 @@ def export_partial(job: PreparedJob, path: Path) -> int:
         raise SpecError(f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist")
     checkpoint = open_checkpoint(job.checkpoint_path)
     try:
-        return write_output(
-            job.table,
-            checkpoint,
-            path,
-            job.limit,
-            layout=job.layout,
-            finished_only=True,
-            hashes=_plan(job, checkpoint).hashes_for,
-        )
+        return export_from(job, checkpoint, path)
     finally:
         checkpoint.close()
+
+
+def export_from(job: PreparedJob, checkpoint: Checkpoint, path: Path) -> int:
+    """Write the rows these results (a checkpoint, or a cluster's segments) finished."""
+    return write_output(
+        job.table,
+        checkpoint,
+        path,
+        job.limit,
+        layout=job.layout,
+        finished_only=True,
+        hashes=_plan(job, checkpoint).hashes_for,
+    )

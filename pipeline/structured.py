@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from pipeline.columns import arrow_array
 from pipeline.errors import SchemaViolation, SpecError
 
 SCALARS = {"string", "number", "integer", "boolean"}
@@ -179,9 +180,9 @@ class OutputSchema:
             if field.type == pa.string() and not _is_string(self.properties[field.name]):
                 values = [None if v is None else orjson.dumps(v).decode() for v in values]
             if pa.types.is_dictionary(field.type):
-                arrays.append(pa.array(values, type=pa.string()).dictionary_encode())
+                arrays.append(arrow_array(values, pa.string()).dictionary_encode())
             else:
-                arrays.append(pa.array(values, type=field.type))
+                arrays.append(arrow_array(values, field.type))
         return arrays
 
 

@@ -13,7 +13,9 @@ import orjson
 import polars as pl
 import pytest
 from conftest import SIM_KEY, make_job, messages_for, reviews, run_cli, start_cli
+from test_resume import billed_usd, settle
 
+from pipeline.checkpoint import Journal
 from pipeline.columns import RESULT_NAMES
 from pipeline.runner import RunEnd, RunOptions, prepare
 from pipeline.simulator import RunningSimulator, expected_response
@@ -153,7 +155,9 @@ def test_sigkill_of_a_worker_loses_nothing_and_repays_only_what_was_in_flight(
     driver = start_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
     state = tmp_path / "out" / "result.parquet.cluster"
     try:
-        victim = wait_for_a_running_shard(state, driver)
+        victim, shard = wait_for_a_running_shard(state, driver)
+        # Killed while answers it has not committed yet wait in its journal.
+        wait_for_journaled_answers(state / "journal" / f"{shard:05d}", 5, driver)
         os.kill(victim, signal.SIGKILL)
         _, stderr = driver.communicate(timeout=240)
     finally:
@@ -166,9 +170,11 @@ def test_sigkill_of_a_worker_loses_nothing_and_repays_only_what_was_in_flight(
     assert out["review_id"].n_unique() == rows
     check_answers(out)
     stats = simulator.stats()
-    # Paid twice: at most what the killed worker had in flight (its share of the window,
-    # 4) plus what it finished after its last commit (half a second at its ~50 a second).
-    assert stats["duplicate_paid"] <= 4 + 30
+    # Paid twice: at most what the worker had in flight when it was killed, which its
+    # window bounds (its share of the cap: 8 over 2 workers; the simulator's gauge
+    # misses answers sent but not yet read). The 5 or more answers it had not
+    # committed were in its journal, and the worker that took the shard over kept them.
+    assert stats["duplicate_paid"] <= 8 // 2
     assert stats["distinct_paid"] == rows
     # Every shard finished, the killed one on another attempt.
     events = [orjson.loads(line) for line in summary_log(tmp_path, "result.parquet")]
@@ -177,8 +183,9 @@ def test_sigkill_of_a_worker_loses_nothing_and_repays_only_what_was_in_flight(
     assert finished == {s["index"] for s in layout["shards"]}
 
 
-def wait_for_a_running_shard(state: Path, driver: subprocess.Popen[str]) -> int:
-    """The pid of a worker that has committed rows of a shard it has not finished."""
+def wait_for_a_running_shard(state: Path, driver: subprocess.Popen[str]) -> tuple[int, int]:
+    """The pid of a worker that has committed rows of a shard it has not finished,
+    and that shard."""
     while driver.poll() is None:
         started: dict[int, int] = {}
         finished: set[int] = set()
@@ -195,8 +202,17 @@ def wait_for_a_running_shard(state: Path, driver: subprocess.Popen[str]) -> int:
             committed[shard] = committed.get(shard, 0) + 1
         for shard, pid in started.items():
             if shard not in finished and committed.get(shard, 0) >= 2:
-                return pid
+                return pid, shard
         time.sleep(POLL_S)  # re-read the state a few times a second, not in a busy loop
+    raise AssertionError(f"the run ended before a worker was killed: {driver.communicate()}")
+
+
+def wait_for_journaled_answers(folder: Path, rows: int, driver: subprocess.Popen[str]) -> None:
+    """Until the shard's journal holds `rows` answers not yet committed."""
+    while driver.poll() is None:
+        if len(Journal(folder, "landed").replay()) >= rows:
+            return
+        time.sleep(POLL_S / 10)  # a commit empties the journal twice a second
     raise AssertionError(f"the run ended before a worker was killed: {driver.communicate()}")
 
 
@@ -240,10 +256,9 @@ def test_driver_killed_and_rerun_resumes_without_resending(
     assert stats["distinct_paid"] == rows
     # Nothing committed is sent again: the rerun sent exactly the rest.
     assert stats["completions"] - paid_before == rows - len(committed)
-    # Paid twice: what was in flight (the window, 8) or finished but not yet committed
-    # when Ray ended the workers: a commit every half second at 100 a second, on a
-    # machine busy enough here that a commit cycle can take three times that.
-    assert stats["duplicate_paid"] <= 8 + 150
+    # Paid twice: at most what was in flight when Ray ended the workers (the window, 8);
+    # what they had answered was journaled and is not sent again.
+    assert stats["duplicate_paid"] <= 8
 
 
 def wait_until_no_shard_runs() -> None:
@@ -263,9 +278,13 @@ def wait_until_no_shard_runs() -> None:
 
 
 def committed_keys(state: Path) -> set[str]:
+    """Rows a run answered: committed to segments, or journaled by a worker killed
+    before its next commit."""
     keys: set[str] = set()
     for segment in state.glob("shards/*/*.parquet"):
         keys.update(pl.read_parquet(segment)["row_key"].to_list())
+    for folder in state.glob("journal/*"):
+        keys.update(str(row[0]) for row in Journal(folder, "landed").replay())
     return keys
 
 
@@ -370,20 +389,42 @@ def test_a_rejected_key_stops_every_worker_with_exit_3(
     assert simulator.stats()["requests"] < 100
 
 
-def test_a_budget_is_refused_rather_than_overspent(
+def test_one_budget_for_the_whole_cluster_stops_every_worker_and_a_larger_one_resumes(
     tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
 ) -> None:
-    reviews(10).write_csv(tmp_path / "reviews.csv")
-    job = make_job(tmp_path, simulator, limits__max_cost_usd=1.0)
+    simulator.configure(latency_ms=(20, 40))
+    rows = 400
+    data = reviews(rows)
+    data.write_parquet(tmp_path / "reviews.parquet", row_group_size=50)
+    # About $0.000028 a row: $0.002 buys about 70 of the 400, over two workers.
+    job = make_job(tmp_path, simulator, input_path="reviews.parquet", limits__max_cost_usd=0.002)
 
-    result = run_cli("run", str(job), "--ray-address", ray_cluster, cwd=tmp_path)
+    first = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
 
-    assert result.returncode == 2
-    assert "limits.max_cost_usd" in result.stderr
-    assert simulator.stats()["requests"] == 0
+    assert first.returncode == 3, first.stderr
+    assert "budget reached across the cluster" in first.stderr
+    assert "limits.max_cost_usd = $0.002" in first.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    assert "finished so far: 0 ok" not in first.stderr  # the summary counts the shards' rows
+    settle(simulator)
+    assert billed_usd(simulator.stats(full=False)) <= 0.002, "a limit on what is really spent"
+    committed = committed_keys(tmp_path / "out" / "result.parquet.cluster")
+    assert 0 < len(committed) < rows
+    # Both workers spent from the one budget: rows of more than one shard were answered.
+    assert len(list((tmp_path / "out" / "result.parquet.cluster").glob("shards/*/*.parquet"))) > 1
+
+    make_job(tmp_path, simulator, input_path="reviews.parquet", limits__max_cost_usd=1.0)
+    second = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr
+    stats = simulator.stats(full=False)
+    assert stats["completions"] == rows and stats["duplicate_paid"] == 0
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["review_id"].to_list() == data["review_id"].to_list()
+    check_answers(out)
 
 
-def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
+def test_ctrl_c_stops_the_cluster_status_and_export_read_it_and_a_rerun_finishes(
     tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
 ) -> None:
     simulator.configure(latency_ms=(20, 40))
@@ -397,6 +438,8 @@ def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
     try:
         while driver.poll() is None and len(list(state.glob("shards/*/*.parquet"))) < 4:
             time.sleep(POLL_S)  # re-read the state a few times a second
+        # While it runs, status reads what the shards committed.
+        live = run_cli("status", str(job), cwd=tmp_path)
         driver.send_signal(signal.SIGINT)
         _, stderr = driver.communicate(timeout=120)
     finally:
@@ -405,6 +448,22 @@ def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
             driver.communicate()
     assert driver.returncode == 130, stderr
     assert not (tmp_path / "out" / "result.parquet").exists()
+    assert live.returncode == 0, live.stderr
+    assert "shards, committing:" in live.stdout, live.stdout
+    assert int(live.stdout.split("/")[0].rsplit(" ", 1)[1].replace(",", "")) > 0
+
+    committed = committed_keys(state)
+    assert 0 < len(committed) < rows
+    stopped = run_cli("status", str(job), cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"{len(committed):,}/{rows:,} rows finished (0 failed)" in stopped.stdout
+    assert f"{rows - len(committed):,} pending" in stopped.stdout
+    assert "--ray` resumes" in stopped.stdout
+    exported = run_cli("export", str(job), "--to", str(tmp_path / "partial.parquet"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    partial = pl.read_parquet(tmp_path / "partial.parquet")
+    assert sorted(partial["review_id"].to_list()) == sorted(committed)
+    check_answers(partial)
 
     result = run_cli("run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path)
 
@@ -413,3 +472,6 @@ def test_ctrl_c_stops_the_cluster_and_a_rerun_finishes(
     assert out.height == rows and out["review_id"].n_unique() == rows
     # The interrupted run committed what it had finished: nothing was paid twice.
     assert simulator.stats()["duplicate_paid"] == 0
+    done = run_cli("status", str(job), cwd=tmp_path)
+    assert f"{rows:,}/{rows:,} rows finished" in done.stdout
+    assert "shards; done, every row has a result" in done.stdout

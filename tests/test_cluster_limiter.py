@@ -111,3 +111,22 @@ def test_shards_follow_row_groups_and_cover_every_row_once(tmp_path) -> None:  #
     assert [s.start for s in shards] == [0, 200, 400, 600, 800]
     assert shards[-1] == Shard(4, 800, 1000)
     assert plan_shards(table, 250, workers=2)[-1].stop == 250
+
+
+def test_budget_allowances_never_exceed_the_limit_and_a_finished_worker_frees_the_rest() -> None:
+    from pipeline.cluster.budget import Allowances
+
+    limiter = ClusterLimiter(None, None, concurrency=8, budget=Allowances(1.0, None, spent_usd=0.2))
+    held = {"a": 0.0, "b": 0.0}
+    for _ in range(40):
+        for worker in held:
+            usd, tokens = limiter.allow(WorkerReport(worker), (0.01, 0.0), (0.1, 0.0))
+            held[worker] += usd
+            assert tokens == 0.0  # no token limit: nothing to hand out
+    # Earlier runs spent 0.2: the workers together hold the other 0.8, never more.
+    assert sum(held.values()) == pytest.approx(0.8)
+    assert limiter.allow(WorkerReport("b"), (0.01, 0.0), (0.1, 0.0))[0] == 0.0
+    # Worker a ends having spent 0.1 of what it held: the rest is free for b.
+    limiter.report(WorkerReport("a", spent_usd=0.1, done=True))
+    usd, _ = limiter.allow(WorkerReport("b"), (0.01, 0.0), (1.0, 0.0))
+    assert usd == pytest.approx(held["a"] - 0.1)

@@ -302,3 +302,20 @@ def test_cluster_run_reaches_the_embedded_simulator(tmp_path: Path, ray_cluster:
 
     assert result.returncode == 0, result.stderr
     assert_every_row_answered(tmp_path)
+
+
+def test_a_run_does_not_load_pandas_or_the_arrow_dataset_layer(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    # Both are installed alongside (Ray pulls pandas in) and cost half a second of
+    # every run when the output is assembled through `pa.array` or `pq.read_table`.
+    reviews(5).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("run", str(job), cwd=tmp_path, PYTHONPROFILEIMPORTTIME="1")
+
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "pipeline.output" in imported  # the import trace is there to read
+    assert "pandas" not in imported
+    assert "pyarrow.dataset" not in imported

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import uuid
 from contextlib import ExitStack
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import Totals
+from pipeline.cluster.budget import Allowances
 from pipeline.cluster.limiter import ClusterLimiter, ClusterProgress
 from pipeline.cluster.segments import ShardStore, StateRoot
 from pipeline.cluster.shards import Shard, dump, load, plan_shards
@@ -125,7 +127,6 @@ def run_on_ray(
 ) -> RunSummary:
     """Run a prepared job sharded over a Ray cluster and write its output."""
     ray = require_ray(local=(cluster or ClusterOptions()).address is None)
-    _refuse_unsupported(job)
     started = time.monotonic()
     with ExitStack() as stack:
         settings = job.settings
@@ -133,7 +134,9 @@ def run_on_ray(
         root = StateRoot(state_location(job))
         if options.fresh:
             root.remove_all()
-        shards = _shards(root, job, workers)
+        shards, layout_id = _shards(root, job, workers)
+        mark_driver(root, active=True)
+        stack.callback(mark_driver, root, active=False)  # a killed driver never says so
         limits = job.spec.limits
         cap = limits.concurrency or ADAPTIVE_MAX_CONCURRENCY
         limiter = (
@@ -145,6 +148,7 @@ def run_on_ray(
                 concurrency=cap,
                 initial_concurrency=limits.concurrency
                 or min(cap, ADAPTIVE_START_CONCURRENCY * workers),
+                budget=_budget(job, root, shards),
             )
         )
         stack.callback(ray.kill, limiter)  # one per run: a notebook's driver lives on
@@ -163,6 +167,7 @@ def run_on_ray(
                     options.retry_failed,
                     share,
                     environment,
+                    layout_id,
                 ),
                 limiter,
             ): shard
@@ -181,6 +186,15 @@ def run_on_ray(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+DRIVER_MARK = "driver.json"
+
+
+def mark_driver(root: StateRoot, *, active: bool) -> None:
+    """Say in the shared folder which driver runs the job, for `pipeline status`."""
+    mark = {"host": socket.gethostname(), "pid": os.getpid(), "active": active, "t": time.time()}
+    root.write_bytes(root.join(DRIVER_MARK), orjson.dumps(mark))
+
+
 def _absolute_input(job: PreparedJob) -> JobSpec:
     """The spec with a local input path made absolute: workers run in other folders."""
     path = job.spec.input.path
@@ -192,24 +206,39 @@ def _absolute_input(job: PreparedJob) -> JobSpec:
     )
 
 
-def _refuse_unsupported(job: PreparedJob) -> None:
+def _budget(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> Allowances | None:
+    """The job's spending limits for the limiter, counting what earlier runs spent."""
     limits = job.spec.limits
-    if limits.max_cost_usd is not None or limits.max_tokens_total is not None:
-        raise SpecError(
-            "limits.max_cost_usd / limits.max_tokens_total are not enforced across a cluster "
-            "yet; remove them or run without --ray"
-        )
+    if limits.max_cost_usd is None and limits.max_tokens_total is None:
+        return None
+    spent = committed_totals(root, shards)
+    return Allowances(
+        limits.max_cost_usd,
+        limits.max_tokens_total,
+        spent_usd=spent.cost_usd,
+        spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
+    )
 
 
-def _shards(root: StateRoot, job: PreparedJob, workers: int) -> list[Shard]:
-    """The saved layout when the input is the same, else a new one (saved)."""
+def committed_totals(root: StateRoot, shards: list[Shard]) -> Totals:
+    """Rows, tokens and cost of everything the shards committed."""
+    totals = Totals()
+    for shard in shards:
+        totals = _add(totals, ShardStore(root, shard.index).read().totals())
+    return totals
+
+
+def _shards(root: StateRoot, job: PreparedJob, workers: int) -> tuple[list[Shard], str]:
+    """The saved layout (and its id) when the input is the same, else a new one (saved)."""
     manifest = root.join("shards.json")
     saved = root.read_bytes(manifest)
-    shards = load(saved, job.rows) if saved is not None else None
-    if shards is None:
-        shards = plan_shards(job.table, job.rows, workers)
-        root.write_bytes(manifest, dump(shards, job.rows))
-    return shards
+    layout = load(saved, job.rows) if saved is not None else None
+    if layout is None:
+        data = dump(plan_shards(job.table, job.rows, workers), job.rows)
+        root.write_bytes(manifest, data)
+        layout = load(data, job.rows)
+        assert layout is not None
+    return layout
 
 
 def _collect(
@@ -294,10 +323,10 @@ def _finish(
     output_path: Path | None = None
     failed = 0
     totals = Totals()
-    if fatal is not None:
-        end = RunEnd.STOPPED
-    elif outcome.interrupted:
-        end = RunEnd.INTERRUPTED
+    if fatal is not None or outcome.interrupted:
+        end = RunEnd.STOPPED if fatal is not None else RunEnd.INTERRUPTED
+        totals = committed_totals(root, shards)
+        failed = totals.failed
     else:
         totals, failed = assemble(job, root, shards)
         output_path = job.output_path
@@ -404,6 +433,8 @@ def _add(a: Totals, b: Totals) -> Totals:
         a.output_tokens + b.output_tokens,
         a.reasoning_tokens + b.reasoning_tokens,
         a.cost_usd + b.cost_usd,
+        a.priced_rows + b.priced_rows,
+        a.unpriced_rows + b.unpriced_rows,
     )
 
 

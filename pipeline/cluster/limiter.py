@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import anyio
 
+from pipeline.cluster.budget import AllowanceBudget, Allowances
 from pipeline.counters import RunCounters
 from pipeline.ratelimit import BACKOFF_FACTOR, Gate, Pacer, Turns
-from pipeline.types import RateLimitInfo
+from pipeline.types import ChatRequest, RateLimitInfo
 
 SLICE_S = 0.2  # a lease covers this much of the cluster's schedule
 MAX_LEASE = 256  # grants per lease, whatever the rate
@@ -59,6 +60,8 @@ class WorkerReport:
     retries: int = 0
     rate_limited: int = 0
     in_flight: int = 0
+    spent_usd: float = 0.0  # what the worker's budget counted (for a finished worker's hold)
+    spent_tokens: float = 0.0
     done: bool = False
 
 
@@ -113,6 +116,7 @@ class ClusterLimiter:
         concurrency: int,
         initial_concurrency: int | None = None,
         clock: Callable[[], float] = time.time,
+        budget: Allowances | None = None,
     ) -> None:
         self.requests = Gate(requests_per_minute)
         self.tokens = Gate(tokens_per_minute)
@@ -124,6 +128,7 @@ class ClusterLimiter:
         self.reports: dict[str, WorkerReport] = {}
         self.leases = 0
         self._granted: deque[tuple[float, int]] = deque(maxlen=4096)
+        self.budget = budget or Allowances(None, None)
 
     # -- the one call workers make --------------------------------------------------------
 
@@ -146,10 +151,21 @@ class ClusterLimiter:
         self._granted.append((start, count))
         return Lease(start, spacing, count, tokens_each, window, self.paused_until)
 
+    def allow(
+        self, report: WorkerReport, needed: tuple[float, float], wanted: tuple[float, float]
+    ) -> tuple[float, float]:
+        """More of the job's budget for a worker: at least what its next attempt `needed`
+        if the budget has it, up to what it `wanted` (see `budget.Allowances`)."""
+        self.report(report)
+        active = sum(1 for r in self.reports.values() if not r.done) or 1
+        return self.budget.allow(report.worker, needed, wanted, active)
+
     def report(self, report: WorkerReport) -> None:
         """A worker's news, without a lease (progress, or a worker that has finished)."""
         now = self.clock()
         self.reports[report.worker] = report
+        if report.done:
+            self.budget.finish(report.worker, report.spent_usd, report.spent_tokens)
         if report.token_debt and self.tokens.rate:
             self.tokens.commit(now, report.token_debt)
         if report.limit_requests:
@@ -246,6 +262,9 @@ class ClusterLimiter:
 
 LeaseCall = Callable[[WorkerReport, float], Awaitable[Lease]]
 ReportCall = Callable[[WorkerReport], Awaitable[None]]
+AllowCall = Callable[
+    [WorkerReport, tuple[float, float], tuple[float, float]], Awaitable[tuple[float, float]]
+]
 
 
 @dataclass
@@ -272,8 +291,13 @@ class LeasedPacer(Turns):
         *,
         max_concurrency: int,
         on_stop: Callable[[], None] | None = None,
+        budget: AllowanceBudget | None = None,
+        allow: AllowCall | None = None,
     ) -> None:
         self.worker = worker
+        self.budget = budget
+        self._allow = allow
+        self._topping_up = anyio.Lock()
         self._clock = anyio.current_time
         self._lease = lease
         self.prompt_scale = 1.0
@@ -300,6 +324,20 @@ class LeasedPacer(Turns):
         self.leases = 0
 
     # -- the scheduler's pacer interface -----------------------------------------------
+
+    async def take_turn(self, request: ChatRequest) -> float:
+        """A paced turn, and room in this worker's allowance for the attempt's spend."""
+        started = await super().take_turn(request)
+        budget = self.budget
+        if budget is not None and budget.active and self._allow is not None:
+            async with self._topping_up:  # one top-up at a time; the next may not need one
+                needed, wanted = budget.wanted(request)
+                if needed != (0.0, 0.0):
+                    budget.grow(*await self._allow(self.report(), needed, wanted))
+                # Reserved now, with no await since the check: no other attempt can take
+                # the room first and stop the job while the cluster still has budget.
+                budget.hold(request)
+        return started
 
     @property
     def in_flight(self) -> int:
@@ -377,6 +415,8 @@ class LeasedPacer(Turns):
             retries=t.retries,
             rate_limited=t.rate_limited,
             in_flight=c.in_flight,
+            spent_usd=self.budget.spent_usd if self.budget else 0.0,
+            spent_tokens=self.budget.spent_tokens if self.budget else 0.0,
             done=done,
         )
         self._debt = 0.0

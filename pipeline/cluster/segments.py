@@ -9,21 +9,32 @@ on a local or network file system a segment is written under a temporary name an
 renamed. A shard retried after its worker died reads its segments first and sends
 only the rows not in them; the final assembly reads every segment of a shard and
 keeps one result per row (the latest, should a row ever have been committed twice).
+
+Between two commits each answer is appended to the shard's journal the moment it
+lands (the same `checkpoint.Journal` a local run keeps beside its database). The
+worker that takes a shard over, Ray's retry of a killed worker or a rerun after the
+driver died, first commits whatever journal the previous one left as a segment of
+its own, so a killed worker costs only the requests it had in flight. The journal
+lives in the shared folder when that is a file system, else on the node's local disk
+(an object store has no append), where a retry on the same node finds it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.checkpoint import Fetched, Finished, Totals, fetched
+from pipeline.checkpoint import Fetched, Finished, Journal, Row, Totals, fetched
 from pipeline.columns import STORED_COLUMNS, stored_values
 from pipeline.types import RowResult
 
@@ -82,6 +93,14 @@ class StateRoot:
             if info.type == pafs.FileType.File and not info.path.endswith(".tmp")
         )
 
+    def list_folders(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
+        return sorted(
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.Directory
+        )
+
     def remove_all(self) -> None:
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.Directory:
@@ -98,7 +117,7 @@ def _absolute(location: str) -> str:
 class ShardResults:
     """What a shard's segments hold: key -> (request hash, result fields...)."""
 
-    records: dict[str, tuple[object, ...]]
+    records: dict[str, tuple[object, ...]]  # the `_FIELDS`, then finished_at
 
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         found = {}
@@ -121,7 +140,7 @@ class ShardResults:
         return fetched(keys, stored, ("row_key", "request_hash", *names), hashes)
 
     def totals(self) -> Totals:
-        rows = failed = prompt = output = reasoning = 0
+        rows = failed = prompt = output = reasoning = priced = unpriced = 0
         cost = 0.0
         for record in self.records.values():
             rows += 1
@@ -130,7 +149,23 @@ class ShardResults:
             output += int(record[_COMPLETION] or 0)  # type: ignore[call-overload]
             reasoning += int(record[_REASONING] or 0)  # type: ignore[call-overload]
             cost += float(record[_COST] or 0.0)  # type: ignore[arg-type]
-        return Totals(rows, failed, prompt, output, reasoning, cost)
+            priced += record[_COST] is not None
+            unpriced += record[_COST] is None and record[_RESPONSE] is not None
+        return Totals(rows, failed, prompt, output, reasoning, cost, priced, unpriced)
+
+    def recent(self, window_s: float) -> tuple[int, float | None]:
+        """As `Checkpoint.recent`: rows finished in the last `window_s` seconds, and
+        when the last one finished."""
+        since = time.time() - window_s
+        stamps = [float(record[-1]) for record in self.records.values()]  # type: ignore[arg-type]
+        return sum(stamp >= since for stamp in stamps), max(stamps, default=None)
+
+    def get_meta(self, name: str) -> str | None:
+        """Segments keep no run state: a cluster's progress is in its driver."""
+        return None
+
+    def merge(self, other: ShardResults) -> None:
+        self.records.update(other.records)
 
 
 # positions in a record (the request hash first, then the stored columns)
@@ -140,6 +175,7 @@ _PROMPT = _FIELDS.index("prompt_tokens")
 _COMPLETION = _FIELDS.index("completion_tokens")
 _REASONING = _FIELDS.index("reasoning_tokens")
 _COST = _FIELDS.index("cost_usd")
+_RESPONSE = _FIELDS.index("response")
 
 
 class ShardStore:
@@ -164,14 +200,13 @@ class ShardStore:
             except (pa.ArrowInvalid, OSError):
                 continue  # a torn write from a killed worker on a file system without rename
             table = table.sort_by("finished_at")
-            columns = [table.column(name).to_pylist() for name in _FIELDS]
+            columns = [table.column(name).to_pylist() for name in (*_FIELDS, "finished_at")]
             for key, *values in zip(table.column("row_key").to_pylist(), *columns, strict=True):
                 records[key] = tuple(values)
         return ShardResults(records)
 
-    def commit(self, results: Iterable[RowResult], log_lines: list[bytes]) -> None:
-        """Write one immutable segment: the log lines first, then the rows."""
-        rows = [_record(result) for result in results]
+    def commit(self, rows: list[Row], log_lines: list[bytes]) -> None:
+        """Write one immutable segment: the log lines first, then the rows (`record`s)."""
         name = f"{self.attempt}-{self._sequence:06d}"
         self._sequence += 1
         if log_lines:
@@ -192,6 +227,30 @@ class ShardStore:
                 lines.extend((self.root.read_bytes(path) or b"").splitlines())
         return lines
 
+    def journal(self, layout_id: str) -> Journal:
+        """The shard's journal (not yet opened): in the shared folder on a file system,
+        else on this node's disk under a name only this layout of this output uses."""
+        shard = self.folder.rsplit("/", 1)[1]
+        if self.root.local:
+            folder = Path(self.root.path) / "journal" / shard
+        else:
+            digest = hashlib.sha256(f"{self.root.location}\0{layout_id}".encode()).hexdigest()
+            folder = Path(tempfile.gettempdir()) / "pipeline-journal" / digest[:16] / shard
+        folder.mkdir(parents=True, exist_ok=True)
+        return Journal(folder, "landed")
 
-def _record(result: RowResult) -> tuple[object, ...]:
+    def take_over(self, journal: Journal) -> int:
+        """Commit the answers an earlier worker of this shard journaled but never
+        committed, then start a new journal; returns how many rows it recovered.
+        Only the worker that holds the shard's lock may call this."""
+        rows = journal.replay()
+        if rows:
+            self.commit(rows, [])
+        journal.discard_sealed()
+        journal.open()
+        return len(rows)
+
+
+def record(result: RowResult) -> Row:
+    """A finished row as the journal and the segments keep it."""
     return (result.key, result.request_hash, *stored_values(result), time.time())

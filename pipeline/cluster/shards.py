@@ -13,6 +13,7 @@ so a resumed run finds each row's segments in the shard that wrote them.
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -73,15 +74,19 @@ def _units(table: InputTable) -> list[int]:
 
 
 def dump(shards: list[Shard], rows: int) -> bytes:
-    return orjson.dumps({"rows": rows, "shards": [asdict(s) for s in shards]})
+    """The layout to save, with an id of its own: journals kept outside the shared
+    folder name it, so a fresh start never replays answers of an earlier layout."""
+    return orjson.dumps(
+        {"rows": rows, "id": uuid.uuid4().hex, "shards": [asdict(s) for s in shards]}
+    )
 
 
-def load(data: bytes, rows: int) -> list[Shard] | None:
-    """The saved layout, or None when it was made for a different input."""
+def load(data: bytes, rows: int) -> tuple[list[Shard], str] | None:
+    """The saved layout and its id, or None when it was made for a different input."""
     try:
         saved = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     if saved.get("rows") != rows:
         return None
-    return [Shard(**s) for s in saved["shards"]]
+    return [Shard(**s) for s in saved["shards"]], str(saved.get("id", ""))

@@ -18,9 +18,11 @@ from typing import Any, cast
 
 import anyio
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.budget import Budget
+from pipeline.checkpoint import Checkpoint, Journal, Row
+from pipeline.cluster.budget import AllowanceBudget
 from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
-from pipeline.cluster.segments import ShardStore, StateRoot
+from pipeline.cluster.segments import ShardStore, StateRoot, record
 from pipeline.cluster.shards import Shard
 from pipeline.config import ProviderSettings
 from pipeline.errors import JobFatalError, JobStopped
@@ -29,6 +31,7 @@ from pipeline.output import Layout
 from pipeline.plan import WorkPlan
 from pipeline.render import PromptRenderer
 from pipeline.retry import RetryPolicy
+from pipeline.runlock import JobLocked, RunLock
 from pipeline.runlog import RunLog
 from pipeline.runner import open_provider
 from pipeline.scheduler import Scheduler
@@ -47,6 +50,7 @@ class ShardTask:
     retry_failed: bool
     concurrency: int  # this worker's cap on requests in flight
     environment: dict[str, str]  # object-storage settings the driver had
+    layout_id: str = ""  # names the journal when it is kept on the node's own disk
 
 
 @dataclass
@@ -63,6 +67,10 @@ class ShardOutcome:
     leases: int = 0
     dropped_grants: int = 0
     pid: int = 0
+    recovered: int = 0  # answers an earlier worker journaled, committed by this one
+
+
+LOCK_POLL_S = 0.2
 
 
 def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
@@ -71,6 +79,11 @@ def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
 
     async def lease(report: WorkerReport, tokens: float) -> Lease:
         return cast(Lease, await limiter.lease.remote(report, tokens))
+
+    async def allow(
+        news: WorkerReport, needed: tuple[float, float], wanted: tuple[float, float]
+    ) -> tuple[float, float]:
+        return cast(tuple[float, float], await limiter.allow.remote(news, needed, wanted))
 
     async def report(news: WorkerReport, *, wait: bool = True) -> None:
         call = limiter.report.remote(news)  # calls from one worker arrive in order
@@ -82,14 +95,52 @@ def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
         task,
         lease,
         report,
+        allow,
         backend="asyncio",
         backend_options={"use_uvloop": True},
     )
 
 
-async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutcome:
+async def run_shard_async(
+    task: ShardTask, lease: Any, report: Any, allow: Any = None
+) -> ShardOutcome:
+    store = ShardStore(StateRoot(task.state), task.shard.index)
+    journal = store.journal(task.layout_id)
+    lock = RunLock(journal.directory)
+    await _hold(lock)
+    try:
+        recovered = await anyio.to_thread.run_sync(store.take_over, journal)
+        outcome = await _run_shard(task, store, journal, recovered, lease, report, allow)
+        # Everything landed is in a segment now: the journal has nothing to replay.
+        journal.close()
+        journal.discard_sealed()
+        return outcome
+    finally:
+        journal.close()
+        lock.release()
+
+
+async def _hold(lock: RunLock) -> None:
+    """Take the shard's lock, waiting for a worker of an earlier driver that still runs
+    it (Ray ends those soon after their driver died): one worker per shard."""
+    while True:
+        try:
+            lock.acquire()
+            return
+        except JobLocked:
+            await anyio.sleep(LOCK_POLL_S)
+
+
+async def _run_shard(
+    task: ShardTask,
+    store: ShardStore,
+    journal: Journal,
+    recovered: int,
+    lease: Any,
+    report: Any,
+    allow: Any,
+) -> ShardOutcome:
     spec, settings, shard = task.spec, task.settings, task.shard
-    store = ShardStore(StateRoot(task.state), shard.index)
     committed = await anyio.to_thread.run_sync(store.read)
     schema = OutputSchema(spec.output.schema_) if spec.output.schema_ else None
     layout = Layout(tool_calls=bool(spec.model.tools), schema=schema)
@@ -109,7 +160,7 @@ async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutc
             "tool_choice": spec.model.tool_choice,
         },
     )
-    outcome = ShardOutcome(shard.index, pid=os.getpid())
+    outcome = ShardOutcome(shard.index, pid=os.getpid(), recovered=recovered)
     worker = f"shard-{shard.index}-{uuid.uuid4().hex[:8]}"
     scheduler: Scheduler | None = None
 
@@ -117,23 +168,50 @@ async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutc
         if scheduler is not None:
             scheduler.stop()
 
-    pacer = LeasedPacer(worker, lease, max_concurrency=task.concurrency, on_stop=stop)
+    limits = spec.limits
+    # The job's limits are the cluster's: this worker spends the allowances it is given.
+    budget = AllowanceBudget(Budget(limits.max_cost_usd, limits.max_tokens_total, settings.price))
+    pacer = LeasedPacer(
+        worker,
+        lease,
+        max_concurrency=task.concurrency,
+        on_stop=stop,
+        budget=budget,
+        allow=allow,
+    )
     log = RunLog(Path(os.devnull), secrets=(settings.api_key or "",))
-    log.event("shard_started", shard=shard.index, rows=shard.rows, worker=worker, pid=os.getpid())
+    log.event(
+        "shard_started",
+        shard=shard.index,
+        rows=shard.rows,
+        worker=worker,
+        pid=os.getpid(),
+        recovered=recovered,  # answers a killed worker journaled: not sent again
+    )
 
     landed: list[RowResult] = []
+    rows: list[Row] = []
 
     class Sink:
-        """Each recorder flush becomes one immutable segment of the shard."""
+        """Each answer is journaled as it lands; each recorder flush becomes one
+        immutable segment of the shard, and the journal of its rows is dropped."""
 
         def land(self, result: RowResult) -> int:
+            row = record(result)
+            journal.append(row)
+            rows.append(row)
             landed.append(result)
             return len(landed)
 
         async def commit(self) -> int:
-            batch = landed.copy()
+            # Sealed before the first await, so no row lands between journal and batch.
+            batch, sealed = landed.copy(), rows.copy()
             landed.clear()
-            await anyio.to_thread.run_sync(store.commit, batch, log.take())
+            rows.clear()
+            segment = journal.rotate()
+            await anyio.to_thread.run_sync(store.commit, sealed, log.take())
+            if segment is not None:
+                segment.unlink(missing_ok=True)
             for result in batch:
                 pacer.counters.row_finished(result)
             assert scheduler is not None
@@ -156,6 +234,7 @@ async def run_shard_async(task: ShardTask, lease: Any, report: Any) -> ShardOutc
             RetryPolicy(max_attempts=spec.limits.max_attempts),
             settings.price,
             concurrency=cap,
+            budget=budget,
             log=log,
             schema=layout.schema,
             schema_retries=spec.output.schema_retries,
