@@ -319,6 +319,14 @@ def test_s3_input_and_output_on_the_cluster_match_a_local_run(
     # Segments live beside the output, in the bucket.
     listing = storage.expand(f"s3://{bucket}/out/result.parquet.cluster/shards/*/*.parquet")
     assert listing
+    # Status and export read them there.
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "300/300 rows finished (0 failed), 0 pending" in status.stdout
+    assert "shards; done, every row has a result" in status.stdout
+    exported = run_cli("export", str(job), "--to", str(tmp_path / "all.parquet"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert pl.read_parquet(tmp_path / "all.parquet").drop(TIMING).equals(local.drop(TIMING))
 
 
 def test_without_ray_the_switch_says_how_to_install_it(tmp_path: Path) -> None:
@@ -475,3 +483,19 @@ def test_ctrl_c_stops_the_cluster_status_and_export_read_it_and_a_rerun_finishes
     done = run_cli("status", str(job), cwd=tmp_path)
     assert f"{rows:,}/{rows:,} rows finished" in done.stdout
     assert "shards; done, every row has a result" in done.stdout
+
+
+def test_a_second_driver_of_the_same_job_is_refused(
+    tmp_path: Path, simulator: RunningSimulator, ray_cluster: str
+) -> None:
+    from pipeline.runlock import RunLock
+
+    reviews(10).write_parquet(tmp_path / "reviews.parquet")
+    job = make_job(tmp_path, simulator, input_path="reviews.parquet")
+
+    with RunLock(tmp_path / "out" / "result.parquet.run"):  # as a running driver holds it
+        result = run_cli("run", str(job), "--ray-address", ray_cluster, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "another run" in result.stderr
+    assert simulator.stats()["requests"] == 0

@@ -38,6 +38,7 @@ from pipeline.errors import SpecError
 from pipeline.inputs import row_keys
 from pipeline.output import READ_BATCH_ROWS, join_results
 from pipeline.progress import Progress
+from pipeline.runlock import RunLock
 from pipeline.runner import (
     ADAPTIVE_MAX_CONCURRENCY,
     ADAPTIVE_START_CONCURRENCY,
@@ -129,6 +130,8 @@ def run_on_ray(
     ray = require_ray(local=(cluster or ClusterOptions()).address is None)
     started = time.monotonic()
     with ExitStack() as stack:
+        # One run per job, as on one machine: a second driver (or a local run) exits 2.
+        stack.enter_context(RunLock(job.run_dir))
         settings = job.settings
         workers = connect(ray, cluster or ClusterOptions())
         root = StateRoot(state_location(job))

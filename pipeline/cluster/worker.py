@@ -71,6 +71,7 @@ class ShardOutcome:
 
 
 LOCK_POLL_S = 0.2
+LOCK_WAIT_S = 120.0  # Ray ends a dead driver's workers well within this
 
 
 def run_shard(task: ShardTask, limiter: Any) -> ShardOutcome:
@@ -123,12 +124,19 @@ async def run_shard_async(
 async def _hold(lock: RunLock) -> None:
     """Take the shard's lock, waiting for a worker of an earlier driver that still runs
     it (Ray ends those soon after their driver died): one worker per shard."""
+    waited = 0.0
     while True:
         try:
             lock.acquire()
             return
-        except JobLocked:
-            await anyio.sleep(LOCK_POLL_S)
+        except JobLocked as exc:
+            if waited >= LOCK_WAIT_S:
+                raise JobLocked(
+                    f"another worker has held this shard for {waited:.0f}s ({exc}); is a "
+                    "second driver running the same job on another machine? Stop one"
+                ) from None
+        await anyio.sleep(LOCK_POLL_S)
+        waited += LOCK_POLL_S
 
 
 async def _run_shard(
