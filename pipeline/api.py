@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.embedded import simulator_for
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.output import scan_output
 from pipeline.runner import (
@@ -154,15 +155,8 @@ async def arun(
         on_result=on_result,
     )
     try:
-        if cluster:
-            from pipeline.cluster import ClusterOptions, run_on_ray
-
-            cluster_options = ClusterOptions(ray_address, ray_workers)
-            summary = await anyio.to_thread.run_sync(
-                lambda: run_on_ray(prepared, options, cluster_options)
-            )
-        else:
-            summary = await execute_async(prepared, options)
+        with simulator_for(prepared) as served:
+            summary = await _run(served, options, cluster, ray_address, ray_workers)
     except RunCrashed as exc:
         message = f"the run stopped on an unexpected error: {exc}; finished rows are kept"
         raise RunFailed(message, None) from exc.__cause__
@@ -175,6 +169,21 @@ async def arun(
         return await anyio.to_thread.run_sync(pl.read_parquet, source)
     output = summary.output_path
     return await anyio.to_thread.run_sync(lambda: scan_output(output).collect())
+
+
+async def _run(
+    job: PreparedJob,
+    options: RunOptions,
+    cluster: bool,
+    ray_address: str | None,
+    ray_workers: int | None,
+) -> RunSummary:
+    if not cluster:
+        return await execute_async(job, options)
+    from pipeline.cluster import ClusterOptions, run_on_ray
+
+    cluster_options = ClusterOptions(ray_address, ray_workers)
+    return await anyio.to_thread.run_sync(lambda: run_on_ray(job, options, cluster_options))
 
 
 def _prepare(

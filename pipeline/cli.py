@@ -14,6 +14,7 @@ import click
 if TYPE_CHECKING:
     from pipeline.estimate import Estimate
 
+from pipeline.embedded import simulator_for
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.plan import template_failures
 from pipeline.runner import (
@@ -237,12 +238,13 @@ def run(
             detach=detach,
             command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
-        if cluster:
-            from pipeline.cluster import ClusterOptions, run_on_ray
+        with simulator_for(prepared) as served:
+            if cluster:
+                from pipeline.cluster import ClusterOptions, run_on_ray
 
-            summary = run_on_ray(prepared, options, ClusterOptions(ray_address, ray_workers))
-        else:
-            summary = execute(prepared, options)
+                summary = run_on_ray(served, options, ClusterOptions(ray_address, ray_workers))
+            else:
+                summary = execute(served, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except RunCrashed as exc:
@@ -598,7 +600,8 @@ def estimate(job: Path, sample: int, limit: int | None) -> None:
 
     try:
         prepared = prepare(job, limit=limit, read_key=True if sample else "if_set")
-        report = anyio.run(lambda: make_estimate(prepared, sample=sample))
+        with simulator_for(prepared) as served:
+            report = anyio.run(lambda: make_estimate(served, sample=sample))
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except PipelineError as exc:

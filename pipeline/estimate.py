@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import anyio
@@ -23,13 +22,7 @@ from pipeline.errors import ProviderError
 from pipeline.plan import max_reply_tokens, rendered_rows
 from pipeline.providers.base import Provider
 from pipeline.render import estimate_prompt_tokens
-from pipeline.runner import (
-    PreparedJob,
-    RunOptions,
-    execute_async,
-    open_provider,
-    uses_embedded_simulator,
-)
+from pipeline.runner import PreparedJob, RunOptions, execute_async, open_provider
 from pipeline.types import Message, RowResult, Usage
 
 CALIBRATION_ROWS = 100
@@ -65,12 +58,11 @@ async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
         local.append(estimate_prompt_tokens(messages))
         if len(first) < CALIBRATION_ROWS:
             first.append(messages)
-    with ExitStack() as stack:
-        settings = uses_embedded_simulator(job, stack)
-        async with open_provider(
-            settings, connections=COUNT_CONCURRENCY, timeout_s=job.spec.limits.timeout_s
-        ) as provider:
-            counted = await _count(provider, first)
+    settings = job.settings
+    async with open_provider(
+        settings, connections=COUNT_CONCURRENCY, timeout_s=job.spec.limits.timeout_s
+    ) as provider:
+        counted = await _count(provider, first)
     input_tokens, counted_with = sum(local), "offline estimate (~4 characters a token)"
     calibrated = sum(local[: len(first)])
     if counted is not None and calibrated > 0:

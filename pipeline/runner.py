@@ -156,9 +156,7 @@ def prepare(
     """Load and check everything a run needs; raises SpecError naming the problem.
 
     `batch` switches the job to the provider's batch API, as `model.batch: true` does."""
-    spec = job if isinstance(job, JobSpec) else load_spec(job)
-    if batch and not spec.model.batch:
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"batch": True})})
+    spec = _batch_if_asked(job if isinstance(job, JobSpec) else load_spec(job), batch)
     if limit is not None and limit < 0:
         raise SpecError("--limit must be zero or more")
     schema = OutputSchema(spec.output.schema_) if spec.output.schema_ else None
@@ -170,41 +168,67 @@ def prepare(
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)
     rows = table.check()
-    target = str(output) if output else str(spec.output.path or spec.output_path)
-    output_uri = target if storage.is_remote(target) else None
-    if output_uri is not None:
-        storage.check_writable(output_uri)
-        output_path = storage.local_stage(output_uri)
-    else:
-        output_path = Path(target)
-    folder = target.endswith("/")
     job_file = None if isinstance(job, JobSpec) else Path(job)
-    _check_not_overwriting(output_path, table, job_file)
-    if not folder:
-        output_format(output_path, layout)
-    run_base = None
-    if limit is not None and limit < rows and output is None and not folder:
+    destination = _destination(spec, output, table, job_file, layout)
+    if limit is not None and limit < rows and output is None and not destination.folder:
         # A partial run never replaces the job's (possibly complete) output.
-        run_base, output_path = output_path, limited_output(output_path, limit)
-        if output_uri is not None:
-            output_uri = limited_uri(output_uri, limit)
-    _check_writable(output_path / "part.parquet" if folder else output_path)
-    if limit is not None:
-        rows = min(rows, limit)
+        destination = destination.limited(limit)
+    _check_writable(destination.path / "part.parquet" if destination.folder else destination.path)
     return PreparedJob(
         spec,
         settings,
         table,
         renderer,
-        rows,
-        output_path,
+        rows if limit is None else min(rows, limit),
+        destination.path,
         limit,
         layout,
         job_file=job_file,
-        run_base=run_base,
-        output_uri=output_uri,
-        output_folder=folder,
+        run_base=destination.run_base,
+        output_uri=destination.uri,
+        output_folder=destination.folder,
     )
+
+
+def _batch_if_asked(spec: JobSpec, batch: bool) -> JobSpec:
+    if batch and not spec.model.batch:
+        return spec.model_copy(update={"model": spec.model.model_copy(update={"batch": True})})
+    return spec
+
+
+@dataclass(frozen=True)
+class _Destination:
+    """Where a run writes its output (`path`, a local stage when `uri` is remote)."""
+
+    path: Path
+    uri: str | None
+    folder: bool
+    run_base: Path | None = None  # the job's own output, when a --limit run writes beside it
+
+    def limited(self, limit: int) -> _Destination:
+        uri = limited_uri(self.uri, limit) if self.uri is not None else None
+        return _Destination(limited_output(self.path, limit), uri, self.folder, self.path)
+
+
+def _destination(
+    spec: JobSpec,
+    output: str | Path | None,
+    table: InputTable,
+    job_file: Path | None,
+    layout: Layout,
+) -> _Destination:
+    target = str(output) if output else str(spec.output.path or spec.output_path)
+    uri = target if storage.is_remote(target) else None
+    if uri is not None:
+        storage.check_writable(uri)
+        path = storage.local_stage(uri)
+    else:
+        path = Path(target)
+    folder = target.endswith("/")
+    _check_not_overwriting(path, table, job_file)
+    if not folder:
+        output_format(path, layout)
+    return _Destination(path, uri, folder)
 
 
 def limited_output(path: Path, limit: int) -> Path:
@@ -344,71 +368,91 @@ async def _execute(job: PreparedJob, options: RunOptions) -> RunSummary:
     with ExitStack() as stack:
         # Taken before the checkpoint is touched and held to the end: one run per job.
         stack.enter_context(RunLock(job.run_dir))
-        settings = uses_embedded_simulator(job, stack)
         lost = not job.checkpoint_path.exists()
-        checkpoint = open_checkpoint(job.checkpoint_path, fresh=options.fresh)
-        stack.callback(checkpoint.close)
-        claim(checkpoint, _identity(job), fresh=options.fresh)
-        checkpoint.recover()
-        if options.fresh:
-            checkpoint.start_fresh()
-        if job.table.id_column is None:
-            checkpoint.key_by_request()
-        elif checkpoint.get_meta("keyed_by_request") == "1":
-            checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
+        checkpoint = _open_checkpoint(job, options, stack)
         plan = _plan(job, checkpoint, retry_failed=options.retry_failed)
         adopted = 0
         if lost and not options.fresh:
-            # A deleted checkpoint beside a complete output: its answers are not paid twice.
-            own_output = job.run_base or job.output_path
-            adopted = await anyio.to_thread.run_sync(
-                adopt_output, own_output, checkpoint, plan, job.layout
-            )
-        start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
-        progress = Progress(
-            job.rows,
-            reused=start.reused,
-            enabled=options.show_progress,
-            notebook=options.notebook,
-            headline=start.describe(job.rows),
-        )
-        stack.callback(progress.close)
+            adopted = await _adopt_lost_output(job, checkpoint, plan)
+        progress = await _open_progress(job, checkpoint, options, stack)
         if adopted:
             progress.note(
                 f"note: no checkpoint was found; {adopted:,} answered row(s) of "
                 f"{job.run_base or job.output_path} are reused instead of being sent again"
             )
-        counters = RunCounters()
-        for replans in range(MAX_INPUT_REPLANS + 1):
-            if replans:
-                # Rows already answered for their current request are kept; only rows
-                # whose request changed (or that are new) are sent.
-                progress.note(
-                    f"note: {job.spec.input.path} changed during the run; planning again "
-                    "against the new input (answers to the old rows are not mixed in)"
-                )
-                job = await anyio.to_thread.run_sync(_reopen_input, job)
-                plan = _plan(job, checkpoint, retry_failed=options.retry_failed, from_start=True)
-            outcome = await _pump(job, settings, plan, checkpoint, progress, counters, options)
-            if not outcome.fatal and not outcome.interrupted and _input_moved(job, plan):
-                continue
-            summary = await anyio.to_thread.run_sync(
-                _finish,
-                job,
-                checkpoint,
-                plan,
-                outcome,
-                counters,
-                time.monotonic() - started,
-                options,
-            )
-            if summary.output_path is None or not job.table.changed():
-                return summary
-        raise SpecError(
-            f"input.path: {job.spec.input.path} kept changing during the run; finished rows "
-            "are kept. Rerun once the input is no longer being written"
-        )
+        return await _send_all(job, checkpoint, plan, progress, options, started)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _open_checkpoint(job: PreparedJob, options: RunOptions, stack: ExitStack) -> Checkpoint:
+    """The job's checkpoint, claimed for it, with a killed run's journal folded in."""
+    checkpoint = open_checkpoint(job.checkpoint_path, fresh=options.fresh)
+    stack.callback(checkpoint.close)
+    claim(checkpoint, _identity(job), fresh=options.fresh)
+    checkpoint.recover()
+    if options.fresh:
+        checkpoint.start_fresh()
+    if job.table.id_column is None:
+        checkpoint.key_by_request()
+    elif checkpoint.get_meta("keyed_by_request") == "1":
+        checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
+    return checkpoint
+
+
+async def _adopt_lost_output(job: PreparedJob, checkpoint: Checkpoint, plan: WorkPlan) -> int:
+    """A deleted checkpoint beside a complete output: its answers are not paid twice."""
+    own_output = job.run_base or job.output_path
+    return await anyio.to_thread.run_sync(adopt_output, own_output, checkpoint, plan, job.layout)
+
+
+async def _open_progress(
+    job: PreparedJob, checkpoint: Checkpoint, options: RunOptions, stack: ExitStack
+) -> Progress:
+    start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
+    progress = Progress(
+        job.rows,
+        reused=start.reused,
+        enabled=options.show_progress,
+        notebook=options.notebook,
+        headline=start.describe(job.rows),
+    )
+    stack.callback(progress.close)
+    return progress
+
+
+async def _send_all(
+    job: PreparedJob,
+    checkpoint: Checkpoint,
+    plan: WorkPlan,
+    progress: Progress,
+    options: RunOptions,
+    started: float,
+) -> RunSummary:
+    """Send every planned row and write the output; plan again if the input changed."""
+    counters = RunCounters()
+    for replans in range(MAX_INPUT_REPLANS + 1):
+        if replans:
+            # Rows already answered for their current request are kept; only rows
+            # whose request changed (or that are new) are sent.
+            progress.note(
+                f"note: {job.spec.input.path} changed during the run; planning again "
+                "against the new input (answers to the old rows are not mixed in)"
+            )
+            job = await anyio.to_thread.run_sync(_reopen_input, job)
+            plan = _plan(job, checkpoint, retry_failed=options.retry_failed, from_start=True)
+        outcome = await _pump(job, plan, checkpoint, progress, counters, options)
+        if not outcome.fatal and not outcome.interrupted and _input_moved(job, plan):
+            continue
+        wall_s = time.monotonic() - started
+        summary = await anyio.to_thread.run_sync(
+            _finish, job, checkpoint, plan, outcome, counters, wall_s, options
+        )
+        if summary.output_path is None or not job.table.changed():
+            return summary
+    raise SpecError(
+        f"input.path: {job.spec.input.path} kept changing during the run; finished rows "
+        "are kept. Rerun once the input is no longer being written"
+    )
 
 
 MAX_INPUT_REPLANS = 3
@@ -604,13 +648,31 @@ def _pacer(limits: LimitsSpec, note: Callable[[str], None] | None = None) -> Pac
     )
 
 
+@dataclass(frozen=True)
+class Connection:
+    """A provider adapter and the HTTP client under it (batch APIs share the client)."""
+
+    client: HttpClient
+    provider: Provider
+
+
+@asynccontextmanager
+async def open_connection(
+    settings: ProviderSettings, *, connections: int, timeout_s: float
+) -> AsyncIterator[Connection]:
+    """An HTTP client and the provider adapter for `settings` on it, closed on exit: the
+    one place a client is opened (runs, batch runs, shard workers, estimates, `models`)."""
+    async with HttpClient(connections, timeout_s) as client:
+        yield Connection(client, create_provider(settings, client))
+
+
 @asynccontextmanager
 async def open_provider(
     settings: ProviderSettings, *, connections: int, timeout_s: float
 ) -> AsyncIterator[Provider]:
     """The provider adapter for `settings` on its own HTTP client, closed on exit."""
-    async with HttpClient(connections, timeout_s) as client:
-        yield create_provider(settings, client)
+    async with open_connection(settings, connections=connections, timeout_s=timeout_s) as opened:
+        yield opened.provider
 
 
 def _open_log(job: PreparedJob, settings: ProviderSettings, options: RunOptions) -> RunLog:
@@ -631,14 +693,13 @@ def _open_log(job: PreparedJob, settings: ProviderSettings, options: RunOptions)
 
 async def _pump(
     job: PreparedJob,
-    settings: ProviderSettings,
     plan: WorkPlan,
     checkpoint: Checkpoint,
     progress: Progress,
     counters: RunCounters,
     options: RunOptions,
 ) -> Outcome:
-    limits = job.spec.limits
+    limits, settings = job.spec.limits, job.settings
     log = _open_log(job, settings, options)
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
@@ -739,18 +800,6 @@ def _write_final_output(job: PreparedJob, checkpoint: Checkpoint, plan: WorkPlan
         if job.output_uri is not None:
             storage.upload(job.output_path, job.output_uri)
     return job.output_path
-
-
-def uses_embedded_simulator(job: PreparedJob, stack: ExitStack) -> ProviderSettings:
-    """The job's settings, pointed at an in-process simulator when its provider is one."""
-    settings = job.settings
-    if settings.preset.embedded_simulator is None or job.spec.model.base_url:
-        return settings
-    from pipeline.simulator import SimulatorConfig, start_in_thread
-
-    options = {"accept_any_model": True, **(settings.preset.embedded_simulator or {})}
-    simulator = stack.enter_context(start_in_thread(SimulatorConfig(**options)))
-    return dataclasses.replace(settings, base_url=simulator.base_url)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import ROOT, SIM_KEY, make_job, messages_for, reviews, run_cli
 
 from pipeline.columns import RESULT_NAMES
@@ -262,6 +263,45 @@ def test_example_job_runs_on_the_embedded_simulator(tmp_path: Path) -> None:
     assert out["response"].null_count() == 0
     assert out["reasoning"].null_count() == 0
     assert out["cost_usd"].sum() > 0
+
+
+def embedded_job(tmp_path: Path, **model: object) -> Path:
+    """The example job on the bundled simulator, which the run starts itself."""
+    spec = yaml.safe_load((ROOT / "jobs" / "example.yaml").read_text())
+    spec["input"]["path"] = "reviews.csv"
+    spec["output"]["path"] = "out/example.parquet"
+    spec["model"].update(model)
+    reviews(40).write_csv(tmp_path / "reviews.csv")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    return job
+
+
+def assert_every_row_answered(tmp_path: Path) -> None:
+    out = pl.read_parquet(tmp_path / "out" / "example.parquet")
+    assert out.height == 40
+    assert out["error"].null_count() == 40
+    assert out["response"].null_count() == 0
+
+
+def test_batch_job_runs_on_the_embedded_simulator(tmp_path: Path) -> None:
+    job = embedded_job(tmp_path, batch=True, batch_poll_s=0.1)
+
+    result = run_cli("run", str(job), "--quiet", cwd=tmp_path, key=None)
+
+    assert result.returncode == 0, result.stderr
+    assert_every_row_answered(tmp_path)
+
+
+def test_cluster_run_reaches_the_embedded_simulator(tmp_path: Path, ray_cluster: str) -> None:
+    job = embedded_job(tmp_path)
+
+    result = run_cli(
+        "run", str(job), "--ray-address", ray_cluster, "--quiet", cwd=tmp_path, key=None
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert_every_row_answered(tmp_path)
 
 
 def test_a_run_does_not_load_pandas_or_the_arrow_dataset_layer(

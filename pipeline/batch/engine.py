@@ -39,20 +39,13 @@ from pipeline.errors import (
     SpecError,
     TransportError,
 )
-from pipeline.http import HttpClient
 from pipeline.output import count_failed, write_output
 from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
-from pipeline.providers import Provider, create_provider
+from pipeline.providers import Provider
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
-from pipeline.runner import (
-    PreparedJob,
-    RunEnd,
-    RunOptions,
-    RunSummary,
-    uses_embedded_simulator,
-)
+from pipeline.runner import Connection, PreparedJob, RunEnd, RunOptions, RunSummary, open_connection
 from pipeline.scheduler import Outcome
 from pipeline.types import Completion, RowResult
 
@@ -98,7 +91,7 @@ async def run_batch(job: PreparedJob, options: RunOptions) -> RunSummary:
     """Run a prepared job through the batch API (see the module docstring)."""
     started = time.monotonic()
     with ExitStack() as stack:
-        settings = dataclasses.replace(uses_embedded_simulator(job, stack), stream=False)
+        settings = dataclasses.replace(job.settings, stream=False)
         checkpoint = Checkpoint(job.checkpoint_path)
         stack.callback(checkpoint.close)
         if options.fresh:
@@ -109,8 +102,8 @@ async def run_batch(job: PreparedJob, options: RunOptions) -> RunSummary:
         stack.callback(progress.close)
         log = RunLog(job.log_path, secrets=(settings.api_key or "",))
         timeout = max(job.spec.limits.timeout_s, TRANSFER_TIMEOUT_S)
-        async with HttpClient(8, timeout) as client:
-            run = _BatchRun(job, settings, options, client, checkpoint, store, progress, log)
+        async with open_connection(settings, connections=8, timeout_s=timeout) as connection:
+            run = _BatchRun(job, settings, options, connection, checkpoint, store, progress, log)
             await run.run_with_signals()
         log.flush()
         return await anyio.to_thread.run_sync(run.finish, time.monotonic() - started)
@@ -123,7 +116,7 @@ class _BatchRun:
         job: PreparedJob,
         settings: ProviderSettings,
         options: RunOptions,
-        client: HttpClient,
+        connection: Connection,
         checkpoint: Checkpoint,
         store: BatchStore,
         progress: Progress,
@@ -136,8 +129,8 @@ class _BatchRun:
         self.store = store
         self.progress = progress
         self.log = log
-        self.provider: Provider = create_provider(settings, client)
-        self.api: BatchApi = make_api(settings, client, getattr(self.provider, "headers", {}))
+        self.provider: Provider = connection.provider
+        self.api: BatchApi = _batch_api(settings, connection)
         self.policy = RetryPolicy(max_attempts=CALL_ATTEMPTS)
         self.max_attempts = job.spec.limits.max_attempts
         self.poll_s = job.spec.model.batch_poll_s
@@ -546,6 +539,11 @@ def _line_error(error: dict[str, object]) -> str:
     return f"{where}{error.get('message')}"
 
 
+def _batch_api(settings: ProviderSettings, connection: Connection) -> BatchApi:
+    """The batch API on the run's HTTP client, authenticated as the adapter is."""
+    return make_api(settings, connection.client, getattr(connection.provider, "headers", {}))
+
+
 def _path(chunk: Chunk) -> Path:
     if chunk.path is None:
         raise SpecError(f"batch chunk {chunk.chunk_id} has no request file")
@@ -570,10 +568,10 @@ async def cancel_batches(job: PreparedJob) -> list[tuple[Chunk, BatchState]]:
     cancelled: list[tuple[Chunk, BatchState]] = []
     store.set_meta(CANCELLED_AT, repr(time.time()))
     try:
-        async with HttpClient(4, job.spec.limits.timeout_s) as client:
-            settings = dataclasses.replace(job.settings, stream=False)
-            provider = create_provider(settings, client)
-            api = make_api(settings, client, getattr(provider, "headers", {}))
+        settings = dataclasses.replace(job.settings, stream=False)
+        timeout_s = job.spec.limits.timeout_s
+        async with open_connection(settings, connections=4, timeout_s=timeout_s) as connection:
+            api = _batch_api(settings, connection)
             for chunk in store.chunks(["submitted"]):
                 assert chunk.batch_id is not None
                 state = await api.cancel(chunk.batch_id)

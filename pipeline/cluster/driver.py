@@ -46,7 +46,6 @@ from pipeline.runner import (
     RunEnd,
     RunOptions,
     RunSummary,
-    uses_embedded_simulator,
 )
 from pipeline.scheduler import Outcome
 from pipeline.spec import JobSpec
@@ -133,7 +132,7 @@ def run_on_ray(
     with ExitStack() as stack:
         # One run per job, as on one machine: a second driver (or a local run) exits 2.
         stack.enter_context(RunLock(job.run_dir))
-        settings = uses_embedded_simulator(job, stack)
+        settings = job.settings
         workers = connect(ray, cluster or ClusterOptions())
         root = StateRoot(state_location(job))
         if options.fresh:

@@ -1,0 +1,34 @@
+"""The bundled simulator standing in for a provider, started where a run starts.
+
+A preset with `embedded_simulator` (`configs/providers/simulator.yaml`) names no server:
+the command or Python call that starts the run starts a simulator in this process on a
+free loopback port and points the job at it. Everything past that edge (the runner,
+the batch engine, cluster workers, estimates) sees an ordinary provider with a base
+URL, so none of it imports the simulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.runner import PreparedJob
+
+
+@contextmanager
+def simulator_for(job: PreparedJob) -> Iterator[PreparedJob]:
+    """`job` pointed at an in-process simulator while the block runs, when its preset
+    asks for one and the job names no `model.base_url`; otherwise `job` unchanged."""
+    settings = job.settings
+    wanted = settings.preset.embedded_simulator
+    if wanted is None or job.spec.model.base_url:
+        yield job
+        return
+    from pipeline.simulator import SimulatorConfig, start_in_thread
+
+    # The job's model name is whatever the user chose: the simulator answers any.
+    config = SimulatorConfig(**{"accept_any_model": True, **wanted})
+    with start_in_thread(config) as simulator:
+        served = dataclasses.replace(settings, base_url=simulator.base_url)
+        yield dataclasses.replace(job, settings=served)
