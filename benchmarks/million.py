@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -83,9 +84,45 @@ def finished_rows(checkpoint: Path) -> int:
         return 0
 
 
-def start_client(job: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "pipeline", "run", str(job), "--quiet"]
-    return subprocess.Popen(pinned(0, command), cwd=workdir, stderr=subprocess.DEVNULL)
+# The client is started by a slim launcher, which reports the client's own peak RSS.
+# wait4 from this process would not: a forked child's peak counts the image it was
+# forked from, and this process holds polars and the million-row input (240-310 MB),
+# which hid the killed run's real figure.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+print(pid, flush=True)
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@dataclass
+class Client:
+    launcher: subprocess.Popen[str]
+    pid: int
+
+    def wait(self) -> tuple[float, int]:
+        """(peak RSS in MB, exit code) of the client once it has ended."""
+        assert self.launcher.stdout is not None
+        maxrss_kb, code = self.launcher.stdout.readline().split()
+        self.launcher.wait()
+        return int(maxrss_kb) / 1024, int(code)
+
+
+def start_client(job: Path, workdir: Path) -> Client:
+    command = pinned(0, [sys.executable, "-m", "pipeline", "run", str(job), "--quiet"])
+    launcher = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", LAUNCHER, *command],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert launcher.stdout is not None
+    return Client(launcher, int(launcher.stdout.readline()))
 
 
 def reset(url: str) -> None:
@@ -95,14 +132,14 @@ def reset(url: str) -> None:
 def killed_run(job: Path, workdir: Path, rows: int) -> tuple[float, int]:
     """Peak RSS (MB) of a run killed at half way, and the rows it had checkpointed."""
     checkpoint = workdir / "out" / "million.parquet.run" / "checkpoint.sqlite"
-    process = start_client(job, workdir)
+    client = start_client(job, workdir)
     while finished_rows(checkpoint) < rows // 2:
         time.sleep(0.5)
-        if process.poll() is not None:
+        if client.launcher.poll() is not None:
             raise RuntimeError("the run ended before half way")
-    os.kill(process.pid, signal.SIGKILL)
-    _, _, usage = os.wait4(process.pid, 0)
-    return usage.ru_maxrss / 1024, finished_rows(checkpoint)
+    os.kill(client.pid, signal.SIGKILL)
+    peak, _ = client.wait()
+    return peak, finished_rows(checkpoint)
 
 
 def resumed_run(job: Path, workdir: Path, url: str) -> tuple[float, float, float, int]:
@@ -110,12 +147,11 @@ def resumed_run(job: Path, workdir: Path, url: str) -> tuple[float, float, float
     reset(url)
     started_wall = time.time()
     started = time.perf_counter()
-    process = start_client(job, workdir)
-    _, status, usage = os.wait4(process.pid, 0)
+    peak, code = start_client(job, workdir).wait()
     wall = time.perf_counter() - started
     first = sim_stats(url)["first_request_at"]
     to_first = (first - started_wall) if first else float("nan")
-    return to_first, wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    return to_first, wall, peak, code
 
 
 def check_output(path: Path, rows: int) -> tuple[int, int]:
