@@ -22,7 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 from million import write_job
@@ -35,10 +38,13 @@ WORKERS = 4
 RPM = 6000
 
 
-def efficiency() -> str:
-    with tempfile.TemporaryDirectory(prefix="pipeline-cluster-bench-") as tmp:
+@contextmanager
+def cluster_job(name: str, rows: int) -> Iterator[tuple[Path, Any, str, Path]]:
+    """A workdir with `rows` of input, a simulator enforcing RPM per second, and the job:
+    (workdir, input frame, simulator URL, job file)."""
+    with tempfile.TemporaryDirectory(prefix=f"pipeline-{name}-") as tmp:
         workdir = Path(tmp)
-        frame = make_input(ROWS, workdir / "input.parquet")
+        frame = make_input(rows, workdir / "input.parquet")
         simulator, url = start_simulator(
             {"latency_ms": [50, 150], "rpm": RPM, "limit_window": "second"}, workdir
         )
@@ -46,23 +52,28 @@ def efficiency() -> str:
             job = write_job(
                 workdir,
                 url,
-                name="cluster-efficiency",
+                name=name,
                 output="out.parquet",
                 max_tokens=200,
                 limits={"requests_per_minute": RPM, "concurrency": 64},
             )
-            wall, cpu, rss, code, _ = run_client(
-                # Ray's processes inherit the driver's CPU affinity: leave them unpinned.
-                job,
-                workdir,
-                extra=["--ray", "--ray-workers", str(WORKERS)],
-                pin=False,
-            )
-            stats = sim_stats(url)
-            correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
+            yield workdir, frame, url, job
         finally:
             simulator.terminate()
             simulator.wait(timeout=10)
+
+
+def efficiency() -> str:
+    with cluster_job("cluster-efficiency", ROWS) as (workdir, frame, url, job):
+        wall, cpu, rss, code, _ = run_client(
+            # Ray's processes inherit the driver's CPU affinity: leave them unpinned.
+            job,
+            workdir,
+            extra=["--ray", "--ray-workers", str(WORKERS)],
+            pin=False,
+        )
+        stats = sim_stats(url)
+        correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
     span = stats["last_request_at"] - stats["first_request_at"]
     achieved = (stats["requests"] - 1) / span if span > 0 else 0.0
     allowed = RPM / 60
@@ -110,42 +121,23 @@ def leases(callers: int = 4, seconds: float = 10.0) -> str:
 
 
 def kill() -> str:
-
-    with tempfile.TemporaryDirectory(prefix="pipeline-cluster-kill-") as tmp:
-        workdir = Path(tmp)
-        frame = make_input(KILL_ROWS, workdir / "input.parquet")
-        simulator, url = start_simulator(
-            {"latency_ms": [50, 150], "rpm": RPM, "limit_window": "second"}, workdir
+    command = [sys.executable, "-m", "pipeline", "run", "--quiet", "--ray"]
+    with cluster_job("cluster-kill", KILL_ROWS) as (workdir, frame, url, job):
+        driver = subprocess.Popen(
+            [*command, "--ray-workers", str(WORKERS), str(job)],
+            cwd=workdir,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        state = workdir / "out.parquet.cluster"
-        command = [sys.executable, "-m", "pipeline", "run", "--quiet", "--ray"]
-        try:
-            job = write_job(
-                workdir,
-                url,
-                name="cluster-kill",
-                output="out.parquet",
-                max_tokens=200,
-                limits={"requests_per_minute": RPM, "concurrency": 64},
-            )
-            driver = subprocess.Popen(
-                [*command, "--ray-workers", str(WORKERS), str(job)],
-                cwd=workdir,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            victim, journaled = _victim(state, driver)
-            before = sim_stats(url)["in_flight"]
-            os.kill(victim, signal.SIGKILL)
-            gauge = max(before, sim_stats(url)["in_flight"])
-            _, stderr = driver.communicate(timeout=1800)
-            stats = sim_stats(url)
-            correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
-            log = workdir / "out.parquet.run" / "events.jsonl"
-            events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
-        finally:
-            simulator.terminate()
-            simulator.wait(timeout=10)
+        victim, journaled = _victim(workdir / "out.parquet.cluster", driver)
+        before = sim_stats(url)["in_flight"]
+        os.kill(victim, signal.SIGKILL)
+        gauge = max(before, sim_stats(url)["in_flight"])
+        _, stderr = driver.communicate(timeout=1800)
+        stats = sim_stats(url)
+        correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
+        log = workdir / "out.parquet.run" / "events.jsonl"
+        events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     recovered = sum(e.get("recovered", 0) for e in events if e["event"] == "shard_started")
     window = 64 // WORKERS
     failure = "" if driver.returncode == 0 else f" ({stderr[-300:]})"
