@@ -109,9 +109,11 @@ def test_workers_share_one_rate_limit(
     assert summary.end is RunEnd.ALL_OK
     check_answers(pl.read_parquet(tmp_path / "out" / "result.parquet"))
     stats = simulator.stats()
-    # benchmarks/cluster.py measures 0.04% over 20,000 rows; 500 rows on a busy CI
-    # machine get a little slack (arrival jitter of a few ms tips a one-second window).
-    assert stats["rate_limited"] <= 0.01 * 500
+    # benchmarks/cluster.py measures 0.04% over 20,000 rows. Here the simulator shares
+    # the test process, and on a busy machine its own delays move a few requests into
+    # the next one-second window. Workers pacing apart, each at the whole limit, send
+    # twice the limit and see hundreds rejected.
+    assert stats["rate_limited"] <= 0.03 * 500
     assert stats["completions"] == 500
 
 
