@@ -37,19 +37,10 @@ STALE_S = 0.5  # a grant this late is dropped rather than sent in a burst with n
 RECOVERY_PER_S = 0.02
 
 
-@dataclass
-class WorkerReport:
-    """What one worker says with each call: deltas since its last call, and running totals."""
+@dataclass(kw_only=True)
+class RunningTotals:
+    """A worker's running totals, and their sum over the cluster for the driver's display."""
 
-    worker: str
-    token_debt: float = 0.0  # tokens spent beyond the estimates booked with the leases
-    rate_limited_s: float | None = None  # the longest pause a 429 asked for since the last call
-    rate_limited_at: float | None = None  # when the oldest of those requests was sent
-    pause_s: float | None = None  # headers said the budget is nearly spent: hold this long
-    limit_requests: float | None = None  # per minute, from headers
-    limit_tokens: float | None = None
-    stop: str | None = None  # a job-level failure this worker hit: every worker stops
-    # running totals, for the driver's progress display
     reused: int = 0
     sent: int = 0
     rows: int = 0
@@ -60,6 +51,32 @@ class WorkerReport:
     retries: int = 0
     rate_limited: int = 0
     in_flight: int = 0
+
+    def add(self, other: RunningTotals) -> None:
+        self.reused += other.reused
+        self.sent += other.sent
+        self.rows += other.rows
+        self.failed += other.failed
+        self.tokens += other.tokens
+        self.cost += other.cost
+        self.priced = self.priced or other.priced
+        self.retries += other.retries
+        self.rate_limited += other.rate_limited
+        self.in_flight += other.in_flight
+
+
+@dataclass
+class WorkerReport(RunningTotals):
+    """What one worker says with each call: deltas since its last call, and running totals."""
+
+    worker: str
+    token_debt: float = 0.0  # tokens spent beyond the estimates booked with the leases
+    rate_limited_s: float | None = None  # the longest pause a 429 asked for since the last call
+    rate_limited_at: float | None = None  # when the oldest of those requests was sent
+    pause_s: float | None = None  # headers said the budget is nearly spent: hold this long
+    limit_requests: float | None = None  # per minute, from headers
+    limit_tokens: float | None = None
+    stop: str | None = None  # a job-level failure this worker hit: every worker stops
     spent_usd: float = 0.0  # what the worker's budget counted (for a finished worker's hold)
     spent_tokens: float = 0.0
     done: bool = False
@@ -80,17 +97,7 @@ class Lease:
 
 
 @dataclass
-class ClusterProgress:
-    reused: int = 0
-    sent: int = 0
-    rows: int = 0
-    failed: int = 0
-    tokens: int = 0
-    cost: float = 0.0
-    priced: bool = False
-    retries: int = 0
-    rate_limited: int = 0
-    in_flight: int = 0
+class ClusterProgress(RunningTotals):
     leases: int = 0
     requests_per_s: float = 0.0
     stop: str | None = None
@@ -189,16 +196,9 @@ class ClusterLimiter:
         """The sum over every worker, for the driver's bar and summary."""
         total = ClusterProgress(leases=self.leases, stop=self.stop_reason)
         for report in self.reports.values():
-            total.reused += report.reused
-            total.sent += report.sent
-            total.rows += report.rows
-            total.failed += report.failed
-            total.tokens += report.tokens
-            total.cost += report.cost
-            total.priced = total.priced or report.priced
-            total.retries += report.retries
-            total.rate_limited += report.rate_limited
-            total.in_flight += 0 if report.done else report.in_flight
+            total.add(report)
+            if report.done:
+                total.in_flight -= report.in_flight  # a finished worker has none left
         total.requests_per_s = self._recent_rate(self.clock()) or 0.0
         return total
 
