@@ -2,11 +2,20 @@
 
 `Pacer` is shared by every worker. Before each attempt a worker reserves a start
 time for one request and its token estimate, then sleeps until that time; nothing
-polls. Reservations follow the generic cell rate algorithm (virtual scheduling):
-request n+1 may start `cost / rate` after request n, so requests are evenly spaced
-with no burst at all. A burst would be fatal against servers that enforce a
-per-minute limit per second (OpenAI quantizes that way): a full bucket emptied
-in the first second plus the steady rate is twice the allowed rate.
+polls. Once a limit is known, reservations keep every one-second interval within
+one second's share of the per-minute limit: a sliding log, so each second's share
+may go at once. One second is the finest interval the providers document enforcing a
+per-minute limit over (OpenAI quantizes 60,000 a minute as 1,000 a second; Anthropic
+enforces 60 a minute as 1 a second; Azure evaluates over 1 or 10 seconds), so no
+such server can tell this from even spacing, while the last second's requests leave
+at its start instead of over it. A token bucket would not do: a full minute's bucket
+emptied in the first second plus the steady rate is twice the allowed rate.
+
+A share sent at once must reach the server within one of its windows: where the
+server reports `reset` from a one-second window, its window edges are known and no
+share starts just before one (`ServerWindows`). A server that rejects a share sent at
+once enforces over a shorter interval: its first 429 turns the pool to even spacing
+(the generic cell rate algorithm, 1% under the limit) for the rest of the run.
 
 Limits come from the job, from the server's rate-limit headers (learned live,
 so a job that sets none still runs near its tier), and from 429s: the pool waits
@@ -17,6 +26,7 @@ for requests in flight, under the job's hard cap.
 
 from __future__ import annotations
 
+import bisect
 import math
 from abc import ABC, abstractmethod
 from collections import deque
@@ -33,6 +43,15 @@ BACKOFF_FACTOR = 0.7
 RECOVERY_PER_S = 0.02  # additive increase: +2% of the backed-off rate per second
 MAX_HEADER_PAUSE_S = 60.0
 PROBE_WINDOW = 16  # requests in flight before the first answer, when no limit is declared
+SHARE_S = 1.0  # a known limit's share may go at once within this interval (see above)
+MIN_SHARE = 2.0  # below two units a second, a share is one request: space them evenly
+# A share starting this close before a window edge may straddle it, so it waits until
+# this long after the edge: the edge is seen early by a slow first connection's delay.
+EDGE_BEFORE_S = 0.05
+EDGE_AFTER_S = 0.08
+BOOKING_HORIZON_S = 0.5  # a share's start is booked no earlier than this before it
+PHASE_TOLERANCE_S = 0.03  # a reset this close to a bucket's time until full reads as one
+WINDOW_REPORTS = 3  # reports that read as a window's before its edges are trusted
 
 
 def refill_wait(
@@ -50,14 +69,25 @@ def refill_wait(
 
 
 class Gate:
-    """One paced dimension (requests or tokens), in units per second."""
+    """One paced dimension (requests or tokens), in units per second.
 
-    def __init__(self, per_minute: float | None) -> None:
+    With `share_s` > 0 and a known limit, a sliding log: the units started in any
+    interval of `share_s` stay within the limit's share of it (an amount larger than
+    a whole share holds it for as long as the limit takes to pay for it). Otherwise,
+    and always after `space_evenly`, the generic cell rate algorithm at `rate`.
+    """
+
+    def __init__(self, per_minute: float | None, *, share_s: float = 0.0) -> None:
         self.declared = per_minute / 60.0 if per_minute else None
         self.learned: float | None = None
         self.adaptive: float | None = None
         self.backlog_booked = False
+        self.share_s = share_s
         self._next_free = 0.0
+        self._held: deque[tuple[float, float]] = deque()  # (until, units), in order
+        self._blocked_until = 0.0
+        self._held_units = 0.0
+        self._last_start = 0.0
 
     @property
     def known_limit(self) -> float | None:
@@ -79,18 +109,121 @@ class Gate:
     def next_free(self) -> float:
         return self._next_free
 
+    def space_evenly(self) -> None:
+        """Give up sending a share at once (the server enforces over a shorter interval)."""
+        if self.share_s:
+            self.share_s = 0.0
+            self._next_free = max(self._next_free, self._last_start)
+
+    def earliest(self, at: float, amount: float) -> float:
+        """The earliest time from `at` when `amount` units may start."""
+        share = self._share()
+        if share is None:
+            return max(at, self._next_free)
+        at = max(at, self._last_start, self._blocked_until)
+        excess = self._held_units + min(amount, share) - share * (1 + 1e-9)
+        for until, units in self._held:
+            if until > at and excess <= 0:
+                break
+            excess -= units  # expired by `at`, or must expire before this one starts
+            at = max(at, until)
+        return at
+
     def book_backlog(self, since: float, amount: float) -> None:
         """Count `amount` units already sent since `since` as if they had been paced."""
         self.backlog_booked = True
+        if self._share() is not None:
+            self._hold(since, amount)
+            return
         rate = self.rate
         if rate is not None:
             self._next_free = max(self._next_free, since + amount / rate)
 
     def commit(self, start: float, amount: float) -> None:
         """Book `amount` units starting at `start`: the next booking waits its turn."""
+        if self._share() is not None:
+            self._hold(start, amount)
+            return
         rate = self.rate
         if rate is not None:
             self._next_free = max(self._next_free, start) + amount / rate
+
+    @property
+    def sends_shares(self) -> bool:
+        """Whether a second's share may start at once (see the module's docstring)."""
+        return self._share() is not None
+
+    def _share(self) -> float | None:
+        limit = self.known_limit
+        if not self.share_s or limit is None or self.adaptive is not None:
+            return None
+        share = limit * self.share_s
+        return share if share >= MIN_SHARE else None
+
+    def _hold(self, start: float, amount: float) -> None:
+        limit = self.known_limit
+        assert limit is not None
+        self._last_start = start = max(self._last_start, start)
+        # Bookings only move forward in time: what has expired by this one is gone.
+        held = self._held
+        while held and held[0][0] <= start:
+            self._held_units -= held.popleft()[1]
+        if not held:
+            self._held_units = 0.0
+        units = min(amount, limit * self.share_s)
+        # Every entry is held for `share_s`, so the log stays in order of expiry; more
+        # than a whole share also keeps the next start back until the limit has paid.
+        bisect.insort(self._held, (start + self.share_s, units))
+        self._held_units += units
+        if amount > units:
+            self._blocked_until = max(self._blocked_until, start + amount / limit)
+
+
+class ServerWindows:
+    """Where the server's one-second enforcement windows end, from the resets it reports.
+
+    A server reporting from such a window says how long the window had left when the
+    request arrived, so send time plus reset is the window's end, early by the trip to
+    the server (which the next send makes again); the latest of a window's reports is
+    the closest. A bucket's time until full is not an edge: it is what is missing over
+    the refill rate, and reports that read that way are left out.
+    """
+
+    def __init__(self) -> None:
+        self.end: float | None = None
+        self.reports = 0
+
+    @property
+    def confirmed(self) -> bool:
+        return self.reports >= WINDOW_REPORTS
+
+    def observe(
+        self, sent_at: float, reset_s: float | None, remaining: float | None, limit: float | None
+    ) -> None:
+        if reset_s is None or not 0 < reset_s < SHARE_S or remaining is None or not limit:
+            return
+        time_to_full = max(0.0, limit - remaining) / (limit / 60.0)
+        if abs(reset_s - time_to_full) < PHASE_TOLERANCE_S:
+            return  # reads as a bucket refilling: no edge in it
+        self.reports += 1
+        end = sent_at + reset_s
+        if self.end is None or end - self.end >= SHARE_S / 2:
+            self.end = (
+                end
+                if self.end is None
+                else max(end, self.end + round((end - self.end) / SHARE_S) * SHARE_S)
+            )
+        else:
+            self.end = max(self.end, end)
+
+    def clear_of_edges(self, start: float) -> float:
+        """`start`, or just after the next edge when `start` is too close before it."""
+        if not self.confirmed or self.end is None:
+            return start
+        edge = self.end + (math.floor((start - EDGE_AFTER_S - self.end) / SHARE_S) + 1) * SHARE_S
+        if edge - EDGE_BEFORE_S <= start < edge + EDGE_AFTER_S:
+            return edge + EDGE_AFTER_S
+        return start
 
 
 @dataclass
@@ -124,11 +257,11 @@ class Turns(ABC):
         """Give the slot back and learn from the answer (None: the attempt never finished)."""
         self.release(succeeded=isinstance(answer, Completion))
         if isinstance(answer, Completion):
-            self.observe(answer.rate_limits)
+            self.observe(answer.rate_limits, sent_at)
             if answer.usage is not None:
                 self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
         elif answer is not None:
-            self.observe(answer.rate_limits)
+            self.observe(answer.rate_limits, sent_at)
             if isinstance(answer, RateLimited):
                 self.rate_limited(answer.retry_after, sent_at=sent_at)
 
@@ -139,7 +272,7 @@ class Turns(ABC):
     def release(self, *, succeeded: bool) -> None: ...
 
     @abstractmethod
-    def observe(self, info: RateLimitInfo | None) -> None: ...
+    def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None: ...
 
     @abstractmethod
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None: ...
@@ -161,8 +294,9 @@ class Pacer(Turns):
         # Every time the pacer reads, and every time it sleeps until, is on this clock:
         # the event loop's, so that a test's virtual loop clock drives all of it.
         self._clock = clock
-        self.requests = Gate(requests_per_minute)
-        self.tokens = Gate(tokens_per_minute)
+        self.requests = Gate(requests_per_minute, share_s=SHARE_S)
+        self.tokens = Gate(tokens_per_minute, share_s=SHARE_S)
+        self.server_windows = ServerWindows()
         self.max_concurrency = max_concurrency
         self.window = initial_concurrency or max_concurrency
         if requests_per_minute is None and tokens_per_minute is None:
@@ -200,20 +334,45 @@ class Pacer(Turns):
             self._unpaced_tokens += tokens
             return  # nothing to pace against (yet): no reservation needed
         try:
-            while True:
-                now = self._clock()
-                start = max(now, self._paused_until, self.requests.next_free, self.tokens.next_free)
-                self.requests.commit(start, 1)
-                self.tokens.commit(start, tokens)
-                if start > now:
-                    await anyio.sleep(start - now)
-                # A 429 elsewhere may have paused the pool while this one slept.
-                if self._clock() >= self._paused_until:
-                    break
+            await self._take_turn(tokens)
             self._sent_times.append(self._clock())
         except BaseException:
             self._give_slot()
             raise
+
+    async def _take_turn(self, tokens: float) -> None:
+        """Book this request's start, then sleep until it."""
+        while True:
+            now = self._clock()
+            start = self._earliest(max(now, self._paused_until), tokens)
+            if start - now > BOOKING_HORIZON_S and self._sends_shares:
+                # Booked nearer the time, when the server's window edges may be known.
+                await anyio.sleep(start - now - BOOKING_HORIZON_S)
+                continue
+            self.requests.commit(start, 1)
+            self.tokens.commit(start, tokens)
+            if start > now:
+                await anyio.sleep(start - now)
+            # A 429 elsewhere may have paused the pool while this one slept.
+            if self._clock() >= self._paused_until:
+                return
+
+    def _earliest(self, at: float, tokens: float) -> float:
+        """The earliest time from `at` both gates let this request start."""
+        while True:
+            start = self._clear_of_edges(
+                self.tokens.earliest(self.requests.earliest(at, 1), tokens)
+            )
+            if start == at:
+                return start
+            at = start
+
+    @property
+    def _sends_shares(self) -> bool:
+        return self.requests.sends_shares or self.tokens.sends_shares
+
+    def _clear_of_edges(self, start: float) -> float:
+        return self.server_windows.clear_of_edges(start) if self._sends_shares else start
 
     def release(self, *, succeeded: bool) -> None:
         """Give the slot back; successes open the window wider, as TCP does."""
@@ -223,7 +382,7 @@ class Pacer(Turns):
 
     # -- what the server said ----------------------------------------------------------
 
-    def observe(self, info: RateLimitInfo | None) -> None:
+    def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None:
         """Learn limits from headers; wait when the server's bucket lacks this request's units.
 
         `remaining` and `reset` describe a bucket refilling up to the limit: OpenAI's
@@ -231,10 +390,20 @@ class Pacer(Turns):
         when it is "fully replenished". So the next request waits only until its own
         units have refilled, never until the bucket is full. Servers that report from a
         short enforcement window (remaining near 0, reset in milliseconds) then cost
-        nothing, as they should: that is their steady state.
+        nothing, as they should: that is their steady state. Their resets also tell
+        where the windows end (`sent_at`: when the request was sent, loop clock).
         """
         if info is None:
             return
+        if sent_at is not None:
+            if info.reset_requests_s is not None:
+                self.server_windows.observe(
+                    sent_at, info.reset_requests_s, info.remaining_requests, info.limit_requests
+                )
+            else:
+                self.server_windows.observe(
+                    sent_at, info.reset_tokens_s, info.remaining_tokens, info.limit_tokens
+                )
         if info.limit_requests:
             self._learn(self.requests, info.limit_requests, self._unpaced_requests)
         if info.limit_tokens:
@@ -268,6 +437,8 @@ class Pacer(Turns):
         the pause but do not shrink the window and rate again.
         """
         self.pause(retry_after if retry_after is not None else 1.0)
+        self.requests.space_evenly()
+        self.tokens.space_evenly()
         if sent_at is not None and sent_at < self._backed_off_at:
             return
         now = self._clock()

@@ -1,4 +1,4 @@
-"""The Pacer: even spacing, limits learned from headers, pool-wide 429 pauses, AIMD window.
+"""The Pacer: a second's share at once, limits learned from headers, 429 pauses, AIMD window.
 
 Every test runs on an asyncio loop with a virtual clock: time only moves when every
 task is waiting, and then jumps straight to the next timer. Spacing is therefore
@@ -9,6 +9,7 @@ duplicated in test_scheduler.py; it could move to conftest.py.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import TypeVar
 
@@ -43,100 +44,137 @@ def test_virtual_clock_skips_idle_time() -> None:
 # -- pacing by requests and tokens ---------------------------------------------------------
 
 
-def test_requests_are_evenly_spaced_with_no_initial_burst() -> None:
+def per_second(times: list[float], start: float) -> list[int]:
+    """How many of `times` fall in each whole second after `start`."""
+    counts: dict[int, int] = {}
+    for t in times:
+        second = math.floor(t - start + EPS)
+        counts[second] = counts.get(second, 0) + 1
+    return [counts.get(i, 0) for i in range(max(counts) + 1)]
+
+
+def most_in_any_second(times: list[float], amounts: list[float] | None = None) -> float:
+    """The most units started within any interval of one second (sliding)."""
+    pairs = sorted(zip(times, amounts or [1.0] * len(times), strict=True))
+    return max(
+        sum(amount for t, amount in pairs if start <= t < start + 1 - EPS) for start, _ in pairs
+    )
+
+
+async def acquire_all(pacer: Pacer, count: int, tokens: float = 0) -> list[float]:
+    """`count` concurrent acquires; their start times, sorted."""
+    times: list[float] = []
+
+    async def one() -> None:
+        await pacer.acquire(tokens)
+        times.append(anyio.current_time())
+        pacer.release(succeeded=True)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return sorted(times)
+
+
+def test_each_second_takes_its_share_at_once_and_no_more() -> None:
+    """6,000 a minute: 100 go at once, the next 100 a second later, never more than 100
+    within any one second, which no server enforcing over a second or more rejects."""
+
     async def main() -> tuple[float, list[float]]:
-        pacer = Pacer(6000, None, max_concurrency=100)
-        times: list[float] = []
-
-        async def one() -> None:
-            await pacer.acquire(0)
-            times.append(anyio.current_time())
-            pacer.release(succeeded=True)
-
+        pacer = Pacer(6000, None, max_concurrency=300)
         start = anyio.current_time()
-        async with anyio.create_task_group() as tg:
-            for _ in range(20):
-                tg.start_soon(one)
-        return start, sorted(times)
+        return start, await acquire_all(pacer, 250)
 
     start, times = run_virtual(main)
-    spacing = 1 / (6000 / 60 * HEADROOM)
-    assert len(times) == 20
-    assert times[0] == pytest.approx(start)
-    assert all(gap == pytest.approx(spacing, abs=EPS) for gap in gaps(times))
-    # No burst: 20 requests at 100/s take ~0.2 s, not ~0.
-    assert times[-1] - start == pytest.approx(19 * spacing, abs=EPS)
-    assert times[-1] - start > 0.18
+    assert per_second(times, start) == [100, 100, 50]
+    assert times[-1] - start == pytest.approx(2.0, abs=EPS)
+    assert most_in_any_second(times) == 100
+
+
+def test_a_429_under_a_known_limit_turns_to_even_spacing() -> None:
+    """A server that rejects a share sent at once enforces over less than a second: from
+    then on requests are evenly spaced, 1% under the limit."""
+
+    async def main() -> tuple[float, list[float]]:
+        pacer = Pacer(6000, None, max_concurrency=300)
+        await acquire_all(pacer, 100)
+        pacer.rate_limited(0.5)
+        resumed = anyio.current_time() + 0.5
+        return resumed, await acquire_all(pacer, 20)
+
+    resumed, times = run_virtual(main)
+    spacing = 1 / (100 * HEADROOM)
+    assert times[0] >= resumed - EPS
+    assert gaps(times) == pytest.approx([spacing] * 19, abs=EPS)
+
+
+def test_a_limit_under_two_a_second_is_evenly_spaced() -> None:
+    async def main() -> list[float]:
+        return await acquire_all(Pacer(60, None, max_concurrency=10), 5)
+
+    times = run_virtual(main)
+    assert gaps(times) == pytest.approx([1 / HEADROOM] * 4, abs=EPS)
 
 
 def test_tokens_are_charged_by_amount() -> None:
-    amounts = [100, 200, 100, 400, 50, 100]
+    """60,000 tokens a minute: 1,000 within any second; an amount larger than a whole
+    second's share holds it for as long as the limit takes to pay for it."""
+    amounts = [400, 400, 300, 100, 600, 2500, 100]
 
-    async def main() -> list[float]:
+    async def main() -> tuple[float, list[float]]:
         pacer = Pacer(None, 60_000, max_concurrency=4)
+        start = anyio.current_time()
         times = []
         for amount in amounts:
             await pacer.acquire(amount)
             times.append(anyio.current_time())
             pacer.release(succeeded=True)
-        return times
+        return start, times
 
-    times = run_virtual(main)
-    per_s = 60_000 / 60 * HEADROOM
-    # Request n+1 waits for the tokens request n booked: a 2x request costs 2x the spacing.
-    expected = [amount / per_s for amount in amounts[:-1]]
-    assert gaps(times) == pytest.approx(expected, abs=EPS)
-    assert gaps(times)[1] == pytest.approx(2 * gaps(times)[0], abs=EPS)
+    start, times = run_virtual(main)
+    assert [t - start for t in times] == pytest.approx([0, 0, 1, 1, 1, 2, 4.5], abs=EPS)
+    assert most_in_any_second(times[:5], [float(a) for a in amounts[:5]]) <= 1000
 
 
 @pytest.mark.parametrize(
-    ("rpm", "tpm", "tokens", "spacing"),
+    ("rpm", "tpm"),
     [
         # 100 req/s allowed, but 1000 tok/s at 100 tokens each is only 10 req/s.
-        (6000, 60_000, 100, 100 / (1000 * HEADROOM)),
+        (6000, 60_000),
         # 10 req/s allowed, tokens would allow 10_000 tok/s / 100 = 100 req/s.
-        (600, 600_000, 100, 1 / (10 * HEADROOM)),
+        (600, 600_000),
     ],
     ids=["tokens-bind", "requests-bind"],
 )
-def test_the_binding_limit_wins(rpm: float, tpm: float, tokens: int, spacing: float) -> None:
-    async def main() -> list[float]:
-        pacer = Pacer(rpm, tpm, max_concurrency=50)
-        times: list[float] = []
+def test_the_binding_limit_wins(rpm: float, tpm: float) -> None:
+    async def main() -> tuple[float, list[float]]:
+        start = anyio.current_time()
+        return start, await acquire_all(Pacer(rpm, tpm, max_concurrency=50), 25, tokens=100)
 
-        async def one() -> None:
-            await pacer.acquire(tokens)
-            times.append(anyio.current_time())
-            pacer.release(succeeded=True)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(10):
-                tg.start_soon(one)
-        return sorted(times)
-
-    times = run_virtual(main)
-    assert gaps(times) == pytest.approx([spacing] * 9, abs=EPS)
+    start, times = run_virtual(main)
+    assert per_second(times, start) == [10, 10, 5]
 
 
 # -- limits learned from headers -----------------------------------------------------------
 
 
 def test_learned_limit_is_adopted_when_none_was_declared() -> None:
-    async def main() -> tuple[float | None, float | None, list[float]]:
+    async def main() -> tuple[float | None, float | None, float, list[float]]:
         pacer = Pacer(None, None, max_concurrency=20)
         before = pacer.state().requests_per_s
         pacer.observe(RateLimitInfo(limit_requests=600, remaining_requests=500))
+        start = anyio.current_time()
         times = []
-        for _ in range(5):
+        for _ in range(15):
             await pacer.acquire(0)
             times.append(anyio.current_time())
             pacer.release(succeeded=True)
-        return before, pacer.state().requests_per_s, times
+        return before, pacer.state().requests_per_s, start, times
 
-    before, after, times = run_virtual(main)
+    before, after, start, times = run_virtual(main)
     assert before is None
     assert after == pytest.approx(10 * HEADROOM)
-    assert gaps(times) == pytest.approx([1 / (10 * HEADROOM)] * 4, abs=EPS)
+    assert per_second(times, start) == [10, 5]
 
 
 @pytest.mark.parametrize(
@@ -277,7 +315,8 @@ def test_requests_sent_before_a_limit_was_learned_are_booked() -> None:
 
 def test_rate_limited_holds_every_waiting_acquirer() -> None:
     async def main() -> tuple[float, list[float]]:
-        pacer = Pacer(6000, None, max_concurrency=20)
+        pacer = Pacer(6000, None, max_concurrency=200)
+        await acquire_all(pacer, 100)  # this second's share
         times: list[float] = []
 
         async def one() -> None:
@@ -286,19 +325,17 @@ def test_rate_limited_holds_every_waiting_acquirer() -> None:
             pacer.release(succeeded=False)
 
         async with anyio.create_task_group() as tg:
-            await pacer.acquire(0)  # books the first slot; the others queue behind it
             for _ in range(9):
                 tg.start_soon(one)
-            # Every waiter has booked a slot ~10 ms apart and is asleep until it.
+            # Every waiter has booked a start in the next second and is asleep until it.
             await anyio.sleep(0.005)
             hit = anyio.current_time()
-            pacer.rate_limited(0.3)
-            pacer.release(succeeded=False)
+            pacer.rate_limited(1.5)
         return hit, sorted(times)
 
     hit, times = run_virtual(main)
     assert len(times) == 9
-    assert times[0] >= hit + 0.3 - EPS
+    assert times[0] >= hit + 1.5 - EPS
     # After the pause the queue is still paced, not released as a burst.
     assert all(gap >= 1 / 100 - EPS for gap in gaps(times))
 

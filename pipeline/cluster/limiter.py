@@ -363,7 +363,7 @@ class LeasedPacer(Turns):
     def release(self, *, succeeded: bool) -> None:
         self.local.release(succeeded=succeeded)
 
-    def observe(self, info: RateLimitInfo | None) -> None:
+    def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None:
         if info is None:
             return
         before = self.local.state().paused_s
