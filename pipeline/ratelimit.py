@@ -139,10 +139,13 @@ class Gate:
         if rate is not None:
             self._next_free = max(self._next_free, since + amount / rate)
 
-    def commit(self, start: float, amount: float) -> None:
-        """Book `amount` units starting at `start`: the next booking waits its turn."""
+    def commit(self, start: float, amount: float, until: float | None = None) -> None:
+        """Book `amount` units starting at `start`: the next booking waits its turn.
+
+        `until`: when the server's window holding `start` ends, if known; the units
+        count until then, not for a whole interval."""
         if self._share() is not None:
-            self._hold(start, amount)
+            self._hold(start, amount, until)
             return
         rate = self.rate
         if rate is not None:
@@ -160,7 +163,7 @@ class Gate:
         share = limit * self.share_s
         return share if share >= MIN_SHARE else None
 
-    def _hold(self, start: float, amount: float) -> None:
+    def _hold(self, start: float, amount: float, until: float | None = None) -> None:
         limit = self.known_limit
         assert limit is not None
         self._last_start = start = max(self._last_start, start)
@@ -173,7 +176,7 @@ class Gate:
         units = min(amount, limit * self.share_s)
         # Every entry is held for `share_s`, so the log stays in order of expiry; more
         # than a whole share also keeps the next start back until the limit has paid.
-        bisect.insort(self._held, (start + self.share_s, units))
+        bisect.insort(self._held, (min(until or math.inf, start + self.share_s), units))
         self._held_units += units
         if amount > units:
             self._blocked_until = max(self._blocked_until, start + amount / limit)
@@ -215,6 +218,13 @@ class ServerWindows:
             )
         else:
             self.end = max(self.end, end)
+
+    def window_end(self, start: float) -> float | None:
+        """When the server's window that a request sent at `start` lands in ends (a
+        little after the edge, as it is seen early), if the edges are known."""
+        if not self.confirmed or self.end is None:
+            return None
+        return self.end + (math.floor((start - self.end) / SHARE_S) + 1) * SHARE_S + EDGE_AFTER_S
 
     def clear_of_edges(self, start: float) -> float:
         """`start`, or just after the next edge when `start` is too close before it."""
@@ -349,8 +359,9 @@ class Pacer(Turns):
                 # Booked nearer the time, when the server's window edges may be known.
                 await anyio.sleep(start - now - BOOKING_HORIZON_S)
                 continue
-            self.requests.commit(start, 1)
-            self.tokens.commit(start, tokens)
+            window_end = self.server_windows.window_end(start)
+            self.requests.commit(start, 1, window_end)
+            self.tokens.commit(start, tokens, window_end)
             if start > now:
                 await anyio.sleep(start - now)
             # A 429 elsewhere may have paused the pool while this one slept.
