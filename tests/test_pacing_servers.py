@@ -37,10 +37,19 @@ def drive(
     latency_s: float = 0.3,
     concurrency: int = 64,
     neighbour_per_s: float = 0.0,
+    start_phase: float | None = None,
+    cold: tuple[int, float] = (0, 0.0),
 ) -> Traffic:
-    """Send `rows` requests through a Pacer to a simulated limiter; retry every 429."""
+    """Send `rows` requests through a Pacer to a simulated limiter; retry every 429.
+
+    `start_phase`: start this far into one of the server's one-second windows.
+    `cold`: the first (count) requests reach the server (delay) seconds after they are
+    sent, as new connections do; the others arrive at once."""
 
     async def main() -> Traffic:
+        if start_phase is not None:
+            now = anyio.current_time()
+            await anyio.sleep((start_phase - now % 1.0) % 1.0)
         limiter = RateLimiter(now=anyio.current_time(), **limiter_args)  # type: ignore[arg-type]
         pacer = Pacer(rpm, tpm, max_concurrency=concurrency, initial_concurrency=16)
         traffic = Traffic()
@@ -51,8 +60,11 @@ def drive(
             for _ in todo:
                 while True:
                     await pacer.acquire(estimate)
+                    sent_at = anyio.current_time()
+                    traffic.sent.append(sent_at)
+                    if len(traffic.sent) <= cold[0]:
+                        await anyio.sleep(cold[1])
                     now = anyio.current_time()
-                    traffic.sent.append(now)
                     rejection = limiter.check(server_cost, now)
                     headers = limiter.openai_headers(now)
                     if rejection is not None:
@@ -62,12 +74,12 @@ def drive(
                         else:
                             headers.update(retry_headers(rejection.retry_after_s))
                         pacer.release(succeeded=False)
-                        pacer.observe(parse_rate_limits(headers))
-                        pacer.rate_limited(parse_retry_after(headers), sent_at=now)
+                        pacer.observe(parse_rate_limits(headers), sent_at)
+                        pacer.rate_limited(parse_retry_after(headers), sent_at=sent_at)
                         continue
                     await anyio.sleep(latency_s)
                     pacer.release(succeeded=True)
-                    pacer.observe(parse_rate_limits(headers))
+                    pacer.observe(parse_rate_limits(headers), sent_at)
                     break
 
         async def neighbour() -> None:
@@ -134,3 +146,33 @@ def test_a_litellm_style_limiter_sees_no_burst_at_window_starts() -> None:
         per_window[int(t // 60)] = per_window.get(int(t // 60), 0) + 1
     assert max(per_window.values()) <= 120
     assert traffic.elapsed <= 400 / 2 * 1.03 + 1
+
+
+@pytest.mark.parametrize("reading", [WINDOW_READING, LIMIT_READING], ids=["window", "limit"])
+def test_a_first_share_that_reaches_the_server_late_does_not_overrun_its_window(
+    reading: dict[str, object],
+) -> None:
+    """The first share is sent 50 ms before a window edge, but new connections take 70
+    ms to reach the server, so all of it counts in the next window. Sent a second after
+    the first, the second share would land in that same window; the resets the first
+    share's answers report place the edge, and the second share waits until after it."""
+    traffic = drive(
+        reading,
+        rows=1000,
+        rpm=6000,
+        latency_s=0.3,
+        concurrency=200,
+        start_phase=0.95,
+        cold=(100, 0.07),
+    )
+    assert traffic.rejected == []
+    assert 1000 / 100 / (traffic.elapsed - 0.3) >= 0.97
+
+
+def test_a_bucket_servers_resets_place_no_edges() -> None:
+    """A minute bucket's reset is its time until full: no window edge can be read from
+    it, and shares go a second apart as they would against any server."""
+    traffic = drive({"rpm": 6000, "tpm": None, "window": "bucket"}, rows=1000, rpm=6000)
+    assert traffic.rejected == []
+    sent = sorted(traffic.sent)
+    assert [round(t - sent[0], 6) for t in sent[::100]] == [float(i) for i in range(10)]

@@ -17,7 +17,7 @@ import anyio
 import pytest
 from virtual_clock import run_virtual
 
-from pipeline.ratelimit import BACKOFF_FACTOR, HEADROOM, Pacer
+from pipeline.ratelimit import BACKOFF_FACTOR, EDGE_AFTER_S, HEADROOM, Pacer, ServerWindows
 from pipeline.types import RateLimitInfo
 
 T = TypeVar("T")
@@ -584,3 +584,44 @@ def test_declared_limits_use_the_chosen_concurrency_from_the_start() -> None:
         return Pacer(9000, None, max_concurrency=200, initial_concurrency=200).window
 
     assert run_virtual(main) == 200
+
+
+# -- the server's window edges -------------------------------------------------------------
+
+
+def window_reports(
+    windows: ServerWindows, sent_at: float, edge: float, delays: list[float]
+) -> None:
+    """Reports from a server counting 9,000 a minute per one-second window ending at
+    `edge`, for requests sent at `sent_at` that reached it `delays` later."""
+    for used, delay in enumerate(delays, start=1):
+        windows.observe(sent_at, edge - (sent_at + delay), 150 - used, 9000)
+
+
+def test_window_resets_place_the_edges_from_the_least_delayed_report() -> None:
+    windows = ServerWindows()
+    window_reports(windows, 10.2, 11.0, [0.05, 0.002, 0.03])
+    assert windows.confirmed
+    assert windows.end == pytest.approx(10.998)
+    # A share about to start just before an edge waits until just after it.
+    assert windows.clear_of_edges(11.97) == pytest.approx(11.998 + EDGE_AFTER_S)
+    assert windows.clear_of_edges(11.5) == 11.5
+    # A request sent mid-window counts until that window ends.
+    assert windows.window_end(11.5) == pytest.approx(11.998 + EDGE_AFTER_S)
+
+
+def test_a_later_windows_reports_keep_the_edges_in_phase() -> None:
+    windows = ServerWindows()
+    window_reports(windows, 10.2, 11.0, [0.04, 0.05, 0.06])
+    window_reports(windows, 13.1, 14.0, [0.001])
+    assert windows.end == pytest.approx(13.999)
+
+
+def test_a_buckets_time_until_full_places_no_edge() -> None:
+    """6,000 a minute refilled continuously: 10 missing are full again in 0.1 s."""
+    windows = ServerWindows()
+    for missing in range(1, 20):
+        windows.observe(10.0, missing / 100, 6000 - missing, 6000)
+    assert not windows.confirmed
+    assert windows.clear_of_edges(10.95) == 10.95
+    assert windows.window_end(10.95) is None
