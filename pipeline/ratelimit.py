@@ -1,21 +1,25 @@
 """Pacing a run at the provider's limit and no faster.
 
-`Pacer` is shared by every worker. Before each attempt a worker reserves a start
-time for one request and its token estimate, then sleeps until that time; nothing
-polls. Once a limit is known, reservations keep every one-second interval within
-one second's share of the per-minute limit: a sliding log, so each second's share
-may go at once. One second is the finest interval the providers document enforcing a
-per-minute limit over (OpenAI quantizes 60,000 a minute as 1,000 a second; Anthropic
-enforces 60 a minute as 1 a second; Azure evaluates over 1 or 10 seconds), so no
-such server can tell this from even spacing, while the last second's requests leave
-at its start instead of over it. A token bucket would not do: a full minute's bucket
-emptied in the first second plus the steady rate is twice the allowed rate.
+`Pacer` is shared by every worker. Before each attempt a worker books a start time
+for one request and its token estimate, then sleeps until that time; nothing polls.
+Once a limit is known, bookings keep every one-second interval within one second's
+share of the per-minute limit (a sliding log), so each second's share may go at once.
+One second is the finest interval the providers document enforcing a per-minute
+limit over (OpenAI quantizes 60,000 a minute as 1,000 a second; Anthropic enforces 60
+a minute as 1 a second; Azure evaluates over 1 or 10 seconds), so no such server can
+tell this from even spacing, while the last second's requests leave at its start
+instead of over it. A token bucket would not do: a full minute's bucket emptied in
+the first second plus the steady rate is twice the allowed rate.
 
-A share sent at once must reach the server within one of its windows: where the
-server reports `reset` from a one-second window, its window edges are known and no
-share starts just before one (`ServerWindows`). A server that rejects a share sent at
-once enforces over a shorter interval: its first 429 turns the pool to even spacing
-(the generic cell rate algorithm, 1% under the limit) for the rest of the run.
+A share sent at once must reach the server within one of its windows. Where the
+server reports `reset` from a one-second window, the resets place its window edges
+(`ServerWindows`): no share starts just before an edge, and a booking counts only
+until its window ends, so each window is filled from its start. Bookings are made at
+most half a second ahead, so they use what the first answers tell. A server that
+rejects a share sent at once enforces over a shorter interval: its first 429 turns
+the pool to even spacing (the generic cell rate algorithm, 1% under the limit) for
+the rest of the run. Under two units a second, a share is one request, and requests
+are evenly spaced from the start.
 
 Limits come from the job, from the server's rate-limit headers (learned live,
 so a job that sets none still runs near its tier), and from 429s: the pool waits
@@ -51,7 +55,7 @@ EDGE_BEFORE_S = 0.05
 EDGE_AFTER_S = 0.08
 BOOKING_HORIZON_S = 0.5  # a share's start is booked no earlier than this before it
 PHASE_TOLERANCE_S = 0.03  # a reset this close to a bucket's time until full reads as one
-WINDOW_REPORTS = 3  # reports that read as a window's before its edges are trusted
+WINDOW_REPORTS = 1  # reports that read as a window's before its edges are trusted
 
 
 def refill_wait(
@@ -129,11 +133,12 @@ class Gate:
             at = max(at, until)
         return at
 
-    def book_backlog(self, since: float, amount: float) -> None:
-        """Count `amount` units already sent since `since` as if they had been paced."""
+    def book_backlog(self, since: float, amount: float, until: float | None = None) -> None:
+        """Count `amount` units already sent since `since` as if they had been paced
+        (`until`: when the server's window they all landed in ends, if known)."""
         self.backlog_booked = True
         if self._share() is not None:
-            self._hold(since, amount)
+            self._hold(since, amount, until)
             return
         rate = self.rate
         if rate is not None:
@@ -326,6 +331,7 @@ class Pacer(Turns):
         self.prompt_scale = 1.0
         # Sent while no limit was known, booked once one is learned (see `_learn`).
         self._unpaced_since: float | None = None
+        self._unpaced_last = 0.0
         self._unpaced_requests = 0.0
         self._unpaced_tokens = 0.0
         self._last_tokens = 1.0
@@ -340,6 +346,7 @@ class Pacer(Turns):
             self._sent_times.append(self._clock())
             if self._unpaced_since is None:
                 self._unpaced_since = self._clock()
+            self._unpaced_last = self._clock()
             self._unpaced_requests += 1
             self._unpaced_tokens += tokens
             return  # nothing to pace against (yet): no reservation needed
@@ -406,7 +413,7 @@ class Pacer(Turns):
         """
         if info is None:
             return
-        if sent_at is not None:
+        if sent_at is not None and info.reset_to_the_ms:
             if info.reset_requests_s is not None:
                 self.server_windows.observe(
                     sent_at, info.reset_requests_s, info.remaining_requests, info.limit_requests
@@ -439,7 +446,10 @@ class Pacer(Turns):
             # What went out before any limit was known counts against the same window:
             # book it (once), so a fixed-window limiter is not overrun at the end of the
             # first one.
-            gate.book_backlog(self._unpaced_since, unpaced)
+            window_end = self.server_windows.window_end(self._unpaced_since)
+            if window_end is not None and window_end - EDGE_AFTER_S <= self._unpaced_last:
+                window_end = None  # they went out over more than one window
+            gate.book_backlog(self._unpaced_since, unpaced, window_end)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
         """A 429: hold the whole pool as long as asked, and back off where no limit is known.

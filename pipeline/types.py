@@ -61,6 +61,9 @@ class RateLimitInfo:
     remaining_tokens: float | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
+    # False where the reset is a time of day to the second (Anthropic's): a window's
+    # edge cannot be read from it.
+    reset_to_the_ms: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ duplicated in test_scheduler.py; it could move to conftest.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -625,3 +626,16 @@ def test_a_buckets_time_until_full_places_no_edge() -> None:
     assert not windows.confirmed
     assert windows.clear_of_edges(10.95) == 10.95
     assert windows.window_end(10.95) is None
+
+
+def test_a_reset_given_as_a_time_of_day_places_no_edge() -> None:
+    """Anthropic's resets are times of day to the second: read against the answer's
+    arrival, they say nothing of where a window ends."""
+    pacer = Pacer(6000, None, max_concurrency=10)
+    info = RateLimitInfo(
+        limit_requests=6000, remaining_requests=10, reset_requests_s=0.4, reset_to_the_ms=False
+    )
+    pacer.observe(info, sent_at=5.0)
+    assert pacer.server_windows.end is None
+    pacer.observe(dataclasses.replace(info, reset_to_the_ms=True), sent_at=5.0)
+    assert pacer.server_windows.window_end(5.1) == pytest.approx(5.4 + EDGE_AFTER_S)

@@ -110,6 +110,7 @@ def parse_rate_limits(headers: Mapping[str, str], now: float | None = None) -> R
             remaining_tokens=_number(headers.get(f"{prefix}tokens-remaining")),
             reset_requests_s=reset("requests"),
             reset_tokens_s=reset("tokens"),
+            reset_to_the_ms=False,
         )
     # (dimension, scope) -> [limit, remaining, reset]
     found: dict[tuple[str, str], list[float | None]] = {}
