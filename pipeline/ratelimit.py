@@ -76,9 +76,11 @@ class Gate:
     """One paced dimension (requests or tokens), in units per second.
 
     With `share_s` > 0 and a known limit, a sliding log: the units started in any
-    interval of `share_s` stay within the limit's share of it (an amount larger than
-    a whole share holds it for as long as the limit takes to pay for it). Otherwise,
-    and always after `space_evenly`, the generic cell rate algorithm at `rate`.
+    interval of `share_s` stay within the limit's share of it, and units booked with
+    the end of the server's window that holds them count only until then (an amount
+    larger than a whole share holds it for as long as the limit takes to pay for it).
+    Otherwise, and always after `space_evenly`, the generic cell rate algorithm at
+    `rate`.
     """
 
     def __init__(self, per_minute: float | None, *, share_s: float = 0.0) -> None:
@@ -179,8 +181,8 @@ class Gate:
         if not held:
             self._held_units = 0.0
         units = min(amount, limit * self.share_s)
-        # Every entry is held for `share_s`, so the log stays in order of expiry; more
-        # than a whole share also keeps the next start back until the limit has paid.
+        # Kept in order of expiry. More than a whole share also keeps the next start back
+        # until the limit has paid for it.
         bisect.insort(self._held, (min(until or math.inf, start + self.share_s), units))
         self._held_units += units
         if amount > units:
@@ -215,12 +217,10 @@ class ServerWindows:
             return  # reads as a bucket refilling: no edge in it
         self.reports += 1
         end = sent_at + reset_s
-        if self.end is None or end - self.end >= SHARE_S / 2:
-            self.end = (
-                end
-                if self.end is None
-                else max(end, self.end + round((end - self.end) / SHARE_S) * SHARE_S)
-            )
+        if self.end is None:
+            self.end = end
+        elif end - self.end >= SHARE_S / 2:  # a later window: keep the best phase seen
+            self.end = max(end, self.end + round((end - self.end) / SHARE_S) * SHARE_S)
         else:
             self.end = max(self.end, end)
 
