@@ -176,3 +176,13 @@ def test_a_bucket_servers_resets_place_no_edges() -> None:
     assert traffic.rejected == []
     sent = sorted(traffic.sent)
     assert [round(t - sent[0], 6) for t in sent[::100]] == [float(i) for i in range(10)]
+
+
+@pytest.mark.parametrize("report_window", [True, False], ids=["window", "limit"])
+def test_a_token_bound_per_second_server_runs_at_its_limit(report_window: bool) -> None:
+    """60,000 tokens a minute enforced as 1,000 a second, 100 tokens a request: ten
+    requests a second, each second's ten sent at once."""
+    limiter = {"rpm": None, "tpm": 60_000, "window": "second", "report_window": report_window}
+    traffic = drive(limiter, rows=300, tpm=60_000, server_cost=100, estimate=100, latency_s=0.3)
+    assert traffic.rejected == []
+    assert 300 / 10 / (traffic.elapsed - 0.3) >= 0.97
