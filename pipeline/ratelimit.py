@@ -227,18 +227,20 @@ class ServerWindows:
     def window_end(self, start: float) -> float | None:
         """When the server's window that a request sent at `start` lands in ends (a
         little after the edge, as it is seen early), if the edges are known."""
-        if not self.confirmed or self.end is None:
-            return None
-        return self.end + (math.floor((start - self.end) / SHARE_S) + 1) * SHARE_S + EDGE_AFTER_S
+        edge = self._first_edge_after(start)
+        return None if edge is None else edge + EDGE_AFTER_S
 
     def clear_of_edges(self, start: float) -> float:
         """`start`, or just after the next edge when `start` is too close before it."""
-        if not self.confirmed or self.end is None:
-            return start
-        edge = self.end + (math.floor((start - EDGE_AFTER_S - self.end) / SHARE_S) + 1) * SHARE_S
-        if edge - EDGE_BEFORE_S <= start < edge + EDGE_AFTER_S:
+        edge = self._first_edge_after(start - EDGE_AFTER_S)
+        if edge is not None and edge - EDGE_BEFORE_S <= start < edge + EDGE_AFTER_S:
             return edge + EDGE_AFTER_S
         return start
+
+    def _first_edge_after(self, time: float) -> float | None:
+        if not self.confirmed or self.end is None:
+            return None
+        return self.end + (math.floor((time - self.end) / SHARE_S) + 1) * SHARE_S
 
 
 @dataclass
