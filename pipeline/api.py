@@ -25,14 +25,11 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.embedded import simulator_for
 from pipeline.errors import PipelineError, RunCrashed, SpecError
+from pipeline.executor import Cluster, execute_async
+from pipeline.job import ResolvedJob, RunDir
 from pipeline.output import scan_output
-from pipeline.runner import (
-    PreparedJob,
-    RunOptions,
-    RunSummary,
-    execute_async,
-    prepare,
-)
+from pipeline.resolve import resolve_job
+from pipeline.runs import RunOptions, RunSummary
 from pipeline.spec import JobSpec, load_spec, parse_spec
 from pipeline.types import RowResult
 
@@ -139,11 +136,10 @@ async def arun(
     _notebook: bool = True,
 ) -> pl.DataFrame:
     """`run` for code that already has an event loop (Jupyter, async applications)."""
-    cluster = ray or ray_address is not None or ray_workers is not None
-    if cluster:
-        from pipeline.cluster import require_ray
-
-        require_ray(local=ray_address is None)
+    wants_cluster = ray or ray_address is not None or ray_workers is not None
+    cluster = Cluster(ray_address, ray_workers) if wants_cluster else None
+    if cluster is not None:
+        cluster.require_ray()
         if on_result is not None:
             raise SpecError("on_result is called by local runs only; drop it or ray=")
     prepared = await anyio.to_thread.run_sync(lambda: _prepare(job, data, output, limit))
@@ -156,7 +152,7 @@ async def arun(
     )
     try:
         with simulator_for(prepared) as served:
-            summary = await _run(served, options, cluster, ray_address, ray_workers)
+            summary = await execute_async(served, options, cluster)
     except RunCrashed as exc:
         message = f"the run stopped on an unexpected error: {exc}; finished rows are kept"
         raise RunFailed(message, None) from exc.__cause__
@@ -171,24 +167,9 @@ async def arun(
     return await anyio.to_thread.run_sync(lambda: scan_output(output).collect())
 
 
-async def _run(
-    job: PreparedJob,
-    options: RunOptions,
-    cluster: bool,
-    ray_address: str | None,
-    ray_workers: int | None,
-) -> RunSummary:
-    if not cluster:
-        return await execute_async(job, options)
-    from pipeline.cluster import ClusterOptions, run_on_ray
-
-    cluster_options = ClusterOptions(ray_address, ray_workers)
-    return await anyio.to_thread.run_sync(lambda: run_on_ray(job, options, cluster_options))
-
-
 def _prepare(
     job: Job, data: DataLike | None, output: str | Path | None, limit: int | None
-) -> PreparedJob:
+) -> ResolvedJob:
     spec = job.spec
     target = str(output) if output else str(spec.output.path or spec.output_path)
     output_path = storage.local_stage(target) if storage.is_remote(target) else Path(target)
@@ -197,7 +178,7 @@ def _prepare(
     if data is not None:
         source = _stage(data, output_path)
         spec = spec.model_copy(update={"input": spec.input.model_copy(update={"path": source})})
-    return prepare(spec, output=target, limit=limit)
+    return resolve_job(spec, output=target, limit=limit)
 
 
 def _stage(data: DataLike, output_path: Path) -> str:
@@ -205,16 +186,16 @@ def _stage(data: DataLike, output_path: Path) -> str:
     if isinstance(data, str | Path):
         return str(data)
     frame = _to_polars(data)
-    run_dir = output_path.with_name(f"{output_path.name}.run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "input.parquet"
+    run_dir = RunDir.beside(output_path)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    path = run_dir.staged_input
     frame.write_parquet(path)
     # Keep the staged copy's modification time stable when the data is unchanged, so a
     # rerun on the same data can recognise its finished output.
     digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-    marker = run_dir / f"input.{digest}.parquet"
+    marker = path.with_name(f"input.{digest}.parquet")
     if not marker.exists():
-        for old in run_dir.glob("input.*.parquet"):
+        for old in run_dir.path.glob("input.*.parquet"):
             old.unlink()
         path.replace(marker)
     else:

@@ -80,6 +80,18 @@ class Totals:
     priced_rows: int = 0  # rows with a known cost
     unpriced_rows: int = 0  # rows answered (so paid for) at an unknown price
 
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(
+            self.rows + other.rows,
+            self.failed + other.failed,
+            self.prompt_tokens + other.prompt_tokens,
+            self.output_tokens + other.output_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+            self.cost_usd + other.cost_usd,
+            self.priced_rows + other.priced_rows,
+            self.unpriced_rows + other.unpriced_rows,
+        )
+
     @property
     def cost_known(self) -> bool:
         """False when answered rows exist and not one has a known cost."""
@@ -255,12 +267,58 @@ class Checkpoint:
         ).fetchone()
         return int(row[0]), row[1]
 
-    def totals(self) -> Totals:
+    def adopt(self, other: Path) -> int:
+        """Copy in the results another run of the same job recorded (a `--limit` run's,
+        or the full run's for a `--limit` run) for rows this one has no result for; each
+        keeps its request hash, so it is reused only while the request is unchanged."""
+        if not other.exists() or other.resolve() == self.path.resolve():
+            return 0
+        names = ", ".join(("row_key", "request_hash", *_STORED_NAMES, "finished_at"))
+        with self._writer:
+            self._writer.execute("ATTACH DATABASE ? AS other", (str(other),))
+        try:
+            since = self._writer.execute(
+                "SELECT value FROM other.meta WHERE name = 'fresh_since'"
+            ).fetchone()
+            with self._writer:
+                cursor = self._writer.execute(
+                    f"INSERT OR REPLACE INTO main.results ({names}) SELECT {names} "
+                    "FROM other.results AS o WHERE o.finished_at >= ? AND o.finished_at >= ? "
+                    "AND NOT EXISTS (SELECT 1 FROM main.results AS m "
+                    "WHERE m.row_key = o.row_key AND m.finished_at >= ?)",
+                    (float(since[0]) if since else 0.0, self.since, self.since),
+                )
+                return cursor.rowcount
+        finally:
+            self._writer.execute("DETACH DATABASE other")
+
+    def copy_to(self, path: Path) -> None:
+        """A consistent copy of the database at `path` (SQLite's online backup)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copy = sqlite3.connect(path)
+        try:
+            self._reader.backup(copy)
+        finally:
+            copy.close()
+
+    def totals(self, beyond: Checkpoint | None = None) -> Totals:
+        """Rows, tokens and cost recorded; with `beyond`, only of rows it has no result for."""
+        where = "WHERE finished_at >= ?"
+        if beyond is not None:
+            keys = self._reader.execute(
+                "SELECT row_key FROM results WHERE finished_at >= ?", (self.since,)
+            ).fetchall()
+            found = beyond.finished([key for (key,) in keys])
+            self._reader.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS beyond (row_key TEXT PRIMARY KEY)"
+            )
+            self._reader.execute("DELETE FROM temp.beyond")
+            self._reader.executemany("INSERT INTO temp.beyond VALUES (?)", [(k,) for k in found])
+            where += " AND row_key NOT IN (SELECT row_key FROM temp.beyond)"
         row = self._reader.execute(
             "SELECT count(*), count(error), total(prompt_tokens), "
             "total(completion_tokens), total(reasoning_tokens), total(cost_usd), count(cost_usd), "
-            "total(cost_usd IS NULL AND response IS NOT NULL) FROM results "
-            "WHERE finished_at >= ?",
+            f"total(cost_usd IS NULL AND response IS NOT NULL) FROM results {where}",
             (self.since,),
         ).fetchone()
         rows, failed, prompt, output, reasoning, cost, priced, unpriced = row

@@ -1,4 +1,5 @@
-"""The command line: arguments in, exit codes out. All the work happens in runner."""
+"""The command line: arguments in, exit codes out. The work happens behind `resolve`
+and `executor`."""
 
 from __future__ import annotations
 
@@ -16,16 +17,12 @@ if TYPE_CHECKING:
 
 from pipeline.embedded import simulator_for
 from pipeline.errors import PipelineError, RunCrashed, SpecError
+from pipeline.executor import Cluster, executor_for
+from pipeline.job import ResolvedJob
 from pipeline.plan import template_failures
-from pipeline.runner import (
-    PreparedJob,
-    RunEnd,
-    RunOptions,
-    RunSummary,
-    Status,
-    execute,
-    prepare,
-)
+from pipeline.resolve import resolve_job
+from pipeline.results import Status
+from pipeline.runs import RunEnd, RunOptions, RunSummary
 
 EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
 EXIT_CODES = {
@@ -111,7 +108,7 @@ def _reopen_closed_std_streams() -> None:
 def validate(job: Path) -> None:
     """Check JOB (spec, input, templates, output, key) without sending anything."""
     try:
-        prepared = prepare(job)
+        prepared = resolve_job(job)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     failures = template_failures(prepared.table, prepared.renderer, prepared.limit)
@@ -132,7 +129,7 @@ def validate(job: Path) -> None:
     _warn_empty_prompts(prepared)
 
 
-def _warn_empty_prompts(prepared: PreparedJob) -> None:
+def _warn_empty_prompts(prepared: ResolvedJob) -> None:
     from pipeline.plan import empty_prompt_rows
 
     count, examples = empty_prompt_rows(prepared.table, prepared.renderer, prepared.limit)
@@ -211,25 +208,15 @@ def run(
     A batch job (--batch or model.batch) resumes its submitted batches instead of
     sending them again.
     """
-    cluster = use_ray or ray_address is not None or ray_workers is not None
+    wants_cluster = use_ray or ray_address is not None or ray_workers is not None
+    cluster = Cluster(ray_address, ray_workers) if wants_cluster else None
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
         f" --output {shlex.quote(str(output))}" if output else ""
     )
     try:
-        if cluster:
-            from pipeline.cluster import require_ray
-
-            require_ray(local=ray_address is None)
-        prepared = prepare(job, output=output, limit=limit, batch=batch)
-        if detach and not prepared.spec.model.batch:
-            raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")
-        if cluster and prepared.spec.model.batch:
-            raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")
-    except SpecError as exc:
-        _fail(str(exc), EXIT_INVALID)
-    except Exception as exc:  # the last line of defence, before anything was sent
-        _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
-    try:
+        if cluster is not None:
+            cluster.require_ray()
+        prepared = resolve_job(job, output=output, limit=limit, batch=batch)
         options = RunOptions(
             handle_signals=True,
             show_progress=not quiet,
@@ -238,13 +225,14 @@ def run(
             detach=detach,
             command=shlex.join(["pipeline", *sys.argv[1:]]),
         )
+        executor = executor_for(prepared, options, cluster)
+    except SpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except Exception as exc:  # the last line of defence, before anything was sent
+        _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
+    try:
         with simulator_for(prepared) as served:
-            if cluster:
-                from pipeline.cluster import ClusterOptions, run_on_ray
-
-                summary = run_on_ray(served, options, ClusterOptions(ray_address, ray_workers))
-            else:
-                summary = execute(served, options)
+            summary = executor.run(served, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     except RunCrashed as exc:
@@ -358,7 +346,7 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
 def status_command(job: Path, output: Path | None) -> None:
     """Show progress of JOB from its checkpoint: done, failed, pending, tokens, cost, ETA."""
     try:
-        prepared = prepare(job, output=output, read_key=False)
+        prepared = resolve_job(job, output=output, read_key=False)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
     from pipeline.cluster.status import job_status
@@ -442,7 +430,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _batch_lines(prepared: PreparedJob) -> list[str]:
+def _batch_lines(prepared: ResolvedJob) -> list[str]:
     """One line per batch of the job, as last seen by a run or a cancel."""
     from pipeline.batch.engine import batch_chunks
 
@@ -469,7 +457,7 @@ def cancel(job: Path, output: Path | None) -> None:
     from pipeline.batch.engine import cancel_batches
 
     try:
-        prepared = prepare(job, output=output)
+        prepared = resolve_job(job, output=output)
         cancelled = anyio.run(cancel_batches, prepared)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
@@ -493,7 +481,7 @@ def export(job: Path, output: Path | None, destination: Path | None) -> None:
     from pipeline.cluster.status import export_job
 
     try:
-        prepared = prepare(job, output=output, read_key=False)
+        prepared = resolve_job(job, output=output, read_key=False)
         target = destination or prepared.output_path.with_suffix(".partial.parquet")
         rows = export_job(prepared, target)
     except SpecError as exc:
@@ -599,7 +587,7 @@ def estimate(job: Path, sample: int, limit: int | None) -> None:
     from pipeline.estimate import estimate as make_estimate
 
     try:
-        prepared = prepare(job, limit=limit, read_key=True if sample else "if_set")
+        prepared = resolve_job(job, limit=limit, read_key=True if sample else "if_set")
         with simulator_for(prepared) as served:
             report = anyio.run(lambda: make_estimate(served, sample=sample))
     except SpecError as exc:
@@ -655,7 +643,7 @@ def models(provider_name: str, base_url: str | None, api_key_env: str | None) ->
     import anyio
 
     from pipeline.config import resolve_provider
-    from pipeline.runner import open_provider
+    from pipeline.connect import open_provider
     from pipeline.spec import ModelSpec
 
     fields: dict[str, object] = {"provider": provider_name, "model": "-", "base_url": base_url}

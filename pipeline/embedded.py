@@ -2,7 +2,7 @@
 
 A preset with `embedded_simulator` (`configs/providers/simulator.yaml`) names no server:
 the command or Python call that starts the run starts a simulator in this process on a
-free loopback port and points the job at it. Everything past that edge (the runner,
+free loopback port and points the job at it. Everything past that edge (the executors,
 the batch engine, cluster workers, estimates) sees an ordinary provider with a base
 URL, so none of it imports the simulator.
 """
@@ -13,11 +13,11 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pipeline.runner import PreparedJob
+from pipeline.job import ResolvedJob
 
 
 @contextmanager
-def simulator_for(job: PreparedJob) -> Iterator[PreparedJob]:
+def simulator_for(job: ResolvedJob) -> Iterator[ResolvedJob]:
     """`job` pointed at an in-process simulator while the block runs, when its preset
     asks for one and the job names no `model.base_url`; otherwise `job` unchanged."""
     settings = job.settings

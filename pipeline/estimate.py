@@ -18,11 +18,14 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.config import Price
+from pipeline.connect import open_provider
 from pipeline.errors import ProviderError
+from pipeline.executor import execute_async
+from pipeline.job import ResolvedJob
 from pipeline.plan import max_reply_tokens, rendered_rows
 from pipeline.providers.base import Provider
 from pipeline.render import estimate_prompt_tokens
-from pipeline.runner import PreparedJob, RunOptions, execute_async, open_provider
+from pipeline.runs import RunOptions
 from pipeline.types import Message, RowResult, Usage
 
 CALIBRATION_ROWS = 100
@@ -51,7 +54,7 @@ class Estimate:
     wall_basis: str = ""
 
 
-async def estimate(job: PreparedJob, *, sample: int = 0) -> Estimate:
+async def estimate(job: ResolvedJob, *, sample: int = 0) -> Estimate:
     local: list[int] = []
     first: list[list[Message]] = []
     for messages in rendered_rows(job.table, job.renderer, job.limit):
@@ -102,7 +105,7 @@ async def _count(provider: Provider, rows: list[list[Message]]) -> list[int] | N
     return counts
 
 
-async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
+async def _measure(job: ResolvedJob, sample: int, result: Estimate) -> None:
     answered: list[RowResult] = []
     options = RunOptions(show_progress=False, write_output=False, on_result=answered.append)
     sampled = dataclasses.replace(job, limit=min(sample, result.rows), rows=min(sample, job.rows))
@@ -128,7 +131,7 @@ async def _measure(job: PreparedJob, sample: int, result: Estimate) -> None:
     result.cached_share = sum(u.cached_tokens for u in usages) / prompt if prompt else 0.0
 
 
-def _price(job: PreparedJob, result: Estimate) -> None:
+def _price(job: ResolvedJob, result: Estimate) -> None:
     result.cost_input, result.cost_expected, result.cost_worst = _costs(job.settings.price, result)
     if job.settings.preset.batch_api is not None:
         costs = _costs(job.settings.batch_price, result)
@@ -157,7 +160,7 @@ def _costs(
     return cost(0), expected, cost(result.max_output_per_row)
 
 
-def _time(job: PreparedJob, result: Estimate) -> None:
+def _time(job: ResolvedJob, result: Estimate) -> None:
     limits = job.spec.limits
     bounds: list[tuple[float, str]] = []
     if limits.requests_per_minute:

@@ -13,6 +13,9 @@ import resource
 # Descriptors kept for everything that is not a connection: stdio, the checkpoint
 # (two connections, WAL, shm), the run log, the input, the lock, the event loop.
 RESERVED_FILES = 64
+# A pool the user gave no cap starts small and grows up to this, whatever runs it.
+ADAPTIVE_MAX_CONCURRENCY = 256
+ADAPTIVE_START_CONCURRENCY = 16
 
 
 def raise_open_file_limit() -> int:

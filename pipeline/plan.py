@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 import pyarrow as pa
 
-from pipeline.checkpoint import Checkpoint, Finished
+from pipeline.checkpoint import Finished
 from pipeline.inputs import InputTable, row_keys
 from pipeline.render import (
     PromptRenderer,
@@ -28,11 +28,20 @@ SKIPPED = "skipped"  # finish_reason of a row not sent because its prompt is emp
 _SKIPPED_HASH = ":" + SKIPPED
 
 
+class ResultLookup(Protocol):
+    """What planning needs of recorded results: a job's checkpoint, or the segments a
+    cluster's shards committed."""
+
+    def finished(self, keys: list[str]) -> dict[str, Finished]:
+        """The recorded result of each of `keys` that has one."""
+        ...
+
+
 @dataclass
 class WorkPlan:
     table: InputTable
     renderer: PromptRenderer
-    checkpoint: Checkpoint
+    checkpoint: ResultLookup
     model: str
     params: dict[str, Any]
     limit: int | None = None

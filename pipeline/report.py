@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.columns import RESULT_NAMES
+from pipeline.job import RunDir
 from pipeline.output import scan_output
 from pipeline.runlog import read_events
 
@@ -71,12 +72,13 @@ def locate(target: Path) -> Iterator[Target]:
     if target.suffix.lower() == ".parquet":
         if not target.is_file():
             raise FileNotFoundError(f"{target} does not exist")
-        beside = target.with_name(f"{target.name}.run") / "events.jsonl"
+        beside = RunDir.beside(target).log
         yield Target(target.stem, target, beside if beside.exists() else None, None)
         return
-    from pipeline.runner import export_partial, prepare
+    from pipeline.resolve import resolve_job
+    from pipeline.results import export_partial
 
-    job = prepare(target, read_key=False)
+    job = resolve_job(target, read_key=False)
     log = job.log_path if job.log_path.exists() else None
     found = Target(
         job.spec.name,

@@ -17,7 +17,8 @@ from test_resume import billed_usd, settle
 
 from pipeline.checkpoint import Journal
 from pipeline.columns import RESULT_NAMES
-from pipeline.runner import RunEnd, RunOptions, prepare
+from pipeline.resolve import resolve_job as prepare
+from pipeline.runs import RunEnd, RunOptions
 from pipeline.simulator import RunningSimulator, expected_response
 
 MODEL = "x-ai-grok-3-mini"

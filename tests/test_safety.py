@@ -405,7 +405,9 @@ def test_a_full_disk_during_the_final_write_exits_3_and_the_rerun_pays_nothing(
     import errno
 
     from pipeline import output
-    from pipeline.runner import RunEnd, RunOptions, execute, prepare
+    from pipeline.executor import execute
+    from pipeline.resolve import resolve_job as prepare
+    from pipeline.runs import RunEnd, RunOptions
 
     data = reviews(30)
     data.write_csv(tmp_path / "reviews.csv")

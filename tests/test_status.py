@@ -26,8 +26,8 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
             proc.communicate()
 
 
-def recorded(workdir: Path) -> int:
-    path = workdir / "out" / "result.parquet.run" / "checkpoint.sqlite"
+def recorded(workdir: Path, output: str = "result.parquet") -> int:
+    path = workdir / "out" / f"{output}.run" / "checkpoint.sqlite"
     if not path.exists():
         return 0
     checkpoint = Checkpoint(path)
@@ -62,7 +62,7 @@ def test_status_during_a_limited_run_counts_that_run_and_says_it_is_active(
     proc = start_cli("run", str(job), "--quiet", "--limit", "60", cwd=tmp_path)
     started.append(proc)
     deadline = time.monotonic() + 30
-    while recorded(tmp_path) < 4:
+    while recorded(tmp_path, "result.first-60.parquet") < 4:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
 

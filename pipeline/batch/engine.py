@@ -24,12 +24,13 @@ from typing import TypeVar
 
 import anyio
 
-from pipeline import storage
+from pipeline.assemble import assemble_output
 from pipeline.batch.apis import CANCELED, EXPIRED, BatchApi, BatchState, ResultLine, make_api
 from pipeline.batch.planner import plan_chunks
 from pipeline.batch.store import BatchStore, Chunk, Item, read_chunks
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
+from pipeline.connect import Connection, open_connection
 from pipeline.counters import RunCounters
 from pipeline.errors import (
     JobFatalError,
@@ -39,13 +40,14 @@ from pipeline.errors import (
     SpecError,
     TransportError,
 )
-from pipeline.output import count_failed, write_output
-from pipeline.plan import WorkPlan
+from pipeline.job import ResolvedJob
+from pipeline.output import count_failed
 from pipeline.progress import Progress
 from pipeline.providers import Provider
+from pipeline.record import open_record
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
-from pipeline.runner import Connection, PreparedJob, RunEnd, RunOptions, RunSummary, open_connection
+from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import Outcome
 from pipeline.types import Completion, RowResult
 
@@ -87,18 +89,18 @@ class _Tally:
     live: dict[int, int] = field(default_factory=dict)  # chunk id -> answered so far
 
 
-async def run_batch(job: PreparedJob, options: RunOptions) -> RunSummary:
+async def run_batch(job: ResolvedJob, options: RunOptions) -> RunSummary:
     """Run a prepared job through the batch API (see the module docstring)."""
     started = time.monotonic()
     with ExitStack() as stack:
         settings = dataclasses.replace(job.settings, stream=False)
-        checkpoint = Checkpoint(job.checkpoint_path)
+        checkpoint, notes = open_record(job, fresh=options.fresh)
         stack.callback(checkpoint.close)
-        if options.fresh:
-            checkpoint.start_fresh()
         store = BatchStore(job.checkpoint_path)
         stack.callback(store.close)
         progress = Progress(job.rows, enabled=options.show_progress, notebook=options.notebook)
+        for note in notes:
+            progress.note(note)
         stack.callback(progress.close)
         log = RunLog(job.log_path, secrets=(settings.api_key or "",))
         timeout = max(job.spec.limits.timeout_s, TRANSFER_TIMEOUT_S)
@@ -113,7 +115,7 @@ async def run_batch(job: PreparedJob, options: RunOptions) -> RunSummary:
 class _BatchRun:
     def __init__(
         self,
-        job: PreparedJob,
+        job: ResolvedJob,
         settings: ProviderSettings,
         options: RunOptions,
         connection: Connection,
@@ -186,17 +188,8 @@ class _BatchRun:
     async def plan_round(self, *, retry_failed: bool) -> int:
         """Plan every row still without a result into chunks and submit them."""
         job = self.job
-        plan = WorkPlan(
-            job.table,
-            job.renderer,
-            self.checkpoint,
-            self.settings.model,
-            self.settings.params,
-            job.limit,
-            retry_failed=retry_failed,
-            request_extra=job.request_extra,
-        )
-        folder = job.run_dir / "batches"
+        plan = job.plan(self.checkpoint, retry_failed=retry_failed)
+        folder = job.run_dir.batches
         count = 0
         pieces = plan_chunks(
             plan.requests(),
@@ -482,27 +475,7 @@ class _BatchRun:
         elif not self.options.write_output:
             end = RunEnd.ROWS_FAILED if self.counters.rows_failed else RunEnd.ALL_OK
         else:
-            # Attach only answers to each row's current request (keyed by it without an id).
-            hasher = WorkPlan(
-                job.table,
-                job.renderer,
-                self.checkpoint,
-                self.settings.model,
-                self.settings.params,
-                job.limit,
-                request_extra=job.request_extra,
-            )
-            write_output(
-                job.table,
-                self.checkpoint,
-                job.output_path,
-                job.limit,
-                layout=job.layout,
-                hashes=hasher.hashes_for,
-            )
-            if job.output_uri is not None:
-                storage.upload(job.output_path, job.output_uri)
-            output_path = job.output_path
+            output_path = assemble_output(job, self.checkpoint)
             end = RunEnd.ROWS_FAILED if count_failed(output_path) else RunEnd.ALL_OK
         outcome.retries = self.tally.retried
         self.counters.requests_sent = self.sent  # requests put into batches this run
@@ -553,14 +526,14 @@ def _path(chunk: Chunk) -> Path:
 # --- outside a run: status and cancel ---------------------------------------------------
 
 
-def batch_chunks(job: PreparedJob) -> list[Chunk]:
+def batch_chunks(job: ResolvedJob) -> list[Chunk]:
     """Every batch of the job as last seen (empty before its first batch run)."""
     if not job.checkpoint_path.exists():
         return []
     return read_chunks(job.checkpoint_path)
 
 
-async def cancel_batches(job: PreparedJob) -> list[tuple[Chunk, BatchState]]:
+async def cancel_batches(job: ResolvedJob) -> list[tuple[Chunk, BatchState]]:
     """Ask the provider to cancel every open batch of the job."""
     if not job.checkpoint_path.exists():
         return []

@@ -30,25 +30,18 @@ from pipeline import storage
 from pipeline.checkpoint import Totals
 from pipeline.cluster.budget import Allowances
 from pipeline.cluster.limiter import ClusterLimiter, ClusterProgress
-from pipeline.cluster.segments import ShardStore, StateRoot
+from pipeline.cluster.segments import ShardResults, ShardStore, StateRoot
 from pipeline.cluster.shards import Shard, dump, load, plan_shards
 from pipeline.cluster.worker import ShardOutcome, ShardTask, run_shard
 from pipeline.counters import RunCounters
 from pipeline.errors import SpecError
-from pipeline.inputs import row_keys
+from pipeline.job import ResolvedJob
+from pipeline.oslimits import ADAPTIVE_MAX_CONCURRENCY, ADAPTIVE_START_CONCURRENCY
 from pipeline.output import READ_BATCH_ROWS, join_results
 from pipeline.progress import Progress
 from pipeline.runlock import RunLock
-from pipeline.runner import (
-    ADAPTIVE_MAX_CONCURRENCY,
-    ADAPTIVE_START_CONCURRENCY,
-    PreparedJob,
-    RunEnd,
-    RunOptions,
-    RunSummary,
-)
+from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import Outcome
-from pipeline.spec import JobSpec
 
 INSTALL_HINT = "pip install 'pipeline[ray]'"
 SHARD_RETRIES = 3  # a shard whose worker dies is run again, from its committed rows
@@ -98,12 +91,7 @@ class ClusterOptions:
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def state_location(job: PreparedJob) -> str:
-    """Where shards commit: beside the output, where every node can read it."""
-    return job.output_location.rstrip("/") + ".cluster"
-
-
-def output_is_folder(job: PreparedJob) -> bool:
+def output_is_folder(job: ResolvedJob) -> bool:
     return job.output_location.endswith("/")
 
 
@@ -124,17 +112,16 @@ def connect(ray: ModuleType, cluster: ClusterOptions) -> int:
 
 
 def run_on_ray(
-    job: PreparedJob, options: RunOptions, cluster: ClusterOptions | None = None
+    job: ResolvedJob, options: RunOptions, cluster: ClusterOptions | None = None
 ) -> RunSummary:
     """Run a prepared job sharded over a Ray cluster and write its output."""
     ray = require_ray(local=(cluster or ClusterOptions()).address is None)
     started = time.monotonic()
     with ExitStack() as stack:
         # One run per job, as on one machine: a second driver (or a local run) exits 2.
-        stack.enter_context(RunLock(job.run_dir))
-        settings = job.settings
+        stack.enter_context(RunLock(job.run_dir.path))
         workers = connect(ray, cluster or ClusterOptions())
-        root = StateRoot(state_location(job))
+        root = StateRoot(job.cluster_state)
         if options.fresh:
             root.remove_all()
         shards, layout_id = _shards(root, job, workers)
@@ -157,16 +144,14 @@ def run_on_ray(
         stack.callback(ray.kill, limiter)  # one per run: a notebook's driver lives on
         share = max(1, math.ceil(cap / max(1, min(workers, len(shards)))))
         environment = {k: os.environ[k] for k in STORAGE_ENVIRONMENT if k in os.environ}
-        spec = _absolute_input(job)
+        sent_job = job.for_another_process()
         task = ray.remote(run_shard).options(num_cpus=1, max_retries=SHARD_RETRIES)
         pending = {
             task.remote(
                 ShardTask(
-                    spec,
-                    settings,
+                    sent_job,
                     shard,
                     root.location,
-                    job.limit,
                     options.retry_failed,
                     share,
                     environment,
@@ -198,18 +183,7 @@ def mark_driver(root: StateRoot, *, active: bool) -> None:
     root.write_bytes(root.join(DRIVER_MARK), orjson.dumps(mark))
 
 
-def _absolute_input(job: PreparedJob) -> JobSpec:
-    """The spec with a local input path made absolute: workers run in other folders."""
-    path = job.spec.input.path
-    if storage.is_remote(path):
-        return job.spec
-    absolute = str(Path(path).absolute())
-    return job.spec.model_copy(
-        update={"input": job.spec.input.model_copy(update={"path": absolute})}
-    )
-
-
-def _budget(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> Allowances | None:
+def _budget(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> Allowances | None:
     """The job's spending limits for the limiter, counting what earlier runs spent."""
     limits = job.spec.limits
     if limits.max_cost_usd is None and limits.max_tokens_total is None:
@@ -231,7 +205,7 @@ def committed_totals(root: StateRoot, shards: list[Shard]) -> Totals:
     return totals
 
 
-def _shards(root: StateRoot, job: PreparedJob, workers: int) -> tuple[list[Shard], str]:
+def _shards(root: StateRoot, job: ResolvedJob, workers: int) -> tuple[list[Shard], str]:
     """The saved layout (and its id) when the input is the same, else a new one (saved)."""
     manifest = root.join("shards.json")
     saved = root.read_bytes(manifest)
@@ -302,7 +276,7 @@ def _show(progress: Progress, cluster: ClusterProgress) -> None:
 
 
 def _finish(
-    job: PreparedJob,
+    job: ResolvedJob,
     root: StateRoot,
     shards: list[Shard],
     outcomes: list[ShardOutcome],
@@ -361,7 +335,7 @@ def _finish(
     )
 
 
-def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
+def assemble(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
     """Write the output from the segments, in input order; returns totals and failed rows.
 
     One Parquet file, or one part file per shard when the output path ends with `/`.
@@ -385,7 +359,7 @@ def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[To
         offset = shard.start
         part_writer: pq.ParquetWriter | None = None
         for batch in job.table.batches(READ_BATCH_ROWS, job.limit, shard.start, shard.stop):
-            keys = _keys(job, batch, offset)
+            keys = _keys(job, batch, offset, results)
             offset += batch.height
             joined = join_results(batch.to_arrow(), keys, results, job.layout)  # type: ignore[arg-type]
             errors = joined.column("error")
@@ -411,17 +385,12 @@ def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[To
     return totals, failed
 
 
-def _keys(job: PreparedJob, batch: pl.DataFrame, offset: int) -> list[str]:
+def _keys(job: ResolvedJob, batch: pl.DataFrame, offset: int, results: ShardResults) -> list[str]:
     """The keys the shards recorded rows under: the id, else the request hash."""
-    if job.table.id_column is not None:
-        return row_keys(batch, offset, job.table.id_column)
-    digest = job.renderer.request_hasher(job.settings.model, job.settings.params, job.request_extra)
-    variables = list(job.renderer.variables)
-    rows = batch.select(variables).rows() if variables else [()] * batch.height
-    return [digest(values) for values in rows]
+    return job.keys_for(batch, offset, results)
 
 
-def _publish(job: PreparedJob, local: Path, part: str | None) -> None:
+def _publish(job: ResolvedJob, local: Path, part: str | None) -> None:
     if job.output_uri is None:
         return
     uri = job.output_uri + part if part else job.output_uri
@@ -441,7 +410,7 @@ def _add(a: Totals, b: Totals) -> Totals:
     )
 
 
-def write_run_log(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> None:
+def write_run_log(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> None:
     """One run log for the whole cluster, in time order, where a local run keeps it."""
     lines = [line for s in shards for line in ShardStore(root, s.index).log_lines() if line]
     lines.sort(key=_time_of)

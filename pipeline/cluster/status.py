@@ -17,19 +17,20 @@ from typing import cast
 import orjson
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.cluster.driver import DRIVER_MARK, state_location
+from pipeline.cluster.driver import DRIVER_MARK
 from pipeline.cluster.segments import ShardResults, ShardStore, StateRoot
 from pipeline.counters import RunState
 from pipeline.errors import SpecError
-from pipeline.runner import PreparedJob, Status, export_from, export_partial, status, status_of
+from pipeline.job import ResolvedJob
+from pipeline.results import Status, export_from, export_partial, status, status_of
 
 ACTIVE_S = 60.0  # a driver on another machine whose shards committed this recently runs
 
 
-def cluster_results(job: PreparedJob) -> tuple[ShardResults, int] | None:
+def cluster_results(job: ResolvedJob) -> tuple[ShardResults, int] | None:
     """Every shard's committed rows, and how many shards there are; None when the job
     never ran on a cluster."""
-    root = StateRoot(state_location(job))
+    root = StateRoot(job.cluster_state)
     folders = root.list_folders(root.join("shards"))
     if not folders:
         return None
@@ -39,7 +40,7 @@ def cluster_results(job: PreparedJob) -> tuple[ShardResults, int] | None:
     return results, len(folders)
 
 
-def job_status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
+def job_status(job: ResolvedJob, *, window_s: float = 60.0) -> Status | None:
     """The job's status from its checkpoint or its cluster segments, the more recent."""
     local = status(job, window_s=window_s)
     found = cluster_results(job)
@@ -54,11 +55,11 @@ def job_status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
     return cluster
 
 
-def _driver_runs(job: PreparedJob, last_finished_at: float | None) -> bool:
+def _driver_runs(job: ResolvedJob, last_finished_at: float | None) -> bool:
     """Whether a driver is running the job: it said so when it started and has not said
     it ended, and (on this machine) its process is alive, or (on another) the shards
     committed a row within the last minute."""
-    root = StateRoot(state_location(job))
+    root = StateRoot(job.cluster_state)
     try:
         mark = orjson.loads(root.read_bytes(root.join(DRIVER_MARK)) or b"{}")
     except orjson.JSONDecodeError:
@@ -70,7 +71,7 @@ def _driver_runs(job: PreparedJob, last_finished_at: float | None) -> bool:
     return last_finished_at is not None and time.time() - last_finished_at < ACTIVE_S
 
 
-def export_job(job: PreparedJob, path: Path) -> int:
+def export_job(job: ResolvedJob, path: Path) -> int:
     """Write the rows finished so far, from the checkpoint or the cluster segments."""
     found = cluster_results(job)
     if found is None:

@@ -19,34 +19,26 @@ from typing import Any, cast
 import anyio
 
 from pipeline.budget import Budget
-from pipeline.checkpoint import Checkpoint, Journal, Row
+from pipeline.checkpoint import Journal, Row
 from pipeline.cluster.budget import AllowanceBudget
 from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
 from pipeline.cluster.segments import ShardStore, StateRoot, record
 from pipeline.cluster.shards import Shard
-from pipeline.config import ProviderSettings
+from pipeline.connect import open_provider
 from pipeline.errors import JobFatalError, JobStopped
-from pipeline.inputs import InputTable
-from pipeline.output import Layout
-from pipeline.plan import WorkPlan
-from pipeline.render import PromptRenderer
+from pipeline.job import ResolvedJob
 from pipeline.retry import RetryPolicy
 from pipeline.runlock import JobLocked, RunLock
 from pipeline.runlog import RunLog
-from pipeline.runner import open_provider
 from pipeline.scheduler import Scheduler
-from pipeline.spec import JobSpec
-from pipeline.structured import OutputSchema
 from pipeline.types import RowResult
 
 
 @dataclass(frozen=True)
 class ShardTask:
-    spec: JobSpec
-    settings: ProviderSettings
+    job: ResolvedJob  # rebuilt on the worker from its parts (see ResolvedJob.__reduce__)
     shard: Shard
     state: str  # the StateRoot every node shares
-    limit: int | None
     retry_failed: bool
     concurrency: int  # this worker's cap on requests in flight
     environment: dict[str, str]  # object-storage settings the driver had
@@ -148,26 +140,10 @@ async def _run_shard(
     report: Any,
     allow: Any,
 ) -> ShardOutcome:
-    spec, settings, shard = task.spec, task.settings, task.shard
+    job, shard = task.job, task.shard
+    spec, settings, layout = job.spec, job.settings, job.layout
     committed = await anyio.to_thread.run_sync(store.read)
-    schema = OutputSchema(spec.output.schema_) if spec.output.schema_ else None
-    layout = Layout(tool_calls=bool(spec.model.tools), schema=schema)
-    table = InputTable(spec.input.path, spec.input.id_column)
-    renderer = PromptRenderer(spec.prompt)
-    plan = WorkPlan(
-        table,
-        renderer,
-        cast(Checkpoint, committed),  # segments answer the planner's look-ups
-        settings.model,
-        settings.params,
-        task.limit,
-        retry_failed=task.retry_failed,
-        request_extra={
-            "schema": layout.schema.schema if layout.schema else None,
-            "tools": spec.model.tools,
-            "tool_choice": spec.model.tool_choice,
-        },
-    )
+    plan = job.plan(committed, retry_failed=task.retry_failed)
     outcome = ShardOutcome(shard.index, pid=os.getpid(), recovered=recovered)
     worker = f"shard-{shard.index}-{uuid.uuid4().hex[:8]}"
     scheduler: Scheduler | None = None
