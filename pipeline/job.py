@@ -11,10 +11,8 @@ batch engine and the Ray workers plan the same requests for the same rows.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -171,45 +169,50 @@ class ResolvedJob:
         plan = self.plan(results)
         return plan.keys_for(batch, offset, plan.hashes_for(batch))
 
-    def for_another_process(self) -> ResolvedJob:
-        """The job with local input paths made absolute: workers run in other folders."""
-        path = self.spec.input.path
-        if storage.is_remote(path) or Path(path).is_absolute():
-            return self
-        absolute = self.spec.input.model_copy(update={"path": str(Path(path).absolute())})
-        spec = self.spec.model_copy(update={"input": absolute})
-        return dataclasses.replace(self, spec=spec, table=table_of(spec))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Templates and lazy input scans do not pickle: a Ray worker gets the parts they
-        # are built from and builds them the same way.
-        return (
-            rebuild,
-            (self.spec, self.settings, self.rows, self.output_path, self.limit),
-            {
-                "job_file": self.job_file,
-                "output_uri": self.output_uri,
-                "output_folder": self.output_folder,
-                "replaced_output": self.replaced_output,
-            },
+    def parts(self) -> JobParts:
+        """What another process (a Ray worker) builds this job from. Templates and lazy
+        input scans do not travel; the parts do, and are built there the same way."""
+        spec = self.spec
+        path = spec.input.path
+        if not storage.is_remote(path) and not Path(path).is_absolute():
+            # Workers run in other folders.
+            absolute = spec.input.model_copy(update={"path": str(Path(path).absolute())})
+            spec = spec.model_copy(update={"input": absolute})
+        return JobParts(
+            spec,
+            self.settings,
+            self.rows,
+            self.output_path,
+            self.limit,
+            self.output_uri,
+            self.output_folder,
         )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
+@dataclass(frozen=True)
+class JobParts:
+    """A checked job as it travels to another process; `build` there makes the same
+    table, renderer and layout `resolve_job` made, without checking the input again."""
 
-def rebuild(
-    spec: JobSpec, settings: ProviderSettings, rows: int, output_path: Path, limit: int | None
-) -> ResolvedJob:
-    """A checked job's parts built again from its spec (in another process): the same
-    table, renderer and layout `resolve_job` builds, without checking the input again."""
-    return ResolvedJob(
-        spec,
-        settings,
-        table_of(spec),
-        PromptRenderer(spec.prompt),
-        rows,
-        output_path,
-        limit,
-        layout_of(spec),
-    )
+    spec: JobSpec
+    settings: ProviderSettings
+    rows: int
+    output_path: Path
+    limit: int | None
+    output_uri: str | None
+    output_folder: bool
+
+    def build(self) -> ResolvedJob:
+        spec = self.spec
+        return ResolvedJob(
+            spec,
+            self.settings,
+            table_of(spec),
+            PromptRenderer(spec.prompt),
+            self.rows,
+            self.output_path,
+            self.limit,
+            layout_of(spec),
+            output_uri=self.output_uri,
+            output_folder=self.output_folder,
+        )

@@ -144,12 +144,12 @@ def run_on_ray(
         stack.callback(ray.kill, limiter)  # one per run: a notebook's driver lives on
         share = max(1, math.ceil(cap / max(1, min(workers, len(shards)))))
         environment = {k: os.environ[k] for k in STORAGE_ENVIRONMENT if k in os.environ}
-        sent_job = job.for_another_process()
+        parts = job.parts()
         task = ray.remote(run_shard).options(num_cpus=1, max_retries=SHARD_RETRIES)
         pending = {
             task.remote(
                 ShardTask(
-                    sent_job,
+                    parts,
                     shard,
                     root.location,
                     options.retry_failed,

@@ -26,7 +26,7 @@ from pipeline.cluster.segments import ShardStore, StateRoot, record
 from pipeline.cluster.shards import Shard
 from pipeline.connect import open_provider
 from pipeline.errors import JobFatalError, JobStopped
-from pipeline.job import ResolvedJob
+from pipeline.job import JobParts
 from pipeline.retry import RetryPolicy
 from pipeline.runlock import JobLocked, RunLock
 from pipeline.runlog import RunLog
@@ -36,7 +36,7 @@ from pipeline.types import RowResult
 
 @dataclass(frozen=True)
 class ShardTask:
-    job: ResolvedJob  # rebuilt on the worker from its parts (see ResolvedJob.__reduce__)
+    job: JobParts  # built on the worker, once the storage settings are in place
     shard: Shard
     state: str  # the StateRoot every node shares
     retry_failed: bool
@@ -140,7 +140,7 @@ async def _run_shard(
     report: Any,
     allow: Any,
 ) -> ShardOutcome:
-    job, shard = task.job, task.shard
+    job, shard = task.job.build(), task.shard
     spec, settings, layout = job.spec, job.settings, job.layout
     committed = await anyio.to_thread.run_sync(store.read)
     plan = job.plan(committed, retry_failed=task.retry_failed)
