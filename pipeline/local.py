@@ -11,7 +11,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,11 +20,11 @@ import anyio
 from pipeline.assemble import assemble_output
 from pipeline.breaker import Breaker
 from pipeline.budget import Budget
-from pipeline.checkpoint import Checkpoint, Sealed
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
 from pipeline.connect import open_provider
 from pipeline.counters import RUN_STATE_META, RunCounters, RunState
-from pipeline.errors import JobStopped, SpecError, WriteFailed
+from pipeline.errors import SpecError, WriteFailed
 from pipeline.job import ResolvedJob, table_of
 from pipeline.oslimits import ADAPTIVE_MAX_CONCURRENCY, ADAPTIVE_START_CONCURRENCY, fit_concurrency
 from pipeline.output import count_failed, output_is_current
@@ -38,6 +38,7 @@ from pipeline.runlock import RunLock
 from pipeline.runlog import WRITE_EVERY_S, RunLog
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import Outcome, Scheduler
+from pipeline.sink import CheckpointRecord, Recorder
 from pipeline.spec import LimitsSpec
 from pipeline.types import RowResult
 
@@ -203,8 +204,9 @@ def _starting_point(job: ResolvedJob, checkpoint: Checkpoint, options: RunOption
 
 
 @dataclass
-class _Recorder:
-    """Commits each batch of finished rows, then tells the caller and the progress display."""
+class _RunRecord:
+    """This process's run as the operator and the next run see it: what is committed
+    with each batch, what each committed row is shown as, and how the run ended."""
 
     plan: WorkPlan
     checkpoint: Checkpoint
@@ -215,46 +217,20 @@ class _Recorder:
     outcome: Outcome
     run_state: RunState
     on_result: Callable[[RowResult], None] | None
-    stop: Callable[[JobStopped], None]
-    _landed: list[RowResult] = field(default_factory=list)
 
-    def land(self, result: RowResult) -> int:
-        try:
-            self.checkpoint.land(result)
-        except OSError as exc:
-            self._failed_write(exc)
-            return len(self._landed)
-        self._landed.append(result)
-        return len(self._landed)
-
-    async def commit(self) -> int:
-        if not self._landed:
-            return 0
-        batch, self._landed = self._landed, []
-        try:
-            # Sealed before the first await, so no row lands between the journal and the batch.
-            sealed = self.checkpoint.seal()
-            await anyio.to_thread.run_sync(self._write, sealed, self.log.take(), self.plan.cursor)
-        except (OSError, sqlite3.Error) as exc:
-            self._failed_write(exc)
-            return 0
-        for result in batch:
-            if self.on_result is not None:
-                self.on_result(result)
-            self.counters.row_finished(result)
-        self.show()
-        return len(batch)
-
-    def _write(self, sealed: Sealed, lines: list[bytes], cursor: int) -> None:
+    def meta(self) -> dict[str, str]:
         # Every row before the cursor was planned, so at most the rows in flight there
         # are unfinished: a resume starts at the cursor and sends its first request at once.
-        meta = {"plan_cursor": str(cursor), RUN_STATE_META: self.run_state.dumps(self.counters)}
-        self.checkpoint.commit(sealed, meta)
-        self.log.write(lines)
+        return {
+            "plan_cursor": str(self.plan.cursor),
+            RUN_STATE_META: self.run_state.dumps(self.counters),
+        }
 
-    def _failed_write(self, exc: OSError | sqlite3.Error) -> None:
-        # A full disk: answers bought now could not be kept, so no more are sent.
-        self.stop(WriteFailed.while_("recording finished rows", exc))
+    async def committed(self, batch: list[RowResult]) -> None:
+        if self.on_result is not None:
+            for result in batch:
+                self.on_result(result)
+        self.show()
 
     def finish(self) -> None:
         """The run stopped sending: show where it got to, and record that it ended."""
@@ -369,7 +345,7 @@ async def _pump(
             counters=counters,
             on_stop=partial(_note_stopping, progress, counters),
         )
-        recorder = _Recorder(
+        run = _RunRecord(
             plan,
             checkpoint,
             log,
@@ -379,14 +355,19 @@ async def _pump(
             scheduler.outcome,
             run_state,
             options.on_result,
+        )
+        sink = Recorder(
+            CheckpointRecord(checkpoint, log),
+            log,
+            counters,
             scheduler.fail,
+            meta=run.meta,
+            on_commit=run.committed,
         )
         try:
-            return await scheduler.run(
-                plan.requests(), recorder, handle_signals=options.handle_signals
-            )
+            return await scheduler.run(plan.requests(), sink, handle_signals=options.handle_signals)
         finally:
-            recorder.finish()
+            run.finish()
 
 
 def _finish(

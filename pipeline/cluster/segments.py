@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.checkpoint import Fetched, Finished, Journal, Row, Totals, fetched
+from pipeline.checkpoint import Fetched, Finished, Journal, Row, Sealed, Totals, fetched
 from pipeline.columns import STORED_COLUMNS, stored_values
 from pipeline.types import RowResult
 
@@ -249,6 +249,32 @@ class ShardStore:
         journal.discard_sealed()
         journal.open()
         return len(rows)
+
+
+@dataclass
+class ShardRecord:
+    """A shard's `sink.Record`: each answer journaled as it lands; each commit one
+    immutable segment of the shard, after which the journal of its rows is dropped."""
+
+    store: ShardStore
+    journal: Journal
+    _rows: list[Row] = field(default_factory=list)
+
+    def land(self, result: RowResult) -> None:
+        row = record(result)
+        self.journal.append(row)
+        self._rows.append(row)
+
+    def seal(self) -> Sealed:
+        rows, self._rows = self._rows, []
+        return rows, self.journal.rotate()
+
+    def commit(self, sealed: Sealed, meta: dict[str, str], log_lines: list[bytes]) -> None:
+        # A shard keeps no meta values: its planner starts over its rows on each attempt.
+        rows, segment = sealed
+        self.store.commit(rows, log_lines)
+        if segment is not None:
+            segment.unlink(missing_ok=True)
 
 
 def record(result: RowResult) -> Row:

@@ -19,10 +19,10 @@ from typing import Any, cast
 import anyio
 
 from pipeline.budget import Budget
-from pipeline.checkpoint import Journal, Row
+from pipeline.checkpoint import Journal
 from pipeline.cluster.budget import AllowanceBudget
 from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
-from pipeline.cluster.segments import ShardStore, StateRoot, record
+from pipeline.cluster.segments import ShardRecord, ShardStore, StateRoot
 from pipeline.cluster.shards import Shard
 from pipeline.connect import open_provider
 from pipeline.errors import JobFatalError, JobStopped
@@ -31,6 +31,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.runlock import JobLocked, RunLock
 from pipeline.runlog import RunLog
 from pipeline.scheduler import Scheduler
+from pipeline.sink import Recorder
 from pipeline.types import RowResult
 
 
@@ -173,40 +174,15 @@ async def _run_shard(
         recovered=recovered,  # answers a killed worker journaled: not sent again
     )
 
-    landed: list[RowResult] = []
-    rows: list[Row] = []
-
-    class Sink:
-        """Each answer is journaled as it lands; each recorder flush becomes one
-        immutable segment of the shard, and the journal of its rows is dropped."""
-
-        def land(self, result: RowResult) -> int:
-            row = record(result)
-            journal.append(row)
-            rows.append(row)
-            landed.append(result)
-            return len(landed)
-
-        async def commit(self) -> int:
-            # Sealed before the first await, so no row lands between journal and batch.
-            batch, sealed = landed.copy(), rows.copy()
-            landed.clear()
-            rows.clear()
-            segment = journal.rotate()
-            await anyio.to_thread.run_sync(store.commit, sealed, log.take())
-            if segment is not None:
-                segment.unlink(missing_ok=True)
-            for result in batch:
-                pacer.counters.row_finished(result)
-            assert scheduler is not None
-            pacer.totals.reused = plan.reused
-            pacer.totals.retries = scheduler.outcome.retries
-            pacer.totals.rate_limited = scheduler.outcome.rate_limited
-            if scheduler.outcome.fatal is not None and pacer.stop_reason is None:
-                pacer.stop_reason = scheduler.outcome.fatal.describe()
-            # Not awaited: the next commit must not wait on the actor.
-            await report(pacer.report(), wait=False)
-            return len(batch)
+    async def after_commit(batch: list[RowResult]) -> None:
+        assert scheduler is not None
+        pacer.totals.reused = plan.reused
+        pacer.totals.retries = scheduler.outcome.retries
+        pacer.totals.rate_limited = scheduler.outcome.rate_limited
+        if scheduler.outcome.fatal is not None and pacer.stop_reason is None:
+            pacer.stop_reason = scheduler.outcome.fatal.describe()
+        # Not awaited: the next commit must not wait on the actor.
+        await report(pacer.report(), wait=False)
 
     cap = task.concurrency
     async with open_provider(
@@ -224,7 +200,15 @@ async def _run_shard(
             schema_retries=spec.output.schema_retries,
             counters=pacer.counters,
         )
-        await scheduler.run(plan.requests_between(shard.start, shard.stop), Sink())
+        # Each commit becomes one immutable segment of the shard.
+        sink = Recorder(
+            ShardRecord(store, journal),
+            log,
+            pacer.counters,
+            scheduler.fail,
+            on_commit=after_commit,
+        )
+        await scheduler.run(plan.requests_between(shard.start, shard.stop), sink)
     result = scheduler.outcome
     outcome.planned, outcome.reused = pacer.counters.requests_sent, plan.reused
     outcome.retries, outcome.rate_limited = result.retries, result.rate_limited
