@@ -34,6 +34,7 @@ from pipeline.connect import Connection, open_connection
 from pipeline.counters import RunCounters
 from pipeline.errors import (
     JobFatalError,
+    JobStopped,
     ProviderError,
     RetryableError,
     SchemaViolation,
@@ -49,6 +50,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import Outcome
+from pipeline.sink import CheckpointRecord, Recorder
 from pipeline.types import Completion, RowResult
 
 RECORD_ROWS = 2000
@@ -146,6 +148,13 @@ class _BatchRun:
         self.detach = options.detach
         self.started = time.time()
         self.canceled_lines = 0
+        self.sink = Recorder(
+            CheckpointRecord(checkpoint, log),
+            log,
+            self.counters,
+            self._stop,
+            on_commit=self._committed,
+        )
 
     # --- the run -------------------------------------------------------------------------
 
@@ -158,6 +167,9 @@ class _BatchRun:
             except JobFatalError as exc:
                 self.outcome.fatal = exc
                 self.log.event("run_stopped", stop=exc.describe())
+            except _Stopped:
+                assert self.outcome.fatal is not None
+                self.log.event("run_stopped", stop=self.outcome.fatal.describe())
             group.cancel_scope.cancel()
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
@@ -417,14 +429,22 @@ class _BatchRun:
         return result
 
     async def _record(self, results: list[RowResult]) -> None:
-        if not results:
-            return
-        await anyio.to_thread.run_sync(self.checkpoint.write, results)
+        """Results go through the same sink as an online run's answers."""
         for result in results:
-            if self.options.on_result is not None:
+            self.sink.land(result)
+        await self.sink.commit()
+        if self.outcome.fatal is not None:
+            raise _Stopped()
+
+    async def _committed(self, batch: list[RowResult]) -> None:
+        if self.options.on_result is not None:
+            for result in batch:
                 self.options.on_result(result)
-            self.counters.row_finished(result)
         self._show()
+
+    def _stop(self, stop: JobStopped) -> None:
+        if self.outcome.fatal is None:
+            self.outcome.fatal = stop
 
     def _show(self) -> None:
         # The bar also counts answers the provider reports for batches still open.
@@ -495,6 +515,10 @@ class _BatchRun:
             counters=self.counters,
             output_uri=job.output_uri if output_path is not None else None,
         )
+
+
+class _Stopped(Exception):
+    """The sink stopped the run (a write failed); `outcome.fatal` says why."""
 
 
 class JobStoppedByApi(JobFatalError):
