@@ -26,7 +26,11 @@ import anyio
 
 from pipeline.config import ProviderSettings
 from pipeline.errors import (
+    AuthenticationError,
     ContentFiltered,
+    JobFatalError,
+    JobStopped,
+    ModelNotFound,
     ProviderError,
     RateLimited,
     ServerError,
@@ -62,6 +66,15 @@ def what_to_check(settings: ProviderSettings | None) -> str:
         command += f" --api-key-env {settings.api_key_env}"
     key = f"the key in {settings.api_key_env}" if settings.api_key_env else "the endpoint"
     return f"check {key} and model.model: `{command}` must list {settings.model}"
+
+
+def explained(
+    stop: JobFatalError | JobStopped, settings: ProviderSettings | None
+) -> JobFatalError | JobStopped:
+    """`stop`, its advice naming the key's variable and the command to check where it can."""
+    if isinstance(stop, AuthenticationError | ModelNotFound) and settings is not None:
+        stop.advice = f"{what_to_check(settings)}; {RERUN}"
+    return stop
 
 
 class Breaker:

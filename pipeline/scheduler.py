@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from pipeline.attempt import Attempt, AttemptCounts, Attempts
-from pipeline.breaker import Breaker
+from pipeline.breaker import Breaker, explained
 from pipeline.budget import Budget, SpendingLimit
 from pipeline.config import Price
 from pipeline.counters import RunCounters
@@ -217,7 +217,7 @@ class Scheduler:
 
     def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:
-            self.outcome.fatal = error
+            self.outcome.fatal = explained(error, self.attempts.breaker.settings)
         self._stop_taking_rows()
 
     async def _process(self, request: ChatRequest) -> Finished | None:

@@ -168,3 +168,19 @@ def test_after_a_wrong_key_behind_a_gateway_the_plain_rerun_finishes_every_row_o
     assert out.height == 200 and out["error"].null_count() == 200
     assert out["attempts"].to_list() == [1] * 200
     assert simulator.stats()["completions"] == 200  # every row answered, and paid, once
+
+
+def test_a_rejected_key_stops_at_once_naming_the_variable_and_the_command_to_check(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(100).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    stopped = run_cli("run", str(job), cwd=tmp_path, key="sk-wrong-key")
+
+    assert stopped.returncode == 3, stopped.stderr
+    cause = stopped.stderr.split("stopped: ", 1)[1]
+    assert cause.startswith("authentication_error (HTTP 401)")
+    advice = cause.split("what to do: ", 1)[1]
+    assert advice.startswith("check the key in SIM_API_KEY and model.model: `pipeline models")
+    assert "sk-wrong-key" not in stopped.stderr
