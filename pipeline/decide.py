@@ -11,7 +11,9 @@ and the job's rules, and returns one of:
   no quota): the job stops and the row stays pending.
 
 It reads no clock and does no I/O, and it changes nothing it is given: every decision
-carries the row's tries after this answer, for the caller to keep. Online and Ray runs
+carries the row's tries after this answer, for the caller to keep. Decisions are
+values, not changed once made; they are plain (not frozen) dataclasses because a
+frozen one takes ten times as long to build, and one is built for every answer. Online and Ray runs
 (`attempt.py`) and batch runs (`batch/engine.py`) call it, so error classes, schema
 retries, content-filter and refusal finals and the row's cost over every paid
 attempt are decided the same way in every mode.
@@ -27,7 +29,6 @@ are kept as final; the others stay pending, so the rerun after the fix sends the
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -88,7 +89,7 @@ class RowTries:
     spend: RowSpend = field(default_factory=RowSpend)  # every paid attempt is charged
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     """The row's final result; `error` is why it failed (None: it did not)."""
 
@@ -99,7 +100,7 @@ class Finished:
     cost_usd: float | None = None  # what this attempt cost (the result's covers every one)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Retry:
     """Ask again, not before loop time `when` (a batch run ignores it)."""
 
@@ -111,7 +112,7 @@ class Retry:
     cost_usd: float | None = None  # what this attempt cost
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stop:
     """No row can succeed until someone fixes something: stop; this row stays pending."""
 
@@ -167,7 +168,7 @@ def _answered(
     cost = attempt_cost(completion, rules.price)
     spend = _plus(tries.spend, completion, cost)
     result = _result(row, tries.attempts, latency_s, completion=completion, cost=cost)
-    paid = dataclasses.replace(tries, spend=spend)
+    paid = RowTries(tries.attempts, tries.schema_failures, spend)
     refused = REFUSED.get(completion.finish_reason or "")
     if refused is not None:
         error: ProviderError = ContentFiltered(refused)
@@ -242,6 +243,6 @@ def _result(
 
 def _plus(spend: RowSpend, completion: Completion, cost: float | None) -> RowSpend:
     """`spend` with one more paid attempt, leaving `spend` as it was."""
-    after = dataclasses.replace(spend)
+    after = RowSpend(spend.usage, spend.cost_usd, spend.paid)
     after.add(completion, cost)
     return after
