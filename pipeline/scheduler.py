@@ -184,18 +184,24 @@ class Scheduler:
 
     def _finished(self, finished: Finished, sink: ResultSink) -> None:
         """Record a finished row, or hold a failed one back (see the module docstring)."""
-        if finished.result.ok:
-            self._land(finished.result, sink)
+        result = finished.result
+        if self.outcome.fatal is not None:
+            # The job is stopping: the stop, not a late success, settles what is held.
+            if result.ok:
+                self._land(result, sink)
+            else:
+                self._hold(finished, sink)
+            self._settle_held(sink)
+        elif result.ok:
+            self._land(result, sink)
             for failed in self._held.release():
                 self._land(failed.result, sink)
-            return
-        fatal = self.outcome.fatal
-        if fatal is None:
-            for failed in self._held.hold(finished):
-                self._land(failed.result, sink)
-            return
-        self._held.hold(finished)  # the job is stopping: settled with the rest at the end
-        self._settle_held(sink)
+        else:
+            self._hold(finished, sink)
+
+    def _hold(self, failed: Finished, sink: ResultSink) -> None:
+        for now in self._held.hold(failed):
+            self._land(now.result, sink)
 
     def _settle_held(self, sink: ResultSink) -> None:
         kept, pending = self._held.settle(self.outcome.fatal)

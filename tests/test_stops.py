@@ -156,3 +156,23 @@ def test_a_budget_stop_keeps_row_errors_but_not_attempts_that_ran_out_on_overloa
     assert results and all(index % 2 == 0 for index in results)
     assert all(not result.ok for result in results.values())
     assert outcome.left_pending > 0
+
+
+def test_refusals_answered_after_the_stop_are_recorded_as_the_rows_own() -> None:
+    async def script(req: ChatRequest, attempt: int) -> Completion:
+        if req.index == 0:
+            await anyio.sleep(0.01)
+            raise errors.ModelNotFound("no such model", status=404)
+        await anyio.sleep(0.05)
+        return completion("I can't help with that.", finish_reason="refusal")
+
+    provider, record, counters = FakeProvider(script), Recorder(), RunCounters()
+
+    async def main() -> Outcome:
+        return await pool(provider, Breaker(), counters).run(planned(100), record)
+
+    outcome = run_virtual(main)
+    assert isinstance(outcome.fatal, errors.ModelNotFound)
+    results = record.by_index()
+    assert sorted(results) == [1, 2, 3]  # the requests in flight when the job stopped
+    assert all(r.error and r.error.startswith("content_filtered") for r in results.values())
