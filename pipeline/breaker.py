@@ -21,6 +21,7 @@ left pending rather than recorded as failed (`decide.stays_failed`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 
@@ -68,9 +69,10 @@ def what_to_check(settings: ProviderSettings | None) -> str:
     return f"check {key} and model.model: `{command}` must list {settings.model}"
 
 
-def explained(
-    stop: JobFatalError | JobStopped, settings: ProviderSettings | None
-) -> JobFatalError | JobStopped:
+Stop = TypeVar("Stop", bound=JobFatalError | JobStopped)
+
+
+def explained(stop: Stop, settings: ProviderSettings | None) -> Stop:
     """`stop`, its advice naming the key's variable and the command to check where it can."""
     if isinstance(stop, AuthenticationError | ModelNotFound) and settings is not None:
         stop.advice = f"{what_to_check(settings)}; {RERUN}"

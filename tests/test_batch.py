@@ -389,3 +389,26 @@ def test_a_schema_retry_in_a_later_batch_is_counted_and_charged_as_online(
     # Both paid answers are charged, at the batch price, as online charges every paid attempt.
     assert math.isclose(bad["cost_usd"], online_cost(bad) / 2, rel_tol=1e-9)
     assert simulator.stats()["batch_requests_paid"] == 5
+
+
+def test_a_rejected_key_on_a_line_stops_the_job_and_leaves_only_that_row_pending(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=0.1)
+    data = reviews(6).with_columns(
+        pl.when(pl.int_range(pl.len()) == 2)
+        .then(pl.col("text") + " [[sim:status=401]]")
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    assert "stopped: authentication_error (HTTP 401)" in result.stderr
+    assert "check the key in SIM_API_KEY" in result.stderr
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert "5/6 rows finished (0 failed), 1 pending" in status.stdout
+    assert simulator.stats()["batches_created"] == 1  # no later batch for the stopped row

@@ -28,6 +28,7 @@ from pipeline import storage
 from pipeline.batch.apis import CANCELED, EXPIRED, BatchApi, BatchState, ResultLine, make_api
 from pipeline.batch.planner import plan_chunks
 from pipeline.batch.store import BatchStore, Chunk, Item, read_chunks
+from pipeline.breaker import explained
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
 from pipeline.counters import RunCounters
@@ -358,7 +359,7 @@ class _BatchRun:
         if self.stop is not None:
             # A line said no row can succeed (a rejected key, an unknown model): its rows
             # stay pending for the rerun after the fix, and no new batch is sent.
-            raise self.stop
+            raise explained(self.stop, self.settings)
         cancelled_at = float(self.checkpoint.get_meta(CANCELLED_AT) or 0)
         if (state.status == "cancelled" or self.canceled_lines) and cancelled_at >= self.started:
             # Cancelled while this run waited: stop. A later run sends the rows again.
@@ -374,9 +375,7 @@ class _BatchRun:
             if item is None:
                 continue  # not one of ours: nothing to record
             result = self._row_result(item, line)
-            if result is None:
-                self.tally.retried += 1
-            else:
+            if result is not None:
                 results.append(result)
         await self._record(results)
 
@@ -404,6 +403,7 @@ class _BatchRun:
             self.stop = self.stop or decision.error  # the row stays pending; the job stops
             return None
         self.tries[row] = decision.tries
+        self.tally.retried += 1
         return None
 
     async def _record(self, results: list[RowResult]) -> None:
