@@ -20,6 +20,7 @@ left pending rather than recorded as failed (`decide.stays_failed`).
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -62,9 +63,11 @@ def what_to_check(settings: ProviderSettings | None) -> str:
         return "check the API key, model.model and model.base_url"
     command = f"pipeline models --provider {settings.name}"
     if settings.base_url:
-        command += f" --base-url {settings.base_url}"
+        command += f" --base-url {shlex.quote(settings.base_url)}"
     if settings.api_key_env:
         command += f" --api-key-env {settings.api_key_env}"
+    if settings.api_key:  # a key written into the base URL never prints
+        command = command.replace(settings.api_key, "***")
     key = f"the key in {settings.api_key_env}" if settings.api_key_env else "the endpoint"
     return f"check {key} and model.model: `{command}` must list {settings.model}"
 

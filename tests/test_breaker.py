@@ -9,7 +9,8 @@ import pytest
 from conftest import make_job, reviews, run_cli
 
 from pipeline import errors
-from pipeline.breaker import Breaker
+from pipeline.breaker import Breaker, what_to_check
+from pipeline.config import ProviderPreset, ProviderSettings
 from pipeline.simulator import RunningSimulator
 
 
@@ -184,3 +185,23 @@ def test_a_rejected_key_stops_at_once_naming_the_variable_and_the_command_to_che
     advice = cause.split("what to do: ", 1)[1]
     assert advice.startswith("check the key in SIM_API_KEY and model.model: `pipeline models")
     assert "sk-wrong-key" not in stopped.stderr
+
+
+def test_what_to_check_is_a_command_to_paste_and_never_shows_the_key() -> None:
+    preset = ProviderPreset(protocol="openai")
+    settings = ProviderSettings(
+        "openai",
+        preset,
+        "gpt-4o-mini",
+        "https://gw.example/v1?key=sk-secret-1&x=1",
+        "GW_KEY",
+        {},
+        None,
+        api_key="sk-secret-1",
+    )
+    advice = what_to_check(settings)
+    assert advice == (
+        "check the key in GW_KEY and model.model: `pipeline models --provider openai "
+        "--base-url 'https://gw.example/v1?key=***&x=1' --api-key-env GW_KEY` must list "
+        "gpt-4o-mini"
+    )
