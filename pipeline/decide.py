@@ -11,12 +11,12 @@ and the job's rules, and returns one of:
   no quota): the job stops and the row stays pending.
 
 It reads no clock and does no I/O, and it changes nothing it is given: every decision
-carries the row's tries after this answer, for the caller to keep. Decisions are
-values, not changed once made; they are plain (not frozen) dataclasses because a
-frozen one takes ten times as long to build, and one is built for every answer. Online and Ray runs
+carries the row's tries after this answer, for the caller to keep. Online and Ray runs
 (`attempt.py`) and batch runs (`batch/engine.py`) call it, so error classes, schema
 retries, content-filter and refusal finals and the row's cost over every paid
-attempt are decided the same way in every mode.
+attempt are decided the same way in every mode. Decisions are values, never changed
+once made, but plain dataclasses: a frozen one takes ten times as long to build, and
+one is built for every answer.
 
 Schema retries: an answer that does not match `output.schema` is asked again while
 the row's earlier mismatches number fewer than `output.schema_retries`. Attempts
