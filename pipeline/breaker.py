@@ -11,17 +11,28 @@ template that makes every request invalid, a model that answers everything with 
 
 Either stops the job (`SystematicFailure`, exit 3) the way a rejected key does: rows
 not sent stay unsent, and a rerun after the fix resumes. Rows that fail now and then
-never trip it: any success starts both counts afresh.
+never trip it: any success starts both counts afresh. The stop says the cause first
+(the repeated error), then what to check: the key's variable and the exact
+`pipeline models` command that tries the key, the endpoint and the model list at once.
+A `RepeatedFailure` carries the error's signature, so the rows that failed with it are
+left pending rather than recorded as failed (`decide.stays_failed`).
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 
+from pipeline.config import ProviderSettings
 from pipeline.errors import (
+    AuthenticationError,
     ContentFiltered,
+    JobFatalError,
+    JobStopped,
+    ModelNotFound,
     ProviderError,
     RateLimited,
     ServerError,
@@ -31,6 +42,44 @@ from pipeline.errors import (
 
 SAME_ERROR_ROWS = 20
 STALL_S = 600.0
+RERUN = "fix and rerun: rows that failed this way are sent again"
+
+
+class RepeatedFailure(SystematicFailure):
+    """The same error on row after row: its (kind, HTTP status) is the job's, not the rows'."""
+
+    def __init__(self, message: str, *, advice: str, signature: tuple[str, int | None]) -> None:
+        super().__init__(message, advice=advice)
+        self.signature = signature
+
+
+class Stalled(SystematicFailure):
+    """Nothing but 429s, 5xx and failed connections for `limits.stall_timeout_s`."""
+
+
+def what_to_check(settings: ProviderSettings | None) -> str:
+    """The key's variable and the command that tries key, endpoint and model in one go."""
+    if settings is None:
+        return "check the API key, model.model and model.base_url"
+    command = f"pipeline models --provider {settings.name}"
+    if settings.base_url:
+        command += f" --base-url {shlex.quote(settings.base_url)}"
+    if settings.api_key_env:
+        command += f" --api-key-env {settings.api_key_env}"
+    if settings.api_key:  # a key written into the base URL never prints
+        command = command.replace(settings.api_key, "***")
+    key = f"the key in {settings.api_key_env}" if settings.api_key_env else "the endpoint"
+    return f"check {key} and model.model: `{command}` must list {settings.model}"
+
+
+Stop = TypeVar("Stop", bound=JobFatalError | JobStopped)
+
+
+def explained(stop: Stop, settings: ProviderSettings | None) -> Stop:
+    """`stop`, its advice naming the key's variable and the command to check where it can."""
+    if isinstance(stop, AuthenticationError | ModelNotFound) and settings is not None:
+        stop.advice = f"{what_to_check(settings)}; {RERUN}"
+    return stop
 
 
 class Breaker:
@@ -49,6 +98,7 @@ class Breaker:
         self._last_error = ""
         self._since: float | None = None  # start of the current run of failures
         self._only_overload = True
+        self.settings: ProviderSettings | None = None  # what the stop's advice names
 
     def succeeded(self) -> None:
         """An answer that was used: both patterns start afresh."""
@@ -67,11 +117,12 @@ class Breaker:
             return None
         if self.stall_s is None or not self._only_overload or now - self._since < self.stall_s:
             return None
-        return SystematicFailure(
-            f"no request has succeeded for {now - self._since:.0f}s and every answer was "
-            f"a 429, a 5xx or a failed connection (last: {error.describe()})",
-            advice="check the provider's status, the model name and the account's limits; "
-            "fix and rerun (limits.stall_timeout_s sets how long to wait)",
+        return Stalled(
+            f"{error.describe()}: no request has succeeded for {now - self._since:.0f}s and "
+            "every answer was a 429, a 5xx or a failed connection",
+            advice=f"check the provider's status and the account's limits; "
+            f"{what_to_check(self.settings)}; {RERUN} (limits.stall_timeout_s sets how "
+            "long to wait)",
         )
 
     def row_failed(self, error: ProviderError) -> SystematicFailure | None:
@@ -84,9 +135,9 @@ class Breaker:
         self._streak += 1
         if self._streak < self.same_error_rows:
             return None
-        return SystematicFailure(
-            f"the last {self._streak} rows all failed with the same error and none "
-            f"succeeded: {error.describe()}",
-            advice="this looks like a problem with the job, the key or the model rather "
-            "than with some rows; fix and rerun",
+        return RepeatedFailure(
+            f"{error.describe()}: the last {self._streak} rows all failed with this error and "
+            "none succeeded, so the key, the model or the job is wrong rather than the rows",
+            advice=f"{what_to_check(self.settings)}; {RERUN}",
+            signature=kind,
         )

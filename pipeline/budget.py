@@ -4,11 +4,16 @@ Every attempt reserves its projected cost before it is sent and settles with the
 real usage when it comes back, so requests in flight count against the limit
 too. Until a few answers have come back the projection is the worst case (the
 whole `max_tokens` reply); after that it is the mean of the real ones.
+
+An attempt needs only `SpendingLimit` (`reserve` before the call, `settle` after it):
+`Budget` is one process's, `cluster.budget.AllowanceBudget` a Ray worker's share of
+the cluster's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from pipeline.config import Price
 from pipeline.errors import BudgetExceeded, ProviderError
@@ -16,6 +21,19 @@ from pipeline.spend import attempt_cost
 from pipeline.types import ChatRequest, Completion, Usage
 
 WARMUP_ANSWERS = 5
+Reservation = tuple[float, float] | None  # (USD, tokens) held for one attempt; None: no limits
+
+
+class SpendingLimit(Protocol):
+    """What an attempt asks of the job's spending limits."""
+
+    def reserve(self, request: ChatRequest) -> Reservation:
+        """Claim room for one attempt of `request`, or raise `BudgetExceeded`."""
+        ...
+
+    def settle(self, reserved: Reservation, answer: Completion | ProviderError | None) -> None:
+        """Replace what `reserve` returned with what the attempt really cost."""
+        ...
 
 
 @dataclass
@@ -54,7 +72,7 @@ class Budget:
             short_tokens = reserved + tokens - self.max_tokens_total
         return max(0.0, short_usd), max(0.0, short_tokens)
 
-    def reserve(self, request: ChatRequest) -> tuple[float, float] | None:
+    def reserve(self, request: ChatRequest) -> Reservation:
         """Claim room for one attempt, or raise BudgetExceeded if there is none.
 
         Returns what was reserved, for `settle`; None when there are no limits.
@@ -82,9 +100,7 @@ class Budget:
         self._reserved_tokens += tokens
         return usd, tokens
 
-    def settle(
-        self, reserved: tuple[float, float] | None, answer: Completion | ProviderError | None
-    ) -> None:
+    def settle(self, reserved: Reservation, answer: Completion | ProviderError | None) -> None:
         """Replace a reservation with what the attempt really cost (nothing if it failed)."""
         if reserved is None:
             return

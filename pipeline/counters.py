@@ -9,7 +9,8 @@ Definitions (each counter means exactly this, everywhere it is shown):
 - `rows_finished`: rows whose final result (ok or error) was committed this run.
 - `rows_failed`: those of `rows_finished` that ended in error.
 - `rows_reused`: rows whose result an earlier run recorded and this run keeps.
-- `tokens`, `cost_usd`: usage and price of the rows finished this run.
+- `tokens`, `cost_usd`: usage and price of the rows finished this run, and of the paid
+  attempts of rows a stopped run leaves pending (every paid attempt counts once).
 
 The scheduler increments the request counters around each HTTP call (its `Outcome`
 keeps retries and 429s); the runner counts rows as they are committed.
@@ -26,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.types import RowResult
+from pipeline.types import RowResult, Usage
 
 
 @dataclass
@@ -60,6 +61,14 @@ class RunCounters:
             self.tokens += usage.prompt_tokens + usage.output_tokens
         if result.cost_usd is not None:
             self.cost_usd += result.cost_usd
+            self.priced = True
+
+    def paid_unfinished(self, usage: Usage | None, cost_usd: float | None) -> None:
+        """The paid attempts of a row the run leaves pending: in tokens and cost, not rows."""
+        if usage is not None:
+            self.tokens += usage.prompt_tokens + usage.output_tokens
+        if cost_usd is not None:
+            self.cost_usd += cost_usd
             self.priced = True
 
     @property

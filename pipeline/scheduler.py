@@ -8,6 +8,12 @@ Each row's attempts are `attempt.Attempt`s. A finished row goes to the sink the
 moment it lands (the runner's sink journals it, so a kill cannot lose it), and
 one recorder task has the sink commit in batches, inside shielded scopes: a result
 that exists is never lost to cancellation. Everything lives in task groups.
+
+A row that failed while nothing succeeded is held back (`holdback.HeldFailures`)
+until a success or the end of the run: when the job stops for a job-level reason,
+only failures that are the rows' own are recorded, and the others stay pending with
+the rows that were waiting to retry, so the plain rerun after the fix sends them.
+Their paid attempts still count in this run's tokens and cost.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from pipeline.attempt import Attempt, AttemptCounts, Attempts, RowTries
-from pipeline.breaker import Breaker
-from pipeline.budget import Budget
+from pipeline.attempt import Attempt, AttemptCounts, Attempts
+from pipeline.breaker import Breaker, explained
+from pipeline.budget import Budget, SpendingLimit
 from pipeline.config import Price
 from pipeline.counters import RunCounters
+from pipeline.decide import Finished, RowTries, Rules
 from pipeline.errors import JobFatalError, JobStopped
+from pipeline.holdback import HeldFailures
 from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -58,6 +66,7 @@ class Outcome(AttemptCounts):
     fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     recorded: int = 0
+    left_pending: int = 0  # failed rows not recorded: the job stopped for their error
 
 
 class Scheduler:
@@ -69,7 +78,7 @@ class Scheduler:
         price: Price | None,
         *,
         concurrency: int,
-        budget: Budget | None = None,
+        budget: SpendingLimit | None = None,
         log: RunLog | None = None,
         schema: OutputSchema | None = None,
         schema_retries: int = 1,
@@ -84,20 +93,21 @@ class Scheduler:
         self.outcome = Outcome()
         self.counters = counters or RunCounters()
         self._on_stop = on_stop  # told the grace period when the first stop begins
+        breaker = breaker or Breaker()
+        if breaker.settings is None:  # what a stop tells the user to check
+            breaker.settings = getattr(provider, "settings", None)
         self.attempts = Attempts(
             provider,
             pacer,
-            policy,
-            price,
+            Rules(policy, price, schema, schema_retries),
             budget or Budget(None, None, price),
             log or RunLog(None),
             self.outcome,
             self.counters,
-            breaker or Breaker(),
+            breaker,
             self._fail_job,
-            schema,
-            schema_retries,
         )
+        self._held = HeldFailures()
         self._stopping = False
         self._work: TaskGroup | None = None
         self._flush_wanted = anyio.Event()
@@ -118,6 +128,7 @@ class Scheduler:
                         work.start_soon(self._worker, shared, sink)
                 outer.cancel_scope.cancel()
         finally:
+            self._settle_held(sink)
             await self._flush(sink)
         return self.outcome
 
@@ -157,15 +168,54 @@ class Scheduler:
                 return
             if isinstance(item, ChatRequest):
                 try:
-                    result = await self._process(item)
+                    finished = await self._process(item)
                 except (JobFatalError, JobStopped) as exc:
                     self._fail_job(exc)
                     return
-                if result is None:
+                if finished is None:
                     return
-                item = result
-            if sink.land(item) >= FLUSH_MAX_ROWS:
-                self._flush_wanted.set()
+                self._finished(finished, sink)
+            else:
+                self._land(item, sink)
+
+    def _land(self, result: RowResult, sink: ResultSink) -> None:
+        if sink.land(result) >= FLUSH_MAX_ROWS:
+            self._flush_wanted.set()
+
+    def _finished(self, finished: Finished, sink: ResultSink) -> None:
+        """Record a finished row, or hold a failed one back (see the module docstring)."""
+        result = finished.result
+        if self.outcome.fatal is not None:
+            # The job is stopping: the stop, not a late success, settles what is held.
+            if result.ok:
+                self._land(result, sink)
+            else:
+                self._hold(finished, sink)
+            self._settle_held(sink)
+        elif result.ok:
+            self._land(result, sink)
+            for failed in self._held.release():
+                self._land(failed.result, sink)
+        else:
+            self._hold(finished, sink)
+
+    def _hold(self, failed: Finished, sink: ResultSink) -> None:
+        for now in self._held.hold(failed):
+            self._land(now.result, sink)
+
+    def _settle_held(self, sink: ResultSink) -> None:
+        kept, pending = self._held.settle(self.outcome.fatal)
+        for failed in kept:
+            self._land(failed.result, sink)
+        for failed in pending:
+            self._left_pending(failed.tries)
+
+    def _left_pending(self, tries: RowTries) -> None:
+        """A row the run leaves without a result: its paid attempts still count."""
+        spend = tries.spend
+        if spend.paid:
+            self.counters.paid_unfinished(spend.usage, spend.cost_usd)
+        self.outcome.left_pending += 1
 
     def fail(self, error: JobStopped) -> None:
         """Stop the job for a reason found outside the workers (a failed write)."""
@@ -173,18 +223,27 @@ class Scheduler:
 
     def _fail_job(self, error: JobFatalError | JobStopped) -> None:
         if self.outcome.fatal is None:
-            self.outcome.fatal = error
+            self.outcome.fatal = explained(error, self.attempts.breaker.settings)
         self._stop_taking_rows()
 
-    async def _process(self, request: ChatRequest) -> RowResult | None:
-        """The row's final result, or None when the run stopped before it was sent."""
+    async def _process(self, request: ChatRequest) -> Finished | None:
+        """The row's final result, or None when the run stopped before it finished."""
         tries = RowTries()
-        while True:
-            verdict = await Attempt(self.attempts, request, tries).make(self._wanted)
-            if verdict is None or verdict.result is not None:
-                return None if verdict is None else verdict.result
-            if verdict.retry_in:
-                await anyio.sleep(verdict.retry_in)
+        finished: Finished | None = None
+        try:
+            while finished is None:
+                decision = await Attempt(self.attempts, request, tries).make(self._wanted)
+                if decision is None:
+                    return None
+                if isinstance(decision, Finished):
+                    finished = decision
+                elif (wait := decision.when - anyio.current_time()) > 0:
+                    await anyio.sleep(wait)
+            return finished
+        finally:
+            if finished is None and tries.spend.paid:
+                # Stopped between attempts: pending, but what it paid for counts.
+                self.counters.paid_unfinished(tries.spend.usage, tries.spend.cost_usd)
 
     def _wanted(self) -> bool:
         return not self._stopping

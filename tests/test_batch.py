@@ -16,6 +16,7 @@ from conftest import make_job, messages_for, reviews, run_cli, start_cli
 
 from pipeline.columns import RESULT_NAMES
 from pipeline.simulator import RunningSimulator, expected_reasoning, expected_response
+from pipeline.simulator.behaviour import estimate_prompt_tokens
 
 MODEL = "x-ai-grok-3-mini"
 BATCH = {"model__batch": True, "model__batch_poll_s": 0.1}
@@ -361,3 +362,53 @@ def test_estimate_shows_online_and_batch_cost_side_by_side(
     assert math.isclose(batch_low, low / 2, rel_tol=1e-2)
     assert math.isclose(batch_high, high / 2, rel_tol=1e-2)
     assert simulator.stats()["requests"] == 0
+
+
+def test_a_schema_retry_in_a_later_batch_is_counted_and_charged_as_online(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=0.1)
+    data = reviews(4).with_columns(
+        pl.when(pl.int_range(pl.len()) == 1)
+        .then(pl.col("text") + " [[sim:always_bad_json]]")
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    data.write_csv(tmp_path / "reviews.csv")
+    schema = {"label": {"enum": ["positive", "negative"]}}
+    job = make_job(tmp_path, simulator, **BATCH, output__schema=schema, output__schema_retries=1)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    bad = out.row(1, named=True)
+    assert bad["error"].startswith("schema_violation") and bad["attempts"] == 2
+    one_attempt = estimate_prompt_tokens(messages_for(bad["text"]))
+    assert bad["prompt_tokens"] == 2 * one_attempt  # the usage of both paid answers
+    # Both paid answers are charged, at the batch price, as online charges every paid attempt.
+    assert math.isclose(bad["cost_usd"], online_cost(bad) / 2, rel_tol=1e-9)
+    assert simulator.stats()["batch_requests_paid"] == 5
+
+
+def test_a_rejected_key_on_a_line_stops_the_job_and_leaves_only_that_row_pending(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=0.1)
+    data = reviews(6).with_columns(
+        pl.when(pl.int_range(pl.len()) == 2)
+        .then(pl.col("text") + " [[sim:status=401]]")
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 3, result.stderr
+    assert "stopped: authentication_error (HTTP 401)" in result.stderr
+    assert "check the key in SIM_API_KEY" in result.stderr
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert "5/6 rows finished (0 failed), 1 pending" in status.stdout
+    assert simulator.stats()["batches_created"] == 1  # no later batch for the stopped row

@@ -9,7 +9,8 @@ import pytest
 from conftest import make_job, reviews, run_cli
 
 from pipeline import errors
-from pipeline.breaker import Breaker
+from pipeline.breaker import Breaker, what_to_check
+from pipeline.config import ProviderPreset, ProviderSettings
 from pipeline.simulator import RunningSimulator
 
 
@@ -141,3 +142,66 @@ def test_rows_that_fail_now_and_then_finish_with_exit_1(
 
     assert result.returncode == 1, result.stderr
     assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 120
+
+
+def test_after_a_wrong_key_behind_a_gateway_the_plain_rerun_finishes_every_row_once(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    # A LiteLLM gateway without its key database answers every request with the same
+    # 400, which does not say it is about the key: only the breaker can stop it.
+    simulator.configure(auth_error_style="litellm")
+    reviews(200).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    stopped = run_cli("run", str(job), cwd=tmp_path, key="sk-wrong-key")
+
+    assert stopped.returncode == 3, stopped.stderr
+    assert simulator.stats()["requests"] <= 48
+    cause = stopped.stderr.split("stopped: ", 1)[1]
+    assert cause.startswith("bad_request (HTTP 400): Authentication Error, No connected db.")
+    assert "SIM_API_KEY" in cause and "`pipeline models --provider openai" in cause
+    assert "sk-wrong-key" not in stopped.stderr
+
+    rerun = run_cli("run", str(job), cwd=tmp_path)
+
+    assert rerun.returncode == 0, rerun.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out.height == 200 and out["error"].null_count() == 200
+    assert out["attempts"].to_list() == [1] * 200
+    assert simulator.stats()["completions"] == 200  # every row answered, and paid, once
+
+
+def test_a_rejected_key_stops_at_once_naming_the_variable_and_the_command_to_check(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(100).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    stopped = run_cli("run", str(job), cwd=tmp_path, key="sk-wrong-key")
+
+    assert stopped.returncode == 3, stopped.stderr
+    cause = stopped.stderr.split("stopped: ", 1)[1]
+    assert cause.startswith("authentication_error (HTTP 401)")
+    advice = cause.split("what to do: ", 1)[1]
+    assert advice.startswith("check the key in SIM_API_KEY and model.model: `pipeline models")
+    assert "sk-wrong-key" not in stopped.stderr
+
+
+def test_what_to_check_is_a_command_to_paste_and_never_shows_the_key() -> None:
+    preset = ProviderPreset(protocol="openai")
+    settings = ProviderSettings(
+        "openai",
+        preset,
+        "gpt-4o-mini",
+        "https://gw.example/v1?key=sk-secret-1&x=1",
+        "GW_KEY",
+        {},
+        None,
+        api_key="sk-secret-1",
+    )
+    advice = what_to_check(settings)
+    assert advice == (
+        "check the key in GW_KEY and model.model: `pipeline models --provider openai "
+        "--base-url 'https://gw.example/v1?key=***&x=1' --api-key-env GW_KEY` must list "
+        "gpt-4o-mini"
+    )

@@ -28,16 +28,17 @@ from pipeline.assemble import assemble_output
 from pipeline.batch.apis import CANCELED, EXPIRED, BatchApi, BatchState, ResultLine, make_api
 from pipeline.batch.planner import plan_chunks
 from pipeline.batch.store import BatchStore, Chunk, Item, read_chunks
+from pipeline.breaker import explained
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
 from pipeline.connect import Connection, open_connection
 from pipeline.counters import RunCounters
+from pipeline.decide import Finished, RowTries, Rules, Stop, decide
 from pipeline.errors import (
     JobFatalError,
     JobStopped,
     ProviderError,
     RetryableError,
-    SchemaViolation,
     SpecError,
     TransportError,
 )
@@ -155,6 +156,15 @@ class _BatchRun:
             self._stop,
             on_commit=self._committed,
         )
+        self.rules = Rules(
+            RetryPolicy(max_attempts=self.max_attempts),
+            settings.batch_price,  # a cost the provider reports is its own (batch) price
+            job.layout.schema,
+            job.spec.output.schema_retries,
+        )
+        # Rows asked again in a later batch of this run: their schema mismatches and spend.
+        self.tries: dict[tuple[str, str], RowTries] = {}
+        self.stop: JobFatalError | None = None
 
     # --- the run -------------------------------------------------------------------------
 
@@ -351,6 +361,10 @@ class _BatchRun:
         self.log.event(
             "batch_collected", chunk=chunk.chunk_id, batch=state.batch_id, status=state.status
         )
+        if self.stop is not None:
+            # A line said no row can succeed (a rejected key, an unknown model): its rows
+            # stay pending for the rerun after the fix, and no new batch is sent.
+            raise explained(self.stop, self.settings)
         cancelled_at = float(self.checkpoint.get_meta(CANCELLED_AT) or 0)
         if (state.status == "cancelled" or self.canceled_lines) and cancelled_at >= self.started:
             # Cancelled while this run waited: stop. A later run sends the rows again.
@@ -366,67 +380,36 @@ class _BatchRun:
             if item is None:
                 continue  # not one of ours: nothing to record
             result = self._row_result(item, line)
-            if result is None:
-                self.tally.retried += 1
-            else:
+            if result is not None:
                 results.append(result)
         await self._record(results)
 
     def _row_result(self, item: Item, line: ResultLine) -> RowResult | None:
-        """The row's result, or None when it goes into a later batch."""
-        error: ProviderError
+        """The row's result, or None when it goes into a later batch (or stays pending)."""
+        answer: Completion | ProviderError
         if line.status == EXPIRED:
-            error = BatchExpired("the batch window ended before this request ran")
+            answer = BatchExpired("the batch window ended before this request ran")
         elif line.status == CANCELED:
             self.canceled_lines += 1
             return None  # cancelled by the user: the row stays pending
         else:
             try:
-                completion = self.provider.parse_body(int(line.status), line.body)
+                answer = self.provider.parse_body(int(line.status), line.body)
             except ProviderError as exc:
-                error = exc
-            else:
-                return self._success(item, completion)
-        if isinstance(error, RetryableError) and item.attempt < self.max_attempts:
+                answer = exc
+        row = (item.row_key, item.request_hash)
+        earlier = self.tries.pop(row, None) or RowTries()
+        tries = RowTries(item.attempt, earlier.schema_failures, earlier.spend)
+        # A batch retry is the row in a later batch: the decision's `when` means nothing here.
+        decision = decide(answer, tries, self.rules, row=_ItemRow(item), now=0.0)
+        if isinstance(decision, Finished):
+            return decision.result
+        if isinstance(decision, Stop):
+            self.stop = self.stop or decision.error  # the row stays pending; the job stops
             return None
-        tried = f" after {item.attempt} attempts" if item.attempt > 1 else ""
-        return RowResult(
-            item.row_index,
-            item.row_key,
-            item.request_hash,
-            item.attempt,
-            None,
-            error=error.describe() + tried,
-        )
-
-    def _success(self, item: Item, completion: Completion) -> RowResult | None:
-        # A cost the provider reports is its own (batch) price; else the batch price table.
-        cost = completion.reported_cost_usd
-        price = self.settings.batch_price
-        if cost is None and price is not None and completion.usage is not None:
-            cost = price.cost(completion.usage)
-        result = RowResult(
-            item.row_index,
-            item.row_key,
-            item.request_hash,
-            item.attempt,
-            None,
-            completion=completion,
-            cost_usd=cost,
-        )
-        if completion.finish_reason == "content_filter":
-            result.error = "content_filtered: the provider's content filter stopped the answer"
-            return result
-        schema = self.job.layout.schema
-        if schema is not None:
-            try:
-                result.parsed = schema.parse(completion.response)
-            except SchemaViolation as exc:
-                retries = self.job.spec.output.schema_retries
-                if item.attempt <= retries and item.attempt < self.max_attempts:
-                    return None
-                result.error = exc.describe()
-        return result
+        self.tries[row] = decision.tries
+        self.tally.retried += 1
+        return None
 
     async def _record(self, results: list[RowResult]) -> None:
         """Results go through the same sink as an online run's answers."""
@@ -529,6 +512,25 @@ class JobStoppedByApi(JobFatalError):
 
     def __init__(self, cause: ProviderError) -> None:
         super().__init__(cause.describe(), status=cause.status)
+
+
+@dataclass(frozen=True, slots=True)
+class _ItemRow:
+    """A batch item as the row `decide` answers for."""
+
+    item: Item
+
+    @property
+    def index(self) -> int:
+        return self.item.row_index
+
+    @property
+    def key(self) -> str:
+        return self.item.row_key
+
+    @property
+    def request_hash(self) -> str:
+        return self.item.request_hash
 
 
 def _line_error(error: dict[str, object]) -> str:

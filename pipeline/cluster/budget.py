@@ -17,7 +17,7 @@ import math
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from pipeline.budget import Budget
+from pipeline.budget import Budget, Reservation
 from pipeline.errors import BudgetExceeded
 from pipeline.types import ChatRequest
 
@@ -65,7 +65,8 @@ class Allowances:
 
 
 class AllowanceBudget(Budget):
-    """A worker's budget: the ordinary projection and reservation, within its allowance."""
+    """A worker's budget: the ordinary projection and reservation, within its allowance
+    (a `SpendingLimit`, as one process's `Budget` is)."""
 
     def __init__(self, budget: Budget) -> None:
         # The job's limits, kept for the message; the worker starts with no allowance.
@@ -75,7 +76,7 @@ class AllowanceBudget(Budget):
             0 if budget.max_tokens_total is not None else None,
             budget.price,
         )
-        self._held: dict[int, tuple[float, float] | None] = {}
+        self._held: dict[int, Reservation] = {}
 
     def wanted(self, request: ChatRequest) -> tuple[tuple[float, float], tuple[float, float]]:
         """(what the next attempt of `request` needs beyond the allowance, what to ask for)."""
@@ -96,7 +97,7 @@ class AllowanceBudget(Budget):
         with suppress(BudgetExceeded):
             self._held[id(request)] = super().reserve(request)
 
-    def reserve(self, request: ChatRequest) -> tuple[float, float] | None:
+    def reserve(self, request: ChatRequest) -> Reservation:
         if id(request) in self._held:
             return self._held.pop(id(request))
         try:

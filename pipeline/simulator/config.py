@@ -37,7 +37,9 @@ class SimulatorConfig(BaseModel):
     api_key: str | None = None
     """None accepts any key (or none). Otherwise the key must arrive as
     ``Authorization: Bearer <k>``, ``x-api-key: <k>`` or ``"key"`` in the JSON body."""
-    auth_error_style: Literal["openai", "xai", "modelslab"] = "openai"
+    auth_error_style: Literal["openai", "xai", "modelslab", "litellm"] = "openai"
+    """litellm: a LiteLLM gateway without its key database, which answers every key it
+    cannot check with HTTP 400 "No connected db." (nothing in the body says it is the key)."""
 
     # --- models ---------------------------------------------------------------------
     models: list[str] = Field(

@@ -131,6 +131,8 @@ def auth_error(style: str, given: str | None) -> tuple[int, dict[str, Any]]:
         return 400, {"code": "Client specified an invalid argument", "error": msg}
     if style == "modelslab":
         return 401, modelslab_error("Invalid API key")
+    if style == "litellm":
+        return 400, openai_error("Authentication Error, No connected db.", "auth_error", "400")
     msg = (
         f"Incorrect API key provided: {shown}."
         if shown
