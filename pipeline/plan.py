@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from pipeline.checkpoint import Checkpoint, Finished
+from pipeline.checkpoint import Finished
 from pipeline.inputs import InputTable, row_keys
 from pipeline.render import (
     PromptRenderer,
@@ -17,6 +17,7 @@ from pipeline.render import (
     is_empty_prompt,
     template_error,
 )
+from pipeline.results import ResultStore
 from pipeline.types import ChatRequest, Completion, Message, RowResult, Usage
 
 READ_BATCH_ROWS = 10_000
@@ -32,7 +33,7 @@ _SKIPPED_HASH = ":" + SKIPPED
 class WorkPlan:
     table: InputTable
     renderer: PromptRenderer
-    checkpoint: Checkpoint
+    checkpoint: ResultStore  # a local checkpoint, or a cluster shard's segments
     model: str
     params: dict[str, Any]
     limit: int | None = None

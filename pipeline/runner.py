@@ -41,6 +41,7 @@ from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.recover import adopt_output
 from pipeline.render import PromptRenderer
+from pipeline.results import ResultStore
 from pipeline.retry import RetryPolicy
 from pipeline.runlock import RunLock
 from pipeline.runlog import WRITE_EVERY_S, RunLog
@@ -245,7 +246,7 @@ def limited_uri(uri: str, limit: int) -> str:
 
 def _plan(
     job: PreparedJob,
-    checkpoint: Checkpoint,
+    checkpoint: ResultStore,
     *,
     retry_failed: bool = False,
     from_start: bool = False,
@@ -838,7 +839,7 @@ def status(job: PreparedJob, *, window_s: float = 60.0) -> Status | None:
         checkpoint.close()
 
 
-def status_of(job: PreparedJob, checkpoint: Checkpoint, *, window_s: float = 60.0) -> Status:
+def status_of(job: PreparedJob, checkpoint: ResultStore, *, window_s: float = 60.0) -> Status:
     """What these results (a checkpoint, or a cluster's segments) say about a job."""
     totals = checkpoint.totals()
     recent, last = checkpoint.recent(window_s)
@@ -875,7 +876,7 @@ def export_partial(job: PreparedJob, path: Path) -> int:
         checkpoint.close()
 
 
-def export_from(job: PreparedJob, checkpoint: Checkpoint, path: Path) -> int:
+def export_from(job: PreparedJob, checkpoint: ResultStore, path: Path) -> int:
     """Write the rows these results (a checkpoint, or a cluster's segments) finished."""
     return write_output(
         job.table,

@@ -23,20 +23,18 @@ from types import ModuleType
 from typing import Any
 
 import orjson
-import polars as pl
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import Totals
 from pipeline.cluster.budget import Allowances
 from pipeline.cluster.limiter import ClusterLimiter, ClusterProgress
-from pipeline.cluster.segments import ShardStore, StateRoot
+from pipeline.cluster.segments import ShardResults, ShardStore, StateRoot
 from pipeline.cluster.shards import Shard, dump, load, plan_shards
 from pipeline.cluster.worker import ShardOutcome, ShardTask, run_shard
 from pipeline.counters import RunCounters
 from pipeline.errors import SpecError
-from pipeline.inputs import row_keys
-from pipeline.output import READ_BATCH_ROWS, join_results
+from pipeline.output import OutputFile, ParquetOutput, write_joined
+from pipeline.plan import WorkPlan
 from pipeline.progress import Progress
 from pipeline.runlock import RunLock
 from pipeline.runner import (
@@ -364,61 +362,63 @@ def _finish(
 def assemble(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
     """Write the output from the segments, in input order; returns totals and failed rows.
 
-    One Parquet file, or one part file per shard when the output path ends with `/`.
-    Built locally (beside the output, or in the local stage of a remote output) and
-    moved or uploaded into place only when complete.
+    The output writer of a local run, fed shard by shard: one file in the format of
+    `output.path`, or one Parquet part file per shard when the path ends with `/`.
+    Each file is built locally (beside the output, or in the local stage of a remote
+    output) and moved or uploaded into place only when complete.
     """
-    folder = output_is_folder(job)
-    target = job.output_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        target.mkdir(parents=True, exist_ok=True)
-    writer: pq.ParquetWriter | None = None
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if output_is_folder(job):
+        return _assemble_parts(job, root, shards)
     totals = Totals()
     failed = 0
-    for shard in shards:
-        results = ShardStore(root, shard.index).read()
-        totals = _add(totals, results.totals())
-        part = target / f"part-{shard.index:05d}.parquet" if folder else None
-        part_temporary = part.with_name(f".{part.name}.tmp") if part else None
-        offset = shard.start
-        part_writer: pq.ParquetWriter | None = None
-        for batch in job.table.batches(READ_BATCH_ROWS, job.limit, shard.start, shard.stop):
-            keys = _keys(job, batch, offset)
-            offset += batch.height
-            joined = join_results(batch.to_arrow(), keys, results, job.layout)  # type: ignore[arg-type]
-            errors = joined.column("error")
-            failed += len(errors) - errors.null_count
-            if part_temporary is not None:
-                part_writer = part_writer or pq.ParquetWriter(
-                    part_temporary, joined.schema, compression="zstd"
-                )
-                part_writer.write_table(joined)
-            else:
-                writer = writer or pq.ParquetWriter(temporary, joined.schema, compression="zstd")
-                writer.write_table(joined)
-        if part is not None and part_temporary is not None and part_writer is not None:
-            part_writer.close()
-            os.replace(part_temporary, part)
-            _publish(job, part, f"part-{shard.index:05d}.parquet")
-    if not folder:
-        if writer is None:
-            raise SpecError("the input has no rows to write")
-        writer.close()
-        os.replace(temporary, target)
-        _publish(job, target, None)
+    with OutputFile(job.output_path) as output:
+        for shard in shards:
+            results = ShardStore(root, shard.index).read()
+            totals = _add(totals, results.totals())
+            failed += _write_shard(output, job, shard, results)
+        if not shards:  # an input without rows: the columns alone, as a local run writes
+            write_joined(output, job.table, ShardResults({}), job.layout, limit=0)
+    _publish(job, job.output_path, None)
     return totals, failed
 
 
-def _keys(job: PreparedJob, batch: pl.DataFrame, offset: int) -> list[str]:
-    """The keys the shards recorded rows under: the id, else the request hash."""
-    if job.table.id_column is not None:
-        return row_keys(batch, offset, job.table.id_column)
-    digest = job.renderer.request_hasher(job.settings.model, job.settings.params, job.request_extra)
-    variables = list(job.renderer.variables)
-    rows = batch.select(variables).rows() if variables else [()] * batch.height
-    return [digest(values) for values in rows]
+def _assemble_parts(job: PreparedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
+    totals = Totals()
+    failed = 0
+    job.output_path.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        results = ShardStore(root, shard.index).read()
+        totals = _add(totals, results.totals())
+        name = f"part-{shard.index:05d}{ParquetOutput.extension}"
+        with OutputFile(job.output_path / name, ParquetOutput) as part:
+            failed += _write_shard(part, job, shard, results)
+        _publish(job, job.output_path / name, name)
+    return totals, failed
+
+
+def _write_shard(output: OutputFile, job: PreparedJob, shard: Shard, results: ShardResults) -> int:
+    """Write a shard's rows with their results; returns how many are in error."""
+    plan = WorkPlan(
+        job.table,
+        job.renderer,
+        results,
+        job.settings.model,
+        job.settings.params,
+        job.limit,
+        request_extra=job.request_extra,
+        skip_empty=job.spec.prompt.skip_empty,
+    )
+    written = write_joined(
+        output,
+        job.table,
+        results,
+        job.layout,
+        hashes=plan.hashes_for,
+        limit=job.limit,
+        start=shard.start,
+        stop=shard.stop,
+    )
+    return written.failed
 
 
 def _publish(job: PreparedJob, local: Path, part: str | None) -> None:

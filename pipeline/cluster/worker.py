@@ -19,7 +19,7 @@ from typing import Any, cast
 import anyio
 
 from pipeline.budget import Budget
-from pipeline.checkpoint import Checkpoint, Journal, Row
+from pipeline.checkpoint import Journal, Row
 from pipeline.cluster.budget import AllowanceBudget
 from pipeline.cluster.limiter import Lease, LeasedPacer, WorkerReport
 from pipeline.cluster.segments import ShardStore, StateRoot, record
@@ -157,7 +157,7 @@ async def _run_shard(
     plan = WorkPlan(
         table,
         renderer,
-        cast(Checkpoint, committed),  # segments answer the planner's look-ups
+        committed,  # segments answer the planner's look-ups
         settings.model,
         settings.params,
         task.limit,
