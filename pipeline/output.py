@@ -366,7 +366,7 @@ def _empty(table: InputTable, results: ResultStore, layout: Layout) -> pa.Table:
 
 def write_output(
     table: InputTable,
-    checkpoint: ResultStore,
+    results: ResultStore,
     path: Path,
     limit: int | None = None,
     *,
@@ -384,7 +384,7 @@ def write_output(
         written = write_joined(
             output,
             table,
-            checkpoint,
+            results,
             layout,
             hashes=hashes,
             limit=limit,
@@ -392,8 +392,8 @@ def write_output(
         )
     # A checkpoint remembers the full output it last wrote, so a rerun rewrites nothing;
     # a cluster's segments keep no run state (its driver assembles every time).
-    if not finished_only and isinstance(checkpoint, Checkpoint):
-        checkpoint.set_meta("output_stamp", _stamp(table, checkpoint, path, limit))
+    if not finished_only and isinstance(results, Checkpoint):
+        results.set_meta("output_stamp", _stamp(table, results, path, limit))
     return written.rows
 
 
