@@ -41,6 +41,7 @@ class Case:
     exit_code: int
     check: Callable[[pl.DataFrame], None]  # what every mode's output must show
     job: dict[str, Any] = field(default_factory=dict)  # make_job overrides
+    shards: int = 1  # on the cluster: one per CSV file of at least 50 rows (cluster/shards.py)
 
 
 @dataclass(frozen=True)
@@ -159,15 +160,16 @@ def _template_error_check(out: pl.DataFrame) -> None:
 
 CASES = [
     Case(
-        "plain-parquet-two-files",
+        "plain-parquet-two-shards",
         {
-            "a.csv": pl.DataFrame({"n": range(15), "text": texts(15)}),
-            "b.csv": pl.DataFrame({"n": range(15, 27), "text": texts(12, 15)}),
+            "a.csv": pl.DataFrame({"n": range(50), "text": texts(50)}),
+            "b.csv": pl.DataFrame({"n": range(50, 100), "text": texts(50, 50)}),
         },
         "result.parquet",
         0,
         _plain_check,
         {"input__path": "*.csv", "input__id_column": "n"},
+        shards=2,
     ),
     Case(
         "skip-empty-csv",
@@ -287,6 +289,8 @@ def test_every_mode_writes_the_online_rows(
     case.check(out)
     if mode == "online":
         return
+    if mode == "ray":
+        assert f"cluster: {case.shards} shards" in outcome.stderr
     compared = [*TIMING, "cost_usd"]
     assert_frame_equal(out.drop(compared), reference.output.drop(compared))
     share = BATCH_PRICE_SHARE if mode == "batch" else 1.0
