@@ -68,6 +68,17 @@ class Fetched:
     found: list[bool]
     values: dict[str, tuple[Any, ...]]
 
+    def filled_from(self, other: Fetched) -> Fetched:
+        """These values, with the rows they lack taken from `other` (same keys, names)."""
+        take = [not mine and theirs for mine, theirs in zip(self.found, other.found, strict=True)]
+        values = {
+            name: tuple(
+                b if use else a for a, b, use in zip(column, other.values[name], take, strict=True)
+            )
+            for name, column in self.values.items()
+        }
+        return Fetched([a or b for a, b in zip(self.found, take, strict=True)], values)
+
 
 @dataclass(frozen=True, slots=True)
 class Totals:

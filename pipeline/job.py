@@ -20,9 +20,10 @@ from pipeline import storage
 from pipeline.config import ProviderSettings
 from pipeline.inputs import InputTable
 from pipeline.output import Layout
-from pipeline.plan import ResultLookup, WorkPlan
+from pipeline.plan import WorkPlan
 from pipeline.render import PromptRenderer
 from pipeline.spec import JobSpec
+from pipeline.store import ResultStore
 from pipeline.structured import OutputSchema
 
 RUN_SUFFIX = ".run"
@@ -148,7 +149,7 @@ class ResolvedJob:
         return {"schema": schema, "tools": model.tools, "tool_choice": model.tool_choice}
 
     def plan(
-        self, results: ResultLookup, *, retry_failed: bool = False, start_at: int = 0
+        self, results: ResultStore, *, retry_failed: bool = False, start_at: int = 0
     ) -> WorkPlan:
         """Which rows still need a request, given the results recorded so far."""
         return WorkPlan(
@@ -164,7 +165,7 @@ class ResolvedJob:
             skip_empty=self.spec.prompt.skip_empty,
         )
 
-    def keys_for(self, batch: pl.DataFrame, offset: int, results: ResultLookup) -> list[str]:
+    def keys_for(self, batch: pl.DataFrame, offset: int, results: ResultStore) -> list[str]:
         """The key each row of an input batch is recorded under."""
         plan = self.plan(results)
         return plan.keys_for(batch, offset, plan.hashes_for(batch))

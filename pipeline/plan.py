@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -17,6 +17,7 @@ from pipeline.render import (
     is_empty_prompt,
     template_error,
 )
+from pipeline.store import ResultStore
 from pipeline.types import ChatRequest, Completion, Message, RowResult, Usage
 
 READ_BATCH_ROWS = 10_000
@@ -28,20 +29,11 @@ SKIPPED = "skipped"  # finish_reason of a row not sent because its prompt is emp
 _SKIPPED_HASH = ":" + SKIPPED
 
 
-class ResultLookup(Protocol):
-    """What planning needs of recorded results: a job's checkpoint, or the segments a
-    cluster's shards committed."""
-
-    def finished(self, keys: list[str]) -> dict[str, Finished]:
-        """The recorded result of each of `keys` that has one."""
-        ...
-
-
 @dataclass
 class WorkPlan:
     table: InputTable
     renderer: PromptRenderer
-    checkpoint: ResultLookup
+    checkpoint: ResultStore  # a local checkpoint, or a cluster shard's segments
     model: str
     params: dict[str, Any]
     limit: int | None = None

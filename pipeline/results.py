@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from pipeline.checkpoint import Checkpoint, Finished, Totals
+from pipeline.checkpoint import Checkpoint, Fetched, Finished, Totals
 from pipeline.counters import RUN_STATE_META, RunState
 from pipeline.errors import SpecError
 from pipeline.identity import open_checkpoint
 from pipeline.job import ResolvedJob
 from pipeline.output import write_output
-from pipeline.plan import ResultLookup
-
-
-class RecordedResults(ResultLookup, Protocol):
-    """What status reads of recorded results: a checkpoint, the checkpoints of a job's
-    runs together, or a cluster's segments."""
-
-    def totals(self) -> Totals: ...
-
-    def recent(self, window_s: float) -> tuple[int, float | None]: ...
-
-    def get_meta(self, name: str) -> str | None: ...
+from pipeline.store import ResultStore
 
 
 @dataclass
@@ -60,16 +50,17 @@ class Status:
 def status(job: ResolvedJob, *, window_s: float = 60.0) -> Status | None:
     """What the job's checkpoint, and those of its `--limit` runs, say about it, running
     or not; None before its first run."""
-    paths = [
-        path
-        for path in (job.checkpoint_path, *(r.checkpoint for r in job.related_runs))
-        if path.exists()
-    ]
-    if not paths:
-        return None
-    opened = [open_checkpoint(path) for path in paths]
+    with _runs_of(job) as runs:
+        return None if runs is None else status_of(job, runs, window_s=window_s)
+
+
+@contextmanager
+def _runs_of(job: ResolvedJob) -> Iterator[RunsOfAJob | None]:
+    """The job's checkpoint, then its `--limit` runs', opened for reading."""
+    paths = [job.checkpoint_path, *(run.checkpoint for run in job.related_runs)]
+    opened = [open_checkpoint(path) for path in paths if path.exists()]
     try:
-        return status_of(job, RunsOfAJob(opened), window_s=window_s)
+        yield RunsOfAJob(opened) if opened else None
     finally:
         for checkpoint in opened:
             checkpoint.close()
@@ -86,6 +77,16 @@ class RunsOfAJob:
         found: dict[str, Finished] = {}
         for checkpoint in reversed(self.checkpoints):
             found.update(checkpoint.finished(keys))
+        return found
+
+    def fetch(
+        self, keys: list[str], names: Sequence[str], hashes: list[str] | None = None
+    ) -> Fetched:
+        """The first run's stored values; rows it lacks, from the others in turn."""
+        first, *others = self.checkpoints
+        found = first.fetch(keys, names, hashes)
+        for other in others:
+            found = found.filled_from(other.fetch(keys, names, hashes))
         return found
 
     def totals(self) -> Totals:
@@ -110,7 +111,7 @@ class RunsOfAJob:
         return newest[1] if newest else None
 
 
-def status_of(job: ResolvedJob, checkpoint: RecordedResults, *, window_s: float = 60.0) -> Status:
+def status_of(job: ResolvedJob, checkpoint: ResultStore, *, window_s: float = 60.0) -> Status:
     """What these results (a checkpoint, or a cluster's segments) say about a job."""
     totals = checkpoint.totals()
     recent, last = checkpoint.recent(window_s)
@@ -150,16 +151,15 @@ def _rate(recent: int, last: float | None, run: RunState | None, window_s: float
 
 def export_partial(job: ResolvedJob, path: Path) -> int:
     """Write the rows finished so far to `path`; safe while the job runs."""
-    if not job.checkpoint_path.exists():
-        raise SpecError(f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist")
-    checkpoint = open_checkpoint(job.checkpoint_path)
-    try:
-        return export_from(job, checkpoint, path)
-    finally:
-        checkpoint.close()
+    with _runs_of(job) as runs:
+        if runs is None:
+            raise SpecError(
+                f"no results yet for {job.spec.name}: {job.checkpoint_path} does not exist"
+            )
+        return export_from(job, runs, path)
 
 
-def export_from(job: ResolvedJob, checkpoint: Checkpoint, path: Path) -> int:
+def export_from(job: ResolvedJob, checkpoint: ResultStore, path: Path) -> int:
     """Write the rows these results (a checkpoint, or a cluster's segments) finished."""
     return write_output(
         job.table,

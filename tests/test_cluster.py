@@ -353,7 +353,7 @@ def test_python_api_runs_on_the_cluster(
 
     data = reviews(120)
     job = make_job(
-        tmp_path, simulator, input_path="unused.csv", output__path=str(tmp_path / "o.parquet")
+        tmp_path, simulator, input_path="unused.csv", output__path=str(tmp_path / "o.csv")
     )
     out = pipeline.run(
         pipeline.Job.from_yaml(job), data=data, ray=True, ray_workers=2, progress=False

@@ -175,3 +175,60 @@ def test_anthropic_message_batch_results_and_expiry(simulator: RunningSimulator)
             assert listing["data"][0]["id"] == batch["id"]
 
     anyio.run(scenario)
+
+
+def test_batched_structured_answers_go_off_schema_on_the_same_triggers_as_online(
+    simulator: RunningSimulator,
+) -> None:
+    simulator.configure(batch_turnaround_s=0.0)
+    base = simulator.base_url
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string"}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "row", "schema": schema}}
+    texts = ["plain", "once [[sim:bad_json]]", "never [[sim:always_bad_json]]"]
+
+    def requests(round_: int) -> bytes:
+        return jsonl(
+            [
+                {
+                    "custom_id": f"r{round_}-{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {**body(text), "response_format": response_format},
+                }
+                for i, text in enumerate(texts)
+            ]
+        )
+
+    def parses(line: dict[str, Any]) -> bool:
+        content = line["response"]["body"]["choices"][0]["message"]["content"]
+        try:
+            return isinstance(orjson.loads(content), dict)
+        except orjson.JSONDecodeError:
+            return False
+
+    async def answered(session: aiohttp.ClientSession, round_: int) -> list[bool]:
+        file_id = await upload(session, base, requests(round_))
+        create = {
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        _, batch = await call(session, "POST", f"{base}/batches", create)
+        _, batch = await call(session, "GET", f"{base}/batches/{batch['id']}")
+        lines = await lines_of(session, f"{base}/files/{batch['output_file_id']}/content")
+        by_id = {line["custom_id"]: line for line in lines}
+        return [parses(by_id[f"r{round_}-{i}"]) for i in range(len(texts))]
+
+    async def scenario() -> tuple[list[bool], list[bool]]:
+        async with aiohttp.ClientSession() as session:
+            return await answered(session, 1), await answered(session, 2)
+
+    first, second = anyio.run(scenario)
+
+    assert first == [True, False, False]
+    assert second == [True, True, False]  # [[sim:bad_json]] spoils only the first answer

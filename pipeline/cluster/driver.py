@@ -23,8 +23,6 @@ from types import ModuleType
 from typing import Any
 
 import orjson
-import polars as pl
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import Totals
@@ -37,7 +35,7 @@ from pipeline.counters import RunCounters
 from pipeline.errors import SpecError
 from pipeline.job import ResolvedJob
 from pipeline.oslimits import ADAPTIVE_MAX_CONCURRENCY, ADAPTIVE_START_CONCURRENCY
-from pipeline.output import READ_BATCH_ROWS, join_results
+from pipeline.output import OutputFile, ParquetOutput, write_joined
 from pipeline.progress import Progress
 from pipeline.runlock import RunLock
 from pipeline.runs import RunEnd, RunOptions, RunSummary
@@ -338,56 +336,54 @@ def _finish(
 def assemble(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
     """Write the output from the segments, in input order; returns totals and failed rows.
 
-    One Parquet file, or one part file per shard when the output path ends with `/`.
-    Built locally (beside the output, or in the local stage of a remote output) and
-    moved or uploaded into place only when complete.
+    The output writer of a local run, fed shard by shard: one file in the format of
+    `output.path`, or one Parquet part file per shard when the path ends with `/`.
+    Each file is built locally (beside the output, or in the local stage of a remote
+    output) and moved or uploaded into place only when complete.
     """
-    folder = output_is_folder(job)
-    target = job.output_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        target.mkdir(parents=True, exist_ok=True)
-    writer: pq.ParquetWriter | None = None
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if output_is_folder(job):
+        return _assemble_parts(job, root, shards)
     totals = Totals()
     failed = 0
-    for shard in shards:
-        results = ShardStore(root, shard.index).read()
-        totals = _add(totals, results.totals())
-        part = target / f"part-{shard.index:05d}.parquet" if folder else None
-        part_temporary = part.with_name(f".{part.name}.tmp") if part else None
-        offset = shard.start
-        part_writer: pq.ParquetWriter | None = None
-        for batch in job.table.batches(READ_BATCH_ROWS, job.limit, shard.start, shard.stop):
-            keys = _keys(job, batch, offset, results)
-            offset += batch.height
-            joined = join_results(batch.to_arrow(), keys, results, job.layout)  # type: ignore[arg-type]
-            errors = joined.column("error")
-            failed += len(errors) - errors.null_count
-            if part_temporary is not None:
-                part_writer = part_writer or pq.ParquetWriter(
-                    part_temporary, joined.schema, compression="zstd"
-                )
-                part_writer.write_table(joined)
-            else:
-                writer = writer or pq.ParquetWriter(temporary, joined.schema, compression="zstd")
-                writer.write_table(joined)
-        if part is not None and part_temporary is not None and part_writer is not None:
-            part_writer.close()
-            os.replace(part_temporary, part)
-            _publish(job, part, f"part-{shard.index:05d}.parquet")
-    if not folder:
-        if writer is None:
-            raise SpecError("the input has no rows to write")
-        writer.close()
-        os.replace(temporary, target)
-        _publish(job, target, None)
+    with OutputFile(job.output_path) as output:
+        for shard in shards:
+            results = ShardStore(root, shard.index).read()
+            totals = _add(totals, results.totals())
+            failed += _write_shard(output, job, shard, results)
+        if not shards:  # an input without rows: the columns alone, as a local run writes
+            write_joined(output, job.table, ShardResults({}), job.layout, limit=0)
+    _publish(job, job.output_path, None)
     return totals, failed
 
 
-def _keys(job: ResolvedJob, batch: pl.DataFrame, offset: int, results: ShardResults) -> list[str]:
-    """The keys the shards recorded rows under: the id, else the request hash."""
-    return job.keys_for(batch, offset, results)
+def _assemble_parts(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> tuple[Totals, int]:
+    totals = Totals()
+    failed = 0
+    job.output_path.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        results = ShardStore(root, shard.index).read()
+        totals = _add(totals, results.totals())
+        name = f"part-{shard.index:05d}{ParquetOutput.extension}"
+        with OutputFile(job.output_path / name, ParquetOutput) as part:
+            failed += _write_shard(part, job, shard, results)
+        _publish(job, job.output_path / name, name)
+    return totals, failed
+
+
+def _write_shard(output: OutputFile, job: ResolvedJob, shard: Shard, results: ShardResults) -> int:
+    """Write a shard's rows with their results; returns how many are in error."""
+    plan = job.plan(results)
+    written = write_joined(
+        output,
+        job.table,
+        results,
+        job.layout,
+        hashes=plan.hashes_for,
+        limit=job.limit,
+        start=shard.start,
+        stop=shard.stop,
+    )
+    return written.failed
 
 
 def _publish(job: ResolvedJob, local: Path, part: str | None) -> None:

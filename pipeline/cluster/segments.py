@@ -115,7 +115,11 @@ def _absolute(location: str) -> str:
 
 @dataclass
 class ShardResults:
-    """What a shard's segments hold: key -> (request hash, result fields...)."""
+    """What a shard's segments hold: key -> (request hash, result fields...).
+
+    A `results.ResultStore`, as a local checkpoint is: the planner, the output writer,
+    status and export read a cluster's rows through it.
+    """
 
     records: dict[str, tuple[object, ...]]  # the `_FIELDS`, then finished_at
 
@@ -130,7 +134,7 @@ class ShardResults:
     def fetch(
         self, keys: list[str], names: Sequence[str], hashes: list[str] | None = None
     ) -> Fetched:
-        """As `Checkpoint.fetch`."""
+        """As `ResultStore.fetch`."""
         positions = [_FIELDS.index(name) for name in names]
         stored = {
             key: (key, record[0], *(record[i] for i in positions))
@@ -154,7 +158,7 @@ class ShardResults:
         return Totals(rows, failed, prompt, output, reasoning, cost, priced, unpriced)
 
     def recent(self, window_s: float) -> tuple[int, float | None]:
-        """As `Checkpoint.recent`: rows finished in the last `window_s` seconds, and
+        """As `ResultStore.recent`: rows finished in the last `window_s` seconds, and
         when the last one finished."""
         since = time.time() - window_s
         stamps = [float(record[-1]) for record in self.records.values()]  # type: ignore[arg-type]

@@ -12,11 +12,9 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import cast
 
 import orjson
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.cluster.driver import DRIVER_MARK
 from pipeline.cluster.segments import ShardResults, ShardStore, StateRoot
 from pipeline.counters import RunState
@@ -47,7 +45,7 @@ def job_status(job: ResolvedJob, *, window_s: float = 60.0) -> Status | None:
     if found is None:
         return local
     results, shards = found
-    cluster = status_of(job, cast(Checkpoint, results), window_s=window_s)
+    cluster = status_of(job, results, window_s=window_s)
     if local is not None and (local.last_finished_at or 0) > (cluster.last_finished_at or 0):
         return local
     cluster.shards = shards
@@ -84,4 +82,4 @@ def export_job(job: ResolvedJob, path: Path) -> int:
             return export_partial(job, path)
     if not results.records:
         raise SpecError(f"no results yet for {job.spec.name}: no shard has committed a row")
-    return export_from(job, cast(Checkpoint, results), path)
+    return export_from(job, results, path)

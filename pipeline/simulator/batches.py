@@ -36,7 +36,7 @@ from aiohttp import BodyPartReader, web
 from . import errors as E
 from . import payloads as P
 from .behaviour import normalize_messages, parse_triggers, request_key
-from .handlers import _maybe_invalid
+from .handlers import maybe_invalid
 from .structured import OutputError, anthropic_output, openai_output
 
 if TYPE_CHECKING:
@@ -586,8 +586,8 @@ class BatchStore:
             if anthropic:
                 return 400, E.anthropic_error(400, str(exc))
             return 400, E.openai_error(str(exc), "invalid_request_error", None, exc.param)
-        if output is not None and triggers is not None:  # [[sim:bad_json]] as online
-            output = _maybe_invalid(sim, output, triggers, request_key(body), truncate=False)
+        if output is not None and triggers is not None:  # [[sim:bad_json]], as online
+            output = maybe_invalid(sim, output, triggers, request_key(body), truncate=False)
         limit = max_tokens if isinstance(max_tokens, int) else None
         c = sim.completion_for(model, msgs, limit, with_reasoning, triggers, None, output)
         sim.stats_obj.paid(request_key(body), c)

@@ -223,7 +223,7 @@ async def _write_stream(
     return resp
 
 
-def _maybe_invalid(sim: Simulator, output: Output, t: Triggers, key: str, truncate: bool) -> Output:
+def maybe_invalid(sim: Simulator, output: Output, t: Triggers, key: str, truncate: bool) -> Output:
     """``[[sim:always_bad_json]]``: always invalid; ``[[sim:bad_json]]``: invalid on the
     first answered (not truncated) attempt of this exact request."""
     if t.always_bad_json:
@@ -317,7 +317,7 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
     await sim.sleep(sim.latency_s(triggers))
     truncate = fault == "truncate_stream"
     if output is not None and triggers is not None:
-        output = _maybe_invalid(sim, output, triggers, key, truncate)
+        output = maybe_invalid(sim, output, triggers, key, truncate)
     c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt, output)
     if not truncate:
         sim.stats_obj.paid(key, c)
