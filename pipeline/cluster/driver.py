@@ -199,7 +199,7 @@ def committed_totals(root: StateRoot, shards: list[Shard]) -> Totals:
     """Rows, tokens and cost of everything the shards committed."""
     totals = Totals()
     for shard in shards:
-        totals = _add(totals, ShardStore(root, shard.index).read().totals())
+        totals = totals + ShardStore(root, shard.index).read().totals()
     return totals
 
 
@@ -348,7 +348,7 @@ def assemble(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> tuple[To
     with OutputFile(job.output_path) as output:
         for shard in shards:
             results = ShardStore(root, shard.index).read()
-            totals = _add(totals, results.totals())
+            totals = totals + results.totals()
             failed += _write_shard(output, job, shard, results)
         if not shards:  # an input without rows: the columns alone, as a local run writes
             write_joined(output, job.table, ShardResults({}), job.layout, limit=0)
@@ -362,7 +362,7 @@ def _assemble_parts(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> t
     job.output_path.mkdir(parents=True, exist_ok=True)
     for shard in shards:
         results = ShardStore(root, shard.index).read()
-        totals = _add(totals, results.totals())
+        totals = totals + results.totals()
         name = f"part-{shard.index:05d}{ParquetOutput.extension}"
         with OutputFile(job.output_path / name, ParquetOutput) as part:
             failed += _write_shard(part, job, shard, results)
@@ -391,19 +391,6 @@ def _publish(job: ResolvedJob, local: Path, part: str | None) -> None:
         return
     uri = job.output_uri + part if part else job.output_uri
     storage.upload(local, uri)
-
-
-def _add(a: Totals, b: Totals) -> Totals:
-    return Totals(
-        a.rows + b.rows,
-        a.failed + b.failed,
-        a.prompt_tokens + b.prompt_tokens,
-        a.output_tokens + b.output_tokens,
-        a.reasoning_tokens + b.reasoning_tokens,
-        a.cost_usd + b.cost_usd,
-        a.priced_rows + b.priced_rows,
-        a.unpriced_rows + b.unpriced_rows,
-    )
 
 
 def write_run_log(job: ResolvedJob, root: StateRoot, shards: list[Shard]) -> None:
