@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -23,7 +23,7 @@ from virtual_clock import run_virtual
 
 from pipeline import errors
 from pipeline.config import resolve_provider
-from pipeline.http import HttpClient
+from pipeline.http import HttpClient, HttpResponse
 from pipeline.providers import Provider, create_provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -89,6 +89,14 @@ class FakeProvider(Provider):
 
     def calls_for(self, index: int) -> list[Call]:
         return [call for call in self.calls if call.index == index]
+
+    def parse(self, response: HttpResponse) -> Completion:
+        raise AssertionError("a scripted provider parses no HTTP answer")
+
+    async def _assemble(
+        self, lines: AsyncIterator[bytes], headers: Mapping[str, str]
+    ) -> Completion:
+        raise AssertionError("a scripted provider assembles no stream")
 
 
 def request(index: int, prompt_estimate: int = 10, reply_budget: int = 10) -> ChatRequest:

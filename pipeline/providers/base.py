@@ -34,15 +34,15 @@ class Provider(ABC):
         self.settings = settings
         self.client = client
 
+    @abstractmethod
     def parse(self, response: HttpResponse) -> Completion:
         """One whole answer (status, headers, body) as a completion, or its error."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _assemble(
         self, lines: AsyncIterator[bytes], headers: Mapping[str, str]
     ) -> Completion:
         """The events of a streamed answer joined into the completion a plain call gives."""
-        raise NotImplementedError
 
     async def _stream(self, body: bytes) -> Completion:
         async with self.client.stream(self.url, body, self.headers) as response:
