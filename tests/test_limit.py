@@ -58,3 +58,37 @@ def test_limit_with_output_writes_exactly_there(
     assert result.returncode == 0, result.stderr
     assert pl.read_parquet(tmp_path / "mine.parquet").height == 3
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.parquet"))
+
+
+def test_a_fresh_limited_run_sets_nothing_of_the_full_run_aside(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(12).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+    simulator.reset()
+
+    limited = run_cli("run", str(job), "--quiet", "--limit", "5", "--fresh", cwd=tmp_path)
+
+    assert limited.returncode == 0, limited.stderr
+    assert simulator.stats(full=False)["requests"] == 5  # --fresh: the 5 are asked again
+    status = run_cli("status", str(job), cwd=tmp_path).stdout
+    assert "test-job: 12/12 rows finished" in status, status
+    again = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert simulator.stats(full=False)["requests"] == 5  # the full run sends nothing
+
+
+def test_fresh_says_what_it_sets_aside_and_keeps_a_copy(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(6).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+
+    fresh = run_cli("run", str(job), "--fresh", cwd=tmp_path)
+
+    assert fresh.returncode == 0, fresh.stderr
+    assert "--fresh: the 6 row(s) recorded so far" in fresh.stderr
+    copies = list((tmp_path / "out" / "result.parquet.run" / "set-aside").glob("*/*.sqlite"))
+    assert len(copies) == 1
