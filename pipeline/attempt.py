@@ -37,9 +37,8 @@ from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.spend import RowSpend, attempt_cost
 from pipeline.structured import OutputSchema
-from pipeline.types import ChatRequest, Completion, RowResult
+from pipeline.types import UNANSWERED, ChatRequest, Completion, RowResult
 
-CONTENT_FILTERED = "content_filtered: the provider's content filter stopped the answer"
 SCHEMA_RETRY = "answer does not match output.schema: asking again"
 
 
@@ -214,8 +213,8 @@ class Attempt:
         self, *, completion: Completion | None = None, error: str | None = None
     ) -> RowResult:
         request, price = self.request, self.run.price
-        if completion is not None and completion.finish_reason == "content_filter":
-            error = CONTENT_FILTERED
+        if completion is not None and completion.finish_reason in UNANSWERED:
+            error = UNANSWERED[completion.finish_reason]
         return RowResult(
             request.index,
             request.key,

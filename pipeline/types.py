@@ -7,6 +7,18 @@ from typing import Any
 
 Message = dict[str, str]
 
+# Finish reasons of answers that are not the answer asked for: the row is finished
+# (never asked again, never checked against a schema) with this error, and whatever
+# the provider sent (a refusal's words, a paused turn's partial text) kept in `response`.
+REFUSAL = "refusal"
+PAUSED_TURN = "pause_turn"
+UNANSWERED: dict[str, str] = {
+    "content_filter": "content_filtered: the provider's content filter stopped the answer",
+    REFUSAL: "refused: the model declined to answer (its words are in response)",
+    PAUSED_TURN: "paused_turn: the provider paused the turn before it finished "
+    "(a long server-tool run); the partial answer is in response",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:

@@ -47,7 +47,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.runner import Connection, PreparedJob, RunEnd, RunOptions, RunSummary, open_connection
 from pipeline.scheduler import Outcome
-from pipeline.types import Completion, RowResult
+from pipeline.types import UNANSWERED, Completion, RowResult
 
 RECORD_ROWS = 2000
 CANCELLED_AT = "batch_cancelled_at"  # checkpoint meta: when `pipeline cancel` last ran
@@ -409,8 +409,8 @@ class _BatchRun:
             completion=completion,
             cost_usd=cost,
         )
-        if completion.finish_reason == "content_filter":
-            result.error = "content_filtered: the provider's content filter stopped the answer"
+        if completion.finish_reason in UNANSWERED:
+            result.error = UNANSWERED[completion.finish_reason]
             return result
         schema = self.job.layout.schema
         if schema is not None:

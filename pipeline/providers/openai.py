@@ -28,7 +28,7 @@ from pipeline.providers.shapes import (
     read,
 )
 from pipeline.structured import SCHEMA_NAME
-from pipeline.types import ChatRequest, Completion, RateLimitInfo
+from pipeline.types import REFUSAL, ChatRequest, Completion, RateLimitInfo
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
 
@@ -174,6 +174,10 @@ def _completion(
     empty: Callable[[], errors.MalformedResponse],
 ) -> Completion:
     content = message.content or ""
+    if message.refusal:
+        # A refusal is the model's answer to this row, kept in its words: never an
+        # empty success, never a schema mismatch to be asked (and paid for) again.
+        content, finish_reason = message.refusal, REFUSAL
     reasoning = _reasoning(message)
     if reasoning is None and (think := _THINK.match(content)):
         reasoning = think.group(1).strip()
@@ -206,7 +210,14 @@ def _schema_answer_from_tool(completion: Completion) -> Completion:
         if call["name"] == SCHEMA_NAME:
             arguments = call["arguments"]
             text = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
-            return dataclasses.replace(completion, response=text, tool_calls=None)
+            # The forced call is the answer: it stopped as asked, unless cut or filtered.
+            finish = "stop" if completion.finish_reason == "tool_calls" else None
+            return dataclasses.replace(
+                completion,
+                response=text,
+                tool_calls=None,
+                finish_reason=finish or completion.finish_reason,
+            )
     return completion
 
 
@@ -226,6 +237,7 @@ class _StreamAssembler:
     def __init__(self, redact: Callable[[str], str]) -> None:
         self.redact = redact
         self.content: list[str] = []
+        self.refusal: list[str] = []
         self.reasoning: dict[str, list[str]] = {"reasoning_content": [], "reasoning": []}
         self.calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
@@ -241,9 +253,13 @@ class _StreamAssembler:
         if chunk.usage is not None:
             self.usage = chunk.usage
         for choice in chunk.choices or []:
+            if choice.index:
+                continue  # another of n choices: never interleaved into the first
             delta = choice.delta or OpenAIDelta()
             if delta.content:
                 self.content.append(delta.content)
+            if delta.refusal:
+                self.refusal.append(delta.refusal)
             for field, parts in self.reasoning.items():
                 if text := getattr(delta, field):
                     parts.append(text)
@@ -266,6 +282,7 @@ class _StreamAssembler:
             )
         message = OpenAIMessage(
             content="".join(self.content),
+            refusal="".join(self.refusal) or None,
             reasoning_content="".join(self.reasoning["reasoning_content"]) or None,
             reasoning="".join(self.reasoning["reasoning"]) or None,
             tool_calls=[

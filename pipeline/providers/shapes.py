@@ -97,6 +97,7 @@ ToolCalls = Annotated[list[OpenAIToolCall] | None, BeforeValidator(_none_if_not_
 
 class OpenAIMessage(_Shape):
     content: Text = None
+    refusal: OptionalStr = None  # the model declined: its words, with content null
     reasoning_content: OptionalStr = None
     reasoning: OptionalStr = None
     reasoning_details: Annotated[list[Any] | None, BeforeValidator(_none_if_not_list)] = None
@@ -150,12 +151,14 @@ class OpenAIBody(_Shape):
 
 class OpenAIDelta(_Shape):
     content: Text = None
+    refusal: OptionalStr = None
     reasoning_content: OptionalStr = None
     reasoning: OptionalStr = None
     tool_calls: ToolCalls = None
 
 
 class OpenAIChunkChoice(_Shape):
+    index: Count = None
     delta: Annotated[OpenAIDelta | None, BeforeValidator(_none_if_not_dict)] = None
     finish_reason: OptionalStr = None
 
@@ -183,6 +186,7 @@ class AnthropicUsage(_Shape):
     output_tokens: Count = None
     cache_read_input_tokens: Count = None
     cache_creation_input_tokens: Count = None
+    output_tokens_details: Details = None  # thinking_tokens: part of output_tokens
 
     def to_usage(self) -> Usage | None:
         if self.input_tokens is None and self.output_tokens is None:
@@ -191,10 +195,11 @@ class AnthropicUsage(_Shape):
         # input_tokens leaves out cached tokens; prompt_tokens counts them all.
         prompt = (self.input_tokens or 0) + cached + (self.cache_creation_input_tokens or 0)
         output = self.output_tokens or 0
+        thinking = _count((self.output_tokens_details or {}).get("thinking_tokens"))
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=output,
-            reasoning_tokens=0,
+            reasoning_tokens=thinking or 0,
             cached_tokens=cached,
             total_tokens=prompt + output,
         )

@@ -132,6 +132,8 @@ class Triggers:
     tool: bool = False
     bad_json: bool = False
     always_bad_json: bool = False
+    refuse: bool = False
+    pause: bool = False
 
     @property
     def any_first(self) -> bool:
@@ -168,6 +170,10 @@ def parse_triggers(messages: list[dict[str, Any]]) -> Triggers | None:
             t.bad_json = True
         elif name == "always_bad_json":
             t.always_bad_json = True
+        elif name == "refuse":
+            t.refuse = True
+        elif name == "pause":
+            t.pause = True
     return t
 
 
@@ -191,8 +197,12 @@ class Completion:
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
-    finish: str  # "stop" | "length" | "content_filter" | "tool_calls"
+    finish: str  # "stop" | "length" | "content_filter" | "tool_calls" | "refusal" | "pause_turn"
     tool_call: ToolCall | None = None
+
+
+REFUSAL_TEXT = "I'm sorry, I can't help with that request."
+PAUSE_TEXT = "Let me search the web for that."
 
 
 def make_completion(
@@ -212,6 +222,14 @@ def make_completion(
     cached = math.floor(prompt * cached_fraction)
     if triggers is not None and triggers.filter:
         return Completion("", None, prompt, 0, 0, cached, "content_filter")
+    if triggers is not None and triggers.refuse:
+        tokens = text_tokens(REFUSAL_TEXT)
+        return Completion(REFUSAL_TEXT, None, prompt, tokens, 0, cached, "refusal")
+    if triggers is not None and triggers.pause:
+        # A server-tool loop that hit its iteration limit: text so far, turn unfinished.
+        return Completion(
+            PAUSE_TEXT, None, prompt, text_tokens(PAUSE_TEXT), 0, cached, "pause_turn"
+        )
     digest = _digest(model, messages)
     topic = _topic(messages)
     content = _answer_text(digest, topic)
@@ -220,10 +238,14 @@ def make_completion(
     if output is not None:
         content, tool = output.render(digest, content)
         if tool is not None:
+            finish = "tool_calls"
+            if triggers is not None and triggers.length:
+                # Cut inside the call: the streamed JSON stops halfway (no parsed input).
+                cut = tool.arguments[: max(1, len(tool.arguments) // 2)]
+                tool = ToolCall(tool.name, cut, {}, tool.key)
+                finish = "length"
             tokens = text_tokens(tool.arguments)
-            return Completion(
-                "", reasoning, prompt, tokens, reasoning_tokens, cached, "tool_calls", tool
-            )
+            return Completion("", reasoning, prompt, tokens, reasoning_tokens, cached, finish, tool)
     finish = "stop"
     if max_tokens is not None and max_tokens >= 0 and max_tokens < text_tokens(content):
         content = content[: max_tokens * 4]

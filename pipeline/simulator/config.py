@@ -56,6 +56,13 @@ class SimulatorConfig(BaseModel):
     cached_fraction: Probability = 0.0
     stream_chunk_chars: int = Field(default=24, ge=1)
     """Characters of text per streamed delta."""
+    anthropic_delta_usage: Literal["output", "cumulative", "nulls"] = "output"
+    """What a streamed Anthropic ``message_delta`` lists in ``usage`` (the SDK type makes
+    every count but ``output_tokens`` optional and calls them cumulative): output: only
+    ``output_tokens``; cumulative: every count again; nulls: the other counts as null."""
+    thinking_details: bool = False
+    """Anthropic usage carries ``output_tokens_details.thinking_tokens`` (a part of
+    ``output_tokens``), as newer models report it."""
 
     # --- rate limits ----------------------------------------------------------------
     rpm: float | None = Field(default=None, gt=0)

@@ -325,7 +325,9 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
     chunk = cfg.stream_chunk_chars
     if stream:
         if anthropic:
-            events = P.anthropic_stream_events(c, model, chunk)
+            events = P.anthropic_stream_events(
+                c, model, chunk, cfg.anthropic_delta_usage, cfg.thinking_details
+            )
         else:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -334,6 +336,7 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
             )
         return await _write_stream(request, events, headers, truncate)
     if anthropic:
-        return E.json_response(P.anthropic_response(c, model), 200, headers)
+        payload = P.anthropic_response(c, model, cfg.thinking_details)
+        return E.json_response(payload, 200, headers)
     payload = P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style)
     return E.json_response(payload, 200, headers)
