@@ -141,7 +141,8 @@ class Attempt:
         result = self._result(completion=completion)
         tries.spend.add(completion, result.cost_usd)
         invalid = self._check_schema(result)
-        retry = invalid is not None and tries.schema_failures < run.schema_retries
+        cut = completion.finish_reason == "length"  # asked again, it would be cut again
+        retry = invalid is not None and tries.schema_failures < run.schema_retries and not cut
         self._log(
             200,
             "ok" if invalid is None else invalid.kind,

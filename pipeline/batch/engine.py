@@ -418,7 +418,8 @@ class _BatchRun:
                 result.parsed = schema.parse(completion.response)
             except SchemaViolation as exc:
                 retries = self.job.spec.output.schema_retries
-                if item.attempt <= retries and item.attempt < self.max_attempts:
+                cut = completion.finish_reason == "length"  # the same cut again: not asked
+                if item.attempt <= retries and item.attempt < self.max_attempts and not cut:
                     return None
                 result.error = exc.describe()
         return result

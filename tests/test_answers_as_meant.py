@@ -1,0 +1,217 @@
+"""Every valid answer stored as the provider meant it: the real CLI against the simulator.
+
+Refusals, paused turns, answers cut by max_tokens (inside a tool call's JSON too),
+usage a stream reports in pieces or with null fields, thinking tokens: each is stored
+with the finish reason and usage the body says, on both protocols, plain, streamed and
+through the batch APIs, and no answer is paid for twice.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from conftest import make_job, messages_for, run_cli
+
+from pipeline.simulator import (
+    PAUSE_TEXT,
+    REFUSAL_TEXT,
+    RunningSimulator,
+    estimate_prompt_tokens,
+    expected_response,
+)
+
+MODEL = "x-ai-grok-3-mini"
+MODES = ["plain", "stream", "batch"]
+PROTOCOLS = ["openai", "anthropic"]
+TEXTS = {
+    "ok": "the kettle boils fast",
+    "refuse": "the lamp [[sim:refuse]]",
+    "pause": "the shoes [[sim:pause]]",
+    "length": "the bag [[sim:length]]",
+}
+
+
+def mode_overrides(simulator: RunningSimulator, protocol: str, mode: str) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if protocol == "anthropic":
+        extra.update(model__provider="anthropic", model__base_url=simulator.url)
+    if mode == "stream":
+        extra["model__stream"] = True
+    if mode == "batch":
+        extra.update(model__batch=True, model__batch_poll_s=0.1)
+    return extra
+
+
+def run_rows(
+    workdir: Path,
+    simulator: RunningSimulator,
+    texts: dict[str, str],
+    name: str,
+    *,
+    exit_code: int,
+    **overrides: Any,
+) -> dict[str, dict[str, Any]]:
+    """Run one job over `texts` (id -> text); its output rows by id."""
+    pl.DataFrame({"review_id": list(texts), "text": list(texts.values())}).write_csv(
+        workdir / f"{name}.csv"
+    )
+    job = make_job(
+        workdir,
+        simulator,
+        name=name,
+        input_path=f"{name}.csv",
+        output__path=f"out/{name}.parquet",
+        **overrides,
+    )
+    result = run_cli("run", str(job), "--quiet", cwd=workdir)
+    assert result.returncode == exit_code, result.stderr
+    out = pl.read_parquet(workdir / "out" / f"{name}.parquet")
+    return {row["review_id"]: row for row in out.iter_rows(named=True)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_refusals_paused_turns_and_cut_answers_are_stored_as_sent(
+    tmp_path: Path, simulator: RunningSimulator, protocol: str, mode: str
+) -> None:
+    simulator.configure(batch_turnaround_s=0.1)
+    texts = (
+        dict(TEXTS) if protocol == "anthropic" else {k: v for k, v in TEXTS.items() if k != "pause"}
+    )
+    name = f"{protocol}-{mode}"
+
+    rows = run_rows(
+        tmp_path, simulator, texts, name, exit_code=1, **mode_overrides(simulator, protocol, mode)
+    )
+
+    ok = rows["ok"]
+    assert ok["error"] is None and ok["finish_reason"] == "stop"
+    assert ok["response"] == expected_response(MODEL, messages_for(ok["text"]))
+    refused = rows["refuse"]
+    assert refused["finish_reason"] == "refusal"
+    assert refused["response"] == REFUSAL_TEXT
+    assert refused["error"].startswith("refused")
+    assert refused["completion_tokens"] > 0  # the refusal was paid for: its usage is kept
+    cut = rows["length"]
+    assert cut["error"] is None and cut["finish_reason"] == "length"
+    if protocol == "anthropic":
+        paused = rows["pause"]
+        assert paused["finish_reason"] == "pause_turn"
+        assert paused["response"] == PAUSE_TEXT  # the server tool's call is not text
+        assert paused["error"].startswith("paused_turn")
+    assert all(row["attempts"] == 1 for row in rows.values())
+    assert simulator.stats()["duplicate_paid"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_with_a_schema_refusals_and_cuts_keep_their_finish_reason_and_are_not_asked_again(
+    tmp_path: Path, simulator: RunningSimulator, protocol: str, mode: str
+) -> None:
+    simulator.configure(batch_turnaround_s=0.1)
+    texts = {k: TEXTS[k] for k in ("ok", "refuse", "length")}
+    name = f"schema-{protocol}-{mode}"
+
+    rows = run_rows(
+        tmp_path,
+        simulator,
+        texts,
+        name,
+        exit_code=1,
+        output__schema={"label": {"enum": ["positive", "negative"]}},
+        output__schema_retries=2,
+        **mode_overrides(simulator, protocol, mode),
+    )
+
+    assert rows["ok"]["error"] is None and rows["ok"]["finish_reason"] == "stop"
+    assert rows["ok"]["label"] in ("positive", "negative")
+    refused = rows["refuse"]
+    assert refused["finish_reason"] == "refusal" and refused["response"] == REFUSAL_TEXT
+    assert refused["error"].startswith("refused")
+    cut = rows["length"]
+    assert cut["finish_reason"] == "length"
+    assert all(row["attempts"] == 1 for row in rows.values())
+    assert simulator.stats()["duplicate_paid"] == 0
+
+
+@pytest.mark.parametrize("mode", ["plain", "stream"])
+def test_an_anthropic_answer_cut_inside_a_tool_call_is_kept_as_raw_text(
+    tmp_path: Path, simulator: RunningSimulator, mode: str
+) -> None:
+    tool = {
+        "name": "record",
+        "input_schema": {"type": "object", "properties": {"summary": {"type": "string"}}},
+    }
+    texts = {"cut": "the bag [[sim:tool]] [[sim:length]]", "whole": "the hat [[sim:tool]]"}
+
+    rows = run_rows(
+        tmp_path,
+        simulator,
+        texts,
+        f"tool-cut-{mode}",
+        exit_code=0,
+        model__tools=[tool],
+        **mode_overrides(simulator, "anthropic", mode),
+    )
+
+    cut, whole = rows["cut"], rows["whole"]
+    assert cut["error"] is None and cut["finish_reason"] == "length" and cut["attempts"] == 1
+    assert cut["prompt_tokens"] > 0 and cut["completion_tokens"] > 0  # usage kept
+    assert whole["finish_reason"] == "tool_calls"
+    if mode == "stream":
+        # The JSON stopped halfway: the call's arguments are the text the model wrote.
+        [call] = pl.Series([cut["tool_calls"]]).str.json_decode().to_list()[0]
+        assert isinstance(call["arguments"], str) and call["arguments"].startswith('{"')
+    assert simulator.stats()["duplicate_paid"] == 0
+
+
+@pytest.mark.parametrize("delta_usage", ["output", "cumulative", "nulls"])
+def test_anthropic_stream_usage_in_any_allowed_form_counts_every_prompt_token(
+    tmp_path: Path, simulator: RunningSimulator, delta_usage: str
+) -> None:
+    simulator.configure(cached_fraction=0.5, anthropic_delta_usage=delta_usage)
+    texts = {"a": "a long review " * 40}
+
+    rows = run_rows(
+        tmp_path,
+        simulator,
+        texts,
+        f"usage-{delta_usage}",
+        exit_code=0,
+        **mode_overrides(simulator, "anthropic", "stream"),
+    )
+
+    prompt = estimate_prompt_tokens(messages_for(texts["a"]))
+    row = rows["a"]
+    assert row["prompt_tokens"] == prompt
+    assert row["cached_tokens"] == math.floor(prompt * 0.5) > 0
+    assert row["total_tokens"] == prompt + row["completion_tokens"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anthropic_thinking_tokens_are_read_from_output_tokens_details(
+    tmp_path: Path, simulator: RunningSimulator, mode: str
+) -> None:
+    simulator.configure(thinking_details=True, batch_turnaround_s=0.1)
+    texts = {"a": "the kettle boils fast"}
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+
+    rows = run_rows(
+        tmp_path,
+        simulator,
+        texts,
+        f"thinking-{mode}",
+        exit_code=0,
+        model__params={"max_tokens": 2048, "thinking": thinking},
+        **mode_overrides(simulator, "anthropic", mode),
+    )
+
+    row = rows["a"]
+    assert row["reasoning"] and row["reasoning_tokens"] == math.ceil(len(row["reasoning"]) / 4)
+    # Thinking is part of output_tokens (billed once, as output).
+    assert row["completion_tokens"] > row["reasoning_tokens"]
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
