@@ -36,6 +36,9 @@ class ProviderPreset(BaseModel):
     # Anthropic-style providers: the default max_tokens, which their API requires.
     default_max_tokens: int = 1024
     count_tokens: bool = False  # has a count_tokens endpoint
+    # The API rejects a forced tool call (a tool_choice naming one, or any) while
+    # `thinking` is on, as Anthropic's does: every row would be a 400.
+    thinking_forbids_forced_tool: bool = False
     # Params some models refuse: a fragment of the model name -> the params it refuses.
     refused_params: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -177,6 +180,41 @@ def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | Non
     )
 
 
+def thinking_on(params: dict[str, Any]) -> bool:
+    thinking = params.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def forces_a_tool(tool_choice: str | dict[str, Any] | None) -> bool:
+    """`required`, `any`, or one named tool: the model may not answer in text."""
+    if isinstance(tool_choice, str):
+        return tool_choice in ("required", "any")
+    return isinstance(tool_choice, dict) and tool_choice.get("type") in ("function", "tool", "any")
+
+
+def refuse_forced_tool_with_thinking(
+    model: ModelSpec, preset: ProviderPreset, schema: OutputSchema | None
+) -> None:
+    """A SpecError for a job the provider would reject on every row: thinking with a
+    forced tool call (which is also how output.schema is asked for on such providers)."""
+    params = {**preset.default_params, **model.params}
+    if not preset.thinking_forbids_forced_tool or not thinking_on(params):
+        return
+    if schema is not None and preset.structured_output == "tool":
+        raise SpecError(
+            f"model.params.thinking with output.schema: provider '{model.provider}' returns "
+            "a schema's answer as a forced tool call, which it rejects while thinking is on; "
+            "remove model.params.thinking, or remove output.schema and ask for JSON in "
+            "the prompt"
+        )
+    if forces_a_tool(model.tool_choice):
+        raise SpecError(
+            f"model.tool_choice {model.tool_choice!r} with model.params.thinking: provider "
+            f"'{model.provider}' rejects a forced tool call while thinking is on; set "
+            "tool_choice to auto (or remove it), or remove model.params.thinking"
+        )
+
+
 def resolve_provider(
     model: ModelSpec,
     *,
@@ -194,6 +232,7 @@ def resolve_provider(
             SpecWarning,
             stacklevel=2,
         )
+    refuse_forced_tool_with_thinking(model, preset, schema)
     # An explicit `api_key_env: null` means "this server needs no key".
     explicit = "api_key_env" in model.model_fields_set
     key_env = model.api_key_env if explicit else preset.api_key_env

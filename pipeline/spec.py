@@ -89,6 +89,8 @@ class ModelSpec(_Strict):
     @classmethod
     def _named_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         for i, tool in enumerate(tools or []):
+            if tool.get("type") not in (None, "function", "custom"):
+                continue  # the provider's own tool (web_search_20250305, ...): sent as written
             function = tool.get("function") if tool.get("type") == "function" else tool
             name = function.get("name") if isinstance(function, dict) else None
             if not isinstance(name, str) or not name:
@@ -110,6 +112,13 @@ class ModelSpec(_Strict):
         for key, owner in owned.items():
             if key in params:
                 raise ValueError(f"'{key}' cannot be set in model.params; use {owner}")
+        choices = params.get("n")
+        if choices not in (None, 1):
+            # One output row holds one answer; several would be paid for and lost (or garbled).
+            raise ValueError(
+                f"n: {choices!r} asks for several answers per row, but a row stores one; "
+                "remove n (or set it to 1), and repeat the rows in the input for several samples"
+            )
         return params
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import make_job, messages_for, run_cli
+from conftest import SIM_KEY, make_job, messages_for, run_cli
 
 from pipeline.simulator import (
     PAUSE_TEXT,
@@ -215,3 +215,69 @@ def test_anthropic_thinking_tokens_are_read_from_output_tokens_details(
     # Thinking is part of output_tokens (billed once, as output).
     assert row["completion_tokens"] > row["reasoning_tokens"]
     assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+
+
+THINKING = {"max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "overrides", "expected"),
+    [
+        ("openai", {"model__params": {"n": 3}}, "n: 3 asks for several answers per row"),
+        (
+            "anthropic",
+            {"output__schema": {"label": "string"}, "model__params": THINKING},
+            "remove model.params.thinking, or remove output.schema",
+        ),
+        (
+            "anthropic",
+            {
+                "model__params": THINKING,
+                "model__tools": [{"name": "record", "input_schema": {"type": "object"}}],
+                "model__tool_choice": "required",
+            },
+            "rejects a forced tool call while thinking is on",
+        ),
+    ],
+    ids=["n", "thinking-schema", "thinking-forced-tool"],
+)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_combinations_the_provider_rejects_on_every_row_are_refused_before_sending(
+    tmp_path: Path,
+    simulator: RunningSimulator,
+    protocol: str,
+    overrides: dict[str, Any],
+    expected: str,
+    command: str,
+) -> None:
+    pl.DataFrame({"review_id": ["a"], "text": ["x"]}).write_csv(tmp_path / "reviews.csv")
+    job = make_job(
+        tmp_path, simulator, **{**mode_overrides(simulator, protocol, "plain"), **overrides}
+    )
+
+    result = run_cli(command, str(job), cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert simulator.stats()["requests"] == 0
+
+
+def test_the_simulator_rejects_thinking_with_a_forced_tool_as_anthropic_does(
+    simulator: RunningSimulator,
+) -> None:
+    import httpx
+
+    body = {
+        "model": MODEL,
+        "max_tokens": 2048,
+        "thinking": THINKING["thinking"],
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"name": "record", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "tool", "name": "record"},
+    }
+    headers = {"x-api-key": SIM_KEY, "anthropic-version": "2023-06-01"}
+
+    answer = httpx.post(f"{simulator.url}/v1/messages", json=body, headers=headers)
+
+    assert answer.status_code == 400
+    assert answer.json()["error"]["type"] == "invalid_request_error"

@@ -38,6 +38,15 @@ class Dropped(web.Response):
     """Returned when the connection was closed without (a complete) answer."""
 
 
+def _thinking(body: dict[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def _forces_tool(choice: Any) -> bool:
+    return isinstance(choice, dict) and choice.get("type") in ("any", "tool")
+
+
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -261,12 +270,7 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         if max_tokens is None or max_tokens < 1:
             raise E.Reject(sim.invalid("max_tokens: Field required", anthropic))
         msgs = normalize_messages(messages, body.get("system"))
-        thinking = body.get("thinking")
-        with_reasoning = (
-            isinstance(thinking, dict)
-            and thinking.get("type") in ("enabled", "adaptive")
-            and cfg.reasoning_style != "none"
-        )
+        with_reasoning = _thinking(body) and cfg.reasoning_style != "none"
     else:
         mt = body.get("max_completion_tokens")
         max_tokens = _int(mt if mt is not None else body.get("max_tokens"))
@@ -274,6 +278,9 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         with_reasoning = cfg.reasoning_style != "none"
     stream = body.get("stream") is True
     triggers = parse_triggers(msgs)
+    if anthropic and _thinking(body) and _forces_tool(body.get("tool_choice")):
+        message = "Thinking may not be enabled when tool_choice forces tool use."
+        raise E.Reject(sim.invalid(message, anthropic, "tool_choice"))
     try:
         if anthropic:
             output = anthropic_output(body, triggers)
