@@ -144,7 +144,8 @@ class OpenAIChat(Provider):
         body = read(OpenAIBody, payload, response.content, self.redact)
         if not body.choices:
             raise malformed("response has no choices", response.content, self.redact)
-        choice = body.choices[0]
+        # With several choices (n > 1, refused by validate) the first is the answer.
+        choice = next((c for c in body.choices if not c.index), body.choices[0])
         if choice.message is None:
             raise malformed("choices[0] has no message", response.content, self.redact)
         return _completion(

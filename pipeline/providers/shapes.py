@@ -105,6 +105,7 @@ class OpenAIMessage(_Shape):
 
 
 class OpenAIChoice(_Shape):
+    index: Count = None
     message: OpenAIMessage | None = None
     finish_reason: OptionalStr = None
 

@@ -569,6 +569,10 @@ class BatchStore:
             mt = body.get("max_completion_tokens")
             max_tokens = mt if mt is not None else body.get("max_tokens")
         triggers = parse_triggers(msgs)
+        if triggers is not None and triggers.replay is not None:
+            sim.stats_obj.answered(request_key(body))
+            sim.stats_obj.batch_requests_paid += 1
+            return 200, sim.replay_entry(triggers.replay)["body"]
         if triggers is not None and triggers.status is not None:
             status = triggers.status
             payload = (

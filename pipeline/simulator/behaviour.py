@@ -134,6 +134,7 @@ class Triggers:
     always_bad_json: bool = False
     refuse: bool = False
     pause: bool = False
+    replay: int | None = None
 
     @property
     def any_first(self) -> bool:
@@ -174,6 +175,8 @@ def parse_triggers(messages: list[dict[str, Any]]) -> Triggers | None:
             t.refuse = True
         elif name == "pause":
             t.pause = True
+        elif name == "replay" and value:
+            t.replay = n
     return t
 
 

@@ -64,6 +64,12 @@ class SimulatorConfig(BaseModel):
     """Anthropic usage carries ``output_tokens_details.thinking_tokens`` (a part of
     ``output_tokens``), as newer models report it."""
 
+    replay: list[dict[str, Any]] = Field(default_factory=list)
+    """Canned answers: a request whose last user message says ``[[sim:replay=N]]`` gets
+    entry N as it is: its ``body`` (plain requests and batch results), or its ``events``
+    (streams: one JSON object per event, the Anthropic event name from its ``type``;
+    OpenAI's ``[DONE]`` is added)."""
+
     # --- rate limits ----------------------------------------------------------------
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)

@@ -232,6 +232,23 @@ async def _write_stream(
     return resp
 
 
+async def _replay(
+    sim: Simulator,
+    request: web.Request,
+    index: int,
+    key: str,
+    anthropic: bool,
+    stream: bool,
+    headers: dict[str, str] | None,
+) -> web.StreamResponse:
+    entry = sim.replay_entry(index)
+    sim.stats_obj.answered(key)
+    if stream:
+        events = P.replay_events(entry["events"], anthropic)
+        return await _write_stream(request, events, headers, truncate=False)
+    return E.json_response(entry["body"], 200, headers)
+
+
 def _maybe_invalid(sim: Simulator, output: Output, t: Triggers, key: str, truncate: bool) -> Output:
     """``[[sim:always_bad_json]]``: always invalid; ``[[sim:bad_json]]``: invalid on the
     first answered (not truncated) attempt of this exact request."""
@@ -323,6 +340,8 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
 
     await sim.sleep(sim.latency_s(triggers))
     truncate = fault == "truncate_stream"
+    if triggers is not None and triggers.replay is not None:
+        return await _replay(sim, request, triggers.replay, key, anthropic, stream, headers)
     if output is not None and triggers is not None:
         output = _maybe_invalid(sim, output, triggers, key, truncate)
     c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt, output)

@@ -314,3 +314,13 @@ def anthropic_stream_events(
     )
     ev.append(_sse("message_stop", {"type": "message_stop"}))
     return ev
+
+
+# --- canned answers -------------------------------------------------------------------
+
+
+def replay_events(events: list[dict[str, Any]], anthropic: bool) -> list[bytes]:
+    """A canned stream framed as the protocol frames it."""
+    if anthropic:
+        return [_sse(str(e.get("type")), e) for e in events]
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]

@@ -53,15 +53,19 @@ class Stats:
         self.batch_requests_paid = 0
 
     def paid(self, key: str, c: Completion) -> None:
+        self.answered(key)
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.reasoning_tokens += c.reasoning_tokens
+        self.cached_tokens += c.cached_tokens
+
+    def answered(self, key: str) -> None:
+        """One paid answer to the request with this key (a second one is a duplicate)."""
         self.completions += 1
         n = self.paid_by_digest[key] + 1
         self.paid_by_digest[key] = n
         if n > 1:
             self.duplicate_paid += 1
-        self.prompt_tokens += c.prompt_tokens
-        self.completion_tokens += c.completion_tokens
-        self.reasoning_tokens += c.reasoning_tokens
-        self.cached_tokens += c.cached_tokens
 
     def snapshot(self, full: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -344,6 +348,13 @@ class Simulator:
     async def sleep(seconds: float) -> None:
         if seconds > 0:
             await asyncio.sleep(seconds)
+
+    def replay_entry(self, index: int) -> dict[str, Any]:
+        """Canned answer `index` of the configuration (an invalid request if none)."""
+        entries = self._config.replay
+        if index >= len(entries):
+            raise E.Reject(self.invalid(f"no replay entry {index}", False))
+        return entries[index]
 
     def completion_for(
         self,
