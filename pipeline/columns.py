@@ -92,6 +92,7 @@ RESULT_COLUMNS: tuple[Column, ...] = (
     Column("completion_tokens", pa.int64(), "usage"),
     Column("reasoning_tokens", pa.int64(), "usage"),
     Column("cached_tokens", pa.int64(), "usage"),
+    Column("cache_write_tokens", pa.int64(), "usage"),
     Column("total_tokens", pa.int64(), "usage"),
     Column("cost_usd", pa.float64(), "row"),
     Column("finish_reason", pa.string(), "completion"),

@@ -39,6 +39,9 @@ class ProviderPreset(BaseModel):
     # The API rejects a forced tool call (a tool_choice naming one, or any) while
     # `thinking` is on, as Anthropic's does: every row would be a 400.
     thinking_forbids_forced_tool: bool = False
+    # Takes `prompt_cache_key` (OpenAI) for model.prompt_cache; providers that cache
+    # prompts on their own without one (xAI, DeepSeek) need nothing sent.
+    prompt_cache_key: bool = False
     # Params some models refuse: a fragment of the model name -> the params it refuses.
     refused_params: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -63,17 +66,24 @@ class ProviderPreset(BaseModel):
 
 @dataclass(frozen=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens; cache reads at `cached_input`, cache writes at
+    `cache_write` (None: the input price, as where writes cost nothing extra)."""
 
     input: float
     output: float
     cached_input: float
+    cache_write: float | None = None
 
     def cost(self, usage: Usage) -> float:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
-        uncached = usage.prompt_tokens - cached
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        uncached = usage.prompt_tokens - cached - written
+        write_price = self.cache_write if self.cache_write is not None else self.input
         return (
-            uncached * self.input + cached * self.cached_input + usage.output_tokens * self.output
+            uncached * self.input
+            + cached * self.cached_input
+            + written * write_price
+            + usage.output_tokens * self.output
         ) / 1_000_000
 
 
@@ -94,6 +104,7 @@ class ProviderSettings:
     tool_choice: str | dict[str, Any] | None = None
     schema: OutputSchema | None = None
     batch_price: Price | None = None
+    prompt_cache: bool | str = False  # mark the stable prefix cacheable (a str: the key)
 
     @property
     def needs_key(self) -> bool:
@@ -154,7 +165,12 @@ def resolve_price(model: ModelSpec) -> Price | None:
     if pricing is None:
         return None
     cached = pricing.cached_input if pricing.cached_input is not None else pricing.input
-    return Price(input=pricing.input, output=pricing.output, cached_input=cached)
+    return Price(
+        input=pricing.input,
+        output=pricing.output,
+        cached_input=cached,
+        cache_write=pricing.cache_write,
+    )
 
 
 def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | None:
@@ -177,6 +193,7 @@ def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | Non
         input=pick(pricing.batch_input, online.input),
         output=pick(pricing.batch_output, online.output),
         cached_input=pick(pricing.batch_cached_input, online.cached_input),
+        cache_write=None if online.cache_write is None else pick(None, online.cache_write),
     )
 
 
@@ -258,4 +275,5 @@ def resolve_provider(
         tool_choice=model.tool_choice,
         schema=schema,
         batch_price=resolve_batch_price(model, preset),
+        prompt_cache=model.prompt_cache,
     )

@@ -47,6 +47,8 @@ class Pricing(_Strict):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+    # Prompt tokens written to the cache (Anthropic: 1.25x input); unset: the input price.
+    cache_write: float | None = Field(default=None, ge=0)
     # Prices through the provider's batch API; unset: the preset's batch_discount applies.
     batch_input: float | None = Field(default=None, ge=0)
     batch_output: float | None = Field(default=None, ge=0)
@@ -63,6 +65,9 @@ class ModelSpec(_Strict):
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # Mark the prompt's stable prefix (everything before its last message) cacheable:
+    # true, or the cache key to send where the provider takes one (`prompt_cache_key`).
+    prompt_cache: bool | str = False
     # Send through the provider's batch API (half price, results within 24 h).
     batch: bool = False
     batch_poll_s: float = Field(default=30.0, gt=0)
@@ -189,6 +194,20 @@ class JobSpec(_Strict):
     @property
     def output_path(self) -> Path:
         return Path(self.output.path or f"out/{self.name}.parquet")
+
+    @model_validator(mode="after")
+    def _cached_prefix_is_the_same_for_every_row(self) -> JobSpec:
+        if not self.model.prompt_cache:
+            return self
+        for _, source, where in self.prompt.parts()[:-1]:
+            if "{{" in source or "{%" in source:
+                # A prefix that changes per row is written to the cache (at a higher
+                # price) for every row and never read back.
+                raise ValueError(
+                    f"model.prompt_cache caches everything before the last message, but "
+                    f"{where} uses row variables; move them into the last message"
+                )
+        return self
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -33,6 +33,7 @@ def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
         reasoning_tokens=a.reasoning_tokens + b.reasoning_tokens,
         cached_tokens=a.cached_tokens + b.cached_tokens,
         total_tokens=a.total_tokens + b.total_tokens,
+        cache_write_tokens=a.cache_write_tokens + b.cache_write_tokens,
     )
 
 

@@ -39,8 +39,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
     total_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens written to the cache (Anthropic bills them)
 
     @property
     def reasoning_billed_separately(self) -> bool:

@@ -25,7 +25,7 @@ import pytest
 from anthropic.types import message_create_params
 from conftest import make_job, run_cli
 from openai.types.chat import completion_create_params
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from typing_extensions import is_typeddict
 
 from pipeline.config import resolve_provider
@@ -61,6 +61,8 @@ REQUEST_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "openai-stream": ("openai", {"stream": True}),
     "openai-schema": ("openai", {"schema": SCHEMA}),
+    "openai-cache": ("openai", {"prompt_cache": True}),
+    "anthropic-cache": ("anthropic", {"prompt_cache": True, "tools": [CUSTOM_TOOL]}),
     "openai-tools": ("openai", {"tools": [CUSTOM_TOOL], "tool_choice": "required"}),
     "xai-reasoning": ("xai", {"params": {"reasoning_effort": "low", "max_tokens": 100}}),
     "anthropic-params": ("anthropic", {"params": {"max_tokens": 50, "stop_sequences": ["###"]}}),
@@ -157,7 +159,8 @@ def test_request_bodies_are_valid_for_the_vendors_request_types(case: str) -> No
     body = request_body(provider, dict(options))
     kind = request_type(provider, body)
 
-    consume(TypeAdapter(kind).validate_python(body))
+    adapter = TypeAdapter(kind)  # alive while its lazy iterables are walked
+    consume(adapter.validate_python(body))
     assert unknown_keys(body, kind, "body") == []
 
 
@@ -170,6 +173,15 @@ def test_unknown_keys_are_found_where_pydantic_would_ignore_them() -> None:
         "body.tools[0].parameters",
         "body.tools[1].max_usess",
     ]
+
+
+def test_lazily_validated_parts_are_checked_too() -> None:
+    body = request_body("anthropic", {"prompt_cache": True})
+    body["messages"][1]["content"][0]["text"] = None  # inside two lazy iterables
+    adapter = TypeAdapter(message_create_params.MessageCreateParamsNonStreaming)
+
+    with pytest.raises(ValidationError):
+        consume(adapter.validate_python(body))
 
 
 def test_server_tools_are_sent_as_written() -> None:

@@ -91,10 +91,12 @@ class AnthropicMessages(Provider):
 
     def body(self, messages: list[Message]) -> dict[str, Any]:
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
-        body = {**self.body_base, "messages": turns}
+        turns: list[dict[str, Any]] = [m for m in messages if m["role"] != "system"]
+        body: dict[str, Any] = {**self.body_base, "messages": turns}
         if system:
             body["system"] = system
+        if self.settings.prompt_cache:
+            _mark_prefix_cacheable(body)
         return body
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
@@ -248,6 +250,24 @@ def _apply_delta(
         partial_json.setdefault(index, []).append(_text(delta.get("partial_json")))
     elif kind == "signature_delta":
         block["signature"] = _text(block.get("signature")) + _text(delta.get("signature"))
+
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def _mark_prefix_cacheable(body: dict[str, Any]) -> None:
+    """One cache breakpoint at the end of the stable prefix: the last turn before the
+    row's own message, else the system prompt, else the last tool. Everything before a
+    breakpoint (tools, system, turns) is cached up to it."""
+    turns = body["messages"]
+    if len(turns) > 1:
+        last = turns[-2]
+        block = {"type": "text", "text": last["content"], "cache_control": EPHEMERAL}
+        body["messages"] = [*turns[:-2], {**last, "content": [block]}, turns[-1]]
+    elif "system" in body:
+        body["system"] = [{"type": "text", "text": body["system"], "cache_control": EPHEMERAL}]
+    elif body.get("tools"):
+        body["tools"] = [*body["tools"][:-1], {**body["tools"][-1], "cache_control": EPHEMERAL}]
 
 
 def _merged_usage(known: Any, update: Any) -> dict[str, Any]:

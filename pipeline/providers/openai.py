@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -100,7 +101,12 @@ class OpenAIChat(Provider):
         return [str(m.get("id")) for m in data or [] if isinstance(m, dict)]
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
-        return {**self.body_base, "messages": self._messages(request)}
+        messages = self._messages(request)
+        body = {**self.body_base, "messages": messages}
+        cache = self.settings.prompt_cache
+        if cache and self.settings.preset.prompt_cache_key:
+            body["prompt_cache_key"] = cache if isinstance(cache, str) else prefix_key(messages)
+        return body
 
     def parse_body(self, status: int, body: Any) -> Completion:
         completion = self.parse(HttpResponse(status, {}, orjson.dumps(body)))
@@ -203,6 +209,13 @@ def _completion(
         tool_calls=calls or None,
         reported_cost_usd=reported,
     )
+
+
+def prefix_key(messages: list[dict[str, str]]) -> str:
+    """A cache key naming the stable prefix (every message but the last), so requests
+    that share it are routed to the same cache."""
+    digest = hashlib.sha256(orjson.dumps(messages[:-1])).hexdigest()
+    return f"pipeline-{digest[:24]}"
 
 
 def _schema_answer_from_tool(completion: Completion) -> Completion:

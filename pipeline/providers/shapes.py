@@ -193,8 +193,9 @@ class AnthropicUsage(_Shape):
         if self.input_tokens is None and self.output_tokens is None:
             return None
         cached = self.cache_read_input_tokens or 0
+        written = self.cache_creation_input_tokens or 0
         # input_tokens leaves out cached tokens; prompt_tokens counts them all.
-        prompt = (self.input_tokens or 0) + cached + (self.cache_creation_input_tokens or 0)
+        prompt = (self.input_tokens or 0) + cached + written
         output = self.output_tokens or 0
         thinking = _count((self.output_tokens_details or {}).get("thinking_tokens"))
         return Usage(
@@ -203,6 +204,7 @@ class AnthropicUsage(_Shape):
             reasoning_tokens=thinking or 0,
             cached_tokens=cached,
             total_tokens=prompt + output,
+            cache_write_tokens=written,
         )
 
 

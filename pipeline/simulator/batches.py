@@ -591,6 +591,8 @@ class BatchStore:
             return 400, E.openai_error(str(exc), "invalid_request_error", None, exc.param)
         limit = max_tokens if isinstance(max_tokens, int) else None
         c = sim.completion_for(model, msgs, limit, with_reasoning, triggers, None, output)
+        if anthropic:
+            c = sim.cached(body, model, c)
         sim.stats_obj.paid(request_key(body), c)
         sim.stats_obj.batch_requests_paid += 1
         if anthropic:

@@ -47,12 +47,44 @@ def normalize_messages(messages: Any, system: Any = None) -> list[dict[str, Any]
     """
     out: list[dict[str, Any]] = []
     if system is not None and system != "" and system != []:
-        out.append({"role": "system", "content": system})
+        out.append({"role": "system", "content": _plain(system)})
     if isinstance(messages, list):
         for m in messages:
             if isinstance(m, dict):
-                out.append({"role": m.get("role"), "content": m.get("content")})
+                out.append({"role": m.get("role"), "content": _plain(m.get("content"))})
     return out
+
+
+def _plain(content: Any) -> Any:
+    """Content made only of text blocks (as sent to mark a cache breakpoint) as its text,
+    so the same prompt gets the same answer however its blocks are written."""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in content
+    ):
+        return message_text(content)
+    return content
+
+
+def cache_prefix(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The prompt up to its last ``cache_control`` breakpoint (Anthropic: tools, system,
+    messages in that order), normalized; None without a breakpoint."""
+    system, messages = body.get("system"), body.get("messages")
+    turns = messages if isinstance(messages, list) else []
+    for i in range(len(turns) - 1, -1, -1):
+        if _marked(turns[i].get("content") if isinstance(turns[i], dict) else None):
+            return normalize_messages(turns[: i + 1], system)
+    if _marked(system):
+        return normalize_messages([], system)
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and "cache_control" in t for t in tools):
+        return []
+    return None
+
+
+def _marked(content: Any) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and "cache_control" in p for p in content
+    )
 
 
 def request_digest(model: str, messages: list[dict[str, Any]]) -> str:
@@ -202,6 +234,7 @@ class Completion:
     cached_tokens: int
     finish: str  # "stop" | "length" | "content_filter" | "tool_calls" | "refusal" | "pause_turn"
     tool_call: ToolCall | None = None
+    cache_write_tokens: int = 0  # prompt tokens written to the prompt cache
 
 
 REFUSAL_TEXT = "I'm sorry, I can't help with that request."

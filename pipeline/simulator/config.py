@@ -60,6 +60,10 @@ class SimulatorConfig(BaseModel):
     """What a streamed Anthropic ``message_delta`` lists in ``usage`` (the SDK type makes
     every count but ``output_tokens`` optional and calls them cumulative): output: only
     ``output_tokens``; cumulative: every count again; nulls: the other counts as null."""
+    prompt_cache_min_tokens: int = Field(default=1024, ge=0)
+    """Anthropic prompt caching: a prefix up to a ``cache_control`` breakpoint this long
+    or longer is written to the cache on first sight and read from it afterwards
+    (``cache_creation_input_tokens`` / ``cache_read_input_tokens``)."""
     thinking_details: bool = False
     """Anthropic usage carries ``output_tokens_details.thinking_tokens`` (a part of
     ``output_tokens``), as newer models report it."""

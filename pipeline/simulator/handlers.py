@@ -345,6 +345,8 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
     if output is not None and triggers is not None:
         output = _maybe_invalid(sim, output, triggers, key, truncate)
     c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt, output)
+    if anthropic:
+        c = sim.cached(body, model, c)
     if not truncate:
         sim.stats_obj.paid(key, c)
 

@@ -174,9 +174,9 @@ _STOP = {
 
 def anthropic_usage(c: Completion, thinking_details: bool = False) -> dict[str, Any]:
     usage: dict[str, Any] = {
-        "input_tokens": c.prompt_tokens - c.cached_tokens,
+        "input_tokens": c.prompt_tokens - c.cached_tokens - c.cache_write_tokens,
         "output_tokens": c.completion_tokens + c.reasoning_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": c.cache_write_tokens,
         "cache_read_input_tokens": c.cached_tokens,
     }
     if thinking_details:
