@@ -97,6 +97,8 @@ RESULT_COLUMNS: tuple[Column, ...] = (
     Column("cost_usd", pa.float64(), "row"),
     Column("finish_reason", pa.string(), "completion"),
     Column("model", pa.string(), "completion"),
+    Column("system_fingerprint", pa.string(), "completion"),
+    Column("service_tier", pa.string(), "completion"),
     Column("latency_s", pa.float64(), "row"),
     Column("attempts", pa.int64(), "row"),
     Column("error", pa.string(), "row"),

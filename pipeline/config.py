@@ -73,6 +73,12 @@ class Price:
     output: float
     cached_input: float
     cache_write: float | None = None
+    # Prices on other service tiers, by the name the provider reports.
+    tiers: dict[str, Price] = field(default_factory=dict, compare=False)
+
+    def on_tier(self, tier: str | None) -> Price:
+        """The price on the service tier that served a call (this one when unknown)."""
+        return self.tiers.get(tier, self) if tier is not None else self
 
     def cost(self, usage: Usage) -> float:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -164,13 +170,25 @@ def resolve_price(model: ModelSpec) -> Price | None:
     pricing = model.pricing or load_prices().get(model.model)
     if pricing is None:
         return None
-    cached = pricing.cached_input if pricing.cached_input is not None else pricing.input
     return Price(
         input=pricing.input,
         output=pricing.output,
-        cached_input=cached,
+        cached_input=_or(pricing.cached_input, pricing.input),
         cache_write=pricing.cache_write,
+        tiers={
+            name: Price(
+                input=tier.input,
+                output=tier.output,
+                cached_input=_or(tier.cached_input, tier.input),
+                cache_write=tier.cache_write,
+            )
+            for name, tier in (pricing.service_tiers or {}).items()
+        },
     )
+
+
+def _or(value: float | None, fallback: float) -> float:
+    return value if value is not None else fallback
 
 
 def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | None:

@@ -41,6 +41,15 @@ class InputSpec(_Strict):
     types: dict[str, ColumnType] | None = None
 
 
+class TierPricing(_Strict):
+    """USD per million tokens on one service tier (OpenAI's flex or priority)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+
+
 class Pricing(_Strict):
     """USD per million tokens."""
 
@@ -53,6 +62,8 @@ class Pricing(_Strict):
     batch_input: float | None = Field(default=None, ge=0)
     batch_output: float | None = Field(default=None, ge=0)
     batch_cached_input: float | None = Field(default=None, ge=0)
+    # Prices on the service tiers the provider reports (`service_tier` in its answer).
+    service_tiers: dict[str, TierPricing] | None = None
 
 
 class ModelSpec(_Strict):

@@ -20,7 +20,7 @@ def attempt_cost(completion: Completion, price: Price | None) -> float | None:
     if completion.reported_cost_usd is not None:
         return completion.reported_cost_usd
     if price is not None and completion.usage is not None:
-        return price.cost(completion.usage)
+        return price.on_tier(completion.service_tier).cost(completion.usage)
     return None
 
 

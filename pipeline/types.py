@@ -91,6 +91,8 @@ class Completion:
     rate_limits: RateLimitInfo | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reported_cost_usd: float | None = None  # what the provider says this call cost
+    system_fingerprint: str | None = None  # the backend configuration that answered
+    service_tier: str | None = None  # the tier that served it, as the provider reports
 
 
 @dataclass(slots=True)

@@ -281,3 +281,30 @@ def test_the_simulator_rejects_thinking_with_a_forced_tool_as_anthropic_does(
 
     assert answer.status_code == 400
     assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("mode", ["plain", "stream"])
+def test_the_fingerprint_and_tier_are_stored_and_the_tier_prices_the_row(
+    tmp_path: Path, simulator: RunningSimulator, mode: str
+) -> None:
+    priority = {"input": 1.0, "cached_input": 0.5, "output": 4.0}
+    pricing = {"input": 0.3, "output": 0.5, "service_tiers": {"priority": priority}}
+
+    rows = run_rows(
+        tmp_path,
+        simulator,
+        {"a": "the kettle boils fast"},
+        f"tier-{mode}",
+        exit_code=0,
+        model__params={"max_tokens": 200, "seed": 7, "service_tier": "priority"},
+        model__pricing=pricing,
+        **mode_overrides(simulator, "openai", mode),
+    )
+
+    row = rows["a"]
+    assert row["system_fingerprint"] == "fp_sim" and row["service_tier"] == "priority"
+    uncached = row["prompt_tokens"] - row["cached_tokens"]
+    # xAI-style usage: reasoning is billed as output beside completion_tokens.
+    output = row["completion_tokens"] + row["reasoning_tokens"]
+    expected = (uncached * 1.0 + row["cached_tokens"] * 0.5 + output * 4.0) / 1e6
+    assert math.isclose(row["cost_usd"], expected, rel_tol=1e-9)

@@ -253,6 +253,9 @@ def expect(
     reasoning: str | None = None,
     error: str | None = None,
     calls: list[dict[str, Any]] | None = None,
+    written: int = 0,
+    fingerprint: str | None = "fp_corpus",
+    tier: str | None = "default",
 ) -> dict[str, Any]:
     """The stored row: usage as (prompt, completion, reasoning, cached, total)."""
     names = (
@@ -268,8 +271,11 @@ def expect(
         "reasoning": reasoning,
         "finish_reason": finish,
         **counts,
+        "cache_write_tokens": written if usage is not None else None,
         "error": error,
         "tool_calls": calls,
+        "system_fingerprint": fingerprint,
+        "service_tier": tier,
     }
 
 
@@ -348,9 +354,19 @@ def anthropic_body(
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, **usage},
+        "usage": {
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "service_tier": "standard",
+            **usage,
+        },
         **extra,
     }
+
+
+def expect_anthropic(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Anthropic reports no fingerprint, and its tier inside usage."""
+    return expect(*args, fingerprint=None, tier="standard", **kwargs)
 
 
 def text(value: str) -> dict[str, Any]:
@@ -388,7 +404,7 @@ ANTHROPIC_CORPUS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                 "cache_read_input_tokens": 200,
             },
         ),
-        expect("Hello there.", "stop", (312, 5, 0, 200, 317)),
+        expect_anthropic("Hello there.", "stop", (312, 5, 0, 200, 317), written=100),
     ),
     "thinking": (
         anthropic_body(
@@ -400,7 +416,7 @@ ANTHROPIC_CORPUS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                 "output_tokens_details": {"thinking_tokens": 40},
             },
         ),
-        expect("42", "stop", (10, 50, 40, 0, 60), reasoning="Six times seven."),
+        expect_anthropic("42", "stop", (10, 50, 40, 0, 60), reasoning="Six times seven."),
     ),
     "redacted-thinking": (
         anthropic_body(
@@ -408,7 +424,7 @@ ANTHROPIC_CORPUS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "end_turn",
             {"input_tokens": 10, "output_tokens": 30},
         ),
-        expect("ok", "stop", (10, 30, 0, 0, 40), reasoning="[redacted thinking]"),
+        expect_anthropic("ok", "stop", (10, 30, 0, 0, 40), reasoning="[redacted thinking]"),
     ),
     "tool-use": (
         anthropic_body(
@@ -419,7 +435,7 @@ ANTHROPIC_CORPUS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "tool_use",
             {"input_tokens": 40, "output_tokens": 20},
         ),
-        expect(
+        expect_anthropic(
             "Looking it up.",
             "tool_calls",
             (40, 20, 0, 0, 60),
@@ -436,13 +452,13 @@ ANTHROPIC_CORPUS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                 "server_tool_use": {"web_search_requests": 1, "web_fetch_requests": 0},
             },
         ),
-        expect("Searching. Kettles boil.", "stop", (900, 25, 0, 0, 925)),
+        expect_anthropic("Searching. Kettles boil.", "stop", (900, 25, 0, 0, 925)),
     ),
     "pause-turn": (
         anthropic_body(
             [text("Searching."), SEARCH], "pause_turn", {"input_tokens": 50, "output_tokens": 10}
         ),
-        expect("Searching.", "pause_turn", (50, 10, 0, 0, 60), error="paused_turn"),
+        expect_anthropic("Searching.", "pause_turn", (50, 10, 0, 0, 60), error="paused_turn"),
     ),
     "refusal": (
         anthropic_body(
@@ -451,24 +467,24 @@ ANTHROPIC_CORPUS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             {"input_tokens": 20, "output_tokens": 3},
             stop_details={"type": "refusal", "category": None, "explanation": None},
         ),
-        expect("I can't help", "refusal", (20, 3, 0, 0, 23), error="refused"),
+        expect_anthropic("I can't help", "refusal", (20, 3, 0, 0, 23), error="refused"),
     ),
     "max-tokens": (
         anthropic_body([text("The answer")], "max_tokens", {"input_tokens": 8, "output_tokens": 2}),
-        expect("The answer", "length", (8, 2, 0, 0, 10)),
+        expect_anthropic("The answer", "length", (8, 2, 0, 0, 10)),
     ),
     "stop-sequence": (
         {
             **anthropic_body([text("A")], "stop_sequence", {"input_tokens": 8, "output_tokens": 1}),
             "stop_sequence": "###",
         },
-        expect("A", "stop", (8, 1, 0, 0, 9)),
+        expect_anthropic("A", "stop", (8, 1, 0, 0, 9)),
     ),
     "context-window": (
         anthropic_body(
             [text("Long")], "model_context_window_exceeded", {"input_tokens": 8, "output_tokens": 1}
         ),
-        expect("Long", "length", (8, 1, 0, 0, 9)),
+        expect_anthropic("Long", "length", (8, 1, 0, 0, 9)),
     ),
 }
 
@@ -636,3 +652,10 @@ def test_every_valid_answer_is_stored_as_it_says(
         assert stored == expected, row["review_id"]
         assert row["attempts"] == 1, row["review_id"]
     assert simulator.stats()["duplicate_paid"] == 0
+
+
+@pytest.mark.parametrize("provider", ["openai", "xai"])
+def test_seed_and_service_tier_are_sent_as_given(provider: str) -> None:
+    body = request_body(provider, {"params": {"seed": 7, "service_tier": "flex"}})
+
+    assert body["seed"] == 7 and body["service_tier"] == "flex"

@@ -186,6 +186,7 @@ class AnthropicMessages(Provider):
             rate_limits=parse_rate_limits(headers),
             tool_calls=calls or None,
             reported_cost_usd=response_cost(headers),
+            service_tier=body.usage.service_tier if body.usage is not None else None,
         )
 
     async def _assemble(

@@ -154,7 +154,7 @@ class OpenAIChat(Provider):
         choice = next((c for c in body.choices if not c.index), body.choices[0])
         if choice.message is None:
             raise malformed("choices[0] has no message", response.content, self.redact)
-        return _completion(
+        completion = _completion(
             choice.message,
             choice.finish_reason,
             body.usage,
@@ -162,6 +162,9 @@ class OpenAIChat(Provider):
             parse_rate_limits(headers),
             response_cost(headers),
             lambda: malformed(_EMPTY, response.content, self.redact),
+        )
+        return dataclasses.replace(
+            completion, system_fingerprint=body.system_fingerprint, service_tier=body.service_tier
         )
 
     def classify(self, status: int, payload: Any, headers: Any) -> errors.ProviderError:
@@ -257,6 +260,8 @@ class _StreamAssembler:
         self.finish_reason: str | None = None
         self.usage: OpenAIUsage | None = None
         self.model: str | None = None
+        self.system_fingerprint: str | None = None
+        self.service_tier: str | None = None
         self.done = False
         self.last = ""
 
@@ -264,6 +269,8 @@ class _StreamAssembler:
         chunk = read(OpenAIChunk, payload, data, self.redact)
         self.last = data
         self.model = chunk.model or self.model
+        self.system_fingerprint = chunk.system_fingerprint or self.system_fingerprint
+        self.service_tier = chunk.service_tier or self.service_tier
         if chunk.usage is not None:
             self.usage = chunk.usage
         for choice in chunk.choices or []:
@@ -309,7 +316,7 @@ class _StreamAssembler:
             ]
             or None,
         )
-        return _completion(
+        completion = _completion(
             message,
             self.finish_reason,
             self.usage,
@@ -317,6 +324,9 @@ class _StreamAssembler:
             rate_limits,
             header_cost,
             lambda: malformed(_EMPTY, self.last, self.redact),
+        )
+        return dataclasses.replace(
+            completion, system_fingerprint=self.system_fingerprint, service_tier=self.service_tier
         )
 
 

@@ -148,6 +148,8 @@ class OpenAIBody(_Shape):
     choices: list[OpenAIChoice]
     usage: UsageBlock = None
     model: OptionalStr = None
+    system_fingerprint: OptionalStr = None
+    service_tier: OptionalStr = None
 
 
 class OpenAIDelta(_Shape):
@@ -168,6 +170,8 @@ class OpenAIChunk(_Shape):
     choices: Annotated[list[OpenAIChunkChoice] | None, BeforeValidator(_none_if_not_list)] = None
     usage: UsageBlock = None
     model: OptionalStr = None
+    system_fingerprint: OptionalStr = None
+    service_tier: OptionalStr = None
 
 
 # -- Anthropic Messages ----------------------------------------------------------------
@@ -188,6 +192,7 @@ class AnthropicUsage(_Shape):
     cache_read_input_tokens: Count = None
     cache_creation_input_tokens: Count = None
     output_tokens_details: Details = None  # thinking_tokens: part of output_tokens
+    service_tier: OptionalStr = None  # standard, priority or batch
 
     def to_usage(self) -> Usage | None:
         if self.input_tokens is None and self.output_tokens is None:

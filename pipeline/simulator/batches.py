@@ -596,7 +596,7 @@ class BatchStore:
         sim.stats_obj.paid(request_key(body), c)
         sim.stats_obj.batch_requests_paid += 1
         if anthropic:
-            return 200, P.anthropic_response(c, model, cfg.thinking_details)
+            return 200, P.anthropic_response(c, model, cfg.thinking_details, "batch")
         return 200, P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style)
 
     @staticmethod

@@ -360,11 +360,18 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
             opts = body.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
             events = P.openai_stream_events(
-                c, model, cfg.reasoning_style, cfg.usage_style, include_usage, chunk
+                c,
+                model,
+                cfg.reasoning_style,
+                cfg.usage_style,
+                include_usage,
+                chunk,
+                P.served_tier(body),
             )
         return await _write_stream(request, events, headers, truncate)
     if anthropic:
         payload = P.anthropic_response(c, model, cfg.thinking_details)
         return E.json_response(payload, 200, headers)
-    payload = P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style)
+    tier = P.served_tier(body)
+    payload = P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style, tier)
     return E.json_response(payload, 200, headers)

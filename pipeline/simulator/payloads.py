@@ -76,8 +76,15 @@ def openai_finish(c: Completion) -> str:
     return "stop" if c.finish in ("refusal", "pause_turn") else c.finish
 
 
+def served_tier(body: dict[str, Any]) -> str:
+    """The service tier an OpenAI answer reports: the one asked for, ``auto`` as
+    ``default``."""
+    asked = body.get("service_tier")
+    return asked if isinstance(asked, str) and asked not in ("auto", "") else "default"
+
+
 def openai_response(
-    c: Completion, model: str, reasoning_style: str, usage_style: str
+    c: Completion, model: str, reasoning_style: str, usage_style: str, tier: str = "default"
 ) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
@@ -98,6 +105,7 @@ def openai_response(
         ],
         "usage": openai_usage(c, usage_style),
         "system_fingerprint": FINGERPRINT,
+        "service_tier": tier,
     }
 
 
@@ -108,6 +116,7 @@ def openai_stream_events(
     usage_style: str,
     include_usage: bool,
     chunk_chars: int,
+    tier: str = "default",
 ) -> list[bytes]:
     """Every SSE event of a streamed completion, ``data: [DONE]`` included."""
     cid = next_id("chatcmpl-")
@@ -121,6 +130,7 @@ def openai_stream_events(
             "created": created,
             "model": model,
             "system_fingerprint": FINGERPRINT,
+            "service_tier": tier,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
         if include_usage:
@@ -152,6 +162,7 @@ def openai_stream_events(
             "created": created,
             "model": model,
             "system_fingerprint": FINGERPRINT,
+            "service_tier": tier,
             "choices": [],
             "usage": openai_usage(c, usage_style),
         }
@@ -172,8 +183,11 @@ _STOP = {
 }
 
 
-def anthropic_usage(c: Completion, thinking_details: bool = False) -> dict[str, Any]:
+def anthropic_usage(
+    c: Completion, thinking_details: bool = False, tier: str = "standard"
+) -> dict[str, Any]:
     usage: dict[str, Any] = {
+        "service_tier": tier,
         "input_tokens": c.prompt_tokens - c.cached_tokens - c.cache_write_tokens,
         "output_tokens": c.completion_tokens + c.reasoning_tokens,
         "cache_creation_input_tokens": c.cache_write_tokens,
@@ -203,7 +217,9 @@ def _server_tool_use(c: Completion) -> dict[str, Any]:
     }
 
 
-def anthropic_response(c: Completion, model: str, thinking_details: bool = False) -> dict[str, Any]:
+def anthropic_response(
+    c: Completion, model: str, thinking_details: bool = False, tier: str = "standard"
+) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = []
     if c.reasoning:
         blocks.append({"type": "thinking", "thinking": c.reasoning, "signature": "sig"})
@@ -224,7 +240,7 @@ def anthropic_response(c: Completion, model: str, thinking_details: bool = False
         "model": model,
         "stop_reason": _STOP.get(c.finish, "end_turn"),
         "stop_sequence": None,
-        "usage": anthropic_usage(c, thinking_details),
+        "usage": anthropic_usage(c, thinking_details, tier),
     }
 
 
