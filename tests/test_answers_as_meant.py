@@ -308,3 +308,24 @@ def test_the_fingerprint_and_tier_are_stored_and_the_tier_prices_the_row(
     output = row["completion_tokens"] + row["reasoning_tokens"]
     expected = (uncached * 1.0 + row["cached_tokens"] * 0.5 + output * 4.0) / 1e6
     assert math.isclose(row["cost_usd"], expected, rel_tol=1e-9)
+
+
+def test_refusals_are_reported_in_the_summary_show_status_and_report(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    pl.DataFrame({"review_id": ["ok", "no"], "text": ["fine", "bad [[sim:refuse]]"]}).write_csv(
+        tmp_path / "reviews.csv"
+    )
+    job = make_job(tmp_path, simulator)
+
+    run = run_cli("run", str(job), cwd=tmp_path)
+    show = run_cli("show", "out/result.parquet", "--errors", cwd=tmp_path)
+    status = run_cli("status", str(job), cwd=tmp_path)
+    report = run_cli("report", str(job), cwd=tmp_path)
+
+    assert run.returncode == 1
+    assert "1 ok, 1 failed (refused 1)" in run.stderr
+    assert "error: refused" in show.stdout and REFUSAL_TEXT in show.stdout
+    assert "2/2 rows finished (1 failed)" in status.stdout
+    assert report.returncode == 0, report.stderr
+    assert "refused" in (tmp_path / "out" / "result.report.html").read_text()
