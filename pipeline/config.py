@@ -36,6 +36,12 @@ class ProviderPreset(BaseModel):
     # Anthropic-style providers: the default max_tokens, which their API requires.
     default_max_tokens: int = 1024
     count_tokens: bool = False  # has a count_tokens endpoint
+    # The API rejects a forced tool call (a tool_choice naming one, or any) while
+    # `thinking` is on, as Anthropic's does: every row would be a 400.
+    thinking_forbids_forced_tool: bool = False
+    # Takes `prompt_cache_key` (OpenAI) for model.prompt_cache; providers that cache
+    # prompts on their own without one (xAI, DeepSeek) need nothing sent.
+    prompt_cache_key: bool = False
     # Params some models refuse: a fragment of the model name -> the params it refuses.
     refused_params: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -60,17 +66,30 @@ class ProviderPreset(BaseModel):
 
 @dataclass(frozen=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens; cache reads at `cached_input`, cache writes at
+    `cache_write` (None: the input price, as where writes cost nothing extra)."""
 
     input: float
     output: float
     cached_input: float
+    cache_write: float | None = None
+    # Prices on other service tiers, by the name the provider reports.
+    tiers: dict[str, Price] = field(default_factory=dict, compare=False)
+
+    def on_tier(self, tier: str | None) -> Price:
+        """The price on the service tier that served a call (this one when unknown)."""
+        return self.tiers.get(tier, self) if tier is not None else self
 
     def cost(self, usage: Usage) -> float:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
-        uncached = usage.prompt_tokens - cached
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        uncached = usage.prompt_tokens - cached - written
+        write_price = self.cache_write if self.cache_write is not None else self.input
         return (
-            uncached * self.input + cached * self.cached_input + usage.output_tokens * self.output
+            uncached * self.input
+            + cached * self.cached_input
+            + written * write_price
+            + usage.output_tokens * self.output
         ) / 1_000_000
 
 
@@ -91,6 +110,7 @@ class ProviderSettings:
     tool_choice: str | dict[str, Any] | None = None
     schema: OutputSchema | None = None
     batch_price: Price | None = None
+    prompt_cache: bool | str = False  # mark the stable prefix cacheable (a str: the key)
 
     @property
     def needs_key(self) -> bool:
@@ -150,8 +170,25 @@ def resolve_price(model: ModelSpec) -> Price | None:
     pricing = model.pricing or load_prices().get(model.model)
     if pricing is None:
         return None
-    cached = pricing.cached_input if pricing.cached_input is not None else pricing.input
-    return Price(input=pricing.input, output=pricing.output, cached_input=cached)
+    return Price(
+        input=pricing.input,
+        output=pricing.output,
+        cached_input=_or(pricing.cached_input, pricing.input),
+        cache_write=pricing.cache_write,
+        tiers={
+            name: Price(
+                input=tier.input,
+                output=tier.output,
+                cached_input=_or(tier.cached_input, tier.input),
+                cache_write=tier.cache_write,
+            )
+            for name, tier in (pricing.service_tiers or {}).items()
+        },
+    )
+
+
+def _or(value: float | None, fallback: float) -> float:
+    return value if value is not None else fallback
 
 
 def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | None:
@@ -174,7 +211,43 @@ def resolve_batch_price(model: ModelSpec, preset: ProviderPreset) -> Price | Non
         input=pick(pricing.batch_input, online.input),
         output=pick(pricing.batch_output, online.output),
         cached_input=pick(pricing.batch_cached_input, online.cached_input),
+        cache_write=None if online.cache_write is None else pick(None, online.cache_write),
     )
+
+
+def thinking_on(params: dict[str, Any]) -> bool:
+    thinking = params.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def forces_a_tool(tool_choice: str | dict[str, Any] | None) -> bool:
+    """`required`, `any`, or one named tool: the model may not answer in text."""
+    if isinstance(tool_choice, str):
+        return tool_choice in ("required", "any")
+    return isinstance(tool_choice, dict) and tool_choice.get("type") in ("function", "tool", "any")
+
+
+def refuse_forced_tool_with_thinking(
+    model: ModelSpec, preset: ProviderPreset, schema: OutputSchema | None
+) -> None:
+    """A SpecError for a job the provider would reject on every row: thinking with a
+    forced tool call (which is also how output.schema is asked for on such providers)."""
+    params = {**preset.default_params, **model.params}
+    if not preset.thinking_forbids_forced_tool or not thinking_on(params):
+        return
+    if schema is not None and preset.structured_output == "tool":
+        raise SpecError(
+            f"model.params.thinking with output.schema: provider '{model.provider}' returns "
+            "a schema's answer as a forced tool call, which it rejects while thinking is on; "
+            "remove model.params.thinking, or remove output.schema and ask for JSON in "
+            "the prompt"
+        )
+    if forces_a_tool(model.tool_choice):
+        raise SpecError(
+            f"model.tool_choice {model.tool_choice!r} with model.params.thinking: provider "
+            f"'{model.provider}' rejects a forced tool call while thinking is on; set "
+            "tool_choice to auto (or remove it), or remove model.params.thinking"
+        )
 
 
 def resolve_provider(
@@ -194,6 +267,7 @@ def resolve_provider(
             SpecWarning,
             stacklevel=2,
         )
+    refuse_forced_tool_with_thinking(model, preset, schema)
     # An explicit `api_key_env: null` means "this server needs no key".
     explicit = "api_key_env" in model.model_fields_set
     key_env = model.api_key_env if explicit else preset.api_key_env
@@ -219,4 +293,5 @@ def resolve_provider(
         tool_choice=model.tool_choice,
         schema=schema,
         batch_price=resolve_batch_price(model, preset),
+        prompt_cache=model.prompt_cache,
     )

@@ -39,8 +39,10 @@ from pipeline.errors import (
     ContentFiltered,
     JobFatalError,
     JobStopped,
+    PausedTurn,
     ProviderError,
     RateLimited,
+    Refused,
     RetryableError,
     RowError,
     SchemaViolation,
@@ -48,13 +50,17 @@ from pipeline.errors import (
 from pipeline.retry import RetryPolicy
 from pipeline.spend import RowSpend, attempt_cost
 from pipeline.structured import OutputSchema
-from pipeline.types import Completion, RowResult
+from pipeline.types import PAUSED_TURN, REFUSAL, Completion, RowResult
 
-# Finish reasons that mean the provider or the model would not answer this row's
-# content: a final error for the row (never a schema retry), the answer kept.
-REFUSED = {
-    "content_filter": "the provider's content filter stopped the answer",
-    "refusal": "the model refused to answer",
+# Finish reasons that are not an answer to this row: a final error for the row (never a
+# schema retry, never a success), with what the provider sent kept in `response`.
+UNANSWERED: dict[str, ProviderError] = {
+    "content_filter": ContentFiltered("the provider's content filter stopped the answer"),
+    REFUSAL: Refused("the model declined to answer (its words are in response)"),
+    PAUSED_TURN: PausedTurn(
+        "the provider paused the turn before it finished (a long server-tool run); the "
+        "partial answer is in response"
+    ),
 }
 SCHEMA_RETRY = "answer does not match output.schema: asking again"
 
@@ -169,17 +175,17 @@ def _answered(
     spend = _plus(tries.spend, completion, cost)
     result = _result(row, tries.attempts, latency_s, completion=completion, cost=cost)
     paid = RowTries(tries.attempts, tries.schema_failures, spend)
-    refused = REFUSED.get(completion.finish_reason or "")
-    if refused is not None:
-        error: ProviderError = ContentFiltered(refused)
-        result.error = error.describe()
-        return Finished(spend.charge(result), paid, error, cost_usd=cost)
+    unanswered = UNANSWERED.get(completion.finish_reason or "")
+    if unanswered is not None:
+        result.error = unanswered.describe()
+        return Finished(spend.charge(result), paid, unanswered, cost_usd=cost)
     if rules.schema is None:
         return Finished(spend.charge(result), paid, cost_usd=cost)
     try:
         result.parsed = rules.schema.parse(completion.response)
     except SchemaViolation as invalid:
-        if tries.schema_failures < rules.schema_retries:
+        cut = completion.finish_reason == "length"  # asked again, it would be cut again
+        if tries.schema_failures < rules.schema_retries and not cut:
             after = RowTries(tries.attempts, tries.schema_failures + 1, spend)
             return Retry(SCHEMA_RETRY, now, after, invalid, cost_usd=cost)
         result.error = invalid.describe()

@@ -165,6 +165,18 @@ class ContentFiltered(RowError):
     kind = "content_filtered"
 
 
+class Refused(ContentFiltered):
+    """The model declined to answer this row (OpenAI `refusal`, Anthropic `refusal`)."""
+
+    kind = "refused"
+
+
+class PausedTurn(RowError):
+    """The provider paused a long turn (Anthropic `pause_turn`): not an answer."""
+
+    kind = "paused_turn"
+
+
 class JobFatalError(ProviderError):
     """No request of this job can succeed until the user fixes something."""
 

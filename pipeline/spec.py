@@ -41,16 +41,29 @@ class InputSpec(_Strict):
     types: dict[str, ColumnType] | None = None
 
 
+class TierPricing(_Strict):
+    """USD per million tokens on one service tier (OpenAI's flex or priority)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+
+
 class Pricing(_Strict):
     """USD per million tokens."""
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+    # Prompt tokens written to the cache (Anthropic: 1.25x input); unset: the input price.
+    cache_write: float | None = Field(default=None, ge=0)
     # Prices through the provider's batch API; unset: the preset's batch_discount applies.
     batch_input: float | None = Field(default=None, ge=0)
     batch_output: float | None = Field(default=None, ge=0)
     batch_cached_input: float | None = Field(default=None, ge=0)
+    # Prices on the service tiers the provider reports (`service_tier` in its answer).
+    service_tiers: dict[str, TierPricing] | None = None
 
 
 class ModelSpec(_Strict):
@@ -63,6 +76,9 @@ class ModelSpec(_Strict):
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # Mark the prompt's stable prefix (everything before its last message) cacheable:
+    # true, or the cache key to send where the provider takes one (`prompt_cache_key`).
+    prompt_cache: bool | str = False
     # Send through the provider's batch API (half price, results within 24 h).
     batch: bool = False
     batch_poll_s: float = Field(default=30.0, gt=0)
@@ -89,6 +105,8 @@ class ModelSpec(_Strict):
     @classmethod
     def _named_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         for i, tool in enumerate(tools or []):
+            if tool.get("type") not in (None, "function", "custom"):
+                continue  # the provider's own tool (web_search_20250305, ...): sent as written
             function = tool.get("function") if tool.get("type") == "function" else tool
             name = function.get("name") if isinstance(function, dict) else None
             if not isinstance(name, str) or not name:
@@ -110,6 +128,13 @@ class ModelSpec(_Strict):
         for key, owner in owned.items():
             if key in params:
                 raise ValueError(f"'{key}' cannot be set in model.params; use {owner}")
+        choices = params.get("n")
+        if choices not in (None, 1):
+            # One output row holds one answer; several would be paid for and lost (or garbled).
+            raise ValueError(
+                f"n: {choices!r} asks for several answers per row, but a row stores one; "
+                "remove n (or set it to 1), and repeat the rows in the input for several samples"
+            )
         return params
 
 
@@ -180,6 +205,20 @@ class JobSpec(_Strict):
     @property
     def output_path(self) -> Path:
         return Path(self.output.path or f"out/{self.name}.parquet")
+
+    @model_validator(mode="after")
+    def _cached_prefix_is_the_same_for_every_row(self) -> JobSpec:
+        if not self.model.prompt_cache:
+            return self
+        for _, source, where in self.prompt.parts()[:-1]:
+            if "{{" in source or "{%" in source:
+                # A prefix that changes per row is written to the cache (at a higher
+                # price) for every row and never read back.
+                raise ValueError(
+                    f"model.prompt_cache caches everything before the last message, but "
+                    f"{where} uses row variables; move them into the last message"
+                )
+        return self
 
 
 def load_spec(path: str | Path) -> JobSpec:

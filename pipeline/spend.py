@@ -20,7 +20,7 @@ def attempt_cost(completion: Completion, price: Price | None) -> float | None:
     if completion.reported_cost_usd is not None:
         return completion.reported_cost_usd
     if price is not None and completion.usage is not None:
-        return price.cost(completion.usage)
+        return price.on_tier(completion.service_tier).cost(completion.usage)
     return None
 
 
@@ -33,6 +33,7 @@ def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
         reasoning_tokens=a.reasoning_tokens + b.reasoning_tokens,
         cached_tokens=a.cached_tokens + b.cached_tokens,
         total_tokens=a.total_tokens + b.total_tokens,
+        cache_write_tokens=a.cache_write_tokens + b.cache_write_tokens,
     )
 
 

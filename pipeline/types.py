@@ -7,6 +7,12 @@ from typing import Any
 
 Message = dict[str, str]
 
+# Finish reasons of answers that are not the answer asked for: the row is finished
+# (never asked again, never checked against a schema) with this error, and whatever
+# the provider sent (a refusal's words, a paused turn's partial text) kept in `response`.
+REFUSAL = "refusal"
+PAUSED_TURN = "pause_turn"
+
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
@@ -27,8 +33,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
     total_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens written to the cache (Anthropic bills them)
 
     @property
     def reasoning_billed_separately(self) -> bool:
@@ -78,6 +85,8 @@ class Completion:
     rate_limits: RateLimitInfo | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reported_cost_usd: float | None = None  # what the provider says this call cost
+    system_fingerprint: str | None = None  # the backend configuration that answered
+    service_tier: str | None = None  # the tier that served it, as the provider reports
 
 
 @dataclass(slots=True)

@@ -99,15 +99,28 @@ def test_a_job_fatal_error_stops_and_leaves_the_row_without_a_result() -> None:
     assert isinstance(decision, Stop) and isinstance(decision.error, errors.AuthenticationError)
 
 
-@pytest.mark.parametrize("finish", ["content_filter", "refusal"])
-def test_a_content_filter_or_refusal_is_final_never_a_schema_retry(finish: str) -> None:
+@pytest.mark.parametrize(
+    ("finish", "kind"), [("content_filter", "content_filtered"), ("refusal", "refused")]
+)
+def test_a_content_filter_or_refusal_is_final_never_a_schema_retry(finish: str, kind: str) -> None:
     decision = run(answer("I can't help with that.", finish=finish), tried(1))
     assert isinstance(decision, Finished) and isinstance(decision.error, errors.ContentFiltered)
     assert decision.result.error is not None
-    assert decision.result.error.startswith("content_filtered")
+    assert decision.result.error.startswith(kind)
     assert decision.result.completion is not None
     assert decision.result.completion.response == "I can't help with that."
     assert decision.result.cost_usd == pytest.approx(ATTEMPT_USD)  # it was paid for
+
+
+def test_a_paused_turn_is_its_own_final_error_never_a_success() -> None:
+    decision = run(answer("Searching the web", finish="pause_turn"), tried(1))
+    assert isinstance(decision, Finished) and isinstance(decision.error, errors.PausedTurn)
+    assert decision.result.error is not None and decision.result.error.startswith("paused_turn")
+
+
+def test_a_schema_mismatch_cut_by_max_tokens_is_not_asked_again() -> None:
+    decision = run(answer('{"label": "posi', finish="length"), tried(1))
+    assert isinstance(decision, Finished) and isinstance(decision.error, errors.SchemaViolation)
 
 
 def test_rate_limited_waits_as_long_as_the_server_asked() -> None:

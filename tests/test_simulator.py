@@ -843,7 +843,13 @@ def test_anthropic_tool_use(
     if choice is not None:
         body["tool_choice"] = choice
     msgs = [{"role": "system", "content": "You are terse."}, *user(text)]
-    data = http.post(f"{sim.url}/v1/messages", json=body).json()
+    answer = http.post(f"{sim.url}/v1/messages", json=body)
+    if isinstance(choice, dict) and choice["type"] in ("tool", "any"):
+        # Anthropic rejects a forced tool call while thinking is on.
+        assert answer.status_code == 400
+        assert "tool_choice forces tool use" in answer.json()["error"]["message"]
+        return
+    data = answer.json()
     reasoning = expected_reasoning("sim-model", msgs)
     assert data["content"][0] == {"type": "thinking", "thinking": reasoning, "signature": "sig"}
     if tool is None:

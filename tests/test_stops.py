@@ -175,4 +175,4 @@ def test_refusals_answered_after_the_stop_are_recorded_as_the_rows_own() -> None
     assert isinstance(outcome.fatal, errors.ModelNotFound)
     results = record.by_index()
     assert sorted(results) == [1, 2, 3]  # the requests in flight when the job stopped
-    assert all(r.error and r.error.startswith("content_filtered") for r in results.values())
+    assert all(r.error and r.error.startswith("refused") for r in results.values())

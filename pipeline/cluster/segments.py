@@ -204,7 +204,13 @@ class ShardStore:
             except (pa.ArrowInvalid, OSError):
                 continue  # a torn write from a killed worker on a file system without rename
             table = table.sort_by("finished_at")
-            columns = [table.column(name).to_pylist() for name in (*_FIELDS, "finished_at")]
+            # A segment written before a column was added has none: null, as in the checkpoint.
+            columns = [
+                table.column(name).to_pylist()
+                if name in table.column_names
+                else [None] * len(table)
+                for name in (*_FIELDS, "finished_at")
+            ]
             for key, *values in zip(table.column("row_key").to_pylist(), *columns, strict=True):
                 records[key] = tuple(values)
         return ShardResults(records)

@@ -27,7 +27,7 @@ from pipeline.providers.classify import (
 from pipeline.providers.headers import parse_rate_limits, response_cost
 from pipeline.providers.shapes import AnthropicBody, malformed, read
 from pipeline.structured import SCHEMA_NAME
-from pipeline.types import ChatRequest, Completion, Message
+from pipeline.types import PAUSED_TURN, REFUSAL, ChatRequest, Completion, Message
 
 API_VERSION = "2023-06-01"
 STOP_REASONS = {
@@ -36,7 +36,8 @@ STOP_REASONS = {
     "max_tokens": "length",
     "model_context_window_exceeded": "length",
     "tool_use": "tool_calls",
-    "refusal": "content_filter",
+    "refusal": REFUSAL,
+    "pause_turn": PAUSED_TURN,
 }
 REDACTED = "[redacted thinking]"
 
@@ -90,10 +91,12 @@ class AnthropicMessages(Provider):
 
     def body(self, messages: list[Message]) -> dict[str, Any]:
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
-        body = {**self.body_base, "messages": turns}
+        turns: list[dict[str, Any]] = [m for m in messages if m["role"] != "system"]
+        body: dict[str, Any] = {**self.body_base, "messages": turns}
         if system:
             body["system"] = system
+        if self.settings.prompt_cache:
+            _mark_prefix_cacheable(body)
         return body
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
@@ -159,27 +162,31 @@ class AnthropicMessages(Provider):
                 thinking.append(REDACTED)
             elif block.type == "tool_use":
                 calls.append(tools.normalized_call(block.name or "", block.input, block.id))
+        # As the vendor's SDK joins them (`get_final_text`): no separator.
         response = "".join(text)
+        finish = _finish_reason(body.stop_reason)
         if self.schema_via_tool:
             answer = next((c for c in calls if c["name"] == SCHEMA_NAME), None)
             if answer is not None:
                 calls.remove(answer)
-                response = orjson.dumps(answer["arguments"]).decode()
+                response = _arguments_text(answer["arguments"])
+                # The forced call is the answer: it stopped as asked, unless cut short.
+                finish = "stop" if finish == "tool_calls" else finish
         usage = body.usage.to_usage() if body.usage is not None else None
         if not response and not calls and usage is None:
             raise malformed(
                 "answer has no content, no tool call and no usage", content, self.redact
             )
-        stop = body.stop_reason
         return Completion(
             response=response,
             reasoning="\n".join(thinking) if thinking else None,
             usage=usage,
-            finish_reason=_finish_reason(stop) if not self.schema_via_tool else "stop",
+            finish_reason=finish,
             model=body.model,
             rate_limits=parse_rate_limits(headers),
             tool_calls=calls or None,
             reported_cost_usd=response_cost(headers),
+            service_tier=body.usage.service_tier if body.usage is not None else None,
         )
 
     async def _assemble(
@@ -207,10 +214,7 @@ class AnthropicMessages(Provider):
                     _apply_delta(blocks[index], event["delta"], partial_json, index)
                 elif kind == "message_delta" and message is not None:
                     message.update(event.get("delta") or {})
-                    message["usage"] = {
-                        **(message.get("usage") or {}),
-                        **(event.get("usage") or {}),
-                    }
+                    message["usage"] = _merged_usage(message.get("usage"), event.get("usage"))
                 elif kind == "message_stop":
                     finished = True
             except (KeyError, TypeError, ValueError, AttributeError):
@@ -218,14 +222,18 @@ class AnthropicMessages(Provider):
         if message is None or not finished:
             # A half answer must never be stored as a success: this is retried.
             raise malformed("the stream was cut off before the answer finished", last, self.redact)
+        cut = message.get("stop_reason") == "max_tokens"
         for index, parts in partial_json.items():
             joined = "".join(parts)
             try:
                 blocks[index]["input"] = orjson.loads(joined) if joined else {}
             except orjson.JSONDecodeError:
-                raise malformed(
-                    "a tool call's input is not valid JSON", joined, self.redact
-                ) from None
+                if not cut:
+                    raise malformed(
+                        "a tool call's input is not valid JSON", joined, self.redact
+                    ) from None
+                # Cut by max_tokens inside the call: an answer (length), kept as raw text.
+                blocks[index]["input"] = joined
         message["content"] = [blocks[i] for i in sorted(blocks)]
         body = read(AnthropicBody, message, last, self.redact)
         return self._completion(body, headers, last)
@@ -243,6 +251,38 @@ def _apply_delta(
         partial_json.setdefault(index, []).append(_text(delta.get("partial_json")))
     elif kind == "signature_delta":
         block["signature"] = _text(block.get("signature")) + _text(delta.get("signature"))
+
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def _mark_prefix_cacheable(body: dict[str, Any]) -> None:
+    """One cache breakpoint at the end of the stable prefix: the last turn before the
+    row's own message, else the system prompt, else the last tool. Everything before a
+    breakpoint (tools, system, turns) is cached up to it."""
+    turns = body["messages"]
+    if len(turns) > 1:
+        last = turns[-2]
+        block = {"type": "text", "text": last["content"], "cache_control": EPHEMERAL}
+        body["messages"] = [*turns[:-2], {**last, "content": [block]}, turns[-1]]
+    elif "system" in body:
+        body["system"] = [{"type": "text", "text": body["system"], "cache_control": EPHEMERAL}]
+    elif body.get("tools"):
+        body["tools"] = [*body["tools"][:-1], {**body["tools"][-1], "cache_control": EPHEMERAL}]
+
+
+def _merged_usage(known: Any, update: Any) -> dict[str, Any]:
+    """A `message_delta`'s usage over what `message_start` said: a field it sends as
+    null (its type allows that) leaves the count already known."""
+    merged = dict(known) if isinstance(known, dict) else {}
+    if isinstance(update, dict):
+        merged.update((k, v) for k, v in update.items() if v is not None)
+    return merged
+
+
+def _arguments_text(arguments: Any) -> str:
+    """A tool call's input as the JSON text of the answer (raw text when it was cut)."""
+    return arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
 
 
 def _finish_reason(stop: str | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from pipeline.providers.shapes import (
     read,
 )
 from pipeline.structured import SCHEMA_NAME
-from pipeline.types import ChatRequest, Completion, RateLimitInfo
+from pipeline.types import REFUSAL, ChatRequest, Completion, RateLimitInfo
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
 
@@ -100,7 +101,12 @@ class OpenAIChat(Provider):
         return [str(m.get("id")) for m in data or [] if isinstance(m, dict)]
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
-        return {**self.body_base, "messages": self._messages(request)}
+        messages = self._messages(request)
+        body = {**self.body_base, "messages": messages}
+        cache = self.settings.prompt_cache
+        if cache and self.settings.preset.prompt_cache_key:
+            body["prompt_cache_key"] = cache if isinstance(cache, str) else prefix_key(messages)
+        return body
 
     def parse_body(self, status: int, body: Any) -> Completion:
         completion = self.parse(HttpResponse(status, {}, orjson.dumps(body)))
@@ -144,10 +150,11 @@ class OpenAIChat(Provider):
         body = read(OpenAIBody, payload, response.content, self.redact)
         if not body.choices:
             raise malformed("response has no choices", response.content, self.redact)
-        choice = body.choices[0]
+        # With several choices (n > 1, refused by validate) the first is the answer.
+        choice = next((c for c in body.choices if not c.index), body.choices[0])
         if choice.message is None:
             raise malformed("choices[0] has no message", response.content, self.redact)
-        return _completion(
+        completion = _completion(
             choice.message,
             choice.finish_reason,
             body.usage,
@@ -155,6 +162,9 @@ class OpenAIChat(Provider):
             parse_rate_limits(headers),
             response_cost(headers),
             lambda: malformed(_EMPTY, response.content, self.redact),
+        )
+        return dataclasses.replace(
+            completion, system_fingerprint=body.system_fingerprint, service_tier=body.service_tier
         )
 
     def classify(self, status: int, payload: Any, headers: Any) -> errors.ProviderError:
@@ -174,6 +184,10 @@ def _completion(
     empty: Callable[[], errors.MalformedResponse],
 ) -> Completion:
     content = message.content or ""
+    if message.refusal:
+        # A refusal is the model's answer to this row, kept in its words: never an
+        # empty success, never a schema mismatch to be asked (and paid for) again.
+        content, finish_reason = message.refusal, REFUSAL
     reasoning = _reasoning(message)
     if reasoning is None and (think := _THINK.match(content)):
         reasoning = think.group(1).strip()
@@ -200,13 +214,27 @@ def _completion(
     )
 
 
+def prefix_key(messages: list[dict[str, str]]) -> str:
+    """A cache key naming the stable prefix (every message but the last), so requests
+    that share it are routed to the same cache."""
+    digest = hashlib.sha256(orjson.dumps(messages[:-1])).hexdigest()
+    return f"pipeline-{digest[:24]}"
+
+
 def _schema_answer_from_tool(completion: Completion) -> Completion:
     """With schemas asked for as a forced tool call, the call's arguments are the answer."""
     for call in completion.tool_calls or []:
         if call["name"] == SCHEMA_NAME:
             arguments = call["arguments"]
             text = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
-            return dataclasses.replace(completion, response=text, tool_calls=None)
+            # The forced call is the answer: it stopped as asked, unless cut or filtered.
+            finish = "stop" if completion.finish_reason == "tool_calls" else None
+            return dataclasses.replace(
+                completion,
+                response=text,
+                tool_calls=None,
+                finish_reason=finish or completion.finish_reason,
+            )
     return completion
 
 
@@ -226,11 +254,14 @@ class _StreamAssembler:
     def __init__(self, redact: Callable[[str], str]) -> None:
         self.redact = redact
         self.content: list[str] = []
+        self.refusal: list[str] = []
         self.reasoning: dict[str, list[str]] = {"reasoning_content": [], "reasoning": []}
         self.calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.usage: OpenAIUsage | None = None
         self.model: str | None = None
+        self.system_fingerprint: str | None = None
+        self.service_tier: str | None = None
         self.done = False
         self.last = ""
 
@@ -238,12 +269,18 @@ class _StreamAssembler:
         chunk = read(OpenAIChunk, payload, data, self.redact)
         self.last = data
         self.model = chunk.model or self.model
+        self.system_fingerprint = chunk.system_fingerprint or self.system_fingerprint
+        self.service_tier = chunk.service_tier or self.service_tier
         if chunk.usage is not None:
             self.usage = chunk.usage
         for choice in chunk.choices or []:
+            if choice.index:
+                continue  # another of n choices: never interleaved into the first
             delta = choice.delta or OpenAIDelta()
             if delta.content:
                 self.content.append(delta.content)
+            if delta.refusal:
+                self.refusal.append(delta.refusal)
             for field, parts in self.reasoning.items():
                 if text := getattr(delta, field):
                     parts.append(text)
@@ -266,6 +303,7 @@ class _StreamAssembler:
             )
         message = OpenAIMessage(
             content="".join(self.content),
+            refusal="".join(self.refusal) or None,
             reasoning_content="".join(self.reasoning["reasoning_content"]) or None,
             reasoning="".join(self.reasoning["reasoning"]) or None,
             tool_calls=[
@@ -278,7 +316,7 @@ class _StreamAssembler:
             ]
             or None,
         )
-        return _completion(
+        completion = _completion(
             message,
             self.finish_reason,
             self.usage,
@@ -286,6 +324,9 @@ class _StreamAssembler:
             rate_limits,
             header_cost,
             lambda: malformed(_EMPTY, self.last, self.redact),
+        )
+        return dataclasses.replace(
+            completion, system_fingerprint=self.system_fingerprint, service_tier=self.service_tier
         )
 
 

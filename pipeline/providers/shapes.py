@@ -97,6 +97,7 @@ ToolCalls = Annotated[list[OpenAIToolCall] | None, BeforeValidator(_none_if_not_
 
 class OpenAIMessage(_Shape):
     content: Text = None
+    refusal: OptionalStr = None  # the model declined: its words, with content null
     reasoning_content: OptionalStr = None
     reasoning: OptionalStr = None
     reasoning_details: Annotated[list[Any] | None, BeforeValidator(_none_if_not_list)] = None
@@ -104,6 +105,7 @@ class OpenAIMessage(_Shape):
 
 
 class OpenAIChoice(_Shape):
+    index: Count = None
     message: OpenAIMessage | None = None
     finish_reason: OptionalStr = None
 
@@ -146,16 +148,20 @@ class OpenAIBody(_Shape):
     choices: list[OpenAIChoice]
     usage: UsageBlock = None
     model: OptionalStr = None
+    system_fingerprint: OptionalStr = None
+    service_tier: OptionalStr = None
 
 
 class OpenAIDelta(_Shape):
     content: Text = None
+    refusal: OptionalStr = None
     reasoning_content: OptionalStr = None
     reasoning: OptionalStr = None
     tool_calls: ToolCalls = None
 
 
 class OpenAIChunkChoice(_Shape):
+    index: Count = None
     delta: Annotated[OpenAIDelta | None, BeforeValidator(_none_if_not_dict)] = None
     finish_reason: OptionalStr = None
 
@@ -164,6 +170,8 @@ class OpenAIChunk(_Shape):
     choices: Annotated[list[OpenAIChunkChoice] | None, BeforeValidator(_none_if_not_list)] = None
     usage: UsageBlock = None
     model: OptionalStr = None
+    system_fingerprint: OptionalStr = None
+    service_tier: OptionalStr = None
 
 
 # -- Anthropic Messages ----------------------------------------------------------------
@@ -183,20 +191,25 @@ class AnthropicUsage(_Shape):
     output_tokens: Count = None
     cache_read_input_tokens: Count = None
     cache_creation_input_tokens: Count = None
+    output_tokens_details: Details = None  # thinking_tokens: part of output_tokens
+    service_tier: OptionalStr = None  # standard, priority or batch
 
     def to_usage(self) -> Usage | None:
         if self.input_tokens is None and self.output_tokens is None:
             return None
         cached = self.cache_read_input_tokens or 0
+        written = self.cache_creation_input_tokens or 0
         # input_tokens leaves out cached tokens; prompt_tokens counts them all.
-        prompt = (self.input_tokens or 0) + cached + (self.cache_creation_input_tokens or 0)
+        prompt = (self.input_tokens or 0) + cached + written
         output = self.output_tokens or 0
+        thinking = _count((self.output_tokens_details or {}).get("thinking_tokens"))
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=output,
-            reasoning_tokens=0,
+            reasoning_tokens=thinking or 0,
             cached_tokens=cached,
             total_tokens=prompt + output,
+            cache_write_tokens=written,
         )
 
 

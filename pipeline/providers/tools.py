@@ -1,7 +1,9 @@
 """Tool definitions and tool choices, in either provider's format, converted both ways.
 
 Jobs may write tools the OpenAI way (`{type: function, function: {name, description,
-parameters}}`) or the Anthropic way (`{name, description, input_schema}`).
+parameters}}`) or the Anthropic way (`{name, description, input_schema}`). A tool the
+provider defines itself (Anthropic's `{type: web_search_20250305, name: web_search,
+max_uses: 3}`, `code_execution_*`, OpenAI's built-ins) is sent exactly as written.
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from typing import Any
 
 import orjson
 
+# The `type` of tools a job defines (with a schema); any other type is the provider's own.
+CUSTOM_TYPES = frozenset({"function", "custom"})
+
+
+def provider_defined(tool: dict[str, Any]) -> bool:
+    """A server tool the provider defines and runs: its `type` names it (a version)."""
+    kind = tool.get("type")
+    return isinstance(kind, str) and kind not in CUSTOM_TYPES
+
 
 def to_openai(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     converted = []
     for tool in tools:
-        if tool.get("type") == "function" and "function" in tool:
+        if provider_defined(tool) or (tool.get("type") == "function" and "function" in tool):
             converted.append(tool)
             continue
         function = {"name": tool["name"], "parameters": tool.get("input_schema", {})}
@@ -28,7 +39,7 @@ def to_openai(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def to_anthropic(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     converted = []
     for tool in tools:
-        if "input_schema" in tool:
+        if provider_defined(tool) or "input_schema" in tool:
             converted.append(tool)
             continue
         function = tool.get("function", tool)

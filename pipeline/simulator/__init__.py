@@ -14,7 +14,9 @@ In-band triggers in the last user message: ``[[sim:status=NNN]]``, ``[[sim:quota
 ``[[sim:drop_first=N]]``, ``[[sim:slow=MS]]``, ``[[sim:tool]]`` (call the first tool
 when tool_choice is auto or absent), ``[[sim:bad_json]]`` (the first answered attempt of
 a structured request is invalid), ``[[sim:always_bad_json]]``, ``[[sim:batch_invalid]]``
-(the line fails batch validation).
+(the line fails batch validation), ``[[sim:refuse]]`` (OpenAI ``message.refusal``,
+Anthropic ``stop_reason: refusal``), ``[[sim:pause]]`` (Anthropic ``pause_turn`` after a
+``server_tool_use`` block). ``[[sim:length]]`` on a tool call cuts its JSON halfway.
 
 Batch APIs (``batches.py``): OpenAI-style ``/v1/files`` and ``/v1/batches`` and Anthropic
 ``/v1/messages/batches``, ending ``batch_turnaround_s`` after creation, with
@@ -29,6 +31,8 @@ Structured answers (values from :func:`expected_structured`): OpenAI
 """
 
 from .behaviour import (
+    PAUSE_TEXT,
+    REFUSAL_TEXT,
     estimate_prompt_tokens,
     expected_reasoning,
     expected_response,
@@ -41,6 +45,8 @@ from .server import Simulator
 from .structured import expected_structured
 
 __all__ = [
+    "PAUSE_TEXT",
+    "REFUSAL_TEXT",
     "RunningSimulator",
     "Simulator",
     "SimulatorConfig",

@@ -570,6 +570,10 @@ class BatchStore:
             mt = body.get("max_completion_tokens")
             max_tokens = mt if mt is not None else body.get("max_tokens")
         triggers = parse_triggers(msgs)
+        if triggers is not None and triggers.replay is not None:
+            sim.stats_obj.answered(request_key(body))
+            sim.stats_obj.batch_requests_paid += 1
+            return 200, sim.replay_entry(triggers.replay)["body"]
         if triggers is not None and triggers.status is not None:
             status = triggers.status
             payload = (
@@ -590,10 +594,12 @@ class BatchStore:
             output = maybe_invalid(sim, output, triggers, request_key(body), truncate=False)
         limit = max_tokens if isinstance(max_tokens, int) else None
         c = sim.completion_for(model, msgs, limit, with_reasoning, triggers, None, output)
+        if anthropic:
+            c = sim.cached(body, model, c)
         sim.stats_obj.paid(request_key(body), c)
         sim.stats_obj.batch_requests_paid += 1
         if anthropic:
-            return 200, P.anthropic_response(c, model)
+            return 200, P.anthropic_response(c, model, cfg.thinking_details, "batch")
         return 200, P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style)
 
     @staticmethod

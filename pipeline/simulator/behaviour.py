@@ -47,12 +47,44 @@ def normalize_messages(messages: Any, system: Any = None) -> list[dict[str, Any]
     """
     out: list[dict[str, Any]] = []
     if system is not None and system != "" and system != []:
-        out.append({"role": "system", "content": system})
+        out.append({"role": "system", "content": _plain(system)})
     if isinstance(messages, list):
         for m in messages:
             if isinstance(m, dict):
-                out.append({"role": m.get("role"), "content": m.get("content")})
+                out.append({"role": m.get("role"), "content": _plain(m.get("content"))})
     return out
+
+
+def _plain(content: Any) -> Any:
+    """Content made only of text blocks (as sent to mark a cache breakpoint) as its text,
+    so the same prompt gets the same answer however its blocks are written."""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in content
+    ):
+        return message_text(content)
+    return content
+
+
+def cache_prefix(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The prompt up to its last ``cache_control`` breakpoint (Anthropic: tools, system,
+    messages in that order), normalized; None without a breakpoint."""
+    system, messages = body.get("system"), body.get("messages")
+    turns = messages if isinstance(messages, list) else []
+    for i in range(len(turns) - 1, -1, -1):
+        if _marked(turns[i].get("content") if isinstance(turns[i], dict) else None):
+            return normalize_messages(turns[: i + 1], system)
+    if _marked(system):
+        return normalize_messages([], system)
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and "cache_control" in t for t in tools):
+        return []
+    return None
+
+
+def _marked(content: Any) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and "cache_control" in p for p in content
+    )
 
 
 def request_digest(model: str, messages: list[dict[str, Any]]) -> str:
@@ -132,6 +164,9 @@ class Triggers:
     tool: bool = False
     bad_json: bool = False
     always_bad_json: bool = False
+    refuse: bool = False
+    pause: bool = False
+    replay: int | None = None
 
     @property
     def any_first(self) -> bool:
@@ -168,6 +203,12 @@ def parse_triggers(messages: list[dict[str, Any]]) -> Triggers | None:
             t.bad_json = True
         elif name == "always_bad_json":
             t.always_bad_json = True
+        elif name == "refuse":
+            t.refuse = True
+        elif name == "pause":
+            t.pause = True
+        elif name == "replay" and value:
+            t.replay = n
     return t
 
 
@@ -191,8 +232,13 @@ class Completion:
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
-    finish: str  # "stop" | "length" | "content_filter" | "tool_calls"
+    finish: str  # "stop" | "length" | "content_filter" | "tool_calls" | "refusal" | "pause_turn"
     tool_call: ToolCall | None = None
+    cache_write_tokens: int = 0  # prompt tokens written to the prompt cache
+
+
+REFUSAL_TEXT = "I'm sorry, I can't help with that request."
+PAUSE_TEXT = "Let me search the web for that."
 
 
 def make_completion(
@@ -212,6 +258,14 @@ def make_completion(
     cached = math.floor(prompt * cached_fraction)
     if triggers is not None and triggers.filter:
         return Completion("", None, prompt, 0, 0, cached, "content_filter")
+    if triggers is not None and triggers.refuse:
+        tokens = text_tokens(REFUSAL_TEXT)
+        return Completion(REFUSAL_TEXT, None, prompt, tokens, 0, cached, "refusal")
+    if triggers is not None and triggers.pause:
+        # A server-tool loop that hit its iteration limit: text so far, turn unfinished.
+        return Completion(
+            PAUSE_TEXT, None, prompt, text_tokens(PAUSE_TEXT), 0, cached, "pause_turn"
+        )
     digest = _digest(model, messages)
     topic = _topic(messages)
     content = _answer_text(digest, topic)
@@ -220,10 +274,14 @@ def make_completion(
     if output is not None:
         content, tool = output.render(digest, content)
         if tool is not None:
+            finish = "tool_calls"
+            if triggers is not None and triggers.length:
+                # Cut inside the call: the streamed JSON stops halfway (no parsed input).
+                cut = tool.arguments[: max(1, len(tool.arguments) // 2)]
+                tool = ToolCall(tool.name, cut, {}, tool.key)
+                finish = "length"
             tokens = text_tokens(tool.arguments)
-            return Completion(
-                "", reasoning, prompt, tokens, reasoning_tokens, cached, "tool_calls", tool
-            )
+            return Completion("", reasoning, prompt, tokens, reasoning_tokens, cached, finish, tool)
     finish = "stop"
     if max_tokens is not None and max_tokens >= 0 and max_tokens < text_tokens(content):
         content = content[: max_tokens * 4]

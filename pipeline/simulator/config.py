@@ -58,6 +58,23 @@ class SimulatorConfig(BaseModel):
     cached_fraction: Probability = 0.0
     stream_chunk_chars: int = Field(default=24, ge=1)
     """Characters of text per streamed delta."""
+    anthropic_delta_usage: Literal["output", "cumulative", "nulls"] = "output"
+    """What a streamed Anthropic ``message_delta`` lists in ``usage`` (the SDK type makes
+    every count but ``output_tokens`` optional and calls them cumulative): output: only
+    ``output_tokens``; cumulative: every count again; nulls: the other counts as null."""
+    prompt_cache_min_tokens: int = Field(default=1024, ge=0)
+    """Anthropic prompt caching: a prefix up to a ``cache_control`` breakpoint this long
+    or longer is written to the cache on first sight and read from it afterwards
+    (``cache_creation_input_tokens`` / ``cache_read_input_tokens``)."""
+    thinking_details: bool = False
+    """Anthropic usage carries ``output_tokens_details.thinking_tokens`` (a part of
+    ``output_tokens``), as newer models report it."""
+
+    replay: list[dict[str, Any]] = Field(default_factory=list)
+    """Canned answers: a request whose last user message says ``[[sim:replay=N]]`` gets
+    entry N as it is: its ``body`` (plain requests and batch results), or its ``events``
+    (streams: one JSON object per event, the Anthropic event name from its ``type``;
+    OpenAI's ``[DONE]`` is added)."""
 
     # --- rate limits ----------------------------------------------------------------
     rpm: float | None = Field(default=None, gt=0)

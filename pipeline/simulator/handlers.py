@@ -38,6 +38,15 @@ class Dropped(web.Response):
     """Returned when the connection was closed without (a complete) answer."""
 
 
+def _thinking(body: dict[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def _forces_tool(choice: Any) -> bool:
+    return isinstance(choice, dict) and choice.get("type") in ("any", "tool")
+
+
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -223,6 +232,23 @@ async def _write_stream(
     return resp
 
 
+async def _replay(
+    sim: Simulator,
+    request: web.Request,
+    index: int,
+    key: str,
+    anthropic: bool,
+    stream: bool,
+    headers: dict[str, str] | None,
+) -> web.StreamResponse:
+    entry = sim.replay_entry(index)
+    sim.stats_obj.answered(key)
+    if stream:
+        events = P.replay_events(entry["events"], anthropic)
+        return await _write_stream(request, events, headers, truncate=False)
+    return E.json_response(entry["body"], 200, headers)
+
+
 def maybe_invalid(sim: Simulator, output: Output, t: Triggers, key: str, truncate: bool) -> Output:
     """``[[sim:always_bad_json]]``: always invalid; ``[[sim:bad_json]]``: invalid on the
     first answered (not truncated) attempt of this exact request."""
@@ -261,12 +287,7 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         if max_tokens is None or max_tokens < 1:
             raise E.Reject(sim.invalid("max_tokens: Field required", anthropic))
         msgs = normalize_messages(messages, body.get("system"))
-        thinking = body.get("thinking")
-        with_reasoning = (
-            isinstance(thinking, dict)
-            and thinking.get("type") in ("enabled", "adaptive")
-            and cfg.reasoning_style != "none"
-        )
+        with_reasoning = _thinking(body) and cfg.reasoning_style != "none"
     else:
         mt = body.get("max_completion_tokens")
         max_tokens = _int(mt if mt is not None else body.get("max_tokens"))
@@ -274,6 +295,9 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         with_reasoning = cfg.reasoning_style != "none"
     stream = body.get("stream") is True
     triggers = parse_triggers(msgs)
+    if anthropic and _thinking(body) and _forces_tool(body.get("tool_choice")):
+        message = "Thinking may not be enabled when tool_choice forces tool use."
+        raise E.Reject(sim.invalid(message, anthropic, "tool_choice"))
     try:
         if anthropic:
             output = anthropic_output(body, triggers)
@@ -316,24 +340,38 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
 
     await sim.sleep(sim.latency_s(triggers))
     truncate = fault == "truncate_stream"
+    if triggers is not None and triggers.replay is not None:
+        return await _replay(sim, request, triggers.replay, key, anthropic, stream, headers)
     if output is not None and triggers is not None:
         output = maybe_invalid(sim, output, triggers, key, truncate)
     c = sim.completion_for(model, msgs, max_tokens, with_reasoning, triggers, prompt, output)
+    if anthropic:
+        c = sim.cached(body, model, c)
     if not truncate:
         sim.stats_obj.paid(key, c)
 
     chunk = cfg.stream_chunk_chars
     if stream:
         if anthropic:
-            events = P.anthropic_stream_events(c, model, chunk)
+            events = P.anthropic_stream_events(
+                c, model, chunk, cfg.anthropic_delta_usage, cfg.thinking_details
+            )
         else:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
             events = P.openai_stream_events(
-                c, model, cfg.reasoning_style, cfg.usage_style, include_usage, chunk
+                c,
+                model,
+                cfg.reasoning_style,
+                cfg.usage_style,
+                include_usage,
+                chunk,
+                P.served_tier(body),
             )
         return await _write_stream(request, events, headers, truncate)
     if anthropic:
-        return E.json_response(P.anthropic_response(c, model), 200, headers)
-    payload = P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style)
+        payload = P.anthropic_response(c, model, cfg.thinking_details)
+        return E.json_response(payload, 200, headers)
+    tier = P.served_tier(body)
+    payload = P.openai_response(c, model, cfg.reasoning_style, cfg.usage_style, tier)
     return E.json_response(payload, 200, headers)

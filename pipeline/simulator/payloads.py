@@ -29,7 +29,9 @@ def _pieces(text: str, size: int) -> Iterator[str]:
 
 def openai_content(c: Completion, reasoning_style: str) -> str | None:
     """Message content as sent (with an inline ``<think>`` block for that style); None
-    for a tool call without such a block."""
+    for a tool call without such a block, and for a refusal (its text is ``refusal``)."""
+    if c.finish == "refusal":
+        return None
     if reasoning_style == "think" and c.reasoning:
         return f"<think>{c.reasoning}</think>{c.content}"
     if c.tool_call is not None:
@@ -68,13 +70,26 @@ def openai_usage(c: Completion, usage_style: str) -> dict[str, Any]:
     return usage
 
 
+def openai_finish(c: Completion) -> str:
+    """Chat Completions ends a refusal with ``stop`` (the text is in ``refusal``) and
+    knows no paused turns."""
+    return "stop" if c.finish in ("refusal", "pause_turn") else c.finish
+
+
+def served_tier(body: dict[str, Any]) -> str:
+    """The service tier an OpenAI answer reports: the one asked for, ``auto`` as
+    ``default``."""
+    asked = body.get("service_tier")
+    return asked if isinstance(asked, str) and asked not in ("auto", "") else "default"
+
+
 def openai_response(
-    c: Completion, model: str, reasoning_style: str, usage_style: str
+    c: Completion, model: str, reasoning_style: str, usage_style: str, tier: str = "default"
 ) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
         "content": openai_content(c, reasoning_style),
-        "refusal": None,
+        "refusal": c.content if c.finish == "refusal" else None,
     }
     if c.reasoning and reasoning_style in ("reasoning_content", "reasoning"):
         message[reasoning_style] = c.reasoning
@@ -85,9 +100,12 @@ def openai_response(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": c.finish}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": openai_finish(c)}
+        ],
         "usage": openai_usage(c, usage_style),
         "system_fingerprint": FINGERPRINT,
+        "service_tier": tier,
     }
 
 
@@ -98,6 +116,7 @@ def openai_stream_events(
     usage_style: str,
     include_usage: bool,
     chunk_chars: int,
+    tier: str = "default",
 ) -> list[bytes]:
     """Every SSE event of a streamed completion, ``data: [DONE]`` included."""
     cid = next_id("chatcmpl-")
@@ -111,6 +130,7 @@ def openai_stream_events(
             "created": created,
             "model": model,
             "system_fingerprint": FINGERPRINT,
+            "service_tier": tier,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
         if include_usage:
@@ -118,12 +138,15 @@ def openai_stream_events(
         events.append(b"data: " + orjson.dumps(obj) + b"\n\n")
 
     content = openai_content(c, reasoning_style)
-    chunk({"role": "assistant", "content": "" if c.tool_call is None else None})
+    chunk({"role": "assistant", "content": "" if content is not None else None})
     if c.reasoning and reasoning_style in ("reasoning_content", "reasoning"):
         for piece in _pieces(c.reasoning, chunk_chars):
             chunk({"content": None, reasoning_style: piece})
     for piece in _pieces(content or "", chunk_chars):
         chunk({"content": piece})
+    if c.finish == "refusal":
+        for piece in _pieces(c.content, chunk_chars):
+            chunk({"refusal": piece})
     tc = c.tool_call
     if tc is not None:
         fn = {"name": tc.name, "arguments": ""}
@@ -131,7 +154,7 @@ def openai_stream_events(
         chunk({"tool_calls": [call]})
         for piece in _pieces(tc.arguments, chunk_chars):
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-    chunk({}, c.finish)
+    chunk({}, openai_finish(c))
     if include_usage:
         obj = {
             "id": cid,
@@ -139,6 +162,7 @@ def openai_stream_events(
             "created": created,
             "model": model,
             "system_fingerprint": FINGERPRINT,
+            "service_tier": tier,
             "choices": [],
             "usage": openai_usage(c, usage_style),
         }
@@ -154,19 +178,48 @@ _STOP = {
     "length": "max_tokens",
     "content_filter": "refusal",
     "tool_calls": "tool_use",
+    "refusal": "refusal",
+    "pause_turn": "pause_turn",
 }
 
 
-def anthropic_usage(c: Completion) -> dict[str, Any]:
-    return {
-        "input_tokens": c.prompt_tokens - c.cached_tokens,
+def anthropic_usage(
+    c: Completion, thinking_details: bool = False, tier: str = "standard"
+) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "service_tier": tier,
+        "input_tokens": c.prompt_tokens - c.cached_tokens - c.cache_write_tokens,
         "output_tokens": c.completion_tokens + c.reasoning_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": c.cache_write_tokens,
         "cache_read_input_tokens": c.cached_tokens,
+    }
+    if thinking_details:
+        usage["output_tokens_details"] = {"thinking_tokens": c.reasoning_tokens}
+    return usage
+
+
+def _delta_usage(usage: dict[str, Any], style: str) -> dict[str, Any]:
+    """A ``message_delta``'s usage in one of the forms its type allows."""
+    if style == "cumulative":
+        return usage
+    if style == "nulls":
+        return {**{k: None for k in usage}, "output_tokens": usage["output_tokens"]}
+    return {"output_tokens": usage["output_tokens"]}
+
+
+def _server_tool_use(c: Completion) -> dict[str, Any]:
+    """The web search a paused turn was running when the server stopped it."""
+    return {
+        "type": "server_tool_use",
+        "id": f"srvtoolu_{c.prompt_tokens:08d}",
+        "name": "web_search",
+        "input": {"query": c.content[:40]},
     }
 
 
-def anthropic_response(c: Completion, model: str) -> dict[str, Any]:
+def anthropic_response(
+    c: Completion, model: str, thinking_details: bool = False, tier: str = "standard"
+) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = []
     if c.reasoning:
         blocks.append({"type": "thinking", "thinking": c.reasoning, "signature": "sig"})
@@ -177,6 +230,8 @@ def anthropic_response(c: Completion, model: str) -> dict[str, Any]:
         )
     else:
         blocks.append({"type": "text", "text": c.content})
+    if c.finish == "pause_turn":
+        blocks.append(_server_tool_use(c))
     return {
         "id": next_id("msg_"),
         "type": "message",
@@ -185,7 +240,7 @@ def anthropic_response(c: Completion, model: str) -> dict[str, Any]:
         "model": model,
         "stop_reason": _STOP.get(c.finish, "end_turn"),
         "stop_sequence": None,
-        "usage": anthropic_usage(c),
+        "usage": anthropic_usage(c, thinking_details, tier),
     }
 
 
@@ -193,8 +248,14 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def anthropic_stream_events(c: Completion, model: str, chunk_chars: int) -> list[bytes]:
-    usage = anthropic_usage(c)
+def anthropic_stream_events(
+    c: Completion,
+    model: str,
+    chunk_chars: int,
+    delta_usage: str = "output",
+    thinking_details: bool = False,
+) -> list[bytes]:
+    usage = anthropic_usage(c, thinking_details)
     start_usage = {**usage, "output_tokens": 1}
     message: dict[str, Any] = {
         "id": next_id("msg_"),
@@ -206,7 +267,10 @@ def anthropic_stream_events(c: Completion, model: str, chunk_chars: int) -> list
         "stop_sequence": None,
         "usage": start_usage,
     }
-    ev = [_sse("message_start", {"type": "message_start", "message": message})]
+    ev = [
+        _sse("message_start", {"type": "message_start", "message": message}),
+        _sse("ping", {"type": "ping"}),
+    ]
     index = 0
 
     def block(start: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
@@ -246,15 +310,33 @@ def anthropic_stream_events(c: Completion, model: str, chunk_chars: int) -> list
             {"type": "text", "text": ""},
             [{"type": "text_delta", "text": p} for p in _pieces(c.content, chunk_chars)],
         )
+    if c.finish == "pause_turn":
+        index += 1
+        server = _server_tool_use(c)
+        arguments = orjson.dumps(server["input"]).decode()
+        block(
+            {**server, "input": {}},
+            [{"type": "input_json_delta", "partial_json": p} for p in _pieces(arguments, 8)],
+        )
     ev.append(
         _sse(
             "message_delta",
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": _STOP.get(c.finish, "end_turn"), "stop_sequence": None},
-                "usage": {"output_tokens": usage["output_tokens"]},
+                "usage": _delta_usage(usage, delta_usage),
             },
         )
     )
     ev.append(_sse("message_stop", {"type": "message_stop"}))
     return ev
+
+
+# --- canned answers -------------------------------------------------------------------
+
+
+def replay_events(events: list[dict[str, Any]], anthropic: bool) -> list[bytes]:
+    """A canned stream framed as the protocol frames it."""
+    if anthropic:
+        return [_sse(str(e.get("type")), e) for e in events]
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections import defaultdict
@@ -16,9 +17,11 @@ from .batches import BatchStore
 from .behaviour import (
     Completion,
     Triggers,
+    cache_prefix,
     estimate_prompt_tokens,
     make_completion,
     normalize_messages,
+    request_digest,
 )
 from .config import FAULT_KINDS, SimulatorConfig
 from .handlers import Dropped, complete
@@ -53,15 +56,19 @@ class Stats:
         self.batch_requests_paid = 0
 
     def paid(self, key: str, c: Completion) -> None:
+        self.answered(key)
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.reasoning_tokens += c.reasoning_tokens
+        self.cached_tokens += c.cached_tokens
+
+    def answered(self, key: str) -> None:
+        """One paid answer to the request with this key (a second one is a duplicate)."""
         self.completions += 1
         n = self.paid_by_digest[key] + 1
         self.paid_by_digest[key] = n
         if n > 1:
             self.duplicate_paid += 1
-        self.prompt_tokens += c.prompt_tokens
-        self.completion_tokens += c.completion_tokens
-        self.reasoning_tokens += c.reasoning_tokens
-        self.cached_tokens += c.cached_tokens
 
     def snapshot(self, full: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -102,6 +109,7 @@ class Simulator:
         self.stats_obj = Stats()
         self.attempts: defaultdict[str, int] = defaultdict(int)
         self.json_attempts: defaultdict[str, int] = defaultdict(int)
+        self.prompt_cache: set[str] = set()
         self._apply(self._config, first=True)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -141,6 +149,7 @@ class Simulator:
         self.stats_obj.in_flight = in_flight
         self.attempts.clear()
         self.json_attempts.clear()
+        self.prompt_cache.clear()
         self.batch_store.close()
         self.batch_store = BatchStore(self)
         cfg = self._config
@@ -344,6 +353,28 @@ class Simulator:
     async def sleep(seconds: float) -> None:
         if seconds > 0:
             await asyncio.sleep(seconds)
+
+    def cached(self, body: dict[str, Any], model: str, c: Completion) -> Completion:
+        """`c` with Anthropic prompt caching applied: the prefix up to the request's
+        breakpoint read from the cache when seen before, else written to it."""
+        prefix = cache_prefix(body)
+        if prefix is None:
+            return c
+        tokens = estimate_prompt_tokens(prefix) if prefix else 0
+        if tokens < self._config.prompt_cache_min_tokens or tokens > c.prompt_tokens:
+            return c
+        key = request_digest(model, prefix)
+        if key in self.prompt_cache:
+            return dataclasses.replace(c, cached_tokens=tokens, cache_write_tokens=0)
+        self.prompt_cache.add(key)
+        return dataclasses.replace(c, cached_tokens=0, cache_write_tokens=tokens)
+
+    def replay_entry(self, index: int) -> dict[str, Any]:
+        """Canned answer `index` of the configuration (an invalid request if none)."""
+        entries = self._config.replay
+        if index >= len(entries):
+            raise E.Reject(self.invalid(f"no replay entry {index}", False))
+        return entries[index]
 
     def completion_for(
         self,
