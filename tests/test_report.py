@@ -14,7 +14,14 @@ from conftest import SIM_KEY, make_job, reviews, run_cli
 
 from pipeline.simulator import RunningSimulator, SimulatorConfig
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian names it chromium, Ubuntu's snap and other distributions chromium-browser.
+CHROMIUM = next(
+    (found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="needs headless Chromium on PATH (apt-get install -y chromium); .ci/run installs it",
+)
 CHARTS_WITH_LOG = 5  # throughput, in flight, errors over time, latency, tokens and cost
 CHARTS_WITHOUT_LOG = 2  # latency, tokens and cost
 NASTY = "<script>alert('x')</script> & <b>bold</b>"
@@ -114,9 +121,10 @@ def test_report_of_a_missing_file_is_an_argument_error(finished: Path) -> None:
 
 
 def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
     return subprocess.run(
         [
-            str(CHROMIUM),
+            CHROMIUM,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -135,9 +143,7 @@ def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)"
-)
+@needs_chromium
 def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> None:
     made = run_cli("report", "test-job.yaml", "--to", str(tmp_path / "r.html"), cwd=finished)
     assert made.returncode == 0, made.stderr
@@ -193,6 +199,7 @@ def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> No
     assert bars.mean() > 0.01, "the charts' blue bars are not on the page"
 
 
+@needs_chromium
 def test_the_sample_filter_narrows_the_cards_in_a_browser(finished: Path, tmp_path: Path) -> None:
     made = run_cli("report", "test-job.yaml", "--to", str(tmp_path / "r.html"), cwd=finished)
     assert made.returncode == 0, made.stderr
