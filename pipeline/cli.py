@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 if TYPE_CHECKING:
+    from pipeline.counters import RunCounters
     from pipeline.estimate import Estimate
 
 from pipeline.embedded import simulator_for
@@ -323,10 +324,11 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             + ", ".join(f"{name} {value:.2f}s" for name, value in stats.latency.items())
         )
     lines.append(
-        f"requests this run: {counters.requests_sent:,} sent ({summary.outcome.retries:,} of "
+        f"requests this run: {counters.requests_sent:,} sent ({_retries_sent(summary):,} of "
         f"them retries), {summary.outcome.rate_limited:,} rate limited (429), at most "
         f"{counters.peak_in_flight:,} in flight at once"
     )
+    lines.extend(_learned_limits(counters))
     if summary.fatal is not None:
         lines.append(
             f"stopped: {summary.fatal.describe()}\n"
@@ -350,6 +352,20 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             )
         lines.append(f"report: `pipeline report {where}` writes charts and sample rows to HTML")
     click.echo("\n".join(lines), err=True)
+
+
+def _retries_sent(summary: RunSummary) -> int:
+    """Retries as sent; counters that never saw a request go out (batch, cluster) can't say."""
+    counters = summary.counters
+    return counters.retries_sent if counters.started_at is not None else summary.outcome.retries
+
+
+def _learned_limits(counters: RunCounters) -> list[str]:
+    return [
+        f"limit learned: {per_minute:,.0f} {dimension} a minute, "
+        "from the server's rate-limit headers (the run was paced to it)"
+        for dimension, per_minute in counters.learned_limits.items()
+    ]
 
 
 @main.command(name="status")

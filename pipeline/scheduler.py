@@ -7,7 +7,10 @@ never awaits, which is safe to share on one event loop and costs nothing per row
 Each row's attempts are `attempt.Attempt`s. A finished row goes to the sink the
 moment it lands (the runner's sink journals it, so a kill cannot lose it), and
 one recorder task has the sink commit in batches, inside shielded scopes: a result
-that exists is never lost to cancellation. Everything lives in task groups.
+that exists is never lost to cancellation. A heartbeat task copies what the pacer
+waits for (a pause and its reason, limits learned from headers) into the counters a
+few times per progress interval and asks a sink that shows progress to show it, so
+a line comes even while nothing finishes. Everything lives in task groups.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import TaskGroup
@@ -26,6 +29,7 @@ from pipeline.budget import Budget
 from pipeline.config import Price
 from pipeline.counters import RunCounters
 from pipeline.errors import JobFatalError, JobStopped
+from pipeline.progress import log_interval
 from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -35,6 +39,9 @@ from pipeline.types import ChatRequest, RowResult
 
 FLUSH_INTERVAL_S = 0.5
 FLUSH_MAX_ROWS = 2000
+# Beats per progress interval, at most a second apart: a line due is at most this late.
+BEATS_PER_INTERVAL = 10
+MAX_BEAT_S = 1.0
 
 Planned = ChatRequest | RowResult
 
@@ -49,6 +56,20 @@ class ResultSink(Protocol):
     async def commit(self) -> int:
         """Commit every row landed so far; returns how many that was."""
         ...
+
+
+@runtime_checkable
+class ShowsProgress(Protocol):
+    """A sink that also draws the progress display (the runner's recorder)."""
+
+    def show(self, force: bool = False) -> None:
+        """Draw the counters now, or when the display's own interval says so."""
+        ...
+
+
+def beat_interval(progress_every_s: float) -> float:
+    """Seconds between heartbeats for progress lines `progress_every_s` apart."""
+    return min(MAX_BEAT_S, max(progress_every_s, 0.01) / BEATS_PER_INTERVAL)
 
 
 @dataclass
@@ -77,20 +98,23 @@ class Scheduler:
         counters: RunCounters | None = None,
         on_stop: Callable[[float], None] | None = None,
         breaker: Breaker | None = None,
+        heartbeat_s: float | None = None,
     ) -> None:
         self.pacer = pacer
+        self.heartbeat_s = beat_interval(log_interval()) if heartbeat_s is None else heartbeat_s
         self.concurrency = concurrency
         self.grace_s = grace_s
         self.outcome = Outcome()
         self.counters = counters or RunCounters()
         self._on_stop = on_stop  # told the grace period when the first stop begins
+        self._log = log or RunLog(None)
         self.attempts = Attempts(
             provider,
             pacer,
             policy,
             price,
             budget or Budget(None, None, price),
-            log or RunLog(None),
+            self._log,
             self.outcome,
             self.counters,
             breaker or Breaker(),
@@ -109,6 +133,7 @@ class Scheduler:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._record_periodically, sink)
+                outer.start_soon(self._beat, sink)
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
@@ -180,11 +205,40 @@ class Scheduler:
         """The row's final result, or None when the run stopped before it was sent."""
         tries = RowTries()
         while True:
-            verdict = await Attempt(self.attempts, request, tries).make(self._wanted)
+            tried_before = tries.attempts
+            try:
+                verdict = await Attempt(self.attempts, request, tries).make(self._wanted)
+            finally:
+                # A retry counts once it is sent: a stop may cancel one already decided.
+                if tried_before and tries.attempts > tried_before:
+                    self.counters.retry_sent()
             if verdict is None or verdict.result is not None:
                 return None if verdict is None else verdict.result
             if verdict.retry_in:
                 await anyio.sleep(verdict.retry_in)
+
+    async def _beat(self, sink: ResultSink) -> None:
+        """While the run is alive: read what it waits for, and let the display show it."""
+        show = sink.show if isinstance(sink, ShowsProgress) else None
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            self._read_pacer()
+            if show is not None:
+                show()
+
+    def _read_pacer(self) -> None:
+        counters = self.counters
+        counters.paused_s, counters.pause_why = self.pacer.pause_left()
+        learned = self.pacer.learned_per_minute()
+        for dimension, per_minute in learned.items():
+            if counters.learned_limits.get(dimension) != per_minute:
+                self._log.event(
+                    "limit_learned",
+                    dimension=dimension,
+                    per_minute=per_minute,
+                    source="the server's rate-limit headers",
+                )
+        counters.learned_limits = learned
 
     def _wanted(self) -> bool:
         return not self._stopping
