@@ -210,5 +210,13 @@ def test_a_heartbeat_says_why_nothing_finishes_while_the_server_holds_the_run_ba
     assert all("the server asked (retry-after 2)" in line for line in paused), paused
     assert all(re.search(r"\bpaused \d+\.\d s more: ", line) for line in paused), paused
     assert re.match(r"progress: 0/20 rows", paused[0]), "said while nothing had finished"
-    assert simulator.stats()["rate_limited"] > 0
+    stats = simulator.stats()
+    assert stats["rate_limited"] > 0
+    # Every request the server saw is counted once, and every one past a row's first as a retry.
+    sent = re.search(
+        r"requests this run: (\d+) sent \((\d+) of them retries\)",
+        "\n".join(line for _, line in lines),
+    )
+    assert sent, lines
+    assert int(sent.group(1)) == stats["requests"] and int(sent.group(2)) == stats["requests"] - 20
     assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 20
