@@ -27,13 +27,14 @@ from pipeline.runner import (
     execute,
     prepare,
 )
+from pipeline.scheduler import catch_stops_early
 
-EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
+EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED, EXIT_INTERRUPTED = 2, 3, 4, 130
 EXIT_CODES = {
     RunEnd.ALL_OK: 0,
     RunEnd.ROWS_FAILED: 1,
     RunEnd.STOPPED: EXIT_STOPPED,
-    RunEnd.INTERRUPTED: 130,
+    RunEnd.INTERRUPTED: EXIT_INTERRUPTED,
 }
 
 
@@ -59,6 +60,11 @@ def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _interrupted(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 class _Guarded(click.Group):
@@ -228,6 +234,8 @@ def run(
             raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except KeyboardInterrupt:
+        _interrupted("interrupted before anything was sent")
     except Exception as exc:  # the last line of defence, before anything was sent
         _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
     try:
@@ -245,9 +253,13 @@ def run(
 
                 summary = run_on_ray(served, options, ClusterOptions(ray_address, ray_workers))
             else:
-                summary = execute(served, options)
+                with catch_stops_early():
+                    summary = execute(served, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except KeyboardInterrupt:
+        # After sending (while the output is written): every answer is committed.
+        _interrupted(f"interrupted: finished rows are saved; `{rerun}` resumes")
     except RunCrashed as exc:
         _crashed(exc, exc.__cause__ or exc, rerun)
     except PipelineError as exc:
@@ -306,7 +318,7 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             f"{totals.reasoning_tokens:,} reasoning"
         )
     lines.append(
-        f"cost: {_cost(counters.cost)} this run, "
+        f"cost: {_cost(counters.cost if counters.requests_sent else 0.0)} this run, "
         f"{_cost(totals.cost_usd if totals.cost_known else None)} all finished rows"
         + (
             f" ({totals.unpriced_rows:,} of them at an unknown price)"
@@ -336,6 +348,11 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     elif summary.outcome.interrupted:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
+        if summary.outcome.abandoned:
+            lines.append(
+                f"  abandoned: {summary.outcome.abandoned:,} request(s) in flight at the second "
+                "Ctrl-C (sent and paid for; their rows are sent again on resume)"
+            )
     lines.extend(summary.notes)
     stopped = summary.fatal is not None or summary.outcome.interrupted
     if not stopped and summary.output_path is not None:

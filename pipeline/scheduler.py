@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -79,6 +81,46 @@ class Outcome(AttemptCounts):
     fatal: JobFatalError | JobStopped | None = None
     interrupted: bool = False
     recorded: int = 0
+    abandoned: int = 0  # requests in flight a second Ctrl-C gave up on (sent, not recorded)
+
+
+# A closed terminal or a dropped ssh session sends SIGHUP: stop as for SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _EarlyStops:
+    """Stop signals that came before the pool watched for them. Signals are process-wide,
+    so this is too: `catch_stops_early` counts them, the pool's watcher takes them."""
+
+    catching = False
+    received = 0
+
+
+def take_early_stops() -> int:
+    """How many stop signals came before the caller watched for them (counted once)."""
+    received, _EarlyStops.received = _EarlyStops.received, 0
+    return received
+
+
+@contextmanager
+def catch_stops_early() -> Iterator[None]:
+    """Around a run started from the command line: a Ctrl-C (SIGTERM, SIGHUP) before the
+    pool watches for signals, right after "starting:", is counted instead of killing the
+    process; the pool then stops at once as for that signal (exit 130, a summary)."""
+
+    def count(signum: int, frame: FrameType | None) -> None:
+        _EarlyStops.received += 1
+
+    previous = {each: signal.getsignal(each) for each in STOP_SIGNALS}
+    for each in STOP_SIGNALS:
+        signal.signal(each, count)
+    _EarlyStops.catching, _EarlyStops.received = True, 0
+    try:
+        yield
+    finally:
+        _EarlyStops.catching, _EarlyStops.received = False, 0
+        for each, handler in previous.items():
+            signal.signal(each, handler)
 
 
 class Scheduler:
@@ -151,30 +193,42 @@ class Scheduler:
         if self._stopping or self._work is None:
             return
         self.outcome.interrupted = True
+        if self._on_stop is not None and self.counters.in_flight:
+            self._on_stop(self.grace_s)  # with nothing in flight there is nothing to wait for
         self._stop_taking_rows()
-        if self._on_stop is not None:
-            self._on_stop(self.grace_s)
 
     def _stop_taking_rows(self) -> None:
         # Requests already sent are paid for: let them land (and be recorded) for a while.
         self._stopping = True
         if self._work is not None:
             self._work.cancel_scope.deadline = anyio.current_time() + self.grace_s
+        self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        """Once stopping, end the pool as soon as no request awaits an answer: workers
+        left only wait for a turn or a retry, which a stop never sends."""
+        if self._stopping and self.counters.in_flight == 0 and self._work is not None:
+            self._work.cancel_scope.cancel()
 
     def stop_now(self) -> None:
         self._stopping = True
         self.outcome.interrupted = True
+        self.outcome.abandoned = self.counters.in_flight
         if self._work is not None:
             self._work.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        # A closed terminal or a dropped ssh session sends SIGHUP: stop as for SIGTERM.
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            for _ in range(take_early_stops()):
+                self._on_signal()
             async for _ in signals:
-                if self._stopping:
-                    self.stop_now()
-                else:
-                    self.stop()
+                self._on_signal()
+
+    def _on_signal(self) -> None:
+        if self._stopping:
+            self.stop_now()
+        else:
+            self.stop()
 
     async def _worker(self, planned: Iterator[Planned], sink: ResultSink) -> None:
         for item in planned:
@@ -187,10 +241,12 @@ class Scheduler:
                     self._fail_job(exc)
                     return
                 if result is None:
+                    self._end_if_idle()
                     return
                 item = result
             if sink.land(item) >= FLUSH_MAX_ROWS:
                 self._flush_wanted.set()
+            self._end_if_idle()
 
     def fail(self, error: JobStopped) -> None:
         """Stop the job for a reason found outside the workers (a failed write)."""

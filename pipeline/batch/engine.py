@@ -14,7 +14,6 @@ errors are recorded, and a batch the provider refuses stops the job (exit 3).
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
@@ -46,7 +45,7 @@ from pipeline.providers import Provider
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.runner import Connection, PreparedJob, RunEnd, RunOptions, RunSummary, open_connection
-from pipeline.scheduler import Outcome
+from pipeline.scheduler import STOP_SIGNALS, Outcome, take_early_stops
 from pipeline.types import Completion, RowResult
 
 RECORD_ROWS = 2000
@@ -159,12 +158,12 @@ class _BatchRun:
             group.cancel_scope.cancel()
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                # Submitted batches go on at the provider; nothing is lost by not waiting.
-                self.outcome.interrupted = True
-                scope.cancel()
-                return
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            if not take_early_stops():  # a Ctrl-C during start-up stops at once
+                await signals.__anext__()
+            # Submitted batches go on at the provider; nothing is lost by not waiting.
+            self.outcome.interrupted = True
+            scope.cancel()
 
     async def drive(self) -> None:
         first_round = True
