@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from pipeline.counters import RunCounters
     from pipeline.estimate import Estimate
 
-from pipeline.embedded import simulator_for
+from pipeline.embedded import served_in_process, simulator_for
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.plan import template_failures
 from pipeline.runner import (
@@ -230,6 +230,12 @@ def run(
         prepared = prepare(job, output=output, limit=limit, batch=batch)
         if detach and not prepared.spec.model.batch:
             raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")
+        if detach and served_in_process(prepared):
+            raise SpecError(
+                f"--detach: provider '{prepared.settings.name}' is the bundled simulator, "
+                "started in this process, so its batches end when the process does; run "
+                "without --detach, or point model.base_url at `pipeline simulate`"
+            )
         if cluster and prepared.spec.model.batch:
             raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")
     except SpecError as exc:

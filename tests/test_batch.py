@@ -361,3 +361,36 @@ def test_estimate_shows_online_and_batch_cost_side_by_side(
     assert math.isclose(batch_low, low / 2, rel_tol=1e-2)
     assert math.isclose(batch_high, high / 2, rel_tol=1e-2)
     assert simulator.stats()["requests"] == 0
+
+
+def test_detach_is_refused_where_the_batches_cannot_outlive_the_process(tmp_path: Path) -> None:
+    reviews(10).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, None, model__provider="simulator", model__base_url=None, **BATCH)
+
+    result = run_cli("run", str(job), "--detach", cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "--detach" in result.stderr and "bundled simulator" in result.stderr
+    assert not list(tmp_path.glob("out/**/*")), "refused before anything was sent or written"
+
+
+def test_a_batch_the_provider_no_longer_knows_is_named_and_only_its_rows_are_resubmitted(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=3600)
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+    assert run_cli("run", str(job), "--detach", cwd=tmp_path).returncode == 0
+    simulator.reset()  # the server that held the batch is gone, and the batch with it
+    simulator.configure(batch_turnaround_s=0.1)
+
+    lost = run_cli("run", str(job), cwd=tmp_path)
+
+    assert lost.returncode == 3, lost.stderr
+    assert "batch not found" in lost.stderr and "pipeline run --batch" in lost.stderr
+    assert "model" not in lost.stderr.split("stopped:")[1], "not mistaken for a model name"
+    resubmitted = run_cli("run", str(job), "--batch", cwd=tmp_path)
+    assert resubmitted.returncode == 0, resubmitted.stderr
+    assert simulator.stats()["batches_created"] == 1
+    assert simulator.stats()["batch_requests_paid"] == 20
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 20

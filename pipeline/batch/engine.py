@@ -296,9 +296,11 @@ class _BatchRun:
                     failures += 1
                     self.log.event("batch_poll_failed", batch=chunk.batch_id, error=exc.describe())
                     break
-                except JobFatalError:
-                    raise
                 except ProviderError as exc:
+                    if exc.status == 404:
+                        raise self._lost(chunk) from exc
+                    if isinstance(exc, JobFatalError):
+                        raise
                     raise JobStoppedByApi(exc) from exc
                 failures = 0
                 self.store.update(
@@ -312,6 +314,17 @@ class _BatchRun:
             if pending:
                 backoff = self.poll_s * 2**failures if failures else self.poll_s
                 await anyio.sleep(min(backoff, max(MAX_POLL_BACKOFF_S, self.poll_s)))
+
+    def _lost(self, chunk: Chunk) -> BatchNotFound:
+        """A batch the provider no longer knows: its rows go back to be planned again."""
+        self.store.update(chunk.chunk_id, state="failed", detail="not found at the provider")
+        self.store.drop_items(chunk.chunk_id)
+        self.log.event("batch_not_found", chunk=chunk.chunk_id, batch=chunk.batch_id)
+        return BatchNotFound(
+            f"batch not found: {chunk.batch_id} ({chunk.requests:,} requests) is unknown to "
+            "the provider",
+            status=404,
+        )
 
     async def collect(self, chunk: Chunk, state: BatchState) -> None:
         if state.rejected:
@@ -531,6 +544,14 @@ class JobStoppedByApi(JobFatalError):
 
     def __init__(self, cause: ProviderError) -> None:
         super().__init__(cause.describe(), status=cause.status)
+
+
+class BatchNotFound(JobFatalError):
+    """The provider no longer knows a batch this job submitted (deleted or expired there,
+    or held by a server that has since stopped)."""
+
+    kind = "batch_not_found"
+    advice = "resubmit with `pipeline run --batch`, which sends only the rows of lost batches"
 
 
 def _line_error(error: dict[str, object]) -> str:
