@@ -341,10 +341,15 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             "latency (final attempts): "
             + ", ".join(f"{name} {value:.2f}s" for name, value in stats.latency.items())
         )
+    # In flight is an online figure: a batch run's requests wait at the provider instead.
+    in_flight = (
+        f", at most {counters.peak_in_flight:,} in flight at once"
+        if counters.peak_in_flight
+        else ""
+    )
     lines.append(
         f"requests this run: {counters.requests_sent:,} sent ({_retries_sent(summary):,} of "
-        f"them retries), {summary.outcome.rate_limited:,} rate limited (429), at most "
-        f"{counters.peak_in_flight:,} in flight at once"
+        f"them retries), {summary.outcome.rate_limited:,} rate limited (429){in_flight}"
     )
     lines.extend(_learned_limits(counters))
     if summary.fatal is not None:

@@ -394,3 +394,23 @@ def test_a_batch_the_provider_no_longer_knows_is_named_and_only_its_rows_are_res
     assert simulator.stats()["batches_created"] == 1
     assert simulator.stats()["batch_requests_paid"] == 20
     assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 20
+
+
+def test_a_batch_run_says_when_it_submits_and_each_change_it_polls_and_times_it(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=0.5)
+    reviews(30).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    batch = re.search(r"submitted: batch (\S+) \(30 requests\); polling every 0.1 s", result.stderr)
+    assert batch, result.stderr
+    assert f"batch {batch.group(1)}: completed, 30/30 answered" in result.stderr
+    polled = re.findall(rf"batch {batch.group(1)}: (\w+),", result.stderr)
+    assert len(polled) == len(set(polled)), "a line per change of state, not per poll"
+    span = re.search(r"time: ([\d.]+)s in all, ([\d.]+)s from first request", result.stderr)
+    assert span and 0.5 <= float(span.group(2)) <= float(span.group(1)), result.stderr
+    assert "in flight" not in result.stderr.split("requests this run:")[1].splitlines()[0]

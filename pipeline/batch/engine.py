@@ -143,6 +143,7 @@ class _BatchRun:
         self.detach = options.detach
         self.started = time.time()
         self.canceled_lines = 0
+        self._last_status: dict[int, str | None] = {}  # each batch's status at the last poll
 
     # --- the run -------------------------------------------------------------------------
 
@@ -233,6 +234,12 @@ class _BatchRun:
             chunk = self.store.update(chunk.chunk_id, state="uploaded", file_id=file_id)
         state = await self._create(chunk, metadata)
         self.tally.submitted.append(chunk.chunk_id)
+        if self.outcome.first_sent_at is None:
+            self.outcome.first_sent_at = anyio.current_time()
+        self.progress.note(
+            f"submitted: batch {state.batch_id} ({chunk.requests:,} requests); "
+            f"polling every {self.poll_s:g} s"
+        )
         self.log.event(
             "batch_submitted", chunk=chunk.chunk_id, batch=state.batch_id, requests=chunk.requests
         )
@@ -303,6 +310,7 @@ class _BatchRun:
                         raise
                     raise JobStoppedByApi(exc) from exc
                 failures = 0
+                self._say_if_changed(chunk, state)
                 self.store.update(
                     chunk_id, status=state.status, done=state.done, failed=state.failed
                 )
@@ -314,6 +322,16 @@ class _BatchRun:
             if pending:
                 backoff = self.poll_s * 2**failures if failures else self.poll_s
                 await anyio.sleep(min(backoff, max(MAX_POLL_BACKOFF_S, self.poll_s)))
+
+    def _say_if_changed(self, chunk: Chunk, state: BatchState) -> None:
+        """A line each time a poll finds a batch in a new state."""
+        if self._last_status.get(chunk.chunk_id, chunk.status) == state.status:
+            return
+        self._last_status[chunk.chunk_id] = state.status
+        answered = state.done + state.failed
+        self.progress.note(
+            f"batch {state.batch_id}: {state.status}, {answered:,}/{chunk.requests:,} answered"
+        )
 
     def _lost(self, chunk: Chunk) -> BatchNotFound:
         """A batch the provider no longer knows: its rows go back to be planned again."""
@@ -354,6 +372,7 @@ class _BatchRun:
         # Rewriting a row with the same result is harmless: a failed download starts over.
         await self._call(stream)
         self.store.update(chunk.chunk_id, state="collected", status=state.status)
+        self.outcome.last_answer_at = anyio.current_time()
         self.tally.live.pop(chunk.chunk_id, None)
         self.log.event(
             "batch_collected", chunk=chunk.chunk_id, batch=state.batch_id, status=state.status
