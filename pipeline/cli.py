@@ -657,15 +657,28 @@ def _describe_estimate(report: Estimate) -> str:
     def money(value: float | None) -> str:
         return "unknown (no price for this model)" if value is None else f"${value:,.4f}"
 
+    earlier = (
+        f" ({report.answered:,} answered by earlier runs are paid for and not priced again)"
+        if report.answered
+        else ""
+    )
     lines = [
-        f"rows: {report.rows}",
+        f"rows: {report.rows:,} to send{earlier}",
         f"input tokens: {report.input_tokens:,} ({report.counted_with})",
         f"output tokens: at most {report.max_output_per_row:,} a row "
         f"({report.rows * report.max_output_per_row:,} in all, the worst case)",
     ]
     if report.output_per_row is not None:
+        sent_now = (
+            " (answered earlier: nothing sent)"
+            if not report.sample_sent
+            else f", {report.sample_sent:,} of them sent now"
+            if report.sample_sent < report.sample_rows
+            else ""
+        )
         lines.append(
-            f"measured on {report.sample_rows} sampled row(s): {report.output_per_row:,.0f} "
+            f"measured on {report.sample_rows:,} sampled row(s){sent_now}: "
+            f"{report.output_per_row:,.0f} "
             f"output tokens a row, {report.reasoning_per_row or 0:,.0f} of them reasoning, "
             f"{report.latency_s or 0:.2f}s latency"
         )
