@@ -7,7 +7,7 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import click
 
@@ -36,6 +36,16 @@ EXIT_CODES = {
     RunEnd.STOPPED: EXIT_STOPPED,
     RunEnd.INTERRUPTED: EXIT_INTERRUPTED,
 }
+
+
+def _shown(path: str | Path) -> str:
+    """A path as printed: `jobs/../out/x.parquet` as `out/x.parquet`, relative to the
+    current folder when inside it (resolved, so a symlinked folder is not misread)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 def _cost(usd: float | None) -> str:
@@ -125,14 +135,15 @@ def validate(job: Path) -> None:
     if failures.count:
         shown = "\n".join(f"  - row {n} (key {key}): {error}" for n, key, error in failures.first)
         _fail(
-            f"{job}: the prompt fails to render for {failures.count} of {prepared.rows} row(s); "
+            f"{job}: the prompt fails to render for {failures.count:,} of {prepared.rows:,} "
+            "row(s); "
             f"a run would record them as template_error. First failures:\n{shown}\n"
             "Guard the template against these values (e.g. `{{ x or '' }}`, "
             "`{{ tags | default([], true) | join(', ') }}`) or fix the rows",
             EXIT_INVALID,
         )
     click.echo(
-        f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
+        f"ok: {job} is valid: {prepared.rows:,} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
         f"output {prepared.output_location}"
     )
@@ -275,8 +286,9 @@ def run(
     _print_summary(summary, job, output)
     if prepared.replaced_output is not None and summary.output_path is not None:
         click.echo(
-            f"--limit {limit}: the first {prepared.rows:,} rows are in {summary.output_path}; "
-            f"{prepared.replaced_output} (the whole job's output) is left as it was",
+            f"--limit {limit}: the first {prepared.rows:,} rows are in "
+            f"{_shown(summary.output_path)}; {_shown(prepared.replaced_output)} (the whole "
+            "job's output) is left as it was",
             err=True,
         )
     sys.exit(EXIT_CODES[summary.end])
@@ -305,7 +317,7 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             "row and share its answer (sent once)"
         )
     if stats is not None:
-        failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
+        failed = ", ".join(f"{kind} {n:,}" for kind, n in stats.failed)
         skipped = dict(stats.finish_reasons).get("skipped", 0)
         lines.append(
             f"results: {stats.rows - stats.failed_rows:,} ok"
@@ -319,7 +331,7 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     else:
         lines.append(
-            f"finished so far: {totals.rows - totals.failed} ok, {totals.failed} failed; "
+            f"finished so far: {totals.rows - totals.failed:,} ok, {totals.failed:,} failed; "
             f"tokens {totals.prompt_tokens:,} in, {totals.output_tokens:,} out, "
             f"{totals.reasoning_tokens:,} reasoning"
         )
@@ -367,19 +379,47 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
     lines.extend(summary.notes)
     stopped = summary.fatal is not None or summary.outcome.interrupted
     if not stopped and summary.output_path is not None:
-        where = shlex.quote(str(summary.output_path))
+        where = shlex.quote(_shown(summary.output_path))
         if summary.output_uri is not None:
-            lines.append(f"output: {summary.output_uri} (built locally at {summary.output_path})")
+            lines.append(
+                f"output: {summary.output_uri} (built locally at {_shown(summary.output_path)})"
+            )
         else:
-            lines.append(f"output: {summary.output_path}")
+            lines.append(f"output: {_shown(summary.output_path)}")
         if totals.failed or (stats is not None and stats.failed_rows):
             count = stats.failed_rows if stats is not None else totals.failed
             lines.append(
-                f"{count} row(s) ended in error: `pipeline show {where} --errors` lists them; "
+                f"{count:,} row(s) ended in error: `pipeline show {where} --errors` lists them; "
                 f"`{rerun} --retry-failed` sends them again"
             )
         lines.append(f"report: `pipeline report {where}` writes charts and sample rows to HTML")
-    click.echo("\n".join(lines), err=True)
+    click.echo(_fit_to_terminal("\n".join(lines), sys.stderr), err=True)
+
+
+def _fit_to_terminal(text: str, stream: TextIO) -> str:
+    """In a terminal, each line wrapped at its width between words (continuations
+    indented), where the terminal itself would cut words in two; elsewhere unchanged."""
+    if not stream.isatty():
+        return text
+    import textwrap
+
+    try:
+        width = os.get_terminal_size(stream.fileno()).columns - 1
+    except (OSError, ValueError):
+        return text
+    wrapped = []
+    for line in text.splitlines():
+        indent = line[: len(line) - len(line.lstrip())]
+        wrapped.append(
+            textwrap.fill(
+                line,
+                width=width,
+                subsequent_indent=indent + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(wrapped)
 
 
 def _retries_sent(summary: RunSummary) -> int:
@@ -492,8 +532,8 @@ def _batch_lines(prepared: PreparedJob) -> list[str]:
 
     lines = []
     for chunk in batch_chunks(prepared):
-        answered = f"{chunk.done + chunk.failed}/{chunk.requests} answered"
-        failed = f" ({chunk.failed} failed)" if chunk.failed else ""
+        answered = f"{chunk.done + chunk.failed:,}/{chunk.requests:,} answered"
+        failed = f" ({chunk.failed:,} failed)" if chunk.failed else ""
         status = f", provider status {chunk.status}" if chunk.status else ""
         detail = f": {chunk.detail}" if chunk.detail else ""
         lines.append(
@@ -542,7 +582,7 @@ def export(job: Path, output: Path | None, destination: Path | None) -> None:
         rows = export_job(prepared, target)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
-    click.echo(f"wrote {rows} finished row(s) to {target}")
+    click.echo(f"wrote {rows:,} finished row(s) to {_shown(target)}")
 
 
 @main.command()
@@ -580,7 +620,7 @@ def report(target: Path, destination: Path | None) -> None:
         _fail(str(exc), EXIT_INVALID)
     for note in written.notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {written.path} ({written.charts} charts)")
+    click.echo(f"wrote {_shown(written.path)} ({written.charts} charts)")
 
 
 @main.command()

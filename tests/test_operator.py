@@ -220,3 +220,21 @@ def test_a_heartbeat_says_why_nothing_finishes_while_the_server_holds_the_run_ba
     assert sent, lines
     assert int(sent.group(1)) == stats["requests"] and int(sent.group(2)) == stats["requests"] - 20
     assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 20
+
+
+def test_paths_are_printed_normalised(tmp_path: Path, simulator: RunningSimulator) -> None:
+    (tmp_path / "jobs").mkdir()
+    reviews(5).write_csv(tmp_path / "reviews.csv")
+    job = make_job(
+        tmp_path / "jobs",
+        simulator,
+        input_path="../reviews.csv",
+        output__path="../out/result.parquet",
+    )
+
+    result = run_cli("run", str(job.relative_to(tmp_path)), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "output: out/result.parquet" in result.stderr
+    assert "`pipeline report out/result.parquet`" in result.stderr
+    assert ".." not in result.stderr.split("rows: ")[1]

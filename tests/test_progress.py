@@ -135,8 +135,13 @@ def test_the_bar_fits_a_terminal_and_shows_cost_eta_and_failures(
     if width >= 160:
         assert "in flight" in final and "rpm" in final  # everything on one line
     else:
-        assert details and all(line.startswith("sent ") for line in details)
+        # The second line: what the run waits for, if anything, then the counters.
+        assert details and all(re.match(r"(.* · )?sent ", line) for line in details)
     summary = "\n".join(lines)
+    # The summary wraps between words at the terminal's width, never inside one.
+    told = lines[next(i for i, line in enumerate(lines) if line.startswith("rows: ")) :]
+    assert all(len(line) < width for line in told), max(told, key=len)
+    assert "at most 8 in flight at once" in " ".join(" ".join(told).split())
     sent = int(re.search(r"requests this run: ([\d,]+) sent", summary)[1].replace(",", ""))  # type: ignore[index]
     assert sent == simulator.stats(full=False)["requests"]
 
