@@ -311,6 +311,8 @@ class RunInfo:
     prompt: dict[str, Any] | None
     commands: list[str]
     requests_sent: int | None = None  # HTTP requests the runs sent, as they counted them
+    # Limits per minute the server's headers taught the pacer (last value per dimension).
+    learned_limits: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_events(cls, events: list[dict[str, Any]]) -> RunInfo | None:
@@ -332,6 +334,11 @@ class RunInfo:
             requests_sent=sum(int(e["requests_sent"]) for e in ends if "requests_sent" in e)
             if any("requests_sent" in e for e in ends)
             else None,
+            learned_limits={
+                str(e["dimension"]): float(e["per_minute"])
+                for e in events
+                if e.get("event") == "limit_learned" and "per_minute" in e
+            },
         )
 
 
@@ -717,6 +724,11 @@ def summary_rows(
         rows.append(("attempts logged", f"{timeline.end.size:,}"))
     if run is not None and run.requests_sent is not None:
         rows.append(("requests sent", f"{run.requests_sent:,}"))
+    if run is not None:
+        rows += [
+            (f"limit learned: {dimension}", f"{per_minute:,.0f} a minute (server's headers)")
+            for dimension, per_minute in run.learned_limits.items()
+        ]
     rows.append(("retries", f"{stats.retries:,}"))
     rows.append(
         ("finish reasons", ", ".join(f"{r} {n:,}" for r, n in stats.finish_reasons) or "none")

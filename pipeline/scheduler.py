@@ -185,6 +185,7 @@ class Scheduler:
                         work.start_soon(self._worker, shared, sink)
                 outer.cancel_scope.cancel()
         finally:
+            self._read_pacer()  # what the pacer learned since the last beat, for the summary
             await self._flush(sink)
         return self.outcome
 

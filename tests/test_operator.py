@@ -238,3 +238,30 @@ def test_paths_are_printed_normalised(tmp_path: Path, simulator: RunningSimulato
     assert "output: out/result.parquet" in result.stderr
     assert "`pipeline report out/result.parquet`" in result.stderr
     assert ".." not in result.stderr.split("rows: ")[1]
+
+
+def test_a_limit_learned_from_headers_is_in_the_summary_the_run_log_and_the_report(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(rpm=3000)  # it says so in x-ratelimit-limit-requests
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "limit learned: 3,000 requests a minute, from the server's rate-limit headers" in (
+        result.stderr
+    )
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "result.parquet.run" / "events.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    learned = [e for e in events if e["event"] == "limit_learned"]
+    assert [(e["dimension"], e["per_minute"]) for e in learned] == [("requests", 3000.0)]
+    assert events[-1]["learned_limits"] == {"requests": 3000.0}
+    assert run_cli("report", "test-job.yaml", cwd=tmp_path).returncode == 0
+    page = (tmp_path / "out" / "result.report.html").read_text()
+    assert "<th>limit learned: requests</th><td>3,000 a minute" in page
