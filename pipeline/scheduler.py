@@ -92,7 +92,6 @@ class _EarlyStops:
     """Stop signals that came before the pool watched for them. Signals are process-wide,
     so this is too: `catch_stops_early` counts them, the pool's watcher takes them."""
 
-    catching = False
     received = 0
 
 
@@ -114,11 +113,11 @@ def catch_stops_early() -> Iterator[None]:
     previous = {each: signal.getsignal(each) for each in STOP_SIGNALS}
     for each in STOP_SIGNALS:
         signal.signal(each, count)
-    _EarlyStops.catching, _EarlyStops.received = True, 0
+    _EarlyStops.received = 0
     try:
         yield
     finally:
-        _EarlyStops.catching, _EarlyStops.received = False, 0
+        _EarlyStops.received = 0
         for each, handler in previous.items():
             signal.signal(each, handler)
 
@@ -271,6 +270,8 @@ class Scheduler:
                     self.counters.retry_sent()
             if verdict is None or verdict.result is not None:
                 return None if verdict is None else verdict.result
+            if self._stopping:
+                return None  # a stop sends no retry: the row stays unfinished, not waited on
             if verdict.retry_in:
                 await anyio.sleep(verdict.retry_in)
 
