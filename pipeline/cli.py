@@ -430,8 +430,8 @@ def _retries_sent(summary: RunSummary) -> int:
 
 def _learned_limits(counters: RunCounters) -> list[str]:
     return [
-        f"limit learned: {per_minute:,.0f} {dimension} a minute, "
-        "from the server's rate-limit headers (the run was paced to it)"
+        f"limit learned: {per_minute:,.0f} {dimension} a minute from the server's headers, "
+        "and paced to"
         for dimension, per_minute in counters.learned_limits.items()
     ]
 

@@ -250,9 +250,7 @@ def test_a_limit_learned_from_headers_is_in_the_summary_the_run_log_and_the_repo
     result = run_cli("run", str(job), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
-    assert "limit learned: 3,000 requests a minute, from the server's rate-limit headers" in (
-        result.stderr
-    )
+    assert "limit learned: 3,000 requests a minute from the server's headers" in result.stderr
     events = [
         json.loads(line)
         for line in (tmp_path / "out" / "result.parquet.run" / "events.jsonl")
