@@ -345,8 +345,12 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     )
     lines.append(
-        f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
-        f"to last answer"
+        f"time: {summary.wall_s:,.1f}s in all, "
+        + (
+            f"{summary.outcome.active_s:,.2f}s from first request to last answer"
+            if summary.outcome.last_answer_at is not None
+            else "no answer received"
+        )
     )
     if stats is not None and stats.latency:
         lines.append(
