@@ -56,8 +56,8 @@ class RunCounters:
     pause_why: str = ""
     last_answer_at: float | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
-    _sends: deque[list[float]] = field(default_factory=deque, repr=False)  # [second, count]
-    _started: float | None = field(default=None, repr=False)
+    _sends: deque[list[float]] = field(default_factory=deque, init=False, repr=False)
+    _started: float | None = field(default=None, init=False, repr=False)
 
     @contextmanager
     def sending(self) -> Iterator[None]:
