@@ -7,7 +7,9 @@ template that makes every request invalid, a model that answers everything with 
 - the same error recorded on `same_error_rows` consecutive rows with no success in
   between (same error class and HTTP status);
 - no success for `stall_s` seconds while every answer is a 429, a 5xx or a failed
-  connection.
+  connection. Unless the job sets it, that is what the server says: three of the waits
+  its last 429 asked for (a permanent 429 repeats the same `retry-after`), 2 to 10
+  minutes; 5 minutes when it names no wait (`default_stall_s`).
 
 Either stops the job (`SystematicFailure`, exit 3) the way a rejected key does: rows
 not sent stay unsent, and a rerun after the fix resumes. Rows that fail now and then
@@ -41,7 +43,6 @@ from pipeline.errors import (
 )
 
 SAME_ERROR_ROWS = 20
-STALL_S = 600.0
 RERUN = "fix and rerun: rows that failed this way are sent again"
 
 
@@ -82,16 +83,31 @@ def explained(stop: Stop, settings: ProviderSettings | None) -> Stop:
     return stop
 
 
+STALL_S = 600.0  # the longest a stall lasts unless the job says otherwise
+STALL_MIN_S = 120.0  # never sooner: a burst of 429s clears within seconds
+STALL_WAITS = 3  # the server's own wait, this many times over with nothing let through
+STALL_UNSAID_S = 300.0  # when the server names no wait
+
+
+def default_stall_s(retry_after: float | None) -> float:
+    """How long nothing but overload may last when the job does not say: three of the
+    waits the server asked for, within 2 to 10 minutes; 5 minutes when it named none."""
+    if retry_after is None:
+        return STALL_UNSAID_S
+    return min(STALL_S, max(STALL_MIN_S, STALL_WAITS * retry_after))
+
+
 class Breaker:
     def __init__(
         self,
         *,
         same_error_rows: int = SAME_ERROR_ROWS,
-        stall_s: float | None = STALL_S,
+        stall_s: float | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.same_error_rows = same_error_rows
-        self.stall_s = stall_s
+        self.stall_s = stall_s  # None: `default_stall_s` of what the server says
+        self._retry_after: float | None = None  # the last 429's, in this run of failures
         self._clock = clock
         self._streak_of: tuple[str, int | None] | None = None
         self._streak = 0
@@ -106,6 +122,7 @@ class Breaker:
         self._streak = 0
         self._since = None
         self._only_overload = True
+        self._retry_after = None
 
     def answered_with(self, error: ProviderError) -> SystematicFailure | None:
         """Every failed attempt; a stop when nothing but overload came back for too long."""
@@ -115,11 +132,15 @@ class Breaker:
         if not isinstance(error, RateLimited | ServerError | TransportError):
             self._only_overload = False
             return None
-        if self.stall_s is None or not self._only_overload or now - self._since < self.stall_s:
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            self._retry_after = error.retry_after
+        stall_s = self.stall_s if self.stall_s is not None else default_stall_s(self._retry_after)
+        if not self._only_overload or now - self._since < stall_s:
             return None
+        asked = "" if self._retry_after is None else f", the last asking {self._retry_after:g}s"
         return Stalled(
             f"{error.describe()}: no request has succeeded for {now - self._since:.0f}s and "
-            "every answer was a 429, a 5xx or a failed connection",
+            f"every answer was a 429, a 5xx or a failed connection{asked}",
             advice=f"check the provider's status and the account's limits; "
             f"{what_to_check(self.settings)}; {RERUN} (limits.stall_timeout_s sets how "
             "long to wait)",

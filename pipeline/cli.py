@@ -8,11 +8,12 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import click
 
 if TYPE_CHECKING:
+    from pipeline.counters import RunCounters
     from pipeline.estimate import Estimate
 
 from pipeline.embedded import simulator_for
@@ -24,13 +25,23 @@ from pipeline.resolve import resolve_job
 from pipeline.results import Status
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 
-EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
+EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED, EXIT_INTERRUPTED = 2, 3, 4, 130
 EXIT_CODES = {
     RunEnd.ALL_OK: 0,
     RunEnd.ROWS_FAILED: 1,
     RunEnd.STOPPED: EXIT_STOPPED,
-    RunEnd.INTERRUPTED: 130,
+    RunEnd.INTERRUPTED: EXIT_INTERRUPTED,
 }
+
+
+def _shown(path: str | Path) -> str:
+    """A path as printed: `jobs/../out/x.parquet` as `out/x.parquet`, relative to the
+    current folder when inside it (resolved, so a symlinked folder is not misread)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 def _cost(usd: float | None) -> str:
@@ -55,6 +66,11 @@ def _crashed(error: RunCrashed, cause: BaseException, rerun: str) -> NoReturn:
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _interrupted(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 class _Guarded(click.Group):
@@ -115,14 +131,15 @@ def validate(job: Path) -> None:
     if failures.count:
         shown = "\n".join(f"  - row {n} (key {key}): {error}" for n, key, error in failures.first)
         _fail(
-            f"{job}: the prompt fails to render for {failures.count} of {prepared.rows} row(s); "
+            f"{job}: the prompt fails to render for {failures.count:,} of {prepared.rows:,} "
+            "row(s); "
             f"a run would record them as template_error. First failures:\n{shown}\n"
             "Guard the template against these values (e.g. `{{ x or '' }}`, "
             "`{{ tags | default([], true) | join(', ') }}`) or fix the rows",
             EXIT_INVALID,
         )
     click.echo(
-        f"ok: {job} is valid: {prepared.rows} rows from {prepared.spec.input.path}, "
+        f"ok: {job} is valid: {prepared.rows:,} rows from {prepared.spec.input.path}, "
         f"provider {prepared.settings.name}, model {prepared.settings.model}, "
         f"output {prepared.output_location}"
     )
@@ -228,6 +245,8 @@ def run(
         executor = executor_for(prepared, options, cluster)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except KeyboardInterrupt:
+        _interrupted("interrupted before anything was sent")
     except Exception as exc:  # the last line of defence, before anything was sent
         _crashed(RunCrashed(f"{type(exc).__name__}: {exc}"), exc, rerun)
     try:
@@ -235,6 +254,9 @@ def run(
             summary = executor.run(served, options)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
+    except KeyboardInterrupt:
+        # After sending (while the output is written): every answer is committed.
+        _interrupted(f"interrupted: finished rows are saved; `{rerun}` resumes")
     except RunCrashed as exc:
         _crashed(exc, exc.__cause__ or exc, rerun)
     except PipelineError as exc:
@@ -244,8 +266,9 @@ def run(
     _print_summary(summary, job, output)
     if prepared.replaced_output is not None and summary.output_path is not None:
         click.echo(
-            f"--limit {limit}: the first {prepared.rows:,} rows are in {summary.output_path}; "
-            f"{prepared.replaced_output} (the whole job's output) is left as it was",
+            f"--limit {limit}: the first {prepared.rows:,} rows are in "
+            f"{_shown(summary.output_path)}; {_shown(prepared.replaced_output)} (the whole "
+            "job's output) is left as it was",
             err=True,
         )
     sys.exit(EXIT_CODES[summary.end])
@@ -274,7 +297,7 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
             "row and share its answer (sent once)"
         )
     if stats is not None:
-        failed = ", ".join(f"{kind} {n}" for kind, n in stats.failed)
+        failed = ", ".join(f"{kind} {n:,}" for kind, n in stats.failed)
         skipped = dict(stats.finish_reasons).get("skipped", 0)
         lines.append(
             f"results: {stats.rows - stats.failed_rows:,} ok"
@@ -288,12 +311,12 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     else:
         lines.append(
-            f"finished so far: {totals.rows - totals.failed} ok, {totals.failed} failed; "
+            f"finished so far: {totals.rows - totals.failed:,} ok, {totals.failed:,} failed; "
             f"tokens {totals.prompt_tokens:,} in, {totals.output_tokens:,} out, "
             f"{totals.reasoning_tokens:,} reasoning"
         )
     lines.append(
-        f"cost: {_cost(counters.cost)} this run, "
+        f"cost: {_cost(counters.cost if counters.requests_sent else 0.0)} this run, "
         f"{_cost(totals.cost_usd if totals.cost_known else None)} all finished rows"
         + (
             f" ({totals.unpriced_rows:,} of them at an unknown price)"
@@ -302,19 +325,29 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     )
     lines.append(
-        f"time: {summary.wall_s:.1f}s in all, {summary.outcome.active_s:.2f}s from first request "
-        f"to last answer"
+        f"time: {summary.wall_s:,.1f}s in all, "
+        + (
+            f"{summary.outcome.active_s:,.2f}s from first request to last answer"
+            if summary.outcome.last_answer_at is not None
+            else "no answer received"
+        )
     )
     if stats is not None and stats.latency:
         lines.append(
             "latency (final attempts): "
             + ", ".join(f"{name} {value:.2f}s" for name, value in stats.latency.items())
         )
-    lines.append(
-        f"requests this run: {counters.requests_sent:,} sent ({summary.outcome.retries:,} of "
-        f"them retries), {summary.outcome.rate_limited:,} rate limited (429), at most "
-        f"{counters.peak_in_flight:,} in flight at once"
+    # In flight is an online figure: a batch run's requests wait at the provider instead.
+    in_flight = (
+        f", at most {counters.peak_in_flight:,} in flight at once"
+        if counters.peak_in_flight
+        else ""
     )
+    lines.append(
+        f"requests this run: {counters.requests_sent:,} sent ({_retries_sent(summary):,} of "
+        f"them retries), {summary.outcome.rate_limited:,} rate limited (429){in_flight}"
+    )
+    lines.extend(_learned_limits(counters))
     if summary.fatal is not None:
         lines.append(
             f"stopped: {summary.fatal.describe()}\n"
@@ -322,22 +355,69 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     elif summary.outcome.interrupted:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
+        if summary.outcome.abandoned:
+            lines.append(
+                f"  abandoned: {summary.outcome.abandoned:,} request(s) in flight at the second "
+                "Ctrl-C (sent and paid for; their rows are sent again on resume)"
+            )
     lines.extend(summary.notes)
     stopped = summary.fatal is not None or summary.outcome.interrupted
     if not stopped and summary.output_path is not None:
-        where = shlex.quote(str(summary.output_path))
+        where = shlex.quote(_shown(summary.output_path))
         if summary.output_uri is not None:
-            lines.append(f"output: {summary.output_uri} (built locally at {summary.output_path})")
+            lines.append(
+                f"output: {summary.output_uri} (built locally at {_shown(summary.output_path)})"
+            )
         else:
-            lines.append(f"output: {summary.output_path}")
+            lines.append(f"output: {_shown(summary.output_path)}")
         if totals.failed or (stats is not None and stats.failed_rows):
             count = stats.failed_rows if stats is not None else totals.failed
             lines.append(
-                f"{count} row(s) ended in error: `pipeline show {where} --errors` lists them; "
+                f"{count:,} row(s) ended in error: `pipeline show {where} --errors` lists them; "
                 f"`{rerun} --retry-failed` sends them again"
             )
         lines.append(f"report: `pipeline report {where}` writes charts and sample rows to HTML")
-    click.echo("\n".join(lines), err=True)
+    click.echo(_fit_to_terminal("\n".join(lines), sys.stderr), err=True)
+
+
+def _fit_to_terminal(text: str, stream: TextIO) -> str:
+    """In a terminal, each line wrapped at its width between words (continuations
+    indented), where the terminal itself would cut words in two; elsewhere unchanged."""
+    if not stream.isatty():
+        return text
+    import textwrap
+
+    try:
+        width = os.get_terminal_size(stream.fileno()).columns - 1
+    except (OSError, ValueError):
+        return text
+    wrapped = []
+    for line in text.splitlines():
+        indent = line[: len(line) - len(line.lstrip())]
+        wrapped.append(
+            textwrap.fill(
+                line,
+                width=width,
+                subsequent_indent=indent + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(wrapped)
+
+
+def _retries_sent(summary: RunSummary) -> int:
+    """Retries as sent; counters that never saw a request go out (batch, cluster) can't say."""
+    counters = summary.counters
+    return counters.retries_sent if counters.started_at is not None else summary.outcome.retries
+
+
+def _learned_limits(counters: RunCounters) -> list[str]:
+    return [
+        f"limit learned: {per_minute:,.0f} {dimension} a minute from the server's headers, "
+        "and paced to"
+        for dimension, per_minute in counters.learned_limits.items()
+    ]
 
 
 @main.command(name="status")
@@ -436,8 +516,8 @@ def _batch_lines(prepared: ResolvedJob) -> list[str]:
 
     lines = []
     for chunk in batch_chunks(prepared):
-        answered = f"{chunk.done + chunk.failed}/{chunk.requests} answered"
-        failed = f" ({chunk.failed} failed)" if chunk.failed else ""
+        answered = f"{chunk.done + chunk.failed:,}/{chunk.requests:,} answered"
+        failed = f" ({chunk.failed:,} failed)" if chunk.failed else ""
         status = f", provider status {chunk.status}" if chunk.status else ""
         detail = f": {chunk.detail}" if chunk.detail else ""
         lines.append(
@@ -486,7 +566,7 @@ def export(job: Path, output: Path | None, destination: Path | None) -> None:
         rows = export_job(prepared, target)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
-    click.echo(f"wrote {rows} finished row(s) to {target}")
+    click.echo(f"wrote {rows:,} finished row(s) to {_shown(target)}")
 
 
 @main.command()
@@ -524,7 +604,7 @@ def report(target: Path, destination: Path | None) -> None:
         _fail(str(exc), EXIT_INVALID)
     for note in written.notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {written.path} ({written.charts} charts)")
+    click.echo(f"wrote {_shown(written.path)} ({written.charts} charts)")
 
 
 @main.command()
@@ -601,15 +681,28 @@ def _describe_estimate(report: Estimate) -> str:
     def money(value: float | None) -> str:
         return "unknown (no price for this model)" if value is None else f"${value:,.4f}"
 
+    earlier = (
+        f" ({report.answered:,} answered by earlier runs are paid for and not priced again)"
+        if report.answered
+        else ""
+    )
     lines = [
-        f"rows: {report.rows}",
+        f"rows: {report.rows:,} to send{earlier}",
         f"input tokens: {report.input_tokens:,} ({report.counted_with})",
         f"output tokens: at most {report.max_output_per_row:,} a row "
         f"({report.rows * report.max_output_per_row:,} in all, the worst case)",
     ]
     if report.output_per_row is not None:
+        sent_now = (
+            " (answered earlier: nothing sent)"
+            if not report.sample_sent
+            else f", {report.sample_sent:,} of them sent now"
+            if report.sample_sent < report.sample_rows
+            else ""
+        )
         lines.append(
-            f"measured on {report.sample_rows} sampled row(s): {report.output_per_row:,.0f} "
+            f"measured on {report.sample_rows:,} sampled row(s){sent_now}: "
+            f"{report.output_per_row:,.0f} "
             f"output tokens a row, {report.reasoning_per_row or 0:,.0f} of them reasoning, "
             f"{report.latency_s or 0:.2f}s latency"
         )

@@ -3,6 +3,10 @@
 Definitions (each counter means exactly this, everywhere it is shown):
 
 - `requests_sent`: HTTP requests handed to the provider this run, retries included.
+- `retries_sent`: those of `requests_sent` that asked again for a row already tried
+  (counted when sent, not when a retry is decided: a stop can cancel a decided one).
+- `requests_per_minute()`: requests sent in the last 60 s (since the start, when the
+  run is younger): a count of what went out, never a rate extrapolated from a moment.
 - `in_flight`: HTTP requests sent and not yet answered, right now. Not worker slots:
   a worker waiting for its turn under a rate limit has sent nothing.
 - `peak_in_flight`: the most HTTP requests awaiting an answer at once this run.
@@ -11,18 +15,24 @@ Definitions (each counter means exactly this, everywhere it is shown):
 - `rows_reused`: rows whose result an earlier run recorded and this run keeps.
 - `tokens`, `cost_usd`: usage and price of the rows finished this run, and of the paid
   attempts of rows a stopped run leaves pending (every paid attempt counts once).
+- `learned_limits`: limits per minute the server's headers taught the pacer
+  (`requests`, `tokens`), as its heartbeat last read them.
+- `paused_s`, `pause_why`: how much longer the pacer holds the whole pool, and why
+  ("the server asked (retry-after 60)"), as the heartbeat last read them.
+- `last_answer_at`: when the last HTTP request was answered (or failed), on `clock`.
 
 The scheduler increments the request counters around each HTTP call (its `Outcome`
-keeps retries and 429s); the runner counts rows as they are committed.
+keeps retries and 429s); the sink counts rows as they are committed.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -41,17 +51,54 @@ class RunCounters:
     tokens: int = 0
     cost_usd: float = 0.0
     priced: bool = False
+    retries_sent: int = 0
+    learned_limits: dict[str, float] = field(default_factory=dict)
+    paused_s: float = 0.0
+    pause_why: str = ""
+    last_answer_at: float | None = None
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    _sends: deque[list[float]] = field(default_factory=deque, init=False, repr=False)
+    _started: float | None = field(default=None, init=False, repr=False)
 
     @contextmanager
     def sending(self) -> Iterator[None]:
         """Around one HTTP request: counts it sent, and in flight until it is answered."""
         self.requests_sent += 1
+        self._count_send(self.clock())
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             yield
         finally:
             self.in_flight -= 1
+            self.last_answer_at = self.clock()
+
+    def retry_sent(self) -> None:
+        """One of the requests sent was a row's second or later attempt."""
+        self.retries_sent += 1
+
+    def _count_send(self, now: float) -> None:
+        # Counted per whole second: 60 small buckets hold a minute at any request rate.
+        if self._started is None:
+            self._started = now
+        second = float(int(now))
+        if self._sends and self._sends[-1][0] == second:
+            self._sends[-1][1] += 1
+        else:
+            self._sends.append([second, 1.0])
+        while self._sends and self._sends[0][0] <= second - RPM_WINDOW_S:
+            self._sends.popleft()
+
+    @property
+    def started_at(self) -> float | None:
+        """When the first request was sent, on `clock`."""
+        return self._started
+
+    def requests_per_minute(self, now: float | None = None) -> int:
+        """Requests sent in the last 60 s (all of them, while the run is younger)."""
+        now = self.clock() if now is None else now
+        oldest = float(int(now)) - RPM_WINDOW_S
+        return int(sum(count for second, count in self._sends if second > oldest))
 
     def row_finished(self, result: RowResult) -> None:
         self.rows_finished += 1
@@ -78,10 +125,19 @@ class RunCounters:
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain values, for the run log and the checkpoint."""
-        values = asdict(self)
+        values = {
+            each.name: getattr(self, each.name)
+            for each in fields(self)
+            if each.name not in NOT_IN_SNAPSHOT and not each.name.startswith("_")
+        }
+        values["learned_limits"] = dict(self.learned_limits)
         values["cost_usd"] = round(self.cost_usd, 8) if self.priced else None
-        del values["priced"]
         return values
+
+
+RPM_WINDOW_S = 60
+# Kept for the display only: a moment's wait, the clock and the send buckets.
+NOT_IN_SNAPSHOT = frozenset({"priced", "paused_s", "pause_why", "last_answer_at", "clock"})
 
 
 RUN_STATE_META = "run_state"  # the checkpoint meta entry a run keeps up to date

@@ -16,13 +16,18 @@ from contextlib import contextmanager
 from pipeline.job import ResolvedJob
 
 
+def served_in_process(job: ResolvedJob) -> bool:
+    """Whether `simulator_for` serves `job` from this process (nothing outlives it)."""
+    return job.settings.preset.embedded_simulator is not None and not job.spec.model.base_url
+
+
 @contextmanager
 def simulator_for(job: ResolvedJob) -> Iterator[ResolvedJob]:
     """`job` pointed at an in-process simulator while the block runs, when its preset
     asks for one and the job names no `model.base_url`; otherwise `job` unchanged."""
     settings = job.settings
     wanted = settings.preset.embedded_simulator
-    if wanted is None or job.spec.model.base_url:
+    if wanted is None or not served_in_process(job):
         yield job
         return
     from pipeline.simulator import SimulatorConfig, start_in_thread

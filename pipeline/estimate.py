@@ -1,32 +1,37 @@
-"""What a job will cost and how long it will take, before it runs.
+"""What a job will cost and how long it will take, before it runs (or what is left of it).
 
-Prompt tokens are counted for every row: offline (~4 characters a token plus
-per-message overhead), calibrated against the provider's `count_tokens` endpoint on
-the first rows where it has one. Output tokens are only known from real answers:
-`--sample N` runs the first N rows for real (they are checkpointed, so the full run
-reuses them and nobody pays twice) and measures output, reasoning and latency.
-Without a sample the report gives the range from "no output" to "every reply at
-max_tokens". No completion request is sent unless a sample is asked for.
+Only rows still to send are priced: rows an earlier run answered for their current
+request are paid for already and counted apart. Prompt tokens are counted for every
+row left: offline (~4 characters a token plus per-message overhead), calibrated
+against the provider's `count_tokens` endpoint on the first of them where it has one.
+Output tokens are only known from real answers: `--sample N` measures output,
+reasoning and latency on the first N rows, sending those of them that have no answer
+yet (they are checkpointed, so the full run reuses them and nobody pays twice) and
+reading the answers of the others from the checkpoint. Without a sample the report
+gives the range from "no output" to "every reply at max_tokens". No completion
+request is sent unless a sample is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import Price
 from pipeline.connect import open_provider
 from pipeline.errors import ProviderError
 from pipeline.executor import execute_async
 from pipeline.job import ResolvedJob
-from pipeline.plan import max_reply_tokens, rendered_rows
+from pipeline.plan import WorkPlan, max_reply_tokens, rendered_rows
 from pipeline.providers.base import Provider
 from pipeline.render import estimate_prompt_tokens
 from pipeline.runs import RunOptions
-from pipeline.types import Message, RowResult, Usage
+from pipeline.types import ChatRequest, Message, Usage
 
 CALIBRATION_ROWS = 100
 COUNT_CONCURRENCY = 8
@@ -34,7 +39,7 @@ COUNT_CONCURRENCY = 8
 
 @dataclass
 class Estimate:
-    rows: int
+    rows: int  # rows still to send: the ones priced
     input_tokens: int
     counted_with: str
     max_output_per_row: int
@@ -52,15 +57,19 @@ class Estimate:
     batch_cost_worst: float | None = None
     wall_s: float | None = None
     wall_basis: str = ""
+    answered: int = 0  # rows an earlier run answered for their current request: not priced
+    sample_sent: int = 0  # of the sample's rows, those sent now (the rest were answered)
 
 
 async def estimate(job: ResolvedJob, *, sample: int = 0) -> Estimate:
+    sent = await _send_sample(job, sample) if sample > 0 else 0
     local: list[int] = []
     first: list[list[Message]] = []
-    for messages in rendered_rows(job.table, job.renderer, job.limit):
+    for messages in await anyio.to_thread.run_sync(_rows_left, job):
         local.append(estimate_prompt_tokens(messages))
         if len(first) < CALIBRATION_ROWS:
             first.append(messages)
+    answered = job.rows - len(local)
     settings = job.settings
     async with open_provider(
         settings, connections=COUNT_CONCURRENCY, timeout_s=job.spec.limits.timeout_s
@@ -77,9 +86,11 @@ async def estimate(job: ResolvedJob, *, sample: int = 0) -> Estimate:
         input_tokens=input_tokens,
         counted_with=counted_with,
         max_output_per_row=max_reply_tokens(settings.params),
+        answered=answered,
+        sample_sent=sent,
     )
     if sample > 0:
-        await _measure(job, sample, result)
+        await anyio.to_thread.run_sync(_measure, job, sample, result)
     _price(job, result)
     _time(job, result)
     return result
@@ -105,30 +116,69 @@ async def _count(provider: Provider, rows: list[list[Message]]) -> list[int] | N
     return counts
 
 
-async def _measure(job: ResolvedJob, sample: int, result: Estimate) -> None:
-    answered: list[RowResult] = []
-    options = RunOptions(show_progress=False, write_output=False, on_result=answered.append)
-    sampled = dataclasses.replace(job, limit=min(sample, result.rows), rows=min(sample, job.rows))
+def _rows_left(job: ResolvedJob) -> list[list[Message]]:
+    """The messages of every row a run would still send: all of them before the first run."""
+    if not job.checkpoint_path.exists():
+        return list(rendered_rows(job.table, job.renderer, job.limit))
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        planned = job.plan(checkpoint).requests()
+        return [item.messages for item in planned if isinstance(item, ChatRequest)]
+    finally:
+        checkpoint.close()
+
+
+async def _send_sample(job: ResolvedJob, sample: int) -> int:
+    """Send the first `sample` rows that have no answer yet; returns how many were sent."""
+    options = RunOptions(show_progress=False, write_output=False)
+    rows = min(sample, job.rows)
+    sampled = dataclasses.replace(job, limit=rows, rows=rows)
     if job.spec.model.batch:
         # A sample is measured online: a batch may take hours. Its rows are reused by
         # the batch run all the same (the request hash does not depend on the switch).
         online = job.spec.model.model_copy(update={"batch": False})
         sampled.spec = job.spec.model_copy(update={"model": online})
-    await execute_async(sampled, options)
-    usable = [r for r in answered if r.completion is not None]
-    if not usable:
+    summary = await execute_async(sampled, options)
+    return summary.counters.rows_finished
+
+
+USAGE = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens")
+
+
+def _measure(job: ResolvedJob, sample: int, result: Estimate) -> None:
+    """Output, reasoning, latency and cache share of the first `sample` rows' answers."""
+    if not job.checkpoint_path.exists():
         return
-    result.sample_rows = len(usable)
-    usages = [
-        r.completion.usage
-        for r in usable
-        if r.completion is not None and r.completion.usage is not None
-    ]
-    result.output_per_row = sum(u.output_tokens for u in usages) / len(usable)
-    result.reasoning_per_row = sum(u.reasoning_tokens for u in usages) / len(usable)
-    result.latency_s = sum(r.latency_s or 0.0 for r in usable) / len(usable)
+    checkpoint = Checkpoint(job.checkpoint_path)
+    try:
+        measured = list(
+            _answers(
+                checkpoint, dataclasses.replace(job, limit=min(sample, job.rows)).plan(checkpoint)
+            )
+        )
+    finally:
+        checkpoint.close()
+    if not measured:
+        return
+    usages = [usage for usage, _ in measured]
     prompt = sum(u.prompt_tokens for u in usages)
+    result.sample_rows = len(measured)
+    result.output_per_row = sum(u.output_tokens for u in usages) / len(measured)
+    result.reasoning_per_row = sum(u.reasoning_tokens for u in usages) / len(measured)
+    result.latency_s = sum(latency for _, latency in measured) / len(measured)
     result.cached_share = sum(u.cached_tokens for u in usages) / prompt if prompt else 0.0
+
+
+def _answers(checkpoint: Checkpoint, plan: WorkPlan) -> Iterator[tuple[Usage, float]]:
+    """(usage, latency) of each planned row answered for its current request."""
+    names = (*USAGE, "latency_s", "error")
+    for keys, hashes in plan.current_hashes():
+        stored = checkpoint.fetch(keys, names, hashes)
+        columns = [stored.values[name] for name in names]
+        for found, *values in zip(stored.found, *columns, strict=True):
+            *counts, latency, error = values
+            if found and error is None and counts[1] is not None:
+                yield Usage(*(count or 0 for count in counts)), latency or 0.0
 
 
 def _price(job: ResolvedJob, result: Estimate) -> None:

@@ -11,15 +11,18 @@ can honour before anything is sent.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
 
+from pipeline.embedded import served_in_process
 from pipeline.errors import JobStopped, RunCrashed, SpecError
 from pipeline.job import ResolvedJob
 from pipeline.runlock import RunLock
 from pipeline.runs import RunOptions, RunSummary
+from pipeline.scheduler import catch_stops_early
 
 DEFAULT_OPTIONS = RunOptions()
 
@@ -55,9 +58,11 @@ class _InLoop(ABC):
     """An executor whose work is a coroutine on this process's event loop."""
 
     def run(self, job: ResolvedJob, options: RunOptions) -> RunSummary:
-        return anyio.run(
-            self.arun, job, options, backend="asyncio", backend_options={"use_uvloop": True}
-        )
+        # A command line's Ctrl-C before the pool watches for it stops the pool at once.
+        with catch_stops_early() if options.handle_signals else nullcontext():
+            return anyio.run(
+                self.arun, job, options, backend="asyncio", backend_options={"use_uvloop": True}
+            )
 
     async def arun(self, job: ResolvedJob, options: RunOptions) -> RunSummary:
         # The last line of defence: an error nobody expected stops sending (the task
@@ -116,6 +121,12 @@ def executor_for(job: ResolvedJob, options: RunOptions, cluster: Cluster | None 
     batch = job.spec.model.batch
     if options.detach and not batch:
         raise SpecError("--detach: only batch jobs can detach; add --batch or model.batch")
+    if options.detach and served_in_process(job):
+        raise SpecError(
+            f"--detach: provider '{job.settings.name}' is the bundled simulator, started in "
+            "this process, so its batches end when the process does; run without --detach, "
+            "or point model.base_url at `pipeline simulate`"
+        )
     if cluster is not None:
         if batch:
             raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")

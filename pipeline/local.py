@@ -363,6 +363,7 @@ async def _pump(
             scheduler.fail,
             meta=run.meta,
             on_commit=run.committed,
+            on_show=run.show,
         )
         try:
             return await scheduler.run(plan.requests(), sink, handle_signals=options.handle_signals)

@@ -64,7 +64,7 @@ class WorkPlan:
             if self.start_at:
                 yield from self._requests_between(0, self.start_at, track=False)
         except INPUT_READ_ERRORS as exc:
-            # The workers stop taking rows; the runner sees this and plans again.
+            # The workers stop taking rows; the local executor sees this and plans again.
             self.input_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
 
     def requests_between(self, start: int, stop: int) -> Iterator[ChatRequest | RowResult]:

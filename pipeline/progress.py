@@ -5,6 +5,12 @@ far and projected) and fits the terminal it is drawn in; the rest (requests sent
 HTTP requests in flight, retries, request rate, tokens) follows on the same line
 when there is room, else on a second line cut to the width. Every number comes
 from `RunCounters`, so it means what the summary and the run log mean by it.
+
+While nothing finishes, the scheduler's heartbeat still asks for a draw, and the
+display says what the run waits for: a pause the server asked for, requests with no
+answer yet, a limit learned from the server's headers. In a terminal that goes in
+the details (the second line when narrow); elsewhere at the end of the log line, at
+least every `PIPELINE_PROGRESS_EVERY_S` seconds.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Snapshot:
     tokens: int
     tokens_per_s: float
     rows_per_s: float = 0.0  # rows finished this run per second
+    waits: tuple[str, ...] = ()  # what the run waits for right now, in words
 
     def essentials(self, *, compact: bool = False) -> list[str]:
         """ETA, failures, cost so far and projected; `compact` for narrow terminals."""
@@ -71,6 +78,7 @@ class Snapshot:
 
     def details(self) -> list[str]:
         return [
+            *self.waits,
             f"sent {self.sent:,}",
             f"in flight {self.in_flight:,}",
             f"retries {self.retries:,}",
@@ -185,7 +193,12 @@ class Progress:
         requests_per_minute: float = 0.0,
         force: bool = False,
     ) -> None:
-        """Show the counters; `reused` is what the plan has found so far, `to_send` rows left."""
+        """Show the counters; `reused` is what the plan has found so far, `to_send` rows left.
+
+        `retries` and `requests_per_minute` are for counters that did not see the requests
+        go out (a batch's, a cluster's merged ones): counters that did count them, when
+        sent, and those figures are shown instead.
+        """
         now = time.monotonic()
         self._snapshot = snapshot = self._snap(
             counters, reused, to_send, retries, requests_per_minute, now
@@ -208,6 +221,8 @@ class Progress:
         now: float,
     ) -> Snapshot:
         elapsed = max(now - self._started, 1e-9)
+        if counters.started_at is not None:  # these counters saw every request go out
+            retries, rpm = counters.retries_sent, counters.requests_per_minute()
         finished = counters.rows_finished
         done = min(self.total, max(self.reused, reused) + finished)
         left = self.total - done
@@ -231,6 +246,7 @@ class Progress:
             tokens=counters.tokens,
             tokens_per_s=counters.tokens / elapsed,
             rows_per_s=rate,
+            waits=waits(counters),
         )
 
     def _draw(self, snapshot: Snapshot, now: float) -> None:
@@ -257,11 +273,12 @@ class Progress:
 
     def _log(self, s: Snapshot) -> None:
         print(
-            f"progress: {s.done}/{s.total} rows ({s.done / max(s.total, 1):.0%}), "
-            f"{s.rows_per_s:.1f} rows/s, "
+            f"progress: {s.done:,}/{s.total:,} rows ({s.done / max(s.total, 1):.0%}), "
+            f"{s.rows_per_s:,.1f} rows/s, "
             + ("time left unknown" if s.eta_s is None else f"{_clock(s.eta_s)} left")
             + ", "
-            + ", ".join(s.essentials()[1:] + s.details()),
+            + ", ".join(s.essentials()[1:] + s.details()[len(s.waits) :])
+            + "".join(f"; {wait}" for wait in s.waits),
             file=self.stream,
             flush=True,
         )
@@ -274,6 +291,37 @@ class Progress:
             if self._line is not None:
                 self._line.close()
             self._bar = self._line = None
+
+
+QUIET_S = 5.0  # requests in flight this long with no answer are worth a word
+
+
+def waits(counters: RunCounters) -> tuple[str, ...]:
+    """What the run waits for right now, in words; nothing while answers come."""
+    said: list[str] = []
+    if counters.paused_s >= 0.05:
+        why = f": {counters.pause_why}" if counters.pause_why else ""
+        said.append(f"paused {_seconds(counters.paused_s)} s more{why}")
+    if counters.in_flight:
+        plural = "s" if counters.in_flight > 1 else ""
+        if counters.last_answer_at is None:
+            said.append(f"no answer yet from {counters.in_flight:,} request{plural}")
+        elif (quiet := counters.clock() - counters.last_answer_at) >= QUIET_S:
+            said.append(
+                f"no answer for {_seconds(quiet)} s from {counters.in_flight:,} request{plural}"
+            )
+    said.extend(
+        f"limit learned: {per_minute:,.0f} {UNITS[dimension]} from the server's headers"
+        for dimension, per_minute in counters.learned_limits.items()
+    )
+    return tuple(said)
+
+
+UNITS = {"requests": "rpm", "tokens": "tokens/min"}
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:,.0f}" if seconds >= 10 else f"{seconds:.1f}"
 
 
 def _clock(seconds: float) -> str:

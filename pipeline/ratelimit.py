@@ -297,6 +297,15 @@ class Turns(ABC):
     @abstractmethod
     def learn_prompt_scale(self, estimated: int, actual: int) -> None: ...
 
+    # What the run's heartbeat shows; a pacer that cannot tell says nothing.
+    def pause_left(self) -> tuple[float, str]:
+        """Seconds the whole pool stays paused, and why (0 when it is not paused)."""
+        return 0.0, ""
+
+    def learned_per_minute(self) -> dict[str, float]:
+        """Limits per minute learned from the server's headers: `requests`, `tokens`."""
+        return {}
+
 
 class Pacer(Turns):
     def __init__(
@@ -324,6 +333,7 @@ class Pacer(Turns):
         self._slot_waiters: deque[anyio.Event] = deque()
         self._slow_start = self.window < max_concurrency
         self._paused_until = 0.0
+        self._pause_why = ""
         self._window_grown_at = 0.0
         self._rate_grown_at = 0.0
         self._backed_off_at = -math.inf
@@ -434,7 +444,9 @@ class Pacer(Turns):
         ):
             wait = refill_wait(remaining, limit, reset, needed)
             if wait > 0:
-                self.pause(min(wait, MAX_HEADER_PAUSE_S))
+                self.pause(
+                    min(wait, MAX_HEADER_PAUSE_S), "the server's headers say its budget is spent"
+                )
 
     def _learn(self, gate: Gate, per_minute: float, unpaced: float) -> None:
         first = gate.rate is None and not gate.backlog_booked
@@ -459,7 +471,10 @@ class Pacer(Turns):
         Requests sent before the last back-off were part of the same overload: they extend
         the pause but do not shrink the window and rate again.
         """
-        self.pause(retry_after if retry_after is not None else 1.0)
+        if retry_after is None:
+            self.pause(1.0, "the server answered 429 (no retry-after)")
+        else:
+            self.pause(retry_after, f"the server asked (retry-after {retry_after:g})")
         self.requests.space_evenly()
         self.tokens.space_evenly()
         if sent_at is not None and sent_at < self._backed_off_at:
@@ -475,8 +490,17 @@ class Pacer(Turns):
                 self._rate_step = self.requests.adaptive * RECOVERY_PER_S
         self._window_grown_at = self._rate_grown_at = now
 
-    def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+    def pause(self, seconds: float, why: str = "") -> None:
+        until = self._clock() + seconds
+        if until > self._paused_until:
+            self._paused_until, self._pause_why = until, why
+
+    def pause_left(self) -> tuple[float, str]:
+        return max(0.0, self._paused_until - self._clock()), self._pause_why
+
+    def learned_per_minute(self) -> dict[str, float]:
+        learned = {"requests": self.requests.learned, "tokens": self.tokens.learned}
+        return {name: per_s * 60 for name, per_s in learned.items() if per_s is not None}
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
         """Correct the offline prompt estimate from the usage that came back."""

@@ -15,6 +15,7 @@ import dataclasses
 import html
 import io
 import json
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -312,6 +313,8 @@ class RunInfo:
     prompt: dict[str, Any] | None
     commands: list[str]
     requests_sent: int | None = None  # HTTP requests the runs sent, as they counted them
+    # Limits per minute the server's headers taught the pacer (last value per dimension).
+    learned_limits: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_events(cls, events: list[dict[str, Any]]) -> RunInfo | None:
@@ -333,6 +336,11 @@ class RunInfo:
             requests_sent=sum(int(e["requests_sent"]) for e in ends if "requests_sent" in e)
             if any("requests_sent" in e for e in ends)
             else None,
+            learned_limits={
+                str(e["dimension"]): float(e["per_minute"])
+                for e in events
+                if e.get("event") == "limit_learned" and "per_minute" in e
+            },
         )
 
 
@@ -417,9 +425,30 @@ def run_labels(starts: list[float], span: float, room: float = 0.08) -> list[tup
     return [(start, label) for (_, start), label in zip(later, labels, strict=True)]
 
 
+LEGEND_ROW_PT = 13.0  # one row of the 8 pt legend
+TITLE_ROOM_PT = 8.0 + 11.0 + 6.0  # the title's pad, its 11 pt line, a margin above it
+
+
 def _legend(axes: Any, columns: int) -> None:
-    """Legend above the plot on the right, level with the title, clear of the data."""
-    axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=columns, frameon=False, fontsize=8)
+    """Legend above the plot, under the title (set it first), clear of both the data and
+    the title: a long title and a legend of several classes never share a line."""
+    handles, _ = axes.get_legend_handles_labels()
+    rows = max(1, math.ceil(len(handles) / columns))
+    axes.legend(
+        loc="lower left",
+        bbox_to_anchor=(0, 1),
+        ncols=columns,
+        frameon=False,
+        fontsize=8,
+        borderaxespad=0.2,
+    )
+    legend_pt = rows * LEGEND_ROW_PT
+    axes.set_title(axes.get_title(loc="left"), loc="left", pad=8.0 + legend_pt)
+    figure = axes.get_figure()
+    if figure.get_layout_engine() is None:  # fixed margins: make room above the plot
+        height_pt = figure.get_figheight() * 72
+        top = 1 - (legend_pt + TITLE_ROOM_PT) / height_pt
+        figure.subplots_adjust(top=min(figure.subplotpars.top, top))
 
 
 def _throughput_chart(timeline: Timeline) -> str:
@@ -441,11 +470,11 @@ def _in_flight_chart(timeline: Timeline, cap: int | None) -> str:
     edges, flying = timeline.in_flight()
     figure, axes = _figure(aligned=True)
     axes.stairs(flying, edges, fill=True, color=_BLUE, alpha=0.85)
+    axes.set_title(f"HTTP requests in flight (highest per {edges[1] - edges[0]:g} s)")
     if cap:
         axes.axhline(cap, color=_RED, linestyle="--", linewidth=1, label=f"concurrency cap {cap}")
         _legend(axes, 1)
     axes.set_ylim(0, max(int(flying.max()), cap or 0, 1) * 1.15)
-    axes.set_title(f"HTTP requests in flight (highest per {edges[1] - edges[0]:g} s)")
     axes.set_ylabel("requests")
     _time_axis(axes, timeline)
     return _svg(figure)
@@ -510,7 +539,8 @@ def _latency_chart(frame: pl.DataFrame, stats: OutputStats) -> str:
     axes.set_title(f"Latency of each row's final attempt{note}")
     axes.set_xlabel("seconds")
     axes.set_ylabel("rows")
-    axes.set_xlim(0, edges[-1])
+    # A percentile at the slowest row sits on the last edge: leave room so its line shows.
+    axes.set_xlim(0, max([float(edges[-1]), *stats.latency.values()]) * 1.03)
     _legend(axes, 3)
     return _svg(figure)
 
@@ -696,6 +726,11 @@ def summary_rows(
         rows.append(("attempts logged", f"{timeline.end.size:,}"))
     if run is not None and run.requests_sent is not None:
         rows.append(("requests sent", f"{run.requests_sent:,}"))
+    if run is not None:
+        rows += [
+            (f"limit learned: {dimension}", f"{per_minute:,.0f} a minute (server's headers)")
+            for dimension, per_minute in run.learned_limits.items()
+        ]
     rows.append(("retries", f"{stats.retries:,}"))
     rows.append(
         ("finish reasons", ", ".join(f"{r} {n:,}" for r, n in stats.finish_reasons) or "none")
@@ -736,9 +771,12 @@ def _sample(frame: pl.DataFrame, limit: int = SAMPLE_ROWS) -> pl.DataFrame:
             _choose(chosen, column, fresh.unique(column, keep="first", maintain_order=True), limit)
     room = limit - len(chosen)
     if room > 0 and ok.height:
-        for row in ok.gather_every(max(ok.height // room, 1)).get_column("_row").to_list():
-            if len(chosen) < limit:
-                chosen.setdefault(row, "spread over the output")
+        spread = ok.gather_every(max(ok.height // room, 1)).get_column("_row").to_list()
+        # Rows the spread lands on that were already picked leave room: fill it in order.
+        for row in [*spread, *ok.get_column("_row").to_list()]:
+            if len(chosen) >= limit:
+                break
+            chosen.setdefault(row, "spread over the output")
     order = sorted(chosen, key=lambda r: (chosen[r] != "failed", r))
     reasons = pl.DataFrame(
         {"_row": order, "_why": [chosen[r] for r in order]},
@@ -761,13 +799,13 @@ def _cell(value: Any) -> str:
     return html.escape(text[:CELL_CHARS] + cut)
 
 
-def _sample_html(target: Target, frame: pl.DataFrame) -> str:
+def _sample_html(target: Target, frame: pl.DataFrame, sample: pl.DataFrame) -> str:
     inputs = input_columns(frame)
     id_column = target.id_column if target.id_column in inputs else None
     shown = [c for c in (target.prompt_columns or inputs) if c in inputs and c != id_column][:4]
     typed = [c for c in result_columns(frame) if c != "tool_calls"]
     cards = []
-    for row in _sample(frame).iter_rows(named=True):
+    for row in sample.iter_rows(named=True):
         label = f"{row[id_column]} · row {row['_row']}" if id_column else f"row {row['_row']}"
         failed = row["error"] is not None
         status = "failed" if failed else "skipped" if row["finish_reason"] == "skipped" else "ok"
@@ -850,7 +888,7 @@ def _page(
         f"<dt>{html.escape(k)}</dt><dd><code>{html.escape(v)}</code></dd>"
         for k, v in header_rows(run)
     )
-    shown = min(frame.height, SAMPLE_ROWS)
+    sample = _sample(frame)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -865,13 +903,13 @@ report written {time.strftime("%Y-%m-%d %H:%M")}</p>
 <div class="top"><section><h2>Summary</h2><table class="summary">{table}</table></section>
 <section class="charts">{"".join(f"<figure>{c}</figure>" for c in charts)}</section></div>
 <h2>Sample rows</h2>
-<p class="meta">{shown} of {frame.height:,} rows, picked to be worth reading: failures first,
-then the slowest, the most retried, empty inputs and one per answer category; texts are cut
-at {CELL_CHARS:,} characters.</p>
+<p class="meta">{sample.height:,} of {frame.height:,} rows, picked to be worth reading:
+failures first, then the slowest, the most retried, empty inputs and one per answer category;
+texts are cut at {CELL_CHARS:,} characters.</p>
 <div class="filter"><input id="find" type="search" placeholder="filter the sample: any text">
 <select id="status"><option value="">all</option><option>ok</option><option>failed</option>
 <option>skipped</option></select> <span id="count"></span></div>
-<div id="sample">{_sample_html(target, frame)}</div>
+<div id="sample">{_sample_html(target, frame, sample)}</div>
 <script>{_FILTER_JS}</script>
 </body></html>
 """

@@ -5,9 +5,12 @@ is free pulls the next row, which is rendered only then, so nothing runs ahead o
 the pool and memory stays flat. Pulling is a plain `next()` on a generator that
 never awaits, which is safe to share on one event loop and costs nothing per row.
 Each row's attempts are `attempt.Attempt`s. A finished row goes to the sink the
-moment it lands (the runner's sink journals it, so a kill cannot lose it), and
+moment it lands (the sink journals it, so a kill cannot lose it), and
 one recorder task has the sink commit in batches, inside shielded scopes: a result
-that exists is never lost to cancellation. Everything lives in task groups.
+that exists is never lost to cancellation. A heartbeat task copies what the pacer
+waits for (a pause and its reason, limits learned from headers) into the counters a
+few times per progress interval and asks a sink that shows progress to show it, so
+a line comes even while nothing finishes. Everything lives in task groups.
 
 A row that failed while nothing succeeded is held back (`holdback.HeldFailures`)
 until a success or the end of the run: when the job stops for a job-level reason,
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from types import FrameType
+from typing import Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import TaskGroup
@@ -34,6 +39,7 @@ from pipeline.counters import RunCounters
 from pipeline.decide import Finished, RowTries, Rules
 from pipeline.errors import JobFatalError, JobStopped
 from pipeline.holdback import HeldFailures
+from pipeline.progress import log_interval
 from pipeline.providers.base import Provider
 from pipeline.ratelimit import Pacer
 from pipeline.retry import RetryPolicy
@@ -43,6 +49,9 @@ from pipeline.types import ChatRequest, RowResult
 
 FLUSH_INTERVAL_S = 0.5
 FLUSH_MAX_ROWS = 2000
+# Beats per progress interval, at most a second apart: a line due is at most this late.
+BEATS_PER_INTERVAL = 10
+MAX_BEAT_S = 1.0
 
 Planned = ChatRequest | RowResult
 
@@ -59,6 +68,20 @@ class ResultSink(Protocol):
         ...
 
 
+@runtime_checkable
+class ShowsProgress(Protocol):
+    """A sink that also draws the progress display (the local executor's)."""
+
+    def show(self, force: bool = False) -> None:
+        """Draw the counters now, or when the display's own interval says so."""
+        ...
+
+
+def beat_interval(progress_every_s: float) -> float:
+    """Seconds between heartbeats for progress lines `progress_every_s` apart."""
+    return min(MAX_BEAT_S, max(progress_every_s, 0.01) / BEATS_PER_INTERVAL)
+
+
 @dataclass
 class Outcome(AttemptCounts):
     """How the pool ended."""
@@ -67,6 +90,45 @@ class Outcome(AttemptCounts):
     interrupted: bool = False
     recorded: int = 0
     left_pending: int = 0  # failed rows not recorded: the job stopped for their error
+    abandoned: int = 0  # requests in flight a second Ctrl-C gave up on (sent, not recorded)
+
+
+# A closed terminal or a dropped ssh session sends SIGHUP: stop as for SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _EarlyStops:
+    """Stop signals that came before the pool watched for them. Signals are process-wide,
+    so this is too: `catch_stops_early` counts them, the pool's watcher takes them."""
+
+    received = 0
+
+
+def take_early_stops() -> int:
+    """How many stop signals came before the caller watched for them (counted once)."""
+    received, _EarlyStops.received = _EarlyStops.received, 0
+    return received
+
+
+@contextmanager
+def catch_stops_early() -> Iterator[None]:
+    """Around a run started from the command line: a Ctrl-C (SIGTERM, SIGHUP) before the
+    pool watches for signals, right after "starting:", is counted instead of killing the
+    process; the pool then stops at once as for that signal (exit 130, a summary)."""
+
+    def count(signum: int, frame: FrameType | None) -> None:
+        _EarlyStops.received += 1
+
+    previous = {each: signal.getsignal(each) for each in STOP_SIGNALS}
+    for each in STOP_SIGNALS:
+        signal.signal(each, count)
+    _EarlyStops.received = 0
+    try:
+        yield
+    finally:
+        _EarlyStops.received = 0
+        for each, handler in previous.items():
+            signal.signal(each, handler)
 
 
 class Scheduler:
@@ -86,8 +148,10 @@ class Scheduler:
         counters: RunCounters | None = None,
         on_stop: Callable[[float], None] | None = None,
         breaker: Breaker | None = None,
+        heartbeat_s: float | None = None,
     ) -> None:
         self.pacer = pacer
+        self.heartbeat_s = beat_interval(log_interval()) if heartbeat_s is None else heartbeat_s
         self.concurrency = concurrency
         self.grace_s = grace_s
         self.outcome = Outcome()
@@ -96,12 +160,13 @@ class Scheduler:
         breaker = breaker or Breaker()
         if breaker.settings is None:  # what a stop tells the user to check
             breaker.settings = getattr(provider, "settings", None)
+        self._log = log or RunLog(None)
         self.attempts = Attempts(
             provider,
             pacer,
             Rules(policy, price, schema, schema_retries),
             budget or Budget(None, None, price),
-            log or RunLog(None),
+            self._log,
             self.outcome,
             self.counters,
             breaker,
@@ -119,6 +184,7 @@ class Scheduler:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._record_periodically, sink)
+                outer.start_soon(self._beat, sink)
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
                 async with anyio.create_task_group() as work:
@@ -129,6 +195,7 @@ class Scheduler:
                 outer.cancel_scope.cancel()
         finally:
             self._settle_held(sink)
+            self._read_pacer()  # what the pacer learned since the last beat, for the summary
             await self._flush(sink)
         return self.outcome
 
@@ -137,30 +204,42 @@ class Scheduler:
         if self._stopping or self._work is None:
             return
         self.outcome.interrupted = True
+        if self._on_stop is not None and self.counters.in_flight:
+            self._on_stop(self.grace_s)  # with nothing in flight there is nothing to wait for
         self._stop_taking_rows()
-        if self._on_stop is not None:
-            self._on_stop(self.grace_s)
 
     def _stop_taking_rows(self) -> None:
         # Requests already sent are paid for: let them land (and be recorded) for a while.
         self._stopping = True
         if self._work is not None:
             self._work.cancel_scope.deadline = anyio.current_time() + self.grace_s
+        self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        """Once stopping, end the pool as soon as no request awaits an answer: workers
+        left only wait for a turn or a retry, which a stop never sends."""
+        if self._stopping and self.counters.in_flight == 0 and self._work is not None:
+            self._work.cancel_scope.cancel()
 
     def stop_now(self) -> None:
         self._stopping = True
         self.outcome.interrupted = True
+        self.outcome.abandoned = self.counters.in_flight
         if self._work is not None:
             self._work.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        # A closed terminal or a dropped ssh session sends SIGHUP: stop as for SIGTERM.
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            for _ in range(take_early_stops()):
+                self._on_signal()
             async for _ in signals:
-                if self._stopping:
-                    self.stop_now()
-                else:
-                    self.stop()
+                self._on_signal()
+
+    def _on_signal(self) -> None:
+        if self._stopping:
+            self.stop_now()
+        else:
+            self.stop()
 
     async def _worker(self, planned: Iterator[Planned], sink: ResultSink) -> None:
         for item in planned:
@@ -173,10 +252,12 @@ class Scheduler:
                     self._fail_job(exc)
                     return
                 if finished is None:
+                    self._end_if_idle()
                     return
                 self._finished(finished, sink)
             else:
                 self._land(item, sink)
+            self._end_if_idle()
 
     def _land(self, result: RowResult, sink: ResultSink) -> None:
         if sink.land(result) >= FLUSH_MAX_ROWS:
@@ -232,11 +313,19 @@ class Scheduler:
         finished: Finished | None = None
         try:
             while finished is None:
-                decision = await Attempt(self.attempts, request, tries).make(self._wanted)
+                tried_before = tries.attempts
+                try:
+                    decision = await Attempt(self.attempts, request, tries).make(self._wanted)
+                finally:
+                    # A retry counts once it is sent: a stop may cancel one already decided.
+                    if tried_before and tries.attempts > tried_before:
+                        self.counters.retry_sent()
                 if decision is None:
                     return None
                 if isinstance(decision, Finished):
                     finished = decision
+                elif self._stopping:
+                    return None  # a stop sends no retry: the row stays unfinished, not waited on
                 elif (wait := decision.when - anyio.current_time()) > 0:
                     await anyio.sleep(wait)
             return finished
@@ -244,6 +333,29 @@ class Scheduler:
             if finished is None and tries.spend.paid:
                 # Stopped between attempts: pending, but what it paid for counts.
                 self.counters.paid_unfinished(tries.spend.usage, tries.spend.cost_usd)
+
+    async def _beat(self, sink: ResultSink) -> None:
+        """While the run is alive: read what it waits for, and let the display show it."""
+        show = sink.show if isinstance(sink, ShowsProgress) else None
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            self._read_pacer()
+            if show is not None:
+                show()
+
+    def _read_pacer(self) -> None:
+        counters = self.counters
+        counters.paused_s, counters.pause_why = self.pacer.pause_left()
+        learned = self.pacer.learned_per_minute()
+        for dimension, per_minute in learned.items():
+            if counters.learned_limits.get(dimension) != per_minute:
+                self._log.event(
+                    "limit_learned",
+                    dimension=dimension,
+                    per_minute=per_minute,
+                    source="the server's rate-limit headers",
+                )
+        counters.learned_limits = learned
 
     def _wanted(self) -> bool:
         return not self._stopping

@@ -70,6 +70,8 @@ class Recorder:
     stop: Callable[[JobStopped], None]
     meta: Callable[[], dict[str, str]] = dict
     on_commit: Callable[[list[RowResult]], Awaitable[None]] | None = None
+    # Draws the progress display; the scheduler's heartbeat calls it while nothing lands.
+    on_show: Callable[[bool], None] | None = None
     _landed: list[RowResult] = field(default_factory=list)
 
     def land(self, result: RowResult) -> int:
@@ -98,6 +100,10 @@ class Recorder:
         if self.on_commit is not None:
             await self.on_commit(batch)
         return len(batch)
+
+    def show(self, force: bool = False) -> None:
+        if self.on_show is not None:
+            self.on_show(force)
 
     def _failed_write(self, exc: OSError | sqlite3.Error) -> None:
         self.stop(WriteFailed.while_("recording finished rows", exc))

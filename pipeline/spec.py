@@ -182,7 +182,8 @@ class LimitsSpec(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
-    stall_timeout_s: float = Field(default=600.0, gt=0)
+    # None: from what the server says (breaker.default_stall_s), 2 to 10 minutes.
+    stall_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class OutputSpec(_Strict):

@@ -412,3 +412,56 @@ def test_a_rejected_key_on_a_line_stops_the_job_and_leaves_only_that_row_pending
     status = run_cli("status", str(job), cwd=tmp_path)
     assert "5/6 rows finished (0 failed), 1 pending" in status.stdout
     assert simulator.stats()["batches_created"] == 1  # no later batch for the stopped row
+
+
+def test_detach_is_refused_where_the_batches_cannot_outlive_the_process(tmp_path: Path) -> None:
+    reviews(10).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, None, model__provider="simulator", model__base_url=None, **BATCH)
+
+    result = run_cli("run", str(job), "--detach", cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "--detach" in result.stderr and "bundled simulator" in result.stderr
+    assert not list(tmp_path.glob("out/**/*")), "refused before anything was sent or written"
+
+
+def test_a_batch_the_provider_no_longer_knows_is_named_and_only_its_rows_are_resubmitted(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=3600)
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+    assert run_cli("run", str(job), "--detach", cwd=tmp_path).returncode == 0
+    simulator.reset()  # the server that held the batch is gone, and the batch with it
+    simulator.configure(batch_turnaround_s=0.1)
+
+    lost = run_cli("run", str(job), cwd=tmp_path)
+
+    assert lost.returncode == 3, lost.stderr
+    assert "batch not found" in lost.stderr and "pipeline run --batch" in lost.stderr
+    assert "model" not in lost.stderr.split("stopped:")[1], "not mistaken for a model name"
+    resubmitted = run_cli("run", str(job), "--batch", cwd=tmp_path)
+    assert resubmitted.returncode == 0, resubmitted.stderr
+    assert simulator.stats()["batches_created"] == 1
+    assert simulator.stats()["batch_requests_paid"] == 20
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 20
+
+
+def test_a_batch_run_says_when_it_submits_and_each_change_it_polls_and_times_it(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=0.5)
+    reviews(30).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    batch = re.search(r"submitted: batch (\S+) \(30 requests\); polling every 0.1 s", result.stderr)
+    assert batch, result.stderr
+    assert f"batch {batch.group(1)}: completed, 30/30 answered" in result.stderr
+    polled = re.findall(rf"batch {batch.group(1)}: (\w+),", result.stderr)
+    assert len(polled) == len(set(polled)), "a line per change of state, not per poll"
+    span = re.search(r"time: ([\d.]+)s in all, ([\d.]+)s from first request", result.stderr)
+    assert span and 0.5 <= float(span.group(2)) <= float(span.group(1)), result.stderr
+    assert "in flight" not in result.stderr.split("requests this run:")[1].splitlines()[0]

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_job, reviews, run_cli
 
 from pipeline import errors
-from pipeline.breaker import Breaker, what_to_check
+from pipeline.breaker import Breaker, default_stall_s, what_to_check
 from pipeline.config import ProviderPreset, ProviderSettings
 from pipeline.simulator import RunningSimulator
 
@@ -205,3 +205,34 @@ def test_what_to_check_is_a_command_to_paste_and_never_shows_the_key() -> None:
         "--base-url 'https://gw.example/v1?key=***&x=1' --api-key-env GW_KEY` must list "
         "gpt-4o-mini"
     )
+
+
+def test_unless_the_job_says_a_stall_lasts_three_of_the_servers_own_waits() -> None:
+    clock = Clock()
+    breaker = Breaker(clock=clock)  # the job set no stall_timeout_s
+    for second in range(0, 180, 60):  # LiteLLM passing on an upstream's `retry-after: 60`
+        clock.now = float(second)
+        assert breaker.answered_with(errors.RateLimited("busy", status=429, retry_after=60)) is None
+    clock.now = 180.0
+    stop = breaker.answered_with(errors.RateLimited("busy", status=429, retry_after=60))
+    assert isinstance(stop, errors.SystematicFailure)
+    assert "no request has succeeded for 180s" in str(stop) and "asking 60s" in str(stop)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "stall_s"), [(1.0, 120.0), (60.0, 180.0), (3600.0, 600.0), (None, 300.0)]
+)
+def test_the_default_stall_is_minutes_never_ten_and_never_a_burst(
+    retry_after: float | None, stall_s: float
+) -> None:
+    assert default_stall_s(retry_after) == stall_s
+
+
+def test_a_stall_timeout_the_job_sets_wins_over_the_servers_waits() -> None:
+    clock = Clock()
+    breaker = Breaker(stall_s=900, clock=clock)
+    for second in (0.0, 300.0, 899.0):  # past three of the server's waits, within the job's
+        clock.now = second
+        assert breaker.answered_with(errors.RateLimited("busy", status=429, retry_after=60)) is None
+    clock.now = 900.0
+    assert breaker.answered_with(errors.RateLimited("busy", status=429, retry_after=60))

@@ -100,3 +100,29 @@ def test_models_with_a_rejected_key_exits_3(simulator: RunningSimulator, tmp_pat
 
     assert result.returncode == 3
     assert "sk-wrong" not in result.stderr
+
+
+def test_estimate_prices_only_rows_left_and_a_sample_on_a_finished_job_reads_its_answers(
+    workdir: Path, simulator: RunningSimulator
+) -> None:
+    job = make_job(workdir, simulator)
+    whole = estimated_input_tokens(run_cli("estimate", str(job), cwd=workdir).stdout)
+    reviews(30).write_csv(workdir / "reviews.csv")  # 30 rows answered, then 10 more arrive
+    assert run_cli("run", str(job), "--quiet", cwd=workdir).returncode == 0
+    reviews(40).write_csv(workdir / "reviews.csv")
+
+    left = run_cli("estimate", str(job), cwd=workdir)
+
+    assert left.returncode == 0, left.stderr
+    assert "rows: 10 to send (30 answered by earlier runs are paid for" in left.stdout
+    assert estimated_input_tokens(left.stdout) < whole / 3
+    assert run_cli("run", str(job), "--quiet", cwd=workdir).returncode == 0
+    paid = simulator.stats()["completions"]
+
+    finished = run_cli("estimate", str(job), "--sample", "5", cwd=workdir)
+
+    assert finished.returncode == 0, finished.stderr
+    assert simulator.stats()["completions"] == paid, "answered rows are measured, not bought"
+    assert "rows: 0 to send" in finished.stdout
+    assert "measured on 5 sampled row(s) (answered earlier: nothing sent): " in finished.stdout
+    assert "expected cost: $0.0000" in finished.stdout

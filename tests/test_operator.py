@@ -9,9 +9,12 @@ report, `pipeline show`, and the commands' stdout and stderr.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +23,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import SIM_KEY, make_job, reviews, run_cli
+from conftest import SIM_KEY, make_job, reviews, run_cli, start_cli
 
 from pipeline.simulator import RunningSimulator
 
@@ -174,3 +177,89 @@ def test_a_dropped_connection_leaks_no_key(tmp_path: Path, simulator: RunningSim
     assert all(e is not None for e in errors)
     seen = run_report_and_show(tmp_path, SIM_KEY)
     assert_key_nowhere(SIM_KEY, tmp_path, result.stdout, result.stderr, *seen)
+
+
+def timed_lines(process: subprocess.Popen[str]) -> list[tuple[float, str]]:
+    """Each line of the process's stderr with the moment it arrived (read to the end)."""
+    assert process.stderr is not None
+    return [(time.monotonic(), line.rstrip("\n")) for line in process.stderr]
+
+
+def test_a_heartbeat_says_why_nothing_finishes_while_the_server_holds_the_run_back(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    # Every request gets a 429 with the same retry-after for 4 s, then all is well.
+    simulator.configure(throttle_s=4.0, throttle_retry_after_s=2.0)
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__max_attempts=8)
+    every_s = 0.5
+
+    with start_cli(
+        "run", str(job), cwd=tmp_path, PIPELINE_PROGRESS_EVERY_S=str(every_s)
+    ) as process:
+        lines = timed_lines(process)
+    assert process.returncode == 0, lines
+
+    progress = [(at, line) for at, line in lines if line.startswith("progress:")]
+    assert len(progress) >= 6, lines
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(progress)]
+    # A line at least every interval, whether or not rows finish (slack for a busy machine).
+    assert max(gaps) <= every_s * 2.5, gaps
+    paused = [line for _, line in progress if "paused" in line]
+    assert paused, "the lines while held back say so"
+    assert all("the server asked (retry-after 2)" in line for line in paused), paused
+    assert all(re.search(r"\bpaused \d+\.\d s more: ", line) for line in paused), paused
+    assert re.match(r"progress: 0/20 rows", paused[0]), "said while nothing had finished"
+    stats = simulator.stats()
+    assert stats["rate_limited"] > 0
+    # Every request the server saw is counted once, and every one past a row's first as a retry.
+    sent = re.search(
+        r"requests this run: (\d+) sent \((\d+) of them retries\)",
+        "\n".join(line for _, line in lines),
+    )
+    assert sent, lines
+    assert int(sent.group(1)) == stats["requests"] and int(sent.group(2)) == stats["requests"] - 20
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 20
+
+
+def test_paths_are_printed_normalised(tmp_path: Path, simulator: RunningSimulator) -> None:
+    (tmp_path / "jobs").mkdir()
+    reviews(5).write_csv(tmp_path / "reviews.csv")
+    job = make_job(
+        tmp_path / "jobs",
+        simulator,
+        input_path="../reviews.csv",
+        output__path="../out/result.parquet",
+    )
+
+    result = run_cli("run", str(job.relative_to(tmp_path)), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "output: out/result.parquet" in result.stderr
+    assert "`pipeline report out/result.parquet`" in result.stderr
+    assert ".." not in result.stderr.split("rows: ")[1]
+
+
+def test_a_limit_learned_from_headers_is_in_the_summary_the_run_log_and_the_report(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(rpm=3000)  # it says so in x-ratelimit-limit-requests
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+
+    result = run_cli("run", str(job), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "limit learned: 3,000 requests a minute from the server's headers" in result.stderr
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "result.parquet.run" / "events.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    learned = [e for e in events if e["event"] == "limit_learned"]
+    assert [(e["dimension"], e["per_minute"]) for e in learned] == [("requests", 3000.0)]
+    assert events[-1]["learned_limits"] == {"requests": 3000.0}
+    assert run_cli("report", "test-job.yaml", cwd=tmp_path).returncode == 0
+    page = (tmp_path / "out" / "result.report.html").read_text()
+    assert "<th>limit learned: requests</th><td>3,000 a minute" in page

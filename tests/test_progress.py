@@ -21,7 +21,7 @@ import pytest
 from conftest import cli_env, make_job, reviews, run_cli
 
 from pipeline.counters import RunCounters
-from pipeline.progress import Snapshot, layout, needs_two_lines
+from pipeline.progress import Snapshot, layout, needs_two_lines, waits
 from pipeline.simulator import RunningSimulator
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -135,8 +135,13 @@ def test_the_bar_fits_a_terminal_and_shows_cost_eta_and_failures(
     if width >= 160:
         assert "in flight" in final and "rpm" in final  # everything on one line
     else:
-        assert details and all(line.startswith("sent ") for line in details)
+        # The second line: what the run waits for, if anything, then the counters.
+        assert details and all(re.match(r"(.* · )?sent ", line) for line in details)
     summary = "\n".join(lines)
+    # The summary wraps between words at the terminal's width, never inside one.
+    told = lines[next(i for i, line in enumerate(lines) if line.startswith("rows: ")) :]
+    assert all(len(line) < width for line in told), max(told, key=len)
+    assert "at most 8 in flight at once" in " ".join(" ".join(told).split())
     sent = int(re.search(r"requests this run: ([\d,]+) sent", summary)[1].replace(",", ""))  # type: ignore[index]
     assert sent == simulator.stats(full=False)["requests"]
 
@@ -159,3 +164,51 @@ def test_a_resumed_run_says_what_it_reuses_and_starts_the_bar_there(
     assert all(int(b.split("/")[0].replace(",", "")) >= 100 for b in bars)
     assert simulator.stats(full=False)["requests"] == 200
     assert "rows: 300 (100 reused from earlier runs, 200 finished this run" in "\n".join(lines)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rpm_counts_requests_sent_in_the_last_minute_never_a_moments_rate() -> None:
+    clock = Clock()
+    counters = RunCounters(clock=clock)
+    for _ in range(5):  # a burst at the start: 5 requests, not 5 a millisecond
+        with counters.sending():
+            pass
+    assert counters.requests_per_minute() == 5, "a young run: every request so far"
+    for _ in range(90):  # then one a second for 90 s
+        clock.now += 1
+        with counters.sending():
+            pass
+    assert counters.requests_per_minute() == 60
+    clock.now += 30
+    assert counters.requests_per_minute() == 30, "half a minute of silence halves it"
+    clock.now += 60
+    assert counters.requests_per_minute() == 0
+    assert counters.requests_sent == 95
+
+
+def test_the_waits_say_what_the_run_waits_for_in_words() -> None:
+    clock = Clock()
+    counters = RunCounters(clock=clock)
+    assert waits(counters) == ()
+    counters.paused_s, counters.pause_why = 58.2, "the server asked (retry-after 60)"
+    counters.in_flight = 32
+    counters.learned_limits = {"requests": 300.0}
+    assert waits(counters) == (
+        "paused 58 s more: the server asked (retry-after 60)",
+        "no answer yet from 32 requests",
+        "limit learned: 300 rpm from the server's headers",
+    )
+    counters.paused_s, counters.last_answer_at = 0.0, clock.now
+    clock.now += 12
+    assert waits(counters)[0] == "no answer for 12 s from 32 requests"
+    clock.now -= 11  # answers came a second ago: nothing to explain
+    assert waits(counters) == ("limit learned: 300 rpm from the server's headers",)

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -14,7 +15,14 @@ from conftest import SIM_KEY, make_job, reviews, run_cli
 
 from pipeline.simulator import RunningSimulator, SimulatorConfig
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian names it chromium, Ubuntu's snap and other distributions chromium-browser.
+CHROMIUM = next(
+    (found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="needs headless Chromium on PATH (apt-get install -y chromium); .ci/run installs it",
+)
 CHARTS_WITH_LOG = 5  # throughput, in flight, errors over time, latency, tokens and cost
 CHARTS_WITHOUT_LOG = 2  # latency, tokens and cost
 NASTY = "<script>alert('x')</script> & <b>bold</b>"
@@ -114,9 +122,10 @@ def test_report_of_a_missing_file_is_an_argument_error(finished: Path) -> None:
 
 
 def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
     return subprocess.run(
         [
-            str(CHROMIUM),
+            CHROMIUM,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -135,9 +144,7 @@ def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)"
-)
+@needs_chromium
 def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> None:
     made = run_cli("report", "test-job.yaml", "--to", str(tmp_path / "r.html"), cwd=finished)
     assert made.returncode == 0, made.stderr
@@ -193,6 +200,7 @@ def test_report_charts_render_in_a_browser(finished: Path, tmp_path: Path) -> No
     assert bars.mean() > 0.01, "the charts' blue bars are not on the page"
 
 
+@needs_chromium
 def test_the_sample_filter_narrows_the_cards_in_a_browser(finished: Path, tmp_path: Path) -> None:
     made = run_cli("report", "test-job.yaml", "--to", str(tmp_path / "r.html"), cwd=finished)
     assert made.returncode == 0, made.stderr
@@ -286,3 +294,48 @@ def test_a_constant_distribution_is_stated_not_drawn() -> None:
         svg = _distribution_chart(frame)
     assert "every row: 22" in svg and "every row: 0" in svg and "every row: $0.500000" in svg
     assert "21.6" not in svg and "22.4" not in svg
+
+
+def test_the_sample_header_counts_the_cards_shown(finished: Path) -> None:
+    result = run_cli("report", "test-job.yaml", cwd=finished)
+    assert result.returncode == 0, result.stderr
+    page = (finished / "out" / "result.report.html").read_text()
+
+    header = re.search(r'<p class="meta">(\d+) of 40 rows, picked', page)
+    cards = len(re.findall(r'<div class="card', page))
+    assert header and int(header.group(1)) == cards == 24
+
+
+def test_no_legend_covers_its_title_and_every_percentile_line_is_inside_its_chart(
+    finished: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pipeline.report as report
+
+    figures: list[Any] = []
+    draw = report._svg
+    monkeypatch.setattr(report, "_svg", lambda figure: figures.append(figure) or draw(figure))
+    with report.locate(finished / "test-job.yaml") as target:
+        report.write_report(target, tmp_path / "r.html")
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    legends = 0
+    for figure in figures:
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        for axes in figure.axes:
+            legend = axes.get_legend()
+            if legend is None:
+                continue
+            legends += 1
+            title = axes.title if axes.get_title() else axes._left_title
+            title_box = title.get_window_extent(renderer)
+            legend_box = legend.get_window_extent(renderer)
+            assert not title_box.overlaps(legend_box), title.get_text()
+            assert legend_box.y1 <= figure.bbox.y1 and title_box.y1 <= figure.bbox.y1, "clipped"
+            for line in axes.get_lines():
+                xs = line.get_xdata()
+                if line.get_label().startswith("p") and len(set(xs)) == 1:  # p50/p95/p99
+                    assert xs[0] < axes.get_xlim()[1], f"{line.get_label()} on the edge"
+    assert legends >= 3  # throughput, errors by class, latency

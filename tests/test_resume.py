@@ -494,6 +494,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_a_consistent_store(
     sent = simulator.stats(full=False)["requests"]
     assert f"requests this run: {sent} sent" in stderr
     assert f"at most {concurrency} in flight at once" in stderr
+    assert f"abandoned: {concurrency} request(s) in flight at the second Ctrl-C" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert not output_path(tmp_path).exists()
 

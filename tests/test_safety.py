@@ -303,6 +303,76 @@ def test_sighup_stops_like_sigterm_and_the_rerun_pays_nothing_twice(
     assert stats["completions"] == data.height
 
 
+def ctrl_c_after_starting(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """Send SIGINT the moment the run says "starting:"; returns (exit code, all of stderr)."""
+    assert proc.stderr is not None
+    seen = [proc.stderr.readline()]
+    while not seen[-1].startswith("starting:"):
+        assert seen[-1], f"the run ended before it started: {seen}"
+        seen.append(proc.stderr.readline())
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=30)
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_right_after_starting_exits_130_with_a_summary_and_keeps_every_answer(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    simulator.configure(latency_ms=(300, 500))
+    data = reviews(100)
+    data.write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, limits__concurrency=16)
+    proc = start_cli("run", str(job), cwd=tmp_path)
+    started.append(proc)
+
+    code, stderr = ctrl_c_after_starting(proc)
+
+    assert code == 130, stderr
+    assert "Aborted" not in stderr and "Traceback" not in stderr
+    assert "rows: 100 (" in stderr and "requests this run:" in stderr, "a summary"
+    assert "interrupted: finished rows are saved" in stderr
+    deadline = time.monotonic() + 30
+    while simulator.stats(full=False)["in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    answered = simulator.stats(full=False)["completions"]
+    assert recorded(tmp_path / "out" / "result.parquet.run") == answered, (
+        "every answer that came in the grace period is recorded"
+    )
+    simulator.configure(latency_ms=(0, 0))
+    rerun = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    stats = simulator.stats(full=False)
+    assert stats["duplicate_paid"] == 0 and stats["completions"] == data.height
+
+
+def test_ctrl_c_with_nothing_in_flight_stops_without_waiting_out_the_grace(
+    tmp_path: Path, simulator: RunningSimulator, started: list[subprocess.Popen[str]]
+) -> None:
+    # Every request is held back with a 30 s retry-after: the pool sleeps, nothing in flight.
+    simulator.configure(throttle_s=3600.0, throttle_retry_after_s=30.0)
+    reviews(20).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    proc = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    started.append(proc)
+    wait_until(
+        proc,
+        lambda: (
+            simulator.stats(full=False)["rate_limited"] > 0
+            and not simulator.stats(full=False)["in_flight"]
+        ),
+    )
+
+    proc.send_signal(signal.SIGINT)
+    interrupted_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 130, stderr
+    assert time.monotonic() - interrupted_at < 5, "the grace period is 10 s: it was not waited"
+    assert "waiting up to" not in stderr, "nothing in flight: nothing to wait for"
+    assert "interrupted" in stderr
+
+
 def test_closed_stdout_and_stderr_do_not_crash_the_run(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:

@@ -7,5 +7,5 @@ into request files within the provider's limits; `engine` runs the state machine
 (plan, upload, create, poll, collect) and turns results into ordinary row results.
 
 Submodules are imported explicitly (`from pipeline.batch.engine import ...`), so the
-runner can ask `support` without importing the engine.
+resolver can ask `support` without importing the engine.
 """

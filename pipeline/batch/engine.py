@@ -14,7 +14,6 @@ errors are recorded, and a batch the provider refuses stops the job (exit 3).
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
@@ -50,7 +49,7 @@ from pipeline.record import open_record
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.runs import RunEnd, RunOptions, RunSummary
-from pipeline.scheduler import Outcome
+from pipeline.scheduler import STOP_SIGNALS, Outcome, take_early_stops
 from pipeline.sink import CheckpointRecord, Recorder
 from pipeline.types import Completion, RowResult
 
@@ -165,6 +164,7 @@ class _BatchRun:
         # Rows asked again in a later batch of this run: their schema mismatches and spend.
         self.tries: dict[tuple[str, str], RowTries] = {}
         self.stop: JobFatalError | None = None
+        self._last_status: dict[int, str | None] = {}  # each batch's status at the last poll
 
     # --- the run -------------------------------------------------------------------------
 
@@ -183,12 +183,12 @@ class _BatchRun:
             group.cancel_scope.cancel()
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                # Submitted batches go on at the provider; nothing is lost by not waiting.
-                self.outcome.interrupted = True
-                scope.cancel()
-                return
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            if not take_early_stops():  # a Ctrl-C during start-up stops at once
+                await signals.__anext__()
+            # Submitted batches go on at the provider; nothing is lost by not waiting.
+            self.outcome.interrupted = True
+            scope.cancel()
 
     async def drive(self) -> None:
         first_round = True
@@ -249,6 +249,12 @@ class _BatchRun:
             chunk = self.store.update(chunk.chunk_id, state="uploaded", file_id=file_id)
         state = await self._create(chunk, metadata)
         self.tally.submitted.append(chunk.chunk_id)
+        if self.outcome.first_sent_at is None:
+            self.outcome.first_sent_at = anyio.current_time()
+        self.progress.note(
+            f"submitted: batch {state.batch_id} ({chunk.requests:,} requests); "
+            f"polling every {self.poll_s:g} s"
+        )
         self.log.event(
             "batch_submitted", chunk=chunk.chunk_id, batch=state.batch_id, requests=chunk.requests
         )
@@ -312,11 +318,14 @@ class _BatchRun:
                     failures += 1
                     self.log.event("batch_poll_failed", batch=chunk.batch_id, error=exc.describe())
                     break
-                except JobFatalError:
-                    raise
                 except ProviderError as exc:
+                    if exc.status == 404:
+                        raise self._lost(chunk) from exc
+                    if isinstance(exc, JobFatalError):
+                        raise
                     raise JobStoppedByApi(exc) from exc
                 failures = 0
+                self._say_if_changed(chunk, state)
                 self.store.update(
                     chunk_id, status=state.status, done=state.done, failed=state.failed
                 )
@@ -328,6 +337,27 @@ class _BatchRun:
             if pending:
                 backoff = self.poll_s * 2**failures if failures else self.poll_s
                 await anyio.sleep(min(backoff, max(MAX_POLL_BACKOFF_S, self.poll_s)))
+
+    def _say_if_changed(self, chunk: Chunk, state: BatchState) -> None:
+        """A line each time a poll finds a batch in a new state."""
+        if self._last_status.get(chunk.chunk_id, chunk.status) == state.status:
+            return
+        self._last_status[chunk.chunk_id] = state.status
+        answered = state.done + state.failed
+        self.progress.note(
+            f"batch {state.batch_id}: {state.status}, {answered:,}/{chunk.requests:,} answered"
+        )
+
+    def _lost(self, chunk: Chunk) -> BatchNotFound:
+        """A batch the provider no longer knows: its rows go back to be planned again."""
+        self.store.update(chunk.chunk_id, state="failed", detail="not found at the provider")
+        self.store.drop_items(chunk.chunk_id)
+        self.log.event("batch_not_found", chunk=chunk.chunk_id, batch=chunk.batch_id)
+        return BatchNotFound(
+            f"batch not found: {chunk.batch_id} ({chunk.requests:,} requests) is unknown to "
+            "the provider",
+            status=404,
+        )
 
     async def collect(self, chunk: Chunk, state: BatchState) -> None:
         if state.rejected:
@@ -357,6 +387,7 @@ class _BatchRun:
         # Rewriting a row with the same result is harmless: a failed download starts over.
         await self._call(stream)
         self.store.update(chunk.chunk_id, state="collected", status=state.status)
+        self.outcome.last_answer_at = anyio.current_time()
         self.tally.live.pop(chunk.chunk_id, None)
         self.log.event(
             "batch_collected", chunk=chunk.chunk_id, batch=state.batch_id, status=state.status
@@ -531,6 +562,14 @@ class _ItemRow:
     @property
     def request_hash(self) -> str:
         return self.item.request_hash
+
+
+class BatchNotFound(JobFatalError):
+    """The provider no longer knows a batch this job submitted (deleted or expired there,
+    or held by a server that has since stopped)."""
+
+    kind = "batch_not_found"
+    advice = "resubmit with `pipeline run --batch`, which sends only the rows of lost batches"
 
 
 def _line_error(error: dict[str, object]) -> str:

@@ -113,6 +113,14 @@ class SimulatorConfig(BaseModel):
     """Well-formed JSON of an unexpected shape with HTTP 200 (empty choices, a null
     message, null content without usage, usage counts as text)."""
 
+    throttle_s: float = Field(default=0.0, ge=0)
+    """Answer every completion request with a 429 for this many seconds, counted from the
+    first request after a reset (or a change of these settings): an upstream holding a
+    gateway back, or a quota that refills later. A huge value: for ever."""
+    throttle_retry_after_s: float = Field(default=60.0, gt=0)
+    """The ``retry-after`` each of those 429s carries, the same every time (LiteLLM passes
+    an upstream's ``retry-after: 60`` on)."""
+
     # --- batch APIs (files, batches, message batches) ---------------------------------
     batch_turnaround_s: float = Field(default=2.0, ge=0)
     """Seconds from creating a batch until it ends with every answer."""

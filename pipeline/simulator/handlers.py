@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,18 @@ def rate_limited(
     )
     body = E.openai_error(msg, rej.kind, "rate_limit_exceeded")
     return E.json_response(body, 429, _merge(headers, retry))
+
+
+def throttled(retry_after_s: float, model: str, anthropic: bool) -> web.Response:
+    """A 429 with the same whole-second `retry-after` every time, and no limit headers."""
+    wait = go_duration(retry_after_s)
+    headers = {"retry-after": str(max(1, math.ceil(retry_after_s)))}
+    if anthropic:
+        msg = f"Number of requests has exceeded your rate limit. Please try again in {wait}."
+        return E.json_response(E.anthropic_error(429, msg), 429, headers)
+    msg = f"Rate limit reached for {model}: the service is at capacity. Please try again in {wait}."
+    body = E.openai_error(msg, "requests", "rate_limit_exceeded")
+    return E.json_response(body, 429, headers)
 
 
 def litellm_rate_limited(rej: Rejection, headers: dict[str, str] | None) -> web.Response:
@@ -311,6 +324,8 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
         raise E.Reject(E.json_response(E.modelslab_error(msg, retry_after=1), 429))
 
     now = time.time()
+    if sim.throttled(now):
+        raise E.Reject(throttled(cfg.throttle_retry_after_s, model, anthropic))
     prompt = estimate_prompt_tokens(msgs)
     limiter = sim.limiter
     if limiter.active:

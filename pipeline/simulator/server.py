@@ -132,6 +132,9 @@ class Simulator:
             self._rng = random.Random(cfg.seed)
             self._latency_rng = random.Random(cfg.seed + 1)
         self._faults = [(k, float(getattr(cfg, k))) for k in FAULT_KINDS if getattr(cfg, k)]
+        throttle = ("throttle_s", "throttle_retry_after_s")
+        if first or any(getattr(old, k) != getattr(cfg, k) for k in throttle):
+            self._throttle_from: float | None = None
 
     def configure(self, **fields: Any) -> SimulatorConfig:
         """Change config fields live (validated; unknown names raise)."""
@@ -154,6 +157,7 @@ class Simulator:
         self.batch_store = BatchStore(self)
         cfg = self._config
         self.limiter = _limiter(cfg)
+        self._throttle_from = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -327,6 +331,14 @@ class Simulator:
             return r.response
         msgs = normalize_messages(body.get("messages"), body.get("system"))
         return E.json_response({"input_tokens": estimate_prompt_tokens(msgs)})
+
+    def throttled(self, now: float) -> bool:
+        """Whether `throttle_s` still holds every request back at `now` (wall clock)."""
+        if not self._config.throttle_s:
+            return False
+        if self._throttle_from is None:
+            self._throttle_from = now
+        return now - self._throttle_from < self._config.throttle_s
 
     def draw_fault(self, stream: bool) -> str | None:
         """One uniform draw against the cumulative fault probabilities."""
