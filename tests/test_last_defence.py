@@ -125,7 +125,7 @@ def test_any_command_answers_an_unexpected_error_with_one_line_and_exit_4(
     def broken(*args: object, **kwargs: object) -> None:
         raise Boom("status broke")
 
-    monkeypatch.setattr("pipeline.cli.prepare", broken)
+    monkeypatch.setattr("pipeline.cli.resolve_job", broken)
 
     result = CliRunner().invoke(main, ["status", str(job)])
 

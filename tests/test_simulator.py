@@ -467,6 +467,7 @@ def test_anthropic_messages(http: httpx.Client, sim: RunningSimulator) -> None:
         "output_tokens": math.ceil(len(answer) / 4),
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "service_tier": "standard",
     }
     thinking = {**body, "thinking": {"type": "enabled", "budget_tokens": 1024}}
     data = http.post(f"{sim.url}/v1/messages", json=thinking, headers=headers).json()
