@@ -32,7 +32,7 @@ from pipeline.errors import (
     SchemaViolation,
 )
 from pipeline.providers.base import Provider
-from pipeline.ratelimit import Pacer
+from pipeline.ratelimit import Turns
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.spend import RowSpend, attempt_cost
@@ -65,7 +65,7 @@ class Attempts:
     """What every attempt of a run shares."""
 
     provider: Provider
-    pacer: Pacer
+    pacer: Turns
     policy: RetryPolicy
     price: Price | None
     budget: Budget

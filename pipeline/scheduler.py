@@ -27,7 +27,7 @@ from pipeline.config import Price
 from pipeline.counters import RunCounters
 from pipeline.errors import JobFatalError, JobStopped
 from pipeline.providers.base import Provider
-from pipeline.ratelimit import Pacer
+from pipeline.ratelimit import Turns
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.structured import OutputSchema
@@ -64,7 +64,7 @@ class Scheduler:
     def __init__(
         self,
         provider: Provider,
-        pacer: Pacer,
+        pacer: Turns,
         policy: RetryPolicy,
         price: Price | None,
         *,

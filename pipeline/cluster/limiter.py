@@ -1,15 +1,16 @@
-"""One rate limit for a whole cluster: a schedule owner and the pacer workers lease from.
+"""One rate limit for a whole cluster: the policy's owner, and the pacer workers lease from.
 
-`ClusterLimiter` runs as a single Ray actor. It owns the requests and tokens schedule
-(the same generic cell rate algorithm and `Gate`s as one process, so requests are
-evenly spaced across the cluster with no burst), the cluster-wide concurrency window,
-the 429 pause and the limits the headers announce. Workers do not ask per request:
-`LeasedPacer` leases a slice of start times (about `SLICE_S` of the cluster's rate)
-and hands them to its requests one by one, so the actor sees tens of calls a second
-however fast the cluster sends. With each lease a worker reports what happened since
-the last one: tokens used beyond what was booked, 429s and how long the server asked
-to wait, limits learned from headers, and its running totals for the driver's
-progress display.
+`ClusterLimiter` runs as a single Ray actor. It owns the cluster's one `PacingPolicy`
+(`pacing.py`), the same policy one process's `Pacer` owns: the same shares of each
+second, the server's window edges, the fall back to even spacing on a 429, the pause,
+the back-off and the growth of the concurrency window. Workers do not ask per request:
+`LeasedPacer` leases a few turns the policy booked (at most its share of the window,
+and no more than `SLICE_S` ahead) and hands them to its requests one by one, so the
+actor sees tens of calls a second however fast the cluster sends. With each lease a
+worker hands over what its answers said since the last one (`Answer`s: successes,
+rate-limit headers, 429s), which the policy learns from exactly as a local pacer does
+from its own, plus tokens used beyond what was booked and its running totals for the
+driver's progress display.
 
 Times crossing processes are wall-clock (`time.time()`): monotonic clocks are not
 comparable across machines, and cluster nodes keep their clocks in sync.
@@ -21,20 +22,22 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
 from pipeline.cluster.budget import AllowanceBudget, Allowances
 from pipeline.counters import RunCounters
-from pipeline.ratelimit import BACKOFF_FACTOR, Gate, Pacer, Turns
-from pipeline.types import ChatRequest, RateLimitInfo
+from pipeline.errors import ProviderError, RateLimited
+from pipeline.pacing import PacingPolicy
+from pipeline.ratelimit import PacerBase, Slots
+from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
-SLICE_S = 0.2  # a lease covers this much of the cluster's schedule
-MAX_LEASE = 256  # grants per lease, whatever the rate
-UNPACED_LEASE = 64  # grants per lease when no limit is known (they all start at once)
+SLICE_S = 0.2  # a lease books no further ahead than this (beyond its first turn)
+MAX_LEASE = 256  # turns per lease, whatever the rate
+UNPACED_LEASE = 64  # turns per lease when no limit is known (they all start at once)
 STALE_S = 0.5  # a grant this late is dropped rather than sent in a burst with newer ones
-RECOVERY_PER_S = 0.02
+MAX_ANSWERS = 1024  # answers one report carries at most (the latest; a worker's ~0.2 s)
 
 
 @dataclass(kw_only=True)
@@ -65,17 +68,26 @@ class RunningTotals:
         self.in_flight += other.in_flight
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one answer tells the pacing policy (times on the wall clock)."""
+
+    sent_at: float
+    answered_at: float
+    succeeded: bool
+    rate_limits: RateLimitInfo | None = None
+    rate_limited: bool = False  # a 429
+    retry_after: float | None = None
+
+
 @dataclass
 class WorkerReport(RunningTotals):
-    """What one worker says with each call: deltas since its last call, and running totals."""
+    """What one worker says with each call: news since its last call, and running totals."""
 
     worker: str
+    cap: int = 0  # the requests this worker may have in flight (0: not said)
+    answers: list[Answer] = field(default_factory=list)  # in the order they came
     token_debt: float = 0.0  # tokens spent beyond the estimates booked with the leases
-    rate_limited_s: float | None = None  # the longest pause a 429 asked for since the last call
-    rate_limited_at: float | None = None  # when the oldest of those requests was sent
-    pause_s: float | None = None  # headers said the budget is nearly spent: hold this long
-    limit_requests: float | None = None  # per minute, from headers
-    limit_tokens: float | None = None
     stop: str | None = None  # a job-level failure this worker hit: every worker stops
     spent_usd: float = 0.0  # what the worker's budget counted (for a finished worker's hold)
     spent_tokens: float = 0.0
@@ -84,16 +96,15 @@ class WorkerReport(RunningTotals):
 
 @dataclass(frozen=True)
 class Lease:
-    start_at: float  # wall clock
-    spacing_s: float
-    count: int
+    starts: tuple[float, ...]  # wall clock, in order
     tokens_each: float
     window: int  # this worker's share of the cluster's concurrency window
     paused_until: float = 0.0
+    ask_again_at: float | None = None  # no turn could be booked yet: ask again then
     stop: str | None = None
 
     def grants(self) -> list[float]:
-        return [self.start_at + i * self.spacing_s for i in range(self.count)]
+        return list(self.starts)
 
 
 @dataclass
@@ -103,17 +114,8 @@ class ClusterProgress(RunningTotals):
     stop: str | None = None
 
 
-@dataclass
-class _Window:
-    """The cluster's concurrency window: shrinks on 429s, grows back a step a second."""
-
-    cap: int
-    size: int
-    grown_at: float = 0.0
-
-
 class ClusterLimiter:
-    """The cluster's one schedule. Plain Python: Ray wraps it as an actor."""
+    """The cluster's one pacing policy. Plain Python: Ray wraps it as an actor."""
 
     def __init__(
         self,
@@ -125,38 +127,45 @@ class ClusterLimiter:
         clock: Callable[[], float] = time.time,
         budget: Allowances | None = None,
     ) -> None:
-        self.requests = Gate(requests_per_minute)
-        self.tokens = Gate(tokens_per_minute)
+        self.policy = PacingPolicy(
+            requests_per_minute,
+            tokens_per_minute,
+            max_concurrency=concurrency,
+            initial_concurrency=initial_concurrency,
+        )
         self.clock = clock
-        self.window = _Window(concurrency, initial_concurrency or concurrency)
-        self.paused_until = 0.0
-        self.backed_off_at = -math.inf
         self.stop_reason: str | None = None
         self.reports: dict[str, WorkerReport] = {}
         self.leases = 0
-        self._granted: deque[tuple[float, int]] = deque(maxlen=4096)
         self.budget = budget or Allowances(None, None)
 
     # -- the one call workers make --------------------------------------------------------
 
     def lease(self, report: WorkerReport, tokens_each: float, wanted: int = MAX_LEASE) -> Lease:
-        """Take the worker's report, then book its next slice of start times."""
+        """Take the worker's report, then book its next few turns.
+
+        As many as its share of the window (it cannot send more at once), and none more
+        than `SLICE_S` ahead of the first: the worker asks again as they run out."""
         self.report(report)
         now = self.clock()
         self.leases += 1
-        window = self._share()
+        policy = self.policy
+        window = self._share(report.cap)
         if self.stop_reason is not None:
-            return Lease(now, 0.0, 0, tokens_each, window, self.paused_until, self.stop_reason)
-        spacing = self._spacing(tokens_each)
-        start = max(now, self.paused_until, self.requests.next_free, self.tokens.next_free)
-        if spacing == 0.0:
-            count = min(wanted, UNPACED_LEASE)
-        else:
-            count = max(1, min(wanted, MAX_LEASE, math.floor(SLICE_S / spacing)))
-        self.requests.commit(start, count)
-        self.tokens.commit(start, count * tokens_each)
-        self._granted.append((start, count))
-        return Lease(start, spacing, count, tokens_each, window, self.paused_until)
+            return Lease((), tokens_each, window, policy.paused_until, stop=self.stop_reason)
+        most = min(wanted, window, MAX_LEASE if policy.paces else UNPACED_LEASE)
+        starts: list[float] = []
+        while len(starts) < most:
+            turn = policy.take_turn(now, tokens_each)
+            if not turn.booked:
+                if not starts:
+                    return Lease((), tokens_each, window, policy.paused_until, turn.at)
+                break
+            policy.started(turn.at)
+            starts.append(turn.at)
+            if turn.at > starts[0] + SLICE_S:
+                break
+        return Lease(tuple(starts), tokens_each, window, policy.paused_until)
 
     def allow(
         self, report: WorkerReport, needed: tuple[float, float], wanted: tuple[float, float]
@@ -169,23 +178,22 @@ class ClusterLimiter:
 
     def report(self, report: WorkerReport) -> None:
         """A worker's news, without a lease (progress, or a worker that has finished)."""
-        now = self.clock()
+        policy = self.policy
         self.reports[report.worker] = report
         if report.done:
             self.budget.finish(report.worker, report.spent_usd, report.spent_tokens)
-        if report.token_debt and self.tokens.rate:
-            self.tokens.commit(now, report.token_debt)
-        if report.limit_requests:
-            self.requests.learned = report.limit_requests / 60.0
-        if report.limit_tokens:
-            self.tokens.learned = report.limit_tokens / 60.0
-        if report.pause_s:
-            self._pause(now + report.pause_s)
-        if report.rate_limited_s is not None:
-            self._rate_limited(now, report.rate_limited_s, report.rate_limited_at)
+        policy.spend_more_tokens(self.clock(), report.token_debt)
+        for answer in report.answers:
+            # In the order a local pacer learns from one answer (`PacerBase.end_turn`).
+            if answer.succeeded:
+                policy.succeeded(answer.answered_at)
+            if answer.rate_limits is not None:
+                policy.observe(answer.rate_limits, answer.answered_at, answer.sent_at)
+            if answer.rate_limited:
+                policy.rate_limited(answer.retry_after, answer.answered_at, answer.sent_at)
+        report.answers = []  # learned from: the kept report is for the totals
         if report.stop and self.stop_reason is None:
             self.stop_reason = report.stop
-        self._grow(now)
 
     def stop(self, reason: str) -> None:
         """Stop the whole cluster taking new rows (a job-level failure, or the driver's ^C)."""
@@ -199,65 +207,25 @@ class ClusterLimiter:
             total.add(report)
             if report.done:
                 total.in_flight -= report.in_flight  # a finished worker has none left
-        total.requests_per_s = self._recent_rate(self.clock()) or 0.0
+        total.requests_per_s = self.policy.recent_rate(self.clock()) or 0.0
         return total
 
     def state(self) -> dict[str, float | int | None]:
+        policy = self.policy
         return {
-            "requests_per_s": self.requests.rate,
-            "tokens_per_s": self.tokens.rate,
-            "window": self.window.size,
-            "paused_until": self.paused_until,
+            "requests_per_s": policy.requests.rate,
+            "tokens_per_s": policy.tokens.rate,
+            "window": policy.window.size,
+            "paused_until": policy.paused_until,
         }
 
     # -- internals ------------------------------------------------------------------------
 
-    def _spacing(self, tokens_each: float) -> float:
-        spacing = 0.0
-        if self.requests.rate:
-            spacing = 1.0 / self.requests.rate
-        if self.tokens.rate and tokens_each > 0:
-            spacing = max(spacing, tokens_each / self.tokens.rate)
-        return spacing
-
-    def _share(self) -> int:
+    def _share(self, cap: int) -> int:
+        """A worker's share of the window: no more than it may have in flight."""
         active = sum(1 for r in self.reports.values() if not r.done) or 1
-        return max(1, math.ceil(self.window.size / active))
-
-    def _pause(self, until: float) -> None:
-        self.paused_until = max(self.paused_until, until)
-        # Nothing booked from now on starts before the pause ends.
-        self.requests.commit(self.paused_until, 0)
-        self.tokens.commit(self.paused_until, 0)
-
-    def _rate_limited(self, now: float, retry_after_s: float, sent_at: float | None) -> None:
-        self._pause(now + retry_after_s)
-        if sent_at is not None and sent_at < self.backed_off_at:
-            return  # part of the overload already answered: extend the pause only
-        self.backed_off_at = now
-        self.window.size = max(1, math.floor(self.window.size * BACKOFF_FACTOR))
-        self.window.grown_at = now
-        if self.requests.declared is None and self.requests.learned is None:
-            current = self.requests.adaptive or self._recent_rate(now)
-            if current:
-                self.requests.adaptive = max(0.1, current * BACKOFF_FACTOR)
-
-    def _grow(self, now: float) -> None:
-        since = now - max(self.window.grown_at, self.paused_until)
-        if since < 1.0:
-            return
-        if self.window.size < self.window.cap:
-            self.window.size += max(1, self.window.cap // 64)
-            self.window.size = min(self.window.size, self.window.cap)
-        if self.requests.adaptive is not None:
-            self.requests.adaptive *= 1 + RECOVERY_PER_S * min(since, 3.0)
-        self.window.grown_at = now
-
-    def _recent_rate(self, now: float) -> float | None:
-        recent = [(t, n) for t, n in self._granted if now - 2.0 <= t <= now]
-        if not recent:
-            return None
-        return sum(n for _, n in recent) / 2.0
+        share = max(1, math.ceil(self.policy.window.size / active))
+        return min(share, cap) if cap else share
 
 
 LeaseCall = Callable[[WorkerReport, float], Awaitable[Lease]]
@@ -276,12 +244,13 @@ class _Totals:
     rate_limited: int = 0
 
 
-class LeasedPacer(Turns):
-    """A worker's pacer: the scheduler's `Pacer` interface, paced by leases.
+class LeasedPacer(PacerBase):
+    """A worker's pacer: the attempt's `Turns`, with turns leased from the cluster's policy.
 
-    A local `Pacer` without rates keeps this worker's requests in flight within its
-    share of the cluster's window and holds them during a pause this worker saw
-    first; the start times come from the cluster's schedule.
+    Requests in flight stay within this worker's share of the cluster's window. What
+    the answers say goes to the limiter with the next call; a pause they ask for (a 429,
+    or headers saying the budget is spent) also holds this worker at once, and voids the
+    turns it holds, as a pause holds the turns a local pacer has booked.
     """
 
     def __init__(
@@ -302,20 +271,17 @@ class LeasedPacer(Turns):
         self._lease = lease
         self.prompt_scale = 1.0
         self._on_stop = on_stop
-        self.local = Pacer(
-            None,
-            None,
-            max_concurrency=max_concurrency,
-            initial_concurrency=min(max_concurrency, 16),
-        )
+        self._cap = max_concurrency
+        self._window = max_concurrency  # this worker's share, as the last lease said
+        self._slots = Slots(lambda: min(self._cap, self._window))
+        # Only for the pauses the answers ask for: the limits are the cluster's to learn.
+        self._pauses = PacingPolicy(None, None, max_concurrency=max_concurrency)
         self._grants: deque[float] = deque()
         self._tokens_each = 0.0
         self._refilling: anyio.Event | None = None
         self._debt = 0.0
-        self._rate_limited_s: float | None = None
-        self._rate_limited_at: float | None = None
-        self._pause_s: float | None = None
-        self._limits: tuple[float | None, float | None] = (None, None)
+        self._answers: deque[Answer] = deque(maxlen=MAX_ANSWERS)
+        self._sent: deque[float] = deque(maxlen=4096)  # only for the recent rate
         self.paused_until = 0.0
         self.stop_reason: str | None = None
         self.totals = _Totals()
@@ -340,14 +306,23 @@ class LeasedPacer(Turns):
         return started
 
     @property
+    def max_concurrency(self) -> int:
+        return self._cap
+
+    @property
     def in_flight(self) -> int:
-        return self.local.in_flight
+        return self._slots.in_flight
 
     def recent_rate(self) -> float:
-        return self.local.recent_rate()
+        """Requests this worker sent per second over the last two seconds."""
+        now = self._clock()
+        recent = [t for t in self._sent if now - t <= 2.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 0.05)
 
     async def acquire(self, tokens: float) -> None:
-        await self.local.acquire(tokens)
+        await self._slots.take()
         try:
             start = await self._grant(tokens)
             while True:
@@ -357,39 +332,47 @@ class LeasedPacer(Turns):
                 await anyio.sleep(wait)
                 start = 0.0  # a pause learned meanwhile is waited out too
         except BaseException:
-            self.local.release(succeeded=False)
+            self._slots.give()
             raise
+        self._sent.append(self._clock())
 
     def release(self, *, succeeded: bool) -> None:
-        self.local.release(succeeded=succeeded)
+        self._slots.give()
+
+    def end_turn(
+        self,
+        request: ChatRequest,
+        sent_at: float,
+        answer: Completion | ProviderError | None,
+    ) -> None:
+        """Keep what the answer says for the limiter, then act on it here as well."""
+        if answer is not None:
+            now = time.time()
+            self._answers.append(
+                Answer(
+                    sent_at=now - (self._clock() - sent_at),
+                    answered_at=now,
+                    succeeded=isinstance(answer, Completion),
+                    rate_limits=answer.rate_limits,
+                    rate_limited=isinstance(answer, RateLimited),
+                    retry_after=answer.retry_after if isinstance(answer, RateLimited) else None,
+                )
+            )
+        super().end_turn(request, sent_at, answer)
 
     def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None:
-        if info is None:
-            return
-        before = self.local.state().paused_s
-        self.local.observe(info)
-        # The limits are the cluster's to pace against; locally only the pause counts.
-        self.local.requests.learned = self.local.tokens.learned = None
-        if info.limit_requests or info.limit_tokens:
-            self._limits = (info.limit_requests, info.limit_tokens)
-        paused = self.local.state().paused_s
-        if paused > before:
-            self._pause_s = max(self._pause_s or 0.0, paused)
+        if info is not None:
+            self._pauses.observe(info, time.time())
+            self._hold(self._pauses.paused_until)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
-        self.local.rate_limited(retry_after, sent_at)
-        asked = retry_after if retry_after is not None else 1.0
-        self._rate_limited_s = max(self._rate_limited_s or 0.0, asked)
-        sent = time.time() - (anyio.current_time() - sent_at) if sent_at is not None else None
-        if sent is not None:
-            self._rate_limited_at = min(self._rate_limited_at or sent, sent)
-        self.paused_until = max(self.paused_until, time.time() + asked)
-        # Grants booked before the 429 are void: the next acquire tells the cluster first.
-        self._grants.clear()
+        self._pauses.rate_limited(retry_after, time.time())
+        self._hold(self._pauses.paused_until)
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
-        self.local.learn_prompt_scale(estimated, actual)
-        self.prompt_scale = self.local.prompt_scale
+        """Correct the offline prompt estimate from the usage that came back."""
+        if estimated > 0 and actual > 0:
+            self.prompt_scale += 0.1 * (actual / estimated - self.prompt_scale)
 
     # -- reports --------------------------------------------------------------------------
 
@@ -398,12 +381,9 @@ class LeasedPacer(Turns):
         t, c = self.totals, self.counters
         report = WorkerReport(
             self.worker,
+            cap=self._cap,
+            answers=list(self._answers),
             token_debt=self._debt,
-            rate_limited_s=self._rate_limited_s,
-            rate_limited_at=self._rate_limited_at,
-            pause_s=self._pause_s,
-            limit_requests=self._limits[0],
-            limit_tokens=self._limits[1],
             stop=self.stop_reason,
             reused=t.reused,
             sent=c.requests_sent,
@@ -420,10 +400,16 @@ class LeasedPacer(Turns):
             done=done,
         )
         self._debt = 0.0
-        self._rate_limited_s = self._rate_limited_at = self._pause_s = None
+        self._answers.clear()
         return report
 
     # -- internals ------------------------------------------------------------------------
+
+    def _hold(self, until: float) -> None:
+        """Hold this worker until `until`: the turns it holds were booked before the pause."""
+        if until > self.paused_until:
+            self.paused_until = until
+            self._grants.clear()
 
     async def _grant(self, tokens: float) -> float:
         while True:
@@ -451,14 +437,17 @@ class LeasedPacer(Turns):
         self._refilling = refilled = anyio.Event()
         try:
             lease = await self._lease(self.report(), tokens)
+            self.leases += 1
+            self._tokens_each = lease.tokens_each
+            self.paused_until = max(self.paused_until, lease.paused_until)
+            self._window = lease.window
+            self._slots.wake()
+            if lease.stop is not None and self.stop_reason is None:
+                self.stop_reason = lease.stop
+            self._grants.extend(lease.starts)
+            if lease.ask_again_at is not None:
+                # Nothing booked yet (the next turn is further ahead than the policy books).
+                await anyio.sleep(max(0.0, lease.ask_again_at - time.time()))
         finally:
             self._refilling = None
             refilled.set()
-        self.leases += 1
-        self._tokens_each = lease.tokens_each
-        self.paused_until = max(self.paused_until, lease.paused_until)
-        self.local.max_concurrency = lease.window
-        self.local.window = min(self.local.window, lease.window)
-        if lease.stop is not None and self.stop_reason is None:
-            self.stop_reason = lease.stop
-        self._grants.extend(lease.grants())
