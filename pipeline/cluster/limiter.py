@@ -262,8 +262,10 @@ class LeasedPacer(PacerBase):
         on_stop: Callable[[], None] | None = None,
         budget: AllowanceBudget | None = None,
         allow: AllowCall | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.worker = worker
+        self._wall = wall_clock  # the limiter's clock: every time crossing to it
         self.budget = budget
         self._allow = allow
         self._topping_up = anyio.Lock()
@@ -279,6 +281,7 @@ class LeasedPacer(PacerBase):
         self._grants: deque[float] = deque()
         self._tokens_each = 0.0
         self._refilling: anyio.Event | None = None
+        self._ask_again_at = 0.0  # the limiter booked nothing: no use asking before this
         self._debt = 0.0
         self._answers: deque[Answer] = deque(maxlen=MAX_ANSWERS)
         self._sent: deque[float] = deque(maxlen=4096)  # only for the recent rate
@@ -326,7 +329,7 @@ class LeasedPacer(PacerBase):
         try:
             start = await self._grant(tokens)
             while True:
-                wait = max(start, self.paused_until) - time.time()
+                wait = max(start, self.paused_until) - self._wall()
                 if wait <= 0:
                     break
                 await anyio.sleep(wait)
@@ -347,7 +350,7 @@ class LeasedPacer(PacerBase):
     ) -> None:
         """Keep what the answer says for the limiter, then act on it here as well."""
         if answer is not None:
-            now = time.time()
+            now = self._wall()
             self._answers.append(
                 Answer(
                     sent_at=now - (self._clock() - sent_at),
@@ -362,11 +365,11 @@ class LeasedPacer(PacerBase):
 
     def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None:
         if info is not None:
-            self._pauses.observe(info, time.time())
+            self._pauses.observe(info, self._wall())
             self._hold(self._pauses.paused_until)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
-        self._pauses.rate_limited(retry_after, time.time())
+        self._pauses.rate_limited(retry_after, self._wall())
         self._hold(self._pauses.paused_until)
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
@@ -418,36 +421,37 @@ class LeasedPacer(PacerBase):
                 if self._on_stop is not None:
                     self._on_stop()
                 return 0.0
-            now = time.time()
+            now = self._wall()
             while self._grants and self._grants[0] < now - STALE_S:
                 self._grants.popleft()
                 self.dropped += 1
             if self._grants:
                 start = self._grants.popleft()
                 self._debt += tokens - self._tokens_each
-                if len(self._grants) < 2 and self._refilling is None:
+                if len(self._grants) < 2 and self._refilling is None and now >= self._ask_again_at:
                     await self._refill(tokens)  # overlaps this request's wait for its turn
                 return start
-            if self._refilling is None:
-                await self._refill(tokens)
-            else:
+            if self._refilling is not None:
                 await self._refilling.wait()
+            elif now < self._ask_again_at:
+                # The policy books no turn this far ahead: ask when it will.
+                await anyio.sleep(self._ask_again_at - now)
+            else:
+                await self._refill(tokens)
 
     async def _refill(self, tokens: float) -> None:
         self._refilling = refilled = anyio.Event()
         try:
             lease = await self._lease(self.report(), tokens)
-            self.leases += 1
-            self._tokens_each = lease.tokens_each
-            self.paused_until = max(self.paused_until, lease.paused_until)
-            self._window = lease.window
-            self._slots.wake()
-            if lease.stop is not None and self.stop_reason is None:
-                self.stop_reason = lease.stop
-            self._grants.extend(lease.starts)
-            if lease.ask_again_at is not None:
-                # Nothing booked yet (the next turn is further ahead than the policy books).
-                await anyio.sleep(max(0.0, lease.ask_again_at - time.time()))
         finally:
             self._refilling = None
             refilled.set()
+        self.leases += 1
+        self._tokens_each = lease.tokens_each
+        self.paused_until = max(self.paused_until, lease.paused_until)
+        self._window = lease.window
+        self._slots.wake()
+        if lease.stop is not None and self.stop_reason is None:
+            self.stop_reason = lease.stop
+        self._grants.extend(lease.starts)
+        self._ask_again_at = lease.ask_again_at or 0.0
