@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,6 +151,10 @@ def kill() -> str:
         log = workdir / "out.parquet.run" / "events.jsonl"
         events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     recovered = sum(e.get("recovered", 0) for e in events if e["event"] == "shard_started")
+    attempts = [e for e in events if e["event"] == "attempt"]
+    first = min((e["t"] for e in attempts), default=0.0)
+    seconds = Counter(round(e["t"] - first) for e in attempts if e["status"] == 429)
+    rejected = ", ".join(f"{n} at {s}s" for s, n in sorted(seconds.items())) or "none"
     window = 64 // WORKERS
     failure = "" if driver.returncode == 0 else f" ({stderr[-300:]})"
     return (
@@ -159,7 +164,7 @@ def kill() -> str:
         f"duplicate paid {stats['duplicate_paid']} (in flight at the kill: simulator gauge "
         f"{gauge}, the worker's window {window}), distinct paid {stats['distinct_paid']}, "
         f"rows correct {correct}, wrong {wrong}, missing {missing}, each row exactly once: "
-        f"{once}"
+        f"{once}; 429s by second of the run: {rejected}"
     )
 
 

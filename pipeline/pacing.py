@@ -110,10 +110,6 @@ class Gate:
             return self.adaptive if limit is None else min(limit, self.adaptive)
         return limit
 
-    @property
-    def next_free(self) -> float:
-        return self._next_free
-
     def space_evenly(self) -> None:
         """Give up sending a share at once (the server enforces over a shorter interval)."""
         if self.share_s:

@@ -348,29 +348,33 @@ class LeasedPacer(PacerBase):
         sent_at: float,
         answer: Completion | ProviderError | None,
     ) -> None:
-        """Keep what the answer says for the limiter, then act on it here as well."""
-        if answer is not None:
-            now = self._wall()
-            self._answers.append(
-                Answer(
-                    sent_at=now - (self._clock() - sent_at),
-                    answered_at=now,
-                    succeeded=isinstance(answer, Completion),
-                    rate_limits=answer.rate_limits,
-                    rate_limited=isinstance(answer, RateLimited),
-                    retry_after=answer.retry_after if isinstance(answer, RateLimited) else None,
-                )
+        """Give the slot back, keep what the answer says for the limiter, and hold this
+        worker at once for a pause it asks for (one reading of the clock for both)."""
+        self._slots.give()
+        if answer is None:
+            return
+        now = self._wall()
+        rejected = isinstance(answer, RateLimited)
+        retry_after = answer.retry_after if isinstance(answer, RateLimited) else None
+        self._answers.append(
+            Answer(
+                sent_at=now - (self._clock() - sent_at),
+                answered_at=now,
+                succeeded=isinstance(answer, Completion),
+                rate_limits=answer.rate_limits,
+                rate_limited=rejected,
+                retry_after=retry_after,
             )
-        super().end_turn(request, sent_at, answer)
+        )
+        if isinstance(answer, Completion) and answer.usage is not None:
+            self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
+        self._pause_for(now, answer.rate_limits, rejected, retry_after)
 
     def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None:
-        if info is not None:
-            self._pauses.observe(info, self._wall())
-            self._hold(self._pauses.paused_until)
+        self._pause_for(self._wall(), info, rejected=False, retry_after=None)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
-        self._pauses.rate_limited(retry_after, self._wall())
-        self._hold(self._pauses.paused_until)
+        self._pause_for(self._wall(), None, rejected=True, retry_after=retry_after)
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
         """Correct the offline prompt estimate from the usage that came back."""
@@ -408,11 +412,26 @@ class LeasedPacer(PacerBase):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _hold(self, until: float) -> None:
-        """Hold this worker until `until`: the turns it holds were booked before the pause."""
+    def _pause_for(
+        self,
+        now: float,
+        info: RateLimitInfo | None,
+        rejected: bool,
+        retry_after: float | None,
+    ) -> None:
+        """The pause an answer asks for (the limiter's policy hears of it with the next
+        call and pauses the cluster; this worker need not wait for that)."""
+        pauses = self._pauses
+        if info is not None:
+            pauses.observe(info, now)
+        if rejected:
+            pauses.rate_limited(retry_after, now)
+        until = pauses.paused_until
         if until > self.paused_until:
             self.paused_until = until
-            self._grants.clear()
+            # Turns booked before the pause: a local pacer books those again after it.
+            while self._grants and self._grants[0] < until:
+                self._grants.popleft()
 
     async def _grant(self, tokens: float) -> float:
         while True:
