@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pipeline.types import RateLimitInfo
@@ -238,6 +239,14 @@ class ServerWindows:
         return self.end + (math.floor((time - self.end) / SHARE_S) + 1) * SHARE_S
 
 
+def recent_rate(starts: Iterable[float], now: float) -> float | None:
+    """Starts per second over the two seconds before `now` (None: fewer than two)."""
+    recent = [t for t in starts if 0.0 <= now - t <= 2.0]
+    if len(recent) < 2:
+        return None
+    return (len(recent) - 1) / max(max(recent) - min(recent), 0.05)
+
+
 class ConcurrencyWindow:
     """How many requests may be in flight: grown as TCP grows its window, under a cap.
 
@@ -384,10 +393,7 @@ class PacingPolicy:
 
     def recent_rate(self, now: float) -> float | None:
         """Requests started per second over the two seconds before `now`."""
-        recent = [t for t in self._started if 0.0 <= now - t <= 2.0]
-        if len(recent) < 2:
-            return None
-        return (len(recent) - 1) / max(max(recent) - min(recent), 0.05)
+        return recent_rate(self._started, now)
 
     # -- what the server said -----------------------------------------------------------
 

@@ -29,7 +29,7 @@ import anyio
 from pipeline.cluster.budget import AllowanceBudget, Allowances
 from pipeline.counters import RunCounters
 from pipeline.errors import ProviderError, RateLimited
-from pipeline.pacing import PacingPolicy
+from pipeline.pacing import PacingPolicy, recent_rate
 from pipeline.ratelimit import PacerBase, Slots
 from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
@@ -318,11 +318,7 @@ class LeasedPacer(PacerBase):
 
     def recent_rate(self) -> float:
         """Requests this worker sent per second over the last two seconds."""
-        now = self._clock()
-        recent = [t for t in self._sent if now - t <= 2.0]
-        if len(recent) < 2:
-            return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 0.05)
+        return recent_rate(self._sent, self._clock()) or 0.0
 
     async def acquire(self, tokens: float) -> None:
         await self._slots.take()
