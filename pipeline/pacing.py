@@ -159,6 +159,11 @@ class Gate:
         """Whether a second's share may start at once (see the module's docstring)."""
         return self._share() is not None
 
+    @property
+    def share_units(self) -> float | None:
+        """The units a share holds, when shares are sent."""
+        return self._share()
+
     def _share(self) -> float | None:
         limit = self.known_limit
         if not self.share_s or limit is None or self.adaptive is not None:
@@ -287,6 +292,7 @@ class Turn:
 
     at: float
     booked: bool
+    count: int = 1  # requests booked at `at` (`PacingPolicy.take_turns`)
 
 
 @dataclass
@@ -298,12 +304,12 @@ class _Unpaced:
     requests: float = 0.0
     tokens: float = 0.0
 
-    def add(self, now: float, tokens: float) -> None:
+    def add(self, now: float, tokens: float, count: int = 1) -> None:
         if self.since is None:
             self.since = now
         self.last = now
-        self.requests += 1
-        self.tokens += tokens
+        self.requests += count
+        self.tokens += tokens * count
 
 
 class PacingPolicy:
@@ -358,17 +364,25 @@ class PacingPolicy:
         Unbooked when the start is more than `BOOKING_HORIZON_S` ahead and shares are
         sent: it is booked nearer the time, when the server's window edges may be known.
         """
+        return self.take_turns(now, tokens, 1)
+
+    def take_turns(self, now: float, tokens: float, most: int) -> Turn:
+        """Book up to `most` requests of `tokens` each at the start `take_turn` would give
+        the first: as many as there is room for at that start (`Turn.count`), so booking
+        them together is booking them one by one, in one step. Evenly spaced requests
+        get one each."""
         self._last_tokens = max(1.0, tokens)
         if not self.paces:
-            self._unpaced.add(now, tokens)
-            return Turn(now, booked=True)  # nothing to pace against (yet)
+            self._unpaced.add(now, tokens, most)
+            return Turn(now, booked=True, count=most)  # nothing to pace against (yet)
         start = self.next_start(now, tokens)
         if start - now > BOOKING_HORIZON_S and self.sends_shares:
-            return Turn(start - BOOKING_HORIZON_S, booked=False)
+            return Turn(start - BOOKING_HORIZON_S, booked=False, count=0)
+        count = self._room_at(start, tokens, most)
         window_end = self.server_windows.window_end(start)
-        self.requests.commit(start, 1, window_end)
-        self.tokens.commit(start, tokens, window_end)
-        return Turn(start, booked=True)
+        self.requests.commit(start, count, window_end)
+        self.tokens.commit(start, count * tokens, window_end)
+        return Turn(start, booked=True, count=count)
 
     def next_start(self, now: float, tokens: float) -> float:
         """The earliest time from `now` both gates, the pause and the window edges let a
@@ -382,9 +396,9 @@ class PacingPolicy:
                 return start
             at = start
 
-    def started(self, at: float) -> None:
-        """A request started at `at` (for the recent rate)."""
-        self._started.append(at)
+    def started(self, at: float, count: int = 1) -> None:
+        """`count` requests started at `at` (for the recent rate)."""
+        self._started.extend([at] * count)
 
     def spend_more_tokens(self, now: float, tokens: float) -> None:
         """Tokens used beyond what the turns booked: later turns wait for them."""
@@ -481,6 +495,32 @@ class PacingPolicy:
             self._rate_grown_at = now
 
     # -- internals ------------------------------------------------------------------------
+
+    def _room_at(self, start: float, tokens: float, most: int) -> int:
+        """How many of `most` requests of `tokens` may start at `start`, where `next_start`
+        found room for one: within what is left of each gate's share there."""
+        gates = (self.requests, self.tokens)
+        if most <= 1 or any(g.rate is not None and g.share_units is None for g in gates):
+            return 1  # evenly spaced: one request a start
+        for gate, each in ((self.requests, 1.0), (self.tokens, tokens)):
+            share = gate.share_units
+            if share is not None:
+                most = min(most, max(1, math.floor(share * (1 + 1e-9) / max(each, 1e-9))))
+
+        def fits(count: int) -> bool:
+            return (
+                self.requests.earliest(start, count) <= start
+                and self.tokens.earliest(start, count * tokens) <= start
+            )
+
+        low, high = 1, most  # fits(low) holds; find the largest that does
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def _clear_of_edges(self, start: float) -> float:
         return self.server_windows.clear_of_edges(start) if self.sends_shares else start

@@ -50,6 +50,30 @@ def test_a_known_limits_share_of_each_second_starts_at_once_and_is_booked_half_a
     assert turns(policy, later.at, 150) == [T0 + 1] * 150
 
 
+@pytest.mark.parametrize(
+    ("rpm", "tpm", "rejected"),
+    [(9000, None, False), (9000, 300_000, False), (6000, None, True)],
+    ids=["requests", "requests and tokens", "evenly spaced after a 429"],
+)
+def test_turns_booked_together_are_the_turns_booked_one_by_one(
+    rpm: float, tpm: float | None, rejected: bool
+) -> None:
+    one_by_one, together = (PacingPolicy(rpm, tpm, max_concurrency=64) for _ in range(2))
+    if rejected:
+        for policy in (one_by_one, together):
+            policy.rate_limited(0.5, now=T0)
+    expected = turns(one_by_one, T0, 700, tokens=30)
+    starts: list[float] = []
+    now = T0
+    while len(starts) < 700:
+        turn = together.take_turns(now, 30, min(64, 700 - len(starts)))
+        if turn.booked:
+            starts += [turn.at] * turn.count
+        else:
+            now = turn.at
+    assert starts == pytest.approx(expected, abs=1e-9)
+
+
 def test_window_edges_from_resets_move_each_share_to_the_servers_second() -> None:
     policy = PacingPolicy(6000, None, max_concurrency=500)
     # The server's window ends 0.3 s after this request was sent, to the millisecond.

@@ -156,13 +156,13 @@ class ClusterLimiter:
         most = min(wanted, window, MAX_LEASE if policy.paces else UNPACED_LEASE)
         starts: list[float] = []
         while len(starts) < most:
-            turn = policy.take_turn(now, tokens_each)
+            turn = policy.take_turns(now, tokens_each, most - len(starts))
             if not turn.booked:
                 if not starts:
                     return Lease((), tokens_each, window, policy.paused_until, turn.at)
                 break
-            policy.started(turn.at)
-            starts.append(turn.at)
+            policy.started(turn.at, turn.count)
+            starts.extend([turn.at] * turn.count)
             if turn.at > starts[0] + SLICE_S:
                 break
         return Lease(tuple(starts), tokens_each, window, policy.paused_until)
