@@ -23,7 +23,7 @@ from pipeline.pacing import (
     PacingPolicy,
 )
 from pipeline.ratelimit import Pacer, PacerBase
-from pipeline.types import ChatRequest, RateLimitInfo
+from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
 T0 = 1000.0  # the virtual clock's start
 
@@ -158,10 +158,27 @@ def leased_pacer(rpm: float) -> PacerBase:
     return LeasedPacer("w", lease, max_concurrency=1000, wall_clock=anyio.current_time)
 
 
-async def schedule(pacer: PacerBase, requests: int, rejected: int | None) -> list[float]:
+EDGE_PHASE = 0.3  # the server's one-second windows end this long after each whole second
+# of a schedule (counted from its start)
+
+
+def window_report(sent_at: float, origin: float) -> Completion:
+    """An answer reporting, to the millisecond, how long its window had left."""
+    left = (origin + EDGE_PHASE - sent_at) % 1.0 or 1.0
+    limits = RateLimitInfo(
+        limit_requests=9000, remaining_requests=0, reset_requests_s=left, reset_to_the_ms=True
+    )
+    return Completion("ok", None, None, "stop", "m", rate_limits=limits)
+
+
+async def schedule(
+    pacer: PacerBase, requests: int, rejected: int | None, windows: bool = False
+) -> list[float]:
     """The start times of `requests` asked for at once; request `rejected` gets a 429
-    (retry after 1 s) 0.2 s after it starts, every other answer comes at once."""
+    (retry after 1 s) 0.2 s after it starts; with `windows`, every other answer comes
+    0.1 s after it starts and says where the server's window ends, else at once."""
     starts: list[float | None] = [None] * requests
+    origin = anyio.current_time()
 
     async def one(index: int) -> None:
         sent_at = await pacer.take_turn(REQUEST)
@@ -169,6 +186,9 @@ async def schedule(pacer: PacerBase, requests: int, rejected: int | None) -> lis
         if index == rejected:
             await anyio.sleep(0.2)
             pacer.end_turn(REQUEST, sent_at, RateLimited("slow down", retry_after=1.0))
+        elif windows:
+            await anyio.sleep(0.1)
+            pacer.end_turn(REQUEST, sent_at, window_report(sent_at, origin))
         else:
             pacer.end_turn(REQUEST, sent_at, None)
 
@@ -197,3 +217,17 @@ def test_the_local_pacer_and_the_clusters_limiter_give_the_same_schedule(
         assert local[:150] == [T0] * 150
         assert local[150] == pytest.approx(T0 + 1.2)
         assert local[-1] - local[150] == pytest.approx(449 / (150 * HEADROOM))
+
+
+def test_the_local_pacer_and_the_clusters_limiter_place_shares_by_the_same_window_edges() -> None:
+    async def both() -> tuple[list[float], list[float]]:
+        local = await schedule(local_pacer(9000), 600, None, windows=True)
+        offset = anyio.current_time() - T0
+        leased = await schedule(leased_pacer(9000), 600, None, windows=True)
+        return local, [t - offset for t in leased]
+
+    local, leased = run_virtual(both)
+    assert leased == pytest.approx(local, abs=1e-9)
+    # After the first share (sent before any answer), each starts just after an edge.
+    later = sorted(set(local))[2:]
+    assert later and all((t - T0 - EDGE_PHASE) % 1.0 == pytest.approx(EDGE_AFTER_S) for t in later)
