@@ -86,6 +86,7 @@ class WorkerReport(RunningTotals):
 
     worker: str
     cap: int = 0  # the requests this worker may have in flight (0: not said)
+    waiting: int = 0  # its requests holding a slot and waiting for a turn (0: not said)
     answers: list[Answer] = field(default_factory=list)  # in the order they came
     token_debt: float = 0.0  # tokens spent beyond the estimates booked with the leases
     stop: str | None = None  # a job-level failure this worker hit: every worker stops
@@ -144,7 +145,9 @@ class ClusterLimiter:
     def lease(self, report: WorkerReport, tokens_each: float, wanted: int = MAX_LEASE) -> Lease:
         """Take the worker's report, then book its next few turns.
 
-        As many as its share of the window (it cannot send more at once), and none more
+        One for each of its requests waiting for a turn, as a local pacer books a turn
+        for each request that holds a slot (a turn booked for a request still without
+        one would go out late); never more than its share of the window, and none more
         than `SLICE_S` ahead of the first: the worker asks again as they run out."""
         self.report(report)
         now = self.clock()
@@ -153,7 +156,8 @@ class ClusterLimiter:
         window = self._share(report.cap)
         if self.stop_reason is not None:
             return Lease((), tokens_each, window, policy.paused_until, stop=self.stop_reason)
-        most = min(wanted, window, MAX_LEASE if policy.paces else UNPACED_LEASE)
+        most = min(wanted, report.waiting or window, window)
+        most = min(most, MAX_LEASE if policy.paces else UNPACED_LEASE)
         starts: list[float] = []
         while len(starts) < most:
             turn = policy.take_turns(now, tokens_each, most - len(starts))
@@ -281,6 +285,7 @@ class LeasedPacer(PacerBase):
         self._grants: deque[float] = deque()
         self._tokens_each = 0.0
         self._refilling: anyio.Event | None = None
+        self._waiting = 0  # requests holding a slot, waiting for a turn
         self._ask_again_at = 0.0  # the limiter booked nothing: no use asking before this
         self._debt = 0.0
         self._answers: deque[Answer] = deque(maxlen=MAX_ANSWERS)
@@ -385,6 +390,7 @@ class LeasedPacer(PacerBase):
         report = WorkerReport(
             self.worker,
             cap=self._cap,
+            waiting=self._waiting,
             answers=list(self._answers),
             token_debt=self._debt,
             stop=self.stop_reason,
@@ -430,6 +436,13 @@ class LeasedPacer(PacerBase):
                 self._grants.popleft()
 
     async def _grant(self, tokens: float) -> float:
+        self._waiting += 1
+        try:
+            return await self._next_grant(tokens)
+        finally:
+            self._waiting -= 1
+
+    async def _next_grant(self, tokens: float) -> float:
         while True:
             if self.stop_reason is not None:
                 # Another worker hit a job-level failure (or the driver was interrupted).
@@ -441,11 +454,8 @@ class LeasedPacer(PacerBase):
                 self._grants.popleft()
                 self.dropped += 1
             if self._grants:
-                start = self._grants.popleft()
                 self._debt += tokens - self._tokens_each
-                if len(self._grants) < 2 and self._refilling is None and now >= self._ask_again_at:
-                    await self._refill(tokens)  # overlaps this request's wait for its turn
-                return start
+                return self._grants.popleft()
             if self._refilling is not None:
                 await self._refilling.wait()
             elif now < self._ask_again_at:
