@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from pipeline.cluster.limiter import (
+    LEAD_S,
     Answer,
     ClusterLimiter,
     Lease,
@@ -84,7 +85,7 @@ def test_no_known_limit_hands_out_unpaced_leases_and_learns_from_headers() -> No
     limiter = ClusterLimiter(None, None, concurrency=128, clock=clock)
     lease = limiter.lease(WorkerReport("a"), 10)
     # Probing: 16 requests at once, as one process would.
-    assert lease.starts == (clock.now,) * 16
+    assert lease.starts == (clock.now + LEAD_S,) * 16
     headers = RateLimitInfo(limit_requests=600, remaining_requests=590)
     answer = Answer(clock.now, clock.now + 0.1, True, rate_limits=headers)
     clock.now += 0.1
@@ -93,6 +94,13 @@ def test_no_known_limit_hands_out_unpaced_leases_and_learns_from_headers() -> No
     assert limiter.policy.window.size == 128  # the rate paces now: the window opens
     # The 16 sent unpaced were booked against the second they went out in.
     assert learned.starts == () and learned.ask_again_at is not None
+
+
+def test_turns_start_a_lead_after_the_call_so_the_worker_has_them_in_time() -> None:
+    clock = Clock()
+    limiter = ClusterLimiter(6000, None, concurrency=8, clock=clock)
+    lease = limiter.lease(WorkerReport("a", waiting=3), 10)
+    assert lease.starts == (clock.now + LEAD_S,) * 3
 
 
 def test_a_stop_reaches_every_worker() -> None:

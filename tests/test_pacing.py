@@ -150,7 +150,9 @@ def local_pacer(rpm: float) -> PacerBase:
 
 
 def leased_pacer(rpm: float) -> PacerBase:
-    limiter = ClusterLimiter(rpm, None, concurrency=1000, clock=anyio.current_time)
+    # Without the lead a worker needs to have its turns before they start (on one clock,
+    # the calls take no time).
+    limiter = ClusterLimiter(rpm, None, concurrency=1000, clock=anyio.current_time, lead_s=0)
 
     async def lease(report: WorkerReport, tokens: float) -> Lease:
         return limiter.lease(report, tokens)

@@ -36,6 +36,10 @@ from pipeline.types import ChatRequest, Completion, RateLimitInfo
 SLICE_S = 0.2  # a lease books no further ahead than this (beyond its first turn)
 MAX_LEASE = 256  # turns per lease, whatever the rate
 UNPACED_LEASE = 64  # turns per lease when no limit is known (they all start at once)
+# Turns are booked from this far ahead of the lease call, so the worker has them before
+# they start and sends each on its own timer, as a local pacer does: sent on arrival, a
+# share's requests would start as late as the call took, by more for some than others.
+LEAD_S = 0.05
 STALE_S = 0.5  # a grant this late is dropped rather than sent in a burst with newer ones
 MAX_ANSWERS = 1024  # answers one report carries at most (the latest; a worker's ~0.2 s)
 
@@ -127,7 +131,9 @@ class ClusterLimiter:
         initial_concurrency: int | None = None,
         clock: Callable[[], float] = time.time,
         budget: Allowances | None = None,
+        lead_s: float = LEAD_S,
     ) -> None:
+        self.lead_s = lead_s
         self.policy = PacingPolicy(
             requests_per_minute,
             tokens_per_minute,
@@ -150,8 +156,8 @@ class ClusterLimiter:
         one would go out late); never more than its share of the window, and none more
         than `SLICE_S` ahead of the first: the worker asks again as they run out."""
         self.report(report)
-        now = self.clock()
         self.leases += 1
+        now = self.clock() + self.lead_s
         policy = self.policy
         window = self._share(report.cap)
         if self.stop_reason is not None:
