@@ -151,6 +151,8 @@ def kill() -> str:
         log = workdir / "out.parquet.run" / "events.jsonl"
         events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     recovered = sum(e.get("recovered", 0) for e in events if e["event"] == "shard_started")
+    ended = ("shard_finished", "shard_stopped")
+    leases = sum(e.get("leases", 0) for e in events if e["event"] in ended)
     attempts = [e for e in events if e["event"] == "attempt"]
     first = min((e["t"] for e in attempts), default=0.0)
     seconds = Counter(round(e["t"] - first) for e in attempts if e["status"] == 429)
@@ -164,7 +166,8 @@ def kill() -> str:
         f"duplicate paid {stats['duplicate_paid']} (in flight at the kill: simulator gauge "
         f"{gauge}, the worker's window {window}), distinct paid {stats['distinct_paid']}, "
         f"rows correct {correct}, wrong {wrong}, missing {missing}, each row exactly once: "
-        f"{once}; 429s by second of the run: {rejected}"
+        f"{once}; 429s by second of the run: {rejected}; lease calls of the workers that "
+        f"finished {leases}"
     )
 
 
