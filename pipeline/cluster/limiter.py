@@ -41,7 +41,7 @@ UNPACED_LEASE = 64  # turns per lease when no limit is known (they all start at 
 # share's requests would start as late as the call took, by more for some than others.
 LEAD_S = 0.05
 STALE_S = 0.5  # a grant this late is dropped rather than sent in a burst with newer ones
-MAX_ANSWERS = 1024  # answers one report carries at most (the latest; a worker's ~0.2 s)
+MAX_ANSWERS = 1024  # answers one report carries at most (the latest)
 
 
 @dataclass(kw_only=True)
@@ -260,7 +260,7 @@ class LeasedPacer(PacerBase):
     Requests in flight stay within this worker's share of the cluster's window. What
     the answers say goes to the limiter with the next call; a pause they ask for (a 429,
     or headers saying the budget is spent) also holds this worker at once, and voids the
-    turns it holds, as a pause holds the turns a local pacer has booked.
+    turns it holds that start within the pause, as a local pacer books those again.
     """
 
     def __init__(
