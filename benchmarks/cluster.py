@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cluster.py efficiency   # 20,000 rows, 4 workers, 6,000 RPM
     .venv/bin/python benchmarks/cluster.py leases       # lease calls a second the actor serves
-    .venv/bin/python benchmarks/cluster.py kill         # SIGKILL a worker: what is paid twice
+    .venv/bin/python benchmarks/cluster.py kill         # 12,000 rows at 9,000 RPM, a worker killed
 
 `efficiency` runs the real CLI (`pipeline run --ray --ray-workers 4`) on a local Ray
 cluster against the simulator in another process, enforcing 6,000 RPM per second
@@ -10,8 +10,10 @@ cluster against the simulator in another process, enforcing 6,000 RPM per second
 request to the last answer against the limit, the 429s, and whether every row carries
 its own answer. `leases` starts the limiter actor and calls `lease` from several
 client processes as fast as they can, for the actor's calls a second. `kill` runs
-the same job on KILL_ROWS rows, SIGKILLs one worker once its journal holds answers it
-has not committed yet, and reports what was paid twice against what was in flight.
+KILL_ROWS rows against a server enforcing KILL_RPM per second, SIGKILLs one worker
+once its journal holds answers it has not committed yet, and reports the same rate
+and 429 figures, whether every row is there exactly once, and what was paid twice
+against what was in flight at the kill.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,21 +35,22 @@ from million import write_job
 from run import check_rows, make_input, run_client, sim_stats, start_simulator
 
 ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
-KILL_ROWS = int(os.environ.get("BENCH_KILL_ROWS", "5000"))
+KILL_ROWS = int(os.environ.get("BENCH_KILL_ROWS", "12000"))
+KILL_RPM = 9000
 KILL_AT_JOURNALED = 20  # answers landed but not committed when the worker is killed
 WORKERS = 4
 RPM = 6000
 
 
 @contextmanager
-def cluster_job(name: str, rows: int) -> Iterator[tuple[Path, Any, str, Path]]:
-    """A workdir with `rows` of input, a simulator enforcing RPM per second, and the job:
-    (workdir, input frame, simulator URL, job file)."""
+def cluster_job(name: str, rows: int, rpm: int = RPM) -> Iterator[tuple[Path, Any, str, Path]]:
+    """A workdir with `rows` of input, a simulator enforcing `rpm` per second, and the
+    job: (workdir, input frame, simulator URL, job file)."""
     with tempfile.TemporaryDirectory(prefix=f"pipeline-{name}-") as tmp:
         workdir = Path(tmp)
         frame = make_input(rows, workdir / "input.parquet")
         simulator, url = start_simulator(
-            {"latency_ms": [50, 150], "rpm": RPM, "limit_window": "second"}, workdir
+            {"latency_ms": [50, 150], "rpm": rpm, "limit_window": "second"}, workdir
         )
         try:
             job = write_job(
@@ -55,7 +59,7 @@ def cluster_job(name: str, rows: int) -> Iterator[tuple[Path, Any, str, Path]]:
                 name=name,
                 output="out.parquet",
                 max_tokens=200,
-                limits={"requests_per_minute": RPM, "concurrency": 64},
+                limits={"requests_per_minute": rpm, "concurrency": 64},
             )
             yield workdir, frame, url, job
         finally:
@@ -74,17 +78,24 @@ def efficiency() -> str:
         )
         stats = sim_stats(url)
         correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
-    span = stats["last_request_at"] - stats["first_request_at"]
-    achieved = (stats["requests"] - 1) / span if span > 0 else 0.0
-    allowed = RPM / 60
     return (
         f"{ROWS} rows, {WORKERS} workers, {RPM} RPM enforced per second: exit {code}, "
         f"wall {wall:.1f}s (driver CPU {cpu:.1f}s, peak RSS {rss:.0f} MB), "
-        f"first to last request {span:.1f}s = {achieved:.1f} req/s = "
-        f"{achieved / allowed:.3f} of the limit, "
-        f"429s {stats['rate_limited']} ({100 * stats['rate_limited'] / stats['requests']:.2f}% "
-        f"of {stats['requests']}), duplicate paid {stats['duplicate_paid']}, "
+        f"{_server_saw(stats, RPM)}, duplicate paid {stats['duplicate_paid']}, "
         f"rows correct {correct}, wrong {wrong}, missing {missing}"
+    )
+
+
+def _server_saw(stats: dict[str, Any], rpm: int) -> str:
+    """The rate the server saw from the first request to the last against its limit,
+    and the 429s."""
+    span = stats["last_request_at"] - stats["first_request_at"]
+    achieved = (stats["requests"] - 1) / span if span > 0 else 0.0
+    rejected = stats["rate_limited"]
+    return (
+        f"first to last request {span:.1f}s = {achieved:.1f} req/s = "
+        f"{achieved / (rpm / 60):.3f} of the limit, 429s {rejected} "
+        f"({100 * rejected / stats['requests']:.2f}% of {stats['requests']})"
     )
 
 
@@ -122,7 +133,7 @@ def leases(callers: int = 4, seconds: float = 10.0) -> str:
 
 def kill() -> str:
     command = [sys.executable, "-m", "pipeline", "run", "--quiet", "--ray"]
-    with cluster_job("cluster-kill", KILL_ROWS) as (workdir, frame, url, job):
+    with cluster_job("cluster-kill", KILL_ROWS, KILL_RPM) as (workdir, frame, url, job):
         driver = subprocess.Popen(
             [*command, "--ray-workers", str(WORKERS), str(job)],
             cwd=workdir,
@@ -136,19 +147,38 @@ def kill() -> str:
         _, stderr = driver.communicate(timeout=1800)
         stats = sim_stats(url)
         correct, wrong, missing = check_rows(frame, workdir / "out.parquet")
+        once = _exactly_once(frame, workdir / "out.parquet")
         log = workdir / "out.parquet.run" / "events.jsonl"
         events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     recovered = sum(e.get("recovered", 0) for e in events if e["event"] == "shard_started")
+    ended = ("shard_finished", "shard_stopped")
+    leases = sum(e.get("leases", 0) for e in events if e["event"] in ended)
+    attempts = [e for e in events if e["event"] == "attempt"]
+    first = min((e["t"] for e in attempts), default=0.0)
+    seconds = Counter(round(e["t"] - first) for e in attempts if e["status"] == 429)
+    rejected = ", ".join(f"{n} at {s}s" for s, n in sorted(seconds.items())) or "none"
     window = 64 // WORKERS
     failure = "" if driver.returncode == 0 else f" ({stderr[-300:]})"
     return (
-        f"{KILL_ROWS} rows, {WORKERS} workers, one SIGKILLed with {journaled} answers in its "
-        f"journal: exit {driver.returncode}{failure}, "
-        f"journaled answers recovered {recovered}, duplicate paid {stats['duplicate_paid']} "
-        f"(in flight at the kill: simulator gauge {gauge}, the worker's window {window}), "
-        f"distinct paid {stats['distinct_paid']}, rows correct {correct}, wrong {wrong}, "
-        f"missing {missing}"
+        f"{KILL_ROWS} rows, {WORKERS} workers, {KILL_RPM} RPM enforced per second, one "
+        f"SIGKILLed with {journaled} answers in its journal: exit {driver.returncode}{failure}, "
+        f"{_server_saw(stats, KILL_RPM)}, journaled answers recovered {recovered}, "
+        f"duplicate paid {stats['duplicate_paid']} (in flight at the kill: simulator gauge "
+        f"{gauge}, the worker's window {window}), distinct paid {stats['distinct_paid']}, "
+        f"rows correct {correct}, wrong {wrong}, missing {missing}, each row exactly once: "
+        f"{once}; 429s by second of the run: {rejected}; lease calls of the workers that "
+        f"finished {leases}"
     )
+
+
+def _exactly_once(frame: Any, output: Path) -> bool:
+    """Whether the output holds every input row once and no other."""
+    import polars as pl
+
+    if not output.exists():
+        return False
+    ids = pl.read_parquet(output, columns=["id"])["id"]
+    return ids.len() == frame.height and ids.n_unique() == frame.height
 
 
 def _victim(state: Path, driver: subprocess.Popen[str]) -> tuple[int, int]:

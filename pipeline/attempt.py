@@ -31,7 +31,7 @@ from pipeline.errors import (
     RateLimited,
 )
 from pipeline.providers.base import Provider
-from pipeline.ratelimit import Pacer
+from pipeline.ratelimit import Turns
 from pipeline.runlog import RunLog
 from pipeline.types import ChatRequest, Completion
 
@@ -60,7 +60,7 @@ class Attempts:
     """What every attempt of a run shares."""
 
     provider: Provider
-    pacer: Pacer
+    pacer: Turns
     rules: Rules
     budget: SpendingLimit
     log: RunLog

@@ -41,7 +41,7 @@ from pipeline.errors import JobFatalError, JobStopped
 from pipeline.holdback import HeldFailures
 from pipeline.progress import log_interval
 from pipeline.providers.base import Provider
-from pipeline.ratelimit import Pacer
+from pipeline.ratelimit import Turns
 from pipeline.retry import RetryPolicy
 from pipeline.runlog import RunLog
 from pipeline.structured import OutputSchema
@@ -135,7 +135,7 @@ class Scheduler:
     def __init__(
         self,
         provider: Provider,
-        pacer: Pacer,
+        pacer: Turns,
         policy: RetryPolicy,
         price: Price | None,
         *,

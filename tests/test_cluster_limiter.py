@@ -6,15 +6,15 @@ import anyio
 import pytest
 
 from pipeline.cluster.limiter import (
-    MAX_LEASE,
-    SLICE_S,
-    UNPACED_LEASE,
+    LEAD_S,
+    Answer,
     ClusterLimiter,
     Lease,
     LeasedPacer,
     WorkerReport,
 )
 from pipeline.cluster.shards import Shard, plan_shards
+from pipeline.types import RateLimitInfo
 
 
 class Clock:
@@ -25,61 +25,89 @@ class Clock:
         return self.now
 
 
-def test_leases_from_many_workers_never_exceed_the_rate() -> None:
+def lease_until(limiter: ClusterLimiter, clock: Clock, worker: str, tokens: float) -> Lease:
+    """A lease with turns in it, the clock moved on as a worker waits to ask again."""
+    while True:
+        lease = limiter.lease(WorkerReport(worker, cap=16), tokens)
+        if lease.starts or lease.ask_again_at is None:
+            return lease
+        clock.now = lease.ask_again_at
+
+
+def test_leases_from_many_workers_never_exceed_the_limit_in_any_second() -> None:
     clock = Clock()
     limiter = ClusterLimiter(6000, None, concurrency=64, clock=clock)
     grants: list[float] = []
-    for round_ in range(50):
+    while clock.now < 1010:
         for worker in ("a", "b", "c", "d"):
-            grants += limiter.lease(WorkerReport(worker), tokens_each=100).grants()
-        clock.now += 0.05 * (round_ % 3)
+            lease = lease_until(limiter, clock, worker, 100)
+            # At most what the worker may have in flight (its share of the window) at
+            # a time: a few calls a second, not one a request.
+            assert 0 < len(lease.starts) <= 16
+            grants += lease.grants()
     grants.sort()
-    # Any one-second window holds at most 99% of the 100 a second allowed (+1 for the edge).
+    # Any one-second window holds at most the 100 a second allowed, and each of the
+    # limiter's seconds is given all of them, each second's share at its start.
     for i, start in enumerate(grants):
-        in_window = sum(1 for t in grants[i:] if t < start + 1.0)
-        assert in_window <= 100 * 0.99 + 1
-    # Each lease covers about SLICE_S of the schedule: a few calls a second, not one a request.
-    assert limiter.leases == 200
-    assert len(grants) == 200 * int(SLICE_S * 99)
+        assert sum(1 for t in grants[i:] if t < start + 1.0) <= 100
+    for second in range(1000, 1010):
+        assert sum(1 for t in grants if second <= t < second + 1) == 100
 
 
-def test_token_limit_spaces_leases_by_each_requests_tokens() -> None:
+def test_a_lease_holds_no_more_turns_than_the_workers_share_of_the_window() -> None:
     clock = Clock()
-    limiter = ClusterLimiter(None, 60_000, concurrency=8, clock=clock)  # 1,000 tokens a second
-    lease = limiter.lease(WorkerReport("a"), tokens_each=500)
-    assert lease.spacing_s == pytest.approx(500 / (1000 * 0.99))
+    limiter = ClusterLimiter(None, 600_000, concurrency=8, clock=clock)  # 100 requests a second
+    assert len(limiter.lease(WorkerReport("a"), tokens_each=100).starts) == 8
+    limiter.lease(WorkerReport("b"), tokens_each=100)
+    assert len(limiter.lease(WorkerReport("a"), tokens_each=100).starts) == 4
 
 
-def test_a_429_pauses_every_worker_and_shrinks_the_window() -> None:
+def test_a_429_pauses_every_worker_turns_to_even_spacing_and_shrinks_the_window() -> None:
     clock = Clock()
     limiter = ClusterLimiter(6000, None, concurrency=40, clock=clock)
     limiter.lease(WorkerReport("a"), 10)
     limiter.lease(WorkerReport("b"), 10)
-    lease = limiter.lease(
-        WorkerReport("a", rate_limited_s=2.0, rate_limited_at=clock.now), tokens_each=10
-    )
+    rejected = Answer(clock.now - 0.1, clock.now, False, rate_limited=True, retry_after=2.0)
+    lease = limiter.lease(WorkerReport("a", answers=[rejected]), tokens_each=10)
     assert lease.paused_until == pytest.approx(clock.now + 2.0)
+    assert lease.starts[0] >= clock.now + 2.0
     other = limiter.lease(WorkerReport("b"), 10)
-    assert other.start_at >= clock.now + 2.0
-    assert limiter.window.size == 28  # 40 * 0.7
+    assert other.starts[0] >= clock.now + 2.0
+    assert limiter.policy.window.size == 28  # 40 * 0.7
     assert other.window == 14  # shared by the two active workers
+    # Evenly spaced from now on, 1% under the limit.
+    gaps = {round(b - a, 6) for a, b in zip(other.starts, other.starts[1:], strict=False)}
+    assert gaps == {round(1 / 99, 6)}
 
 
 def test_no_known_limit_hands_out_unpaced_leases_and_learns_from_headers() -> None:
     clock = Clock()
-    limiter = ClusterLimiter(None, None, concurrency=16, clock=clock)
+    limiter = ClusterLimiter(None, None, concurrency=128, clock=clock)
     lease = limiter.lease(WorkerReport("a"), 10)
-    assert lease.spacing_s == 0 and lease.count == UNPACED_LEASE
-    learned = limiter.lease(WorkerReport("a", limit_requests=600), 10)
-    assert learned.spacing_s == pytest.approx(1 / (10 * 0.99))
-    assert learned.count <= MAX_LEASE
+    # Probing: 16 requests at once, as one process would.
+    assert lease.starts == (clock.now + LEAD_S,) * 16
+    headers = RateLimitInfo(limit_requests=600, remaining_requests=590)
+    answer = Answer(clock.now, clock.now + 0.1, True, rate_limits=headers)
+    clock.now += 0.1
+    learned = limiter.lease(WorkerReport("a", answers=[answer]), 10)
+    assert limiter.policy.requests.learned == 10
+    assert limiter.policy.window.size == 128  # the rate paces now: the window opens
+    # The 16 sent unpaced were booked against the second they went out in.
+    assert learned.starts == () and learned.ask_again_at is not None
+
+
+def test_turns_start_a_lead_after_the_call_so_the_worker_has_them_in_time() -> None:
+    clock = Clock()
+    limiter = ClusterLimiter(6000, None, concurrency=8, clock=clock)
+    lease = limiter.lease(WorkerReport("a", waiting=3), 10)
+    assert lease.starts == (clock.now + LEAD_S,) * 3
 
 
 def test_a_stop_reaches_every_worker() -> None:
     limiter = ClusterLimiter(600, None, concurrency=4, clock=Clock())
     limiter.lease(WorkerReport("a", stop="authentication: key rejected"), 10)
     lease = limiter.lease(WorkerReport("b"), 10)
-    assert lease.stop == "authentication: key rejected" and lease.count == 0
+    assert lease.stop == "authentication: key rejected" and lease.starts == ()
 
 
 def test_leased_pacer_sends_on_its_grants_and_asks_again_when_they_run_out() -> None:

@@ -18,7 +18,8 @@ import anyio
 import pytest
 from virtual_clock import run_virtual
 
-from pipeline.ratelimit import BACKOFF_FACTOR, EDGE_AFTER_S, HEADROOM, Pacer, ServerWindows
+from pipeline.pacing import BACKOFF_FACTOR, EDGE_AFTER_S, HEADROOM, ServerWindows
+from pipeline.ratelimit import Pacer
 from pipeline.types import RateLimitInfo
 
 T = TypeVar("T")
@@ -631,7 +632,7 @@ def test_a_buckets_time_until_full_places_no_edge() -> None:
 def test_a_reset_given_as_a_time_of_day_places_no_edge() -> None:
     """Anthropic's resets are times of day to the second: read against the answer's
     arrival, they say nothing of where a window ends."""
-    pacer = Pacer(6000, None, max_concurrency=10)
+    pacer = Pacer(6000, None, max_concurrency=10, clock=lambda: 5.3)
     info = RateLimitInfo(
         limit_requests=6000, remaining_requests=10, reset_requests_s=0.4, reset_to_the_ms=False
     )

@@ -1,15 +1,16 @@
-"""One rate limit for a whole cluster: a schedule owner and the pacer workers lease from.
+"""One rate limit for a whole cluster: the policy's owner, and the pacer workers lease from.
 
-`ClusterLimiter` runs as a single Ray actor. It owns the requests and tokens schedule
-(the same generic cell rate algorithm and `Gate`s as one process, so requests are
-evenly spaced across the cluster with no burst), the cluster-wide concurrency window,
-the 429 pause and the limits the headers announce. Workers do not ask per request:
-`LeasedPacer` leases a slice of start times (about `SLICE_S` of the cluster's rate)
-and hands them to its requests one by one, so the actor sees tens of calls a second
-however fast the cluster sends. With each lease a worker reports what happened since
-the last one: tokens used beyond what was booked, 429s and how long the server asked
-to wait, limits learned from headers, and its running totals for the driver's
-progress display.
+`ClusterLimiter` runs as a single Ray actor. It owns the cluster's one `PacingPolicy`
+(`pacing.py`), the same policy one process's `Pacer` owns: the same shares of each
+second, the server's window edges, the fall back to even spacing on a 429, the pause,
+the back-off and the growth of the concurrency window. Workers do not ask per request:
+`LeasedPacer` leases a few turns the policy booked (at most its share of the window,
+and no more than `SLICE_S` ahead) and hands them to its requests one by one, so the
+actor sees tens of calls a second however fast the cluster sends. With each lease a
+worker hands over what its answers said since the last one (`Answer`s: successes,
+rate-limit headers, 429s), which the policy learns from exactly as a local pacer does
+from its own, plus tokens used beyond what was booked and its running totals for the
+driver's progress display.
 
 Times crossing processes are wall-clock (`time.time()`): monotonic clocks are not
 comparable across machines, and cluster nodes keep their clocks in sync.
@@ -21,20 +22,26 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
 from pipeline.cluster.budget import AllowanceBudget, Allowances
 from pipeline.counters import RunCounters
-from pipeline.ratelimit import BACKOFF_FACTOR, Gate, Pacer, Turns
-from pipeline.types import ChatRequest, RateLimitInfo
+from pipeline.errors import ProviderError, RateLimited
+from pipeline.pacing import PacingPolicy, recent_rate
+from pipeline.ratelimit import PacerBase, Slots
+from pipeline.types import ChatRequest, Completion, RateLimitInfo
 
-SLICE_S = 0.2  # a lease covers this much of the cluster's schedule
-MAX_LEASE = 256  # grants per lease, whatever the rate
-UNPACED_LEASE = 64  # grants per lease when no limit is known (they all start at once)
+SLICE_S = 0.2  # a lease books no further ahead than this (beyond its first turn)
+MAX_LEASE = 256  # turns per lease, whatever the rate
+UNPACED_LEASE = 64  # turns per lease when no limit is known (they all start at once)
+# Turns are booked from this far ahead of the lease call, so the worker has them before
+# they start and sends each on its own timer, as a local pacer does: sent on arrival, a
+# share's requests would start as late as the call took, by more for some than others.
+LEAD_S = 0.05
 STALE_S = 0.5  # a grant this late is dropped rather than sent in a burst with newer ones
-RECOVERY_PER_S = 0.02
+MAX_ANSWERS = 1024  # answers one report carries at most (the latest)
 
 
 @dataclass(kw_only=True)
@@ -65,17 +72,27 @@ class RunningTotals:
         self.in_flight += other.in_flight
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one answer tells the pacing policy (times on the wall clock)."""
+
+    sent_at: float
+    answered_at: float
+    succeeded: bool
+    rate_limits: RateLimitInfo | None = None
+    rate_limited: bool = False  # a 429
+    retry_after: float | None = None
+
+
 @dataclass
 class WorkerReport(RunningTotals):
-    """What one worker says with each call: deltas since its last call, and running totals."""
+    """What one worker says with each call: news since its last call, and running totals."""
 
     worker: str
+    cap: int = 0  # the requests this worker may have in flight (0: not said)
+    waiting: int = 0  # its requests holding a slot and waiting for a turn (0: not said)
+    answers: list[Answer] = field(default_factory=list)  # in the order they came
     token_debt: float = 0.0  # tokens spent beyond the estimates booked with the leases
-    rate_limited_s: float | None = None  # the longest pause a 429 asked for since the last call
-    rate_limited_at: float | None = None  # when the oldest of those requests was sent
-    pause_s: float | None = None  # headers said the budget is nearly spent: hold this long
-    limit_requests: float | None = None  # per minute, from headers
-    limit_tokens: float | None = None
     stop: str | None = None  # a job-level failure this worker hit: every worker stops
     spent_usd: float = 0.0  # what the worker's budget counted (for a finished worker's hold)
     spent_tokens: float = 0.0
@@ -84,16 +101,15 @@ class WorkerReport(RunningTotals):
 
 @dataclass(frozen=True)
 class Lease:
-    start_at: float  # wall clock
-    spacing_s: float
-    count: int
+    starts: tuple[float, ...]  # wall clock, in order
     tokens_each: float
     window: int  # this worker's share of the cluster's concurrency window
     paused_until: float = 0.0
+    ask_again_at: float | None = None  # no turn could be booked yet: ask again then
     stop: str | None = None
 
     def grants(self) -> list[float]:
-        return [self.start_at + i * self.spacing_s for i in range(self.count)]
+        return list(self.starts)
 
 
 @dataclass
@@ -103,17 +119,8 @@ class ClusterProgress(RunningTotals):
     stop: str | None = None
 
 
-@dataclass
-class _Window:
-    """The cluster's concurrency window: shrinks on 429s, grows back a step a second."""
-
-    cap: int
-    size: int
-    grown_at: float = 0.0
-
-
 class ClusterLimiter:
-    """The cluster's one schedule. Plain Python: Ray wraps it as an actor."""
+    """The cluster's one pacing policy. Plain Python: Ray wraps it as an actor."""
 
     def __init__(
         self,
@@ -124,39 +131,51 @@ class ClusterLimiter:
         initial_concurrency: int | None = None,
         clock: Callable[[], float] = time.time,
         budget: Allowances | None = None,
+        lead_s: float = LEAD_S,
     ) -> None:
-        self.requests = Gate(requests_per_minute)
-        self.tokens = Gate(tokens_per_minute)
+        self.lead_s = lead_s
+        self.policy = PacingPolicy(
+            requests_per_minute,
+            tokens_per_minute,
+            max_concurrency=concurrency,
+            initial_concurrency=initial_concurrency,
+        )
         self.clock = clock
-        self.window = _Window(concurrency, initial_concurrency or concurrency)
-        self.paused_until = 0.0
-        self.backed_off_at = -math.inf
         self.stop_reason: str | None = None
         self.reports: dict[str, WorkerReport] = {}
         self.leases = 0
-        self._granted: deque[tuple[float, int]] = deque(maxlen=4096)
         self.budget = budget or Allowances(None, None)
 
     # -- the one call workers make --------------------------------------------------------
 
     def lease(self, report: WorkerReport, tokens_each: float, wanted: int = MAX_LEASE) -> Lease:
-        """Take the worker's report, then book its next slice of start times."""
+        """Take the worker's report, then book its next few turns.
+
+        One for each of its requests waiting for a turn, as a local pacer books a turn
+        for each request that holds a slot (a turn booked for a request still without
+        one would go out late); never more than its share of the window, and none more
+        than `SLICE_S` ahead of the first: the worker asks again as they run out."""
         self.report(report)
-        now = self.clock()
         self.leases += 1
-        window = self._share()
+        now = self.clock() + self.lead_s
+        policy = self.policy
+        window = self._share(report.cap)
         if self.stop_reason is not None:
-            return Lease(now, 0.0, 0, tokens_each, window, self.paused_until, self.stop_reason)
-        spacing = self._spacing(tokens_each)
-        start = max(now, self.paused_until, self.requests.next_free, self.tokens.next_free)
-        if spacing == 0.0:
-            count = min(wanted, UNPACED_LEASE)
-        else:
-            count = max(1, min(wanted, MAX_LEASE, math.floor(SLICE_S / spacing)))
-        self.requests.commit(start, count)
-        self.tokens.commit(start, count * tokens_each)
-        self._granted.append((start, count))
-        return Lease(start, spacing, count, tokens_each, window, self.paused_until)
+            return Lease((), tokens_each, window, policy.paused_until, stop=self.stop_reason)
+        most = min(wanted, report.waiting or window, window)
+        most = min(most, MAX_LEASE if policy.paces else UNPACED_LEASE)
+        starts: list[float] = []
+        while len(starts) < most:
+            turn = policy.take_turns(now, tokens_each, most - len(starts))
+            if not turn.booked:
+                if not starts:
+                    return Lease((), tokens_each, window, policy.paused_until, turn.at)
+                break
+            policy.started(turn.at, turn.count)
+            starts.extend([turn.at] * turn.count)
+            if turn.at > starts[0] + SLICE_S:
+                break
+        return Lease(tuple(starts), tokens_each, window, policy.paused_until)
 
     def allow(
         self, report: WorkerReport, needed: tuple[float, float], wanted: tuple[float, float]
@@ -169,23 +188,22 @@ class ClusterLimiter:
 
     def report(self, report: WorkerReport) -> None:
         """A worker's news, without a lease (progress, or a worker that has finished)."""
-        now = self.clock()
+        policy = self.policy
         self.reports[report.worker] = report
         if report.done:
             self.budget.finish(report.worker, report.spent_usd, report.spent_tokens)
-        if report.token_debt and self.tokens.rate:
-            self.tokens.commit(now, report.token_debt)
-        if report.limit_requests:
-            self.requests.learned = report.limit_requests / 60.0
-        if report.limit_tokens:
-            self.tokens.learned = report.limit_tokens / 60.0
-        if report.pause_s:
-            self._pause(now + report.pause_s)
-        if report.rate_limited_s is not None:
-            self._rate_limited(now, report.rate_limited_s, report.rate_limited_at)
+        policy.spend_more_tokens(self.clock(), report.token_debt)
+        for answer in report.answers:
+            # In the order a local pacer learns from one answer (`PacerBase.end_turn`).
+            if answer.succeeded:
+                policy.succeeded(answer.answered_at)
+            if answer.rate_limits is not None:
+                policy.observe(answer.rate_limits, answer.answered_at, answer.sent_at)
+            if answer.rate_limited:
+                policy.rate_limited(answer.retry_after, answer.answered_at, answer.sent_at)
+        report.answers = []  # learned from: the kept report is for the totals
         if report.stop and self.stop_reason is None:
             self.stop_reason = report.stop
-        self._grow(now)
 
     def stop(self, reason: str) -> None:
         """Stop the whole cluster taking new rows (a job-level failure, or the driver's ^C)."""
@@ -199,65 +217,25 @@ class ClusterLimiter:
             total.add(report)
             if report.done:
                 total.in_flight -= report.in_flight  # a finished worker has none left
-        total.requests_per_s = self._recent_rate(self.clock()) or 0.0
+        total.requests_per_s = self.policy.recent_rate(self.clock()) or 0.0
         return total
 
     def state(self) -> dict[str, float | int | None]:
+        policy = self.policy
         return {
-            "requests_per_s": self.requests.rate,
-            "tokens_per_s": self.tokens.rate,
-            "window": self.window.size,
-            "paused_until": self.paused_until,
+            "requests_per_s": policy.requests.rate,
+            "tokens_per_s": policy.tokens.rate,
+            "window": policy.window.size,
+            "paused_until": policy.paused_until,
         }
 
     # -- internals ------------------------------------------------------------------------
 
-    def _spacing(self, tokens_each: float) -> float:
-        spacing = 0.0
-        if self.requests.rate:
-            spacing = 1.0 / self.requests.rate
-        if self.tokens.rate and tokens_each > 0:
-            spacing = max(spacing, tokens_each / self.tokens.rate)
-        return spacing
-
-    def _share(self) -> int:
+    def _share(self, cap: int) -> int:
+        """A worker's share of the window: no more than it may have in flight."""
         active = sum(1 for r in self.reports.values() if not r.done) or 1
-        return max(1, math.ceil(self.window.size / active))
-
-    def _pause(self, until: float) -> None:
-        self.paused_until = max(self.paused_until, until)
-        # Nothing booked from now on starts before the pause ends.
-        self.requests.commit(self.paused_until, 0)
-        self.tokens.commit(self.paused_until, 0)
-
-    def _rate_limited(self, now: float, retry_after_s: float, sent_at: float | None) -> None:
-        self._pause(now + retry_after_s)
-        if sent_at is not None and sent_at < self.backed_off_at:
-            return  # part of the overload already answered: extend the pause only
-        self.backed_off_at = now
-        self.window.size = max(1, math.floor(self.window.size * BACKOFF_FACTOR))
-        self.window.grown_at = now
-        if self.requests.declared is None and self.requests.learned is None:
-            current = self.requests.adaptive or self._recent_rate(now)
-            if current:
-                self.requests.adaptive = max(0.1, current * BACKOFF_FACTOR)
-
-    def _grow(self, now: float) -> None:
-        since = now - max(self.window.grown_at, self.paused_until)
-        if since < 1.0:
-            return
-        if self.window.size < self.window.cap:
-            self.window.size += max(1, self.window.cap // 64)
-            self.window.size = min(self.window.size, self.window.cap)
-        if self.requests.adaptive is not None:
-            self.requests.adaptive *= 1 + RECOVERY_PER_S * min(since, 3.0)
-        self.window.grown_at = now
-
-    def _recent_rate(self, now: float) -> float | None:
-        recent = [(t, n) for t, n in self._granted if now - 2.0 <= t <= now]
-        if not recent:
-            return None
-        return sum(n for _, n in recent) / 2.0
+        share = max(1, math.ceil(self.policy.window.size / active))
+        return min(share, cap) if cap else share
 
 
 LeaseCall = Callable[[WorkerReport, float], Awaitable[Lease]]
@@ -276,12 +254,13 @@ class _Totals:
     rate_limited: int = 0
 
 
-class LeasedPacer(Turns):
-    """A worker's pacer: the scheduler's `Pacer` interface, paced by leases.
+class LeasedPacer(PacerBase):
+    """A worker's pacer: the attempt's `Turns`, with turns leased from the cluster's policy.
 
-    A local `Pacer` without rates keeps this worker's requests in flight within its
-    share of the cluster's window and holds them during a pause this worker saw
-    first; the start times come from the cluster's schedule.
+    Requests in flight stay within this worker's share of the cluster's window. What
+    the answers say goes to the limiter with the next call; a pause they ask for (a 429,
+    or headers saying the budget is spent) also holds this worker at once, and voids the
+    turns it holds that start within the pause, as a local pacer books those again.
     """
 
     def __init__(
@@ -293,8 +272,10 @@ class LeasedPacer(Turns):
         on_stop: Callable[[], None] | None = None,
         budget: AllowanceBudget | None = None,
         allow: AllowCall | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.worker = worker
+        self._wall = wall_clock  # the limiter's clock: every time crossing to it
         self.budget = budget
         self._allow = allow
         self._topping_up = anyio.Lock()
@@ -302,20 +283,19 @@ class LeasedPacer(Turns):
         self._lease = lease
         self.prompt_scale = 1.0
         self._on_stop = on_stop
-        self.local = Pacer(
-            None,
-            None,
-            max_concurrency=max_concurrency,
-            initial_concurrency=min(max_concurrency, 16),
-        )
+        self._cap = max_concurrency
+        self._window = max_concurrency  # this worker's share, as the last lease said
+        self._slots = Slots(lambda: min(self._cap, self._window))
+        # Only for the pauses the answers ask for: the limits are the cluster's to learn.
+        self._pauses = PacingPolicy(None, None, max_concurrency=max_concurrency)
         self._grants: deque[float] = deque()
         self._tokens_each = 0.0
         self._refilling: anyio.Event | None = None
+        self._waiting = 0  # requests holding a slot, waiting for a turn
+        self._ask_again_at = 0.0  # the limiter booked nothing: no use asking before this
         self._debt = 0.0
-        self._rate_limited_s: float | None = None
-        self._rate_limited_at: float | None = None
-        self._pause_s: float | None = None
-        self._limits: tuple[float | None, float | None] = (None, None)
+        self._answers: deque[Answer] = deque(maxlen=MAX_ANSWERS)
+        self._sent: deque[float] = deque(maxlen=4096)  # only for the recent rate
         self.paused_until = 0.0
         self.stop_reason: str | None = None
         self.totals = _Totals()
@@ -340,56 +320,73 @@ class LeasedPacer(Turns):
         return started
 
     @property
+    def max_concurrency(self) -> int:
+        return self._cap
+
+    @property
     def in_flight(self) -> int:
-        return self.local.in_flight
+        return self._slots.in_flight
 
     def recent_rate(self) -> float:
-        return self.local.recent_rate()
+        """Requests this worker sent per second over the last two seconds."""
+        return recent_rate(self._sent, self._clock()) or 0.0
 
     async def acquire(self, tokens: float) -> None:
-        await self.local.acquire(tokens)
+        await self._slots.take()
         try:
             start = await self._grant(tokens)
             while True:
-                wait = max(start, self.paused_until) - time.time()
+                wait = max(start, self.paused_until) - self._wall()
                 if wait <= 0:
                     break
                 await anyio.sleep(wait)
                 start = 0.0  # a pause learned meanwhile is waited out too
         except BaseException:
-            self.local.release(succeeded=False)
+            self._slots.give()
             raise
+        self._sent.append(self._clock())
 
     def release(self, *, succeeded: bool) -> None:
-        self.local.release(succeeded=succeeded)
+        self._slots.give()
+
+    def end_turn(
+        self,
+        request: ChatRequest,
+        sent_at: float,
+        answer: Completion | ProviderError | None,
+    ) -> None:
+        """Give the slot back, keep what the answer says for the limiter, and hold this
+        worker at once for a pause it asks for (one reading of the clock for both)."""
+        self._slots.give()
+        if answer is None:
+            return
+        now = self._wall()
+        rejected = isinstance(answer, RateLimited)
+        retry_after = answer.retry_after if isinstance(answer, RateLimited) else None
+        self._answers.append(
+            Answer(
+                sent_at=now - (self._clock() - sent_at),
+                answered_at=now,
+                succeeded=isinstance(answer, Completion),
+                rate_limits=answer.rate_limits,
+                rate_limited=rejected,
+                retry_after=retry_after,
+            )
+        )
+        if isinstance(answer, Completion) and answer.usage is not None:
+            self.learn_prompt_scale(request.prompt_estimate, answer.usage.prompt_tokens)
+        self._pause_for(now, answer.rate_limits, rejected, retry_after)
 
     def observe(self, info: RateLimitInfo | None, sent_at: float | None = None) -> None:
-        if info is None:
-            return
-        before = self.local.state().paused_s
-        self.local.observe(info)
-        # The limits are the cluster's to pace against; locally only the pause counts.
-        self.local.requests.learned = self.local.tokens.learned = None
-        if info.limit_requests or info.limit_tokens:
-            self._limits = (info.limit_requests, info.limit_tokens)
-        paused = self.local.state().paused_s
-        if paused > before:
-            self._pause_s = max(self._pause_s or 0.0, paused)
+        self._pause_for(self._wall(), info, rejected=False, retry_after=None)
 
     def rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> None:
-        self.local.rate_limited(retry_after, sent_at)
-        asked = retry_after if retry_after is not None else 1.0
-        self._rate_limited_s = max(self._rate_limited_s or 0.0, asked)
-        sent = time.time() - (anyio.current_time() - sent_at) if sent_at is not None else None
-        if sent is not None:
-            self._rate_limited_at = min(self._rate_limited_at or sent, sent)
-        self.paused_until = max(self.paused_until, time.time() + asked)
-        # Grants booked before the 429 are void: the next acquire tells the cluster first.
-        self._grants.clear()
+        self._pause_for(self._wall(), None, rejected=True, retry_after=retry_after)
 
     def learn_prompt_scale(self, estimated: int, actual: int) -> None:
-        self.local.learn_prompt_scale(estimated, actual)
-        self.prompt_scale = self.local.prompt_scale
+        """Correct the offline prompt estimate from the usage that came back."""
+        if estimated > 0 and actual > 0:
+            self.prompt_scale += 0.1 * (actual / estimated - self.prompt_scale)
 
     # -- reports --------------------------------------------------------------------------
 
@@ -398,12 +395,10 @@ class LeasedPacer(Turns):
         t, c = self.totals, self.counters
         report = WorkerReport(
             self.worker,
+            cap=self._cap,
+            waiting=self._waiting,
+            answers=list(self._answers),
             token_debt=self._debt,
-            rate_limited_s=self._rate_limited_s,
-            rate_limited_at=self._rate_limited_at,
-            pause_s=self._pause_s,
-            limit_requests=self._limits[0],
-            limit_tokens=self._limits[1],
             stop=self.stop_reason,
             reused=t.reused,
             sent=c.requests_sent,
@@ -420,32 +415,60 @@ class LeasedPacer(Turns):
             done=done,
         )
         self._debt = 0.0
-        self._rate_limited_s = self._rate_limited_at = self._pause_s = None
+        self._answers.clear()
         return report
 
     # -- internals ------------------------------------------------------------------------
 
+    def _pause_for(
+        self,
+        now: float,
+        info: RateLimitInfo | None,
+        rejected: bool,
+        retry_after: float | None,
+    ) -> None:
+        """The pause an answer asks for (the limiter's policy hears of it with the next
+        call and pauses the cluster; this worker need not wait for that)."""
+        pauses = self._pauses
+        if info is not None:
+            pauses.observe(info, now)
+        if rejected:
+            pauses.rate_limited(retry_after, now)
+        until = pauses.paused_until
+        if until > self.paused_until:
+            self.paused_until = until
+            # Turns booked before the pause: a local pacer books those again after it.
+            while self._grants and self._grants[0] < until:
+                self._grants.popleft()
+
     async def _grant(self, tokens: float) -> float:
+        self._waiting += 1
+        try:
+            return await self._next_grant(tokens)
+        finally:
+            self._waiting -= 1
+
+    async def _next_grant(self, tokens: float) -> float:
         while True:
             if self.stop_reason is not None:
                 # Another worker hit a job-level failure (or the driver was interrupted).
                 if self._on_stop is not None:
                     self._on_stop()
                 return 0.0
-            now = time.time()
+            now = self._wall()
             while self._grants and self._grants[0] < now - STALE_S:
                 self._grants.popleft()
                 self.dropped += 1
             if self._grants:
-                start = self._grants.popleft()
                 self._debt += tokens - self._tokens_each
-                if len(self._grants) < 2 and self._refilling is None:
-                    await self._refill(tokens)  # overlaps this request's wait for its turn
-                return start
-            if self._refilling is None:
-                await self._refill(tokens)
-            else:
+                return self._grants.popleft()
+            if self._refilling is not None:
                 await self._refilling.wait()
+            elif now < self._ask_again_at:
+                # The policy books no turn this far ahead: ask when it will.
+                await anyio.sleep(self._ask_again_at - now)
+            else:
+                await self._refill(tokens)
 
     async def _refill(self, tokens: float) -> None:
         self._refilling = refilled = anyio.Event()
@@ -457,8 +480,9 @@ class LeasedPacer(Turns):
         self.leases += 1
         self._tokens_each = lease.tokens_each
         self.paused_until = max(self.paused_until, lease.paused_until)
-        self.local.max_concurrency = lease.window
-        self.local.window = min(self.local.window, lease.window)
+        self._window = lease.window
+        self._slots.wake()
         if lease.stop is not None and self.stop_reason is None:
             self.stop_reason = lease.stop
-        self._grants.extend(lease.grants())
+        self._grants.extend(lease.starts)
+        self._ask_again_at = lease.ask_again_at or 0.0

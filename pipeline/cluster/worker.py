@@ -190,7 +190,7 @@ async def _run_shard(
     ) as provider:
         scheduler = Scheduler(
             provider,
-            pacer,  # type: ignore[arg-type]  # the scheduler's pacer interface, leased
+            pacer,
             RetryPolicy(max_attempts=spec.limits.max_attempts),
             settings.price,
             concurrency=cap,
