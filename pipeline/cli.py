@@ -23,6 +23,7 @@ from pipeline.plan import template_failures
 from pipeline.resolve import resolve_job
 from pipeline.results import Status
 from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.steps import job_has_steps
 
 EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
 EXIT_CODES = {
@@ -107,6 +108,10 @@ def _reopen_closed_std_streams() -> None:
 @click.argument("job", type=click.Path(path_type=Path))
 def validate(job: Path) -> None:
     """Check JOB (spec, input, templates, output, key) without sending anything."""
+    if job_has_steps(job):
+        from pipeline.steps_cli import validate_steps
+
+        return validate_steps(job)
     try:
         prepared = resolve_job(job)
     except SpecError as exc:
@@ -137,7 +142,7 @@ def _warn_empty_prompts(prepared: ResolvedJob) -> None:
         return
     which = prepared.spec.input.id_column or "row number"
     sample = f" ({which} {', '.join(examples)}{', ...' if count > len(examples) else ''})"
-    if prepared.spec.prompt.skip_empty:
+    if prepared.spec.the_prompt.skip_empty:
         click.echo(
             f"note: {count:,} row(s) render an empty prompt{sample}; prompt.skip_empty is on, "
             "so they are not sent (their output rows say finish_reason: skipped)",
@@ -213,18 +218,22 @@ def run(
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
         f" --output {shlex.quote(str(output))}" if output else ""
     )
+    options = RunOptions(
+        handle_signals=True,
+        show_progress=not quiet,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        detach=detach,
+        command=shlex.join(["pipeline", *sys.argv[1:]]),
+    )
+    if job_has_steps(job):
+        from pipeline.steps_cli import run_steps
+
+        sys.exit(run_steps(job, options, output=output, limit=limit, batch=batch, cluster=cluster))
     try:
         if cluster is not None:
             cluster.require_ray()
         prepared = resolve_job(job, output=output, limit=limit, batch=batch)
-        options = RunOptions(
-            handle_signals=True,
-            show_progress=not quiet,
-            fresh=fresh,
-            retry_failed=retry_failed,
-            detach=detach,
-            command=shlex.join(["pipeline", *sys.argv[1:]]),
-        )
         executor = executor_for(prepared, options, cluster)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)

@@ -162,7 +162,7 @@ class ResolvedJob:
             retry_failed=retry_failed,
             request_extra=self.request_extra,
             start_at=start_at,
-            skip_empty=self.spec.prompt.skip_empty,
+            skip_empty=self.spec.the_prompt.skip_empty,
         )
 
     def keys_for(self, batch: pl.DataFrame, offset: int, results: ResultStore) -> list[str]:
@@ -209,7 +209,7 @@ class JobParts:
             spec,
             self.settings,
             table_of(spec),
-            PromptRenderer(spec.prompt),
+            PromptRenderer(spec.the_prompt),
             self.rows,
             self.output_path,
             self.limit,

@@ -169,17 +169,96 @@ class OutputSpec(_Strict):
     schema_retries: int = Field(default=1, ge=0, le=10)
 
 
+class ReduceSpec(_Strict):
+    # The columns whose values make a group: input columns or earlier steps' columns.
+    by: list[str] = Field(min_length=1)
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _one_or_many(cls, by: object) -> object:
+        return [by] if isinstance(by, str) else by
+
+
+class StepOutputSpec(_Strict):
+    """A step's answer shape; where it is written follows from the job's output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_retries: int = Field(default=1, ge=0, le=10)
+
+
+class StepSpec(_Strict):
+    """One step of a multi-step job (docs/JOB_SPEC.md, `steps`). `model` and `limits`
+    arrive merged over the job's (see `JobSpec._merge_step_overrides`)."""
+
+    # Prefixes the step's columns in the output, so it must read as a column name.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    prompt: PromptSpec
+    when: str | None = Field(default=None, min_length=1)
+    reduce: ReduceSpec | None = None
+    model: ModelSpec | None = None
+    limits: LimitsSpec | None = None
+    output: StepOutputSpec = Field(default_factory=StepOutputSpec)
+
+
 class JobSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     input: InputSpec
     model: ModelSpec
-    prompt: PromptSpec
+    # Exactly one of the two: a single prompt, or a list of steps (pipeline/steps.py).
+    prompt: PromptSpec | None = None
+    steps: list[StepSpec] | None = Field(default=None, min_length=1)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_step_overrides(cls, data: Any) -> Any:
+        """A step's `model` and `limits` are overrides of the job's: merged here, so a
+        merged section is checked (and its mistakes named) under the step's key."""
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            return data
+        steps = []
+        for step in data["steps"]:
+            if isinstance(step, dict):
+                step = dict(step)
+                for key in ("model", "limits"):
+                    if isinstance(step.get(key), dict) and isinstance(data.get(key, {}), dict):
+                        step[key] = _merged(data.get(key) or {}, step[key])
+            steps.append(step)
+        return {**data, "steps": steps}
+
+    @model_validator(mode="after")
+    def _prompt_or_steps(self) -> JobSpec:
+        if (self.prompt is None) == (self.steps is None):
+            raise ValueError("give either prompt (one step) or steps (several), not both")
+        if self.steps is not None:
+            names = [step.name for step in self.steps]
+            if repeated := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"steps: step name(s) {', '.join(repeated)} used twice")
+        return self
+
+    @property
+    def the_prompt(self) -> PromptSpec:
+        """The prompt of a job that has one: every job a run resolves (a step is resolved
+        into a job of its own with the step's prompt)."""
+        if self.prompt is None:
+            raise SpecError("this job has steps: it runs step by step (pipeline/steps.py)")
+        return self.prompt
 
     @property
     def output_path(self) -> Path:
         return Path(self.output.path or f"out/{self.name}.parquet")
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, one level deep into `params` (a step that sets
+    `max_tokens` keeps the job's `temperature`)."""
+    merged = {**base, **override}
+    if isinstance(base.get("params"), dict) and isinstance(override.get("params"), dict):
+        merged["params"] = {**base["params"], **override["params"]}
+    return merged
 
 
 def load_spec(path: str | Path) -> JobSpec:
