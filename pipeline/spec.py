@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -212,6 +213,21 @@ class JobSpec(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
+    @field_validator("prompt", "steps", mode="before")
+    @classmethod
+    def _not_blank(cls, value: object, info: ValidationInfo) -> object:
+        # Optional only in that a job has one or the other: a key left without a value
+        # is a mistake worded as for any other section.
+        if value is None:
+            section = PromptSpec if info.field_name == "prompt" else StepSpec
+            keys = ", ".join(f.alias or n for n, f in section.model_fields.items())
+            what = "a mapping" if info.field_name == "prompt" else "a list of steps, each a mapping"
+            raise ValueError(
+                f"expected {what} with keys among {keys}, got nothing (the key has no value; "
+                "remove it or give it one)"
+            )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _merge_step_overrides(cls, data: Any) -> Any:
@@ -231,7 +247,9 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _prompt_or_steps(self) -> JobSpec:
-        if (self.prompt is None) == (self.steps is None):
+        if self.prompt is None and self.steps is None:
+            raise ValueError("prompt: required key is missing (or give steps, for several)")
+        if self.prompt is not None and self.steps is not None:
             raise ValueError("give either prompt (one step) or steps (several), not both")
         if self.steps is not None:
             names = [step.name for step in self.steps]
