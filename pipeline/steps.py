@@ -114,6 +114,9 @@ class StepsLayout:
     def step_output(self, step: StepSpec) -> Path:
         return self.folder(step) / "output.parquet"
 
+    def step_checkpoint(self, step: StepSpec) -> Path:
+        return RunDir.beside(self.step_output(step)).checkpoint
+
     def reduce_output(self, step: StepSpec) -> Path:
         """`out/reviews.parquet` -> `out/reviews.per_label.parquet`."""
         return self.output.with_name(f"{self.output.stem}.{step.name}{self.output.suffix}")

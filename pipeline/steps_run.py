@@ -12,6 +12,7 @@ from typing import Literal
 import polars as pl
 import pyarrow as pa
 
+from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.columns import RESULT_COLUMNS
 from pipeline.embedded import simulator_for
 from pipeline.errors import SpecError
@@ -145,7 +146,8 @@ def run_chain(
         covered = step_input.height
         skipped = frame.height - (covered if step.reduce is None else _rows_in(step_input))
         announce(_headline(number, len(chain.steps), step, covered, skipped))
-        job = resolve_step(chain.spec, step, step_input, chain.layout.folder(step), batch=batch)
+        budgeted = within_job_budget(chain, step)
+        job = resolve_step(chain.spec, budgeted, step_input, chain.layout.folder(step), batch=batch)
         result = StepResult(step, covered, skipped, _run_step(job, options, cluster))
         summary.steps.append(result)
         summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
@@ -164,6 +166,41 @@ def run_chain(
         summary.output_path = chain.layout.output
         summary.total_cost_usd = _total_cost(chain, final, summary.reduce_outputs)
     return summary
+
+
+def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:
+    """The step with the job's spending limits made one budget across the steps: what
+    the other steps' records have spent is taken off (a step's own records are counted
+    by its run, as any job's are). A budget already spent stops the step before it sends."""
+    limits = step.limits or chain.spec.limits
+    if limits.max_cost_usd is None and limits.max_tokens_total is None:
+        return step
+    elsewhere = Totals()
+    for other in chain.steps:
+        if other is not step:
+            elsewhere += recorded_totals(chain.layout.step_checkpoint(other))
+    update: dict[str, float | int] = {}
+    if limits.max_cost_usd is not None:
+        update["max_cost_usd"] = max(NOTHING_LEFT_USD, limits.max_cost_usd - elsewhere.cost_usd)
+    if limits.max_tokens_total is not None:
+        used = elsewhere.prompt_tokens + elsewhere.output_tokens + elsewhere.reasoning_tokens
+        update["max_tokens_total"] = max(1, limits.max_tokens_total - used)
+    return step.model_copy(update={"limits": limits.model_copy(update=update)})
+
+
+# The limits must stay positive; this leaves no request room.
+NOTHING_LEFT_USD = 1e-12
+
+
+def recorded_totals(path: Path) -> Totals:
+    """What a step's checkpoint holds (nothing, before its first run)."""
+    if not path.exists():
+        return Totals()
+    checkpoint = Checkpoint(path)
+    try:
+        return checkpoint.totals()
+    finally:
+        checkpoint.close()
 
 
 def _rows_in(groups: pl.DataFrame) -> int:

@@ -293,3 +293,23 @@ def test_a_job_with_prompt_and_steps_is_refused(tmp_path: Path) -> None:
     done = run_cli("validate", str(job), cwd=tmp_path)
     assert done.returncode == 2
     assert "either prompt" in done.stderr
+
+
+def test_one_budget_across_the_steps(tmp_path: Path, simulator: RunningSimulator) -> None:
+    rows = 120
+    write_reviews(tmp_path, rows)
+    # Step 1 alone costs about $0.0023 here, and with step 2 about $0.0030: a limit
+    # between the two lets step 1 finish and stops step 2 inside it.
+    job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT], limits__max_cost_usd=0.0027)
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert done.returncode == 3, done.stderr
+    assert "stopped in step complaint" in done.stderr
+    stats = simulator.stats(full=False)
+    billed = stats["prompt_tokens"] * 0.30e-6 + (
+        stats["completion_tokens"] + stats["reasoning_tokens"]
+    ) * 0.50e-6
+    assert billed <= 0.0027
+    assert stats["completions"] > rows, "step 2 started within what was left"
+    assert not (tmp_path / "out" / "result.parquet").exists()
