@@ -307,9 +307,10 @@ def test_one_budget_across_the_steps(tmp_path: Path, simulator: RunningSimulator
     assert done.returncode == 3, done.stderr
     assert "stopped in step complaint" in done.stderr
     stats = simulator.stats(full=False)
-    billed = stats["prompt_tokens"] * 0.30e-6 + (
-        stats["completion_tokens"] + stats["reasoning_tokens"]
-    ) * 0.50e-6
+    billed = (
+        stats["prompt_tokens"] * 0.30e-6
+        + (stats["completion_tokens"] + stats["reasoning_tokens"]) * 0.50e-6
+    )
     assert billed <= 0.0027
     assert stats["completions"] > rows, "step 2 started within what was left"
     assert not (tmp_path / "out" / "result.parquet").exists()
