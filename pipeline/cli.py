@@ -354,6 +354,10 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
 @click.option("--output", type=click.Path(path_type=Path), help="The run's --output, if given.")
 def status_command(job: Path, output: Path | None) -> None:
     """Show progress of JOB from its checkpoint: done, failed, pending, tokens, cost, ETA."""
+    if job_has_steps(job):
+        from pipeline.steps_cli import status_steps
+
+        return status_steps(job, output)
     try:
         prepared = resolve_job(job, output=output, read_key=False)
     except SpecError as exc:

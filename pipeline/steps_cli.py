@@ -10,8 +10,10 @@ import click
 
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.executor import Cluster
+from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
-from pipeline.steps import open_chain
+from pipeline.spec import load_spec
+from pipeline.steps import StepsLayout, open_chain, step_job_spec
 from pipeline.steps_run import ChainSummary, check_chain, run_chain
 
 EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
@@ -101,3 +103,32 @@ def describe_chain(summary: ChainSummary, rerun: str) -> str:
         lines.append(f"output: {summary.output_path}")
     lines.extend(f"output (reduce): {path}" for path in summary.reduce_outputs)
     return "\n".join(lines)
+
+
+def status_steps(job: Path, output: Path | None) -> None:
+    """A line per step from its own record (`not started` before its first run), then
+    the cost of every step together."""
+    from pipeline.cluster.status import job_status
+
+    spec = load_spec(job)
+    layout = StepsLayout(output or spec.output_path)
+    lines, cost = [], 0.0
+    for step in spec.steps or []:
+        step_input = layout.step_input(step)
+        if not step_input.exists():
+            lines.append(f"  {step.name}: not started")
+            continue
+        derived = step_job_spec(spec, step, str(step_input), str(layout.step_output(step)))
+        report = job_status(resolve_job(derived, read_key=False))
+        if report is None:
+            lines.append(f"  {step.name}: not started")
+            continue
+        cost += report.totals.cost_usd
+        state = "running" if report.running else "done" if report.pending == 0 else "stopped"
+        lines.append(
+            f"  {step.name}: {report.finished:,}/{report.rows:,} "
+            f"{'group' if step.reduce else 'row'}(s) finished ({report.failed:,} failed), "
+            f"{report.pending:,} pending, {state}; cost ${report.totals.cost_usd:.6f}"
+        )
+    click.echo(f"{spec.name}: {len(lines)} steps, ${cost:.6f} spent in all")
+    click.echo("\n".join(lines))

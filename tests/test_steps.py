@@ -194,6 +194,11 @@ def test_a_kill_during_step_2_resumes_without_paying_twice(
             proc.kill()
     settle(simulator)
     assert not (tmp_path / "out" / "result.parquet").exists()
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert f"sentiment: {rows}/{rows} row(s) finished (0 failed), 0 pending, done" in status.stdout
+    assert "complaint: " in status.stdout and ", stopped;" in status.stdout
+    assert "per_label: not started" in status.stdout
 
     done = run_cli("run", str(job), "--quiet", cwd=tmp_path, timeout=300)
 
