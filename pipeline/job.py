@@ -71,6 +71,10 @@ class RunDir:
         """A dated folder for what `--fresh` sets aside."""
         return self.path / "set-aside" / stamp
 
+    def step(self, name: str) -> Path:
+        """A multi-step job's folder for one step: its input, output and run folder."""
+        return self.path / "steps" / name
+
     @property
     def staged_input(self) -> Path:
         """Where the Python API writes a DataFrame it was given, to read it as a file."""

@@ -106,7 +106,7 @@ class StepsLayout:
         return RunDir.beside(self.output)
 
     def folder(self, step: StepSpec) -> Path:
-        return self.run_dir.path / "steps" / step.name
+        return self.run_dir.step(step.name)
 
     def step_input(self, step: StepSpec) -> Path:
         return self.folder(step) / "input.parquet"
@@ -192,16 +192,16 @@ def resolve_step(
     spec: JobSpec,
     step: StepSpec,
     step_input: pl.DataFrame,
-    folder: Path,
+    layout: StepsLayout,
     *,
     read_key: bool | Literal["if_set"] = True,
     batch: bool = False,
 ) -> ResolvedJob:
-    """The step as a `ResolvedJob` over `step_input`, written to `folder/input.parquet`:
+    """The step as a `ResolvedJob` over `step_input` (written to the step's folder):
     every check of a job (provider, key, templates against these columns, output)."""
-    input_path = folder / "input.parquet"
+    input_path = layout.step_input(step)
     write_parquet_atomically(step_input, input_path)
-    derived = step_job_spec(spec, step, str(input_path), str(folder / "output.parquet"))
+    derived = step_job_spec(spec, step, str(input_path), str(layout.step_output(step)))
     try:
         return resolve_job(derived, read_key=read_key, batch=batch)
     except SpecError as exc:

@@ -27,6 +27,7 @@ from pipeline.steps import (
     Chain,
     RowFilter,
     StepResult,
+    StepsLayout,
     aliases_of_earlier,
     final_frame,
     join_step,
@@ -86,11 +87,10 @@ def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> l
     frame = chain.frame.head(0)
     resolved = []
     with validation_folder() as folder:
+        scratch = StepsLayout(folder / chain.layout.output.name)
         for step in chain.steps:
             step_input = step_rows(chain, step, frame)
-            resolved.append(
-                resolve_step(chain.spec, step, step_input, folder / step.name, read_key=read_key)
-            )
+            resolved.append(resolve_step(chain.spec, step, step_input, scratch, read_key=read_key))
             if step.reduce is None:
                 frame = join_step(frame, step, chain.spec, empty_answers(step, chain.spec))
     return resolved
@@ -147,7 +147,7 @@ def run_chain(
         skipped = frame.height - (covered if step.reduce is None else _rows_in(step_input))
         announce(_headline(number, len(chain.steps), step, covered, skipped))
         budgeted = within_job_budget(chain, step)
-        job = resolve_step(chain.spec, budgeted, step_input, chain.layout.folder(step), batch=batch)
+        job = resolve_step(chain.spec, budgeted, step_input, chain.layout, batch=batch)
         result = StepResult(step, covered, skipped, _run_step(job, options, cluster))
         summary.steps.append(result)
         summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
