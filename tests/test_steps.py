@@ -319,3 +319,30 @@ def test_one_budget_across_the_steps(tmp_path: Path, simulator: RunningSimulator
     assert billed <= 0.0027
     assert stats["completions"] > rows, "step 2 started within what was left"
     assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+@pytest.mark.parametrize("mode", ["batch", "ray"])
+def test_batch_and_ray_run_every_step_through_the_same_path(
+    mode: str, tmp_path: Path, simulator: RunningSimulator, request: pytest.FixtureRequest
+) -> None:
+    rows = 30
+    simulator.configure(batch_turnaround_s=0.05)
+    switches = {
+        "batch": ["--batch"],
+        "ray": ["--ray-address", request.getfixturevalue("ray_cluster") if mode == "ray" else ""],
+    }[mode]
+    finished = {}
+    for how, extra in (("online", []), (mode, switches)):
+        workdir = tmp_path / how
+        workdir.mkdir()
+        write_reviews(workdir, rows)
+        job = steps_job(
+            workdir, simulator, [sentiment(), COMPLAINT, per_label()], model__batch_poll_s=0.05
+        )
+        done = run_cli("run", str(job), *extra, "--quiet", cwd=workdir, timeout=300)
+        assert done.returncode == 0, done.stderr
+        finished[how] = outputs(workdir)
+    answers = ["review_id", "sentiment_label", "sentiment_response", "complaint_response"]
+    online, other = finished["online"], finished[mode]
+    assert online[0].select(answers).equals(other[0].select(answers))
+    assert online[1].select("label", "response").equals(other[1].select("label", "response"))
