@@ -595,6 +595,10 @@ def show(
 @click.option("--limit", type=click.IntRange(min=0), help="Estimate only the first N rows.")
 def estimate(job: Path, sample: int, limit: int | None) -> None:
     """Estimate JOB's tokens, cost and time. Sends no completion unless --sample is given."""
+    if job_has_steps(job):
+        from pipeline.steps_cli import estimate_steps
+
+        return estimate_steps(job, sample, limit)
     import anyio
 
     from pipeline.estimate import estimate as make_estimate

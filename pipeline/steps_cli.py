@@ -132,3 +132,12 @@ def status_steps(job: Path, output: Path | None) -> None:
         )
     click.echo(f"{spec.name}: {len(lines)} steps, ${cost:.6f} spent in all")
     click.echo("\n".join(lines))
+
+
+def estimate_steps(job: Path, sample: int, limit: int | None) -> None:
+    """Each step's estimate and the total; `sample` rows go through every step for real."""
+    from pipeline.steps_estimate import describe_estimates, estimate_chain
+
+    chain = open_chain(job, limit=limit)
+    check_chain(chain, read_key=True if sample else "if_set")
+    click.echo(describe_estimates(estimate_chain(chain, sample=sample)))

@@ -4,6 +4,7 @@ job of its own and handed to `executor.executor_for`, like any job, so `--batch`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,9 @@ def run_chain(
     a rerun resumes it, reusing every answer recorded."""
     summary = ChainSummary()
     frame = chain.frame
+    # The chain reads each step's output to join it: a step always writes it, and
+    # `options.write_output` is about the job's own outputs.
+    step_options = dataclasses.replace(options, write_output=True)
     for number, step in enumerate(chain.steps, start=1):
         step_input = step_rows(chain, step, frame)
         covered = step_input.height
@@ -148,7 +152,7 @@ def run_chain(
         announce(_headline(number, len(chain.steps), step, covered, skipped))
         budgeted = within_job_budget(chain, step)
         job = resolve_step(chain.spec, budgeted, step_input, chain.layout, batch=batch)
-        result = StepResult(step, covered, skipped, _run_step(job, options, cluster))
+        result = StepResult(step, covered, skipped, _run_step(job, step_options, cluster))
         summary.steps.append(result)
         summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
         if not result.summary.finished:
@@ -156,7 +160,7 @@ def run_chain(
         answered = pl.read_parquet(job.output_path)
         if step.reduce is None:
             frame = join_step(frame, step, chain.spec, answered)
-        else:
+        elif options.write_output:
             result.output = chain.layout.reduce_output(step)
             write_frame(reduce_frame(step, chain.spec, answered), result.output)
             summary.reduce_outputs.append(result.output)

@@ -346,3 +346,39 @@ def test_batch_and_ray_run_every_step_through_the_same_path(
     online, other = finished["online"], finished[mode]
     assert online[0].select(answers).equals(other[0].select(answers))
     assert online[1].select("label", "response").equals(other[1].select("label", "response"))
+
+
+def test_estimate_per_step_and_in_total_and_the_sample_is_kept(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows, sample = 60, 20
+    write_reviews(tmp_path, rows)
+    job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT, per_label()])
+
+    offline = run_cli("estimate", str(job), cwd=tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    assert paid(simulator) == 0
+    lines = offline.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "sentiment",
+        "complaint",
+        "per_label",
+        "total",
+    ]
+    assert "its `when` not applied" in lines[1]
+
+    measured = run_cli("estimate", str(job), "--sample", str(sample), cwd=tmp_path)
+    assert measured.returncode == 0, measured.stderr
+    assert f"sentiment: {rows} row(s), 100% of the rows" in measured.stdout
+    assert "expected $" in measured.stdout.splitlines()[-1]
+    sampled = paid(simulator)
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    final, _ = outputs(tmp_path)
+    sampled_negative = negatives(final.head(sample))
+    # the sample's map answers are reused; only the reduce groups (their rows grew) again
+    assert sampled == sample + sampled_negative + len(LABELS)
+    assert paid(simulator) - sampled == (rows - sample) + (
+        negatives(final) - sampled_negative
+    ) + len(LABELS)
