@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline.carry import carry_answers
 from pipeline.checkpoint import Checkpoint
 from pipeline.identity import claim, describe_job, open_checkpoint
 from pipeline.job import ResolvedJob
@@ -32,6 +33,8 @@ def open_record(job: ResolvedJob, *, fresh: bool) -> tuple[Checkpoint, list[str]
             checkpoint.key_by_request()
         elif checkpoint.get_meta("keyed_by_request") == "1":
             checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
+        if not fresh:
+            notes.extend(carry_answers(job, checkpoint))
     except BaseException:
         checkpoint.close()
         raise

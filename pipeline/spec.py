@@ -170,6 +170,11 @@ class OutputSpec(_Strict):
     schema_retries: int = Field(default=1, ge=0, le=10)
 
 
+class CacheSpec(_Strict):
+    path: str = Field(min_length=1)
+    max_entries: int = Field(default=1_000_000, ge=1)
+
+
 class ReduceSpec(_Strict):
     # The columns whose values make a group: input columns or earlier steps' columns.
     by: list[str] = Field(min_length=1)
@@ -212,6 +217,16 @@ class JobSpec(_Strict):
     steps: list[StepSpec] | None = Field(default=None, min_length=1)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    # Opt-in: an answer is kept when only model.params changed since it was given,
+    # unless it was cut short (finish_reason: length) or failed (pipeline/carry.py).
+    reuse_across_params: bool = False
+    # Opt-in: a folder of answers shared by every job on this machine (pipeline/cache.py).
+    cache: CacheSpec | None = None
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _folder_alone(cls, cache: object) -> object:
+        return {"path": cache} if isinstance(cache, str) else cache
 
     @field_validator("prompt", "steps", mode="before")
     @classmethod

@@ -92,6 +92,8 @@ def step_job_spec(spec: JobSpec, step: StepSpec, input_path: str, output_path: s
             schema=step.output.schema_,
             schema_retries=step.output.schema_retries,
         ),
+        reuse_across_params=spec.reuse_across_params,
+        cache=spec.cache,
     )
 
 

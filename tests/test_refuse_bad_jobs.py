@@ -61,6 +61,10 @@ INVALID: dict[str, Any] = {
     "output.path": ".",
     "output.schema": {"label": "no-such-type"},
     "output.schema_retries": -1,
+    "reuse_across_params": "sometimes",
+    "cache": 5,
+    "cache.path": "",
+    "cache.max_entries": 0,
 }
 # A step's keys: its own, and the job's prompt, model and limits keys under it (the same
 # invalid values: a step's model and limits are overrides of the job's).
