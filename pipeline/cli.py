@@ -23,6 +23,7 @@ from pipeline.plan import template_failures
 from pipeline.resolve import resolve_job
 from pipeline.results import Status
 from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.spec import with_cache
 from pipeline.steps import job_has_steps
 
 EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED = 2, 3, 4
@@ -191,6 +192,12 @@ def _warn_empty_prompts(prepared: ResolvedJob) -> None:
     type=click.IntRange(min=1),
     help="Shards to run at once (default: the cluster's CPUs).",
 )
+@click.option(
+    "--cache",
+    "cache_dir",
+    metavar="DIR",
+    help="Reuse answers any job on this machine got for the same requests (shared folder).",
+)
 def run(
     job: Path,
     limit: int | None,
@@ -203,6 +210,7 @@ def run(
     use_ray: bool,
     ray_address: str | None,
     ray_workers: int | None,
+    cache_dir: str | None,
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
@@ -229,11 +237,23 @@ def run(
     if job_has_steps(job):
         from pipeline.steps_cli import run_steps
 
-        sys.exit(run_steps(job, options, output=output, limit=limit, batch=batch, cluster=cluster))
+        sys.exit(
+            run_steps(
+                job,
+                options,
+                output=output,
+                limit=limit,
+                batch=batch,
+                cluster=cluster,
+                cache=cache_dir,
+            )
+        )
     try:
         if cluster is not None:
             cluster.require_ray()
         prepared = resolve_job(job, output=output, limit=limit, batch=batch)
+        if cache_dir:
+            prepared.spec = with_cache(prepared.spec, cache_dir)
         executor = executor_for(prepared, options, cluster)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)

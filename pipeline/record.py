@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline.cache import fill_from_cache
 from pipeline.carry import carry_answers
 from pipeline.checkpoint import Checkpoint
 from pipeline.identity import claim, describe_job, open_checkpoint
@@ -35,6 +36,7 @@ def open_record(job: ResolvedJob, *, fresh: bool) -> tuple[Checkpoint, list[str]
             checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
         if not fresh:
             notes.extend(carry_answers(job, checkpoint))
+            notes.extend(fill_from_cache(job, checkpoint))
     except BaseException:
         checkpoint.close()
         raise

@@ -285,6 +285,12 @@ class JobSpec(_Strict):
         return Path(self.output.path or f"out/{self.name}.parquet")
 
 
+def with_cache(spec: JobSpec, folder: str) -> JobSpec:
+    """The job with `cache:` set to `folder` (`run --cache DIR`)."""
+    limit = spec.cache.max_entries if spec.cache else CacheSpec.model_fields["max_entries"].default
+    return spec.model_copy(update={"cache": CacheSpec(path=folder, max_entries=limit)})
+
+
 def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` over `base`, one level deep into `params` (a step that sets
     `max_tokens` keeps the job's `temperature`)."""
@@ -334,6 +340,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(name, str) and name:
             output = data["output"] = {**(output or {}), "path": f"out/{name}.parquet"}
     sections.append((output, "path"))
+    cache = data.get("cache")
+    if isinstance(cache, str):
+        cache = data["cache"] = {"path": cache}
+    sections.append((cache, "path"))
     for section, key in sections:
         if isinstance(section, dict) and isinstance(section.get(key), str):
             value = section[key]

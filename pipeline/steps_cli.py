@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.executor import Cluster
 from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
-from pipeline.spec import load_spec
+from pipeline.spec import load_spec, with_cache
 from pipeline.steps import StepsLayout, open_chain, step_job_spec
 from pipeline.steps_run import ChainSummary, check_chain, run_chain
 
@@ -49,6 +49,7 @@ def run_steps(
     limit: int | None = None,
     batch: bool = False,
     cluster: Cluster | None = None,
+    cache: str | None = None,
 ) -> int:
     """Run a multi-step job and print one summary; returns the exit code."""
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
@@ -57,6 +58,8 @@ def run_steps(
     if cluster is not None:
         cluster.require_ray()
     chain = open_chain(job, output=output, limit=limit)
+    if cache:
+        chain.spec = with_cache(chain.spec, cache)
     check_chain(chain, read_key=True)  # every step checked before the first is sent
     try:
         summary = run_chain(chain, options, cluster, batch=batch, announce=_say)
