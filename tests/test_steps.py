@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import make_job, reviews, run_cli, start_cli
+from conftest import SIM_KEY, make_job, reviews, run_cli, start_cli
 
 from pipeline.simulator import RunningSimulator
 
@@ -382,3 +382,31 @@ def test_estimate_per_step_and_in_total_and_the_sample_is_kept(
     assert paid(simulator) - sampled == (rows - sample) + (
         negatives(final) - sampled_negative
     ) + len(LABELS)
+
+
+def test_the_python_api_takes_steps(
+    tmp_path: Path, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline
+
+    job = pipeline.Job(
+        name="api-steps",
+        input={"path": "(pass data= to run)", "id_column": "review_id"},
+        model={
+            "provider": "openai",
+            "model": "x-ai-grok-3-mini",
+            "base_url": simulator.base_url,
+            "api_key_env": "SIM_API_KEY",
+        },
+        steps=[sentiment(), COMPLAINT, per_label()],
+    )
+    data = reviews(30)
+    monkeypatch.setenv("SIM_API_KEY", SIM_KEY)
+
+    result = pipeline.run(job, data, output=tmp_path / "out" / "api.parquet", progress=False)
+
+    assert result.height == 30
+    assert result.get_column("review_id").to_list() == data.get_column("review_id").to_list()
+    answered = result.filter(pl.col("complaint_response").is_not_null())
+    assert answered.height == negatives(result)
+    assert pl.read_parquet(tmp_path / "out" / "api.per_label.parquet").height == len(LABELS)
