@@ -178,6 +178,10 @@ class CacheSpec(_Strict):
 class ReduceSpec(_Strict):
     # The columns whose values make a group: input columns or earlier steps' columns.
     by: list[str] = Field(min_length=1)
+    # A group whose rows estimate over this many tokens is sent in parts, whose answers
+    # one more request per group combines (`combine`); see pipeline/steps_reduce.py.
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    combine: PromptSpec | None = None
 
     @field_validator("by", mode="before")
     @classmethod

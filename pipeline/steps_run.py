@@ -41,6 +41,7 @@ from pipeline.steps import (
     validation_folder,
     write_frame,
 )
+from pipeline.steps_reduce import combine_input, combine_step, merged, split_groups, splits
 
 # How a chain ends when its steps end differently: the most serious end wins.
 SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
@@ -92,6 +93,21 @@ def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> l
         for step in chain.steps:
             step_input = step_rows(chain, step, frame)
             resolved.append(resolve_step(chain.spec, step, step_input, scratch, read_key=read_key))
+            if splits(step):
+                answers = empty_answers(step, chain.spec).drop(ROW_COLUMN)
+                parts = pl.concat(
+                    [step_input.drop(ROWS_VARIABLE).head(0), answers], how="horizontal"
+                )
+                combining = combine_step(step)
+                resolved.append(
+                    resolve_step(
+                        chain.spec,
+                        combining,
+                        combine_input(parts, step),
+                        scratch,
+                        read_key=read_key,
+                    )
+                )
             if step.reduce is None:
                 frame = join_step(frame, step, chain.spec, empty_answers(step, chain.spec))
     return resolved
@@ -119,7 +135,8 @@ def step_rows(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> pl.DataFrame
         )
     if ROWS_VARIABLE in step.reduce.by:
         raise SpecError(f"steps.{step.name}.reduce.by: '{ROWS_VARIABLE}' is the group's rows")
-    return reduce_groups(frame, step)
+    groups = reduce_groups(frame, step)
+    return split_groups(groups, step) if splits(step) else groups
 
 
 def _visible(frame: pl.DataFrame) -> list[str]:
@@ -158,6 +175,11 @@ def run_chain(
         if not result.summary.finished:
             return summary
         answered = pl.read_parquet(job.output_path)
+        if splits(step):
+            combined = _combine(chain, step, answered, step_options, cluster, batch, summary)
+            if not summary.steps[-1].summary.finished:
+                return summary
+            answered = merged(answered, combined, step)
         if step.reduce is None:
             frame = join_step(frame, step, chain.spec, answered)
         elif options.write_output:
@@ -170,6 +192,28 @@ def run_chain(
         summary.output_path = chain.layout.output
         summary.total_cost_usd = _total_cost(chain, final, summary.reduce_outputs)
     return summary
+
+
+def _combine(
+    chain: Chain,
+    step: StepSpec,
+    answered: pl.DataFrame,
+    options: RunOptions,
+    cluster: Cluster | None,
+    batch: bool,
+    summary: ChainSummary,
+) -> pl.DataFrame | None:
+    """Combine the parts of every split group (steps_reduce.py): their answers (None
+    when no group was split); the combining step's run is added to the summary."""
+    groups = combine_input(answered, step)
+    if groups.height == 0:
+        return None
+    combining = within_job_budget(chain, combine_step(step))
+    job = resolve_step(chain.spec, combining, groups, chain.layout, batch=batch)
+    result = StepResult(combining, groups.height, 0, _run_step(job, options, cluster))
+    summary.steps.append(result)
+    summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
+    return pl.read_parquet(job.output_path) if result.summary.finished else None
 
 
 def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:

@@ -410,3 +410,32 @@ def test_the_python_api_takes_steps(
     answered = result.filter(pl.col("complaint_response").is_not_null())
     assert answered.height == negatives(result)
     assert pl.read_parquet(tmp_path / "out" / "api.per_label.parquet").height == len(LABELS)
+
+
+def test_a_group_over_the_token_budget_is_sent_in_parts_and_combined(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows = 60
+    write_reviews(tmp_path, rows)
+    split = {**per_label(), "reduce": {"by": "label", "max_prompt_tokens": 200}}
+    job = steps_job(tmp_path, simulator, [sentiment(), split])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    parts = pl.read_parquet(
+        tmp_path / "out" / "result.parquet.run" / "steps" / "per_label" / "output.parquet"
+    )
+    sizes = dict(parts.group_by("label").agg(pl.len()).iter_rows())
+    split_groups = [label for label, n in sizes.items() if n > 1]
+    assert split_groups, "the budget must split some group for this test to mean anything"
+    # no row is cut: every row is in exactly one part
+    assert int(parts.get_column("rows").list.len().sum()) == rows
+    assert paid(simulator) == rows + parts.height + len(split_groups)
+    final, reduced = outputs(tmp_path)
+    assert reduced.height == len(LABELS)
+    combined = reduced.filter(pl.col("label").cast(pl.String).is_in(split_groups))
+    assert all("Combine these" in text for text in combined.get_column("response"))
+    # the group's row adds up every request it took, so the costs still add up
+    total = final.get_column("sentiment_cost_usd").sum() + reduced.get_column("cost_usd").sum()
+    assert f"cost: ${total:.6f} this run" in done.stderr
