@@ -207,16 +207,18 @@ def resolve_step(
     *,
     read_key: bool | Literal["if_set"] = True,
     batch: bool = False,
+    where: str | None = None,
 ) -> ResolvedJob:
     """The step as a `ResolvedJob` over `step_input` (written to the step's folder):
-    every check of a job (provider, key, templates against these columns, output)."""
+    every check of a job (provider, key, templates against these columns, output);
+    a problem is named at `where` (default: the step's key)."""
     input_path = layout.step_input(step)
     write_parquet_atomically(step_input, input_path)
     derived = step_job_spec(spec, step, str(input_path), str(layout.step_output(step)))
     try:
         return resolve_job(derived, read_key=read_key, batch=batch)
     except SpecError as exc:
-        raise SpecError(f"steps.{step.name}: {exc}") from None
+        raise SpecError(f"{where or f'steps.{step.name}'}: {exc}") from None
 
 
 # --- the chain ----------------------------------------------------------------------

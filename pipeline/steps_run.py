@@ -106,6 +106,7 @@ def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> l
                         combine_input(parts, step),
                         scratch,
                         read_key=read_key,
+                        where=f"steps.{step.name}.reduce.combine",
                     )
                 )
             if step.reduce is None:
@@ -209,7 +210,8 @@ def _combine(
     if groups.height == 0:
         return None
     combining = within_job_budget(chain, combine_step(step))
-    job = resolve_step(chain.spec, combining, groups, chain.layout, batch=batch)
+    where = f"steps.{step.name}.reduce.combine"
+    job = resolve_step(chain.spec, combining, groups, chain.layout, batch=batch, where=where)
     result = StepResult(combining, groups.height, 0, _run_step(job, options, cluster))
     summary.steps.append(result)
     summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)

@@ -74,6 +74,12 @@ STEP_INVALID: dict[str, Any] = {
     "steps.when": "text ==",
     "steps.reduce": "text",
     "steps.reduce.by": ["no_such_column"],
+    "steps.reduce.max_prompt_tokens": 0,
+    **{
+        f"steps.reduce.combine{key.removeprefix('prompt')}": value
+        for key, value in INVALID.items()
+        if key.split(".")[0] == "prompt"
+    },
     "steps.output": "out.parquet",
     "steps.output.schema": {"label": "no-such-type"},
     "steps.output.schema_retries": -1,
@@ -151,6 +157,9 @@ def test_an_invalid_step_value_is_refused_before_sending(
     job = make_job(tmp_path, simulator)
     spec = yaml.safe_load(job.read_text())
     step = {"name": "first", "prompt": spec.pop("prompt")}
+    if key.startswith("steps.reduce."):
+        combine = {"template": "{{ rows|length }}"}
+        step["reduce"] = {"by": "text", "max_prompt_tokens": 100, "combine": combine}
     if key == "steps":
         spec["steps"] = STEP_INVALID[key]
     else:
