@@ -110,11 +110,14 @@ def step_job_spec(spec: JobSpec, step: StepSpec, input_path: str, output_path: s
 class StepsLayout:
     """Where a multi-step job keeps its files: the one place their names are spelled."""
 
-    output: Path  # the job's row output
+    output: Path  # the row output this run writes
+    # The job's own output, whose run folder holds the steps' records: a `--limit` run
+    # writes its outputs beside it and keeps its answers there for the full run.
+    records: Path | None = None
 
     @property
     def run_dir(self) -> RunDir:
-        return RunDir.beside(self.output)
+        return RunDir.beside(self.records or self.output)
 
     def folder(self, step: StepSpec) -> Path:
         return self.run_dir.step(step.name)
@@ -267,9 +270,10 @@ def open_chain(
         raise SpecError(
             f"input.path: column {ROW_COLUMN} is reserved in a job with steps; rename it"
         )
-    target = Path(output) if output else spec.output_path
+    job_output = Path(output) if output else spec.output_path
+    target = job_output
     if limit is not None and output is None:
-        target = limited_output(target, limit)
+        target = limited_output(job_output, limit)
     fmt = output_format(target)
     # The chain joins every step's columns onto the rows, so they are held in memory.
     batches = list(table.batches(100_000, limit))
@@ -277,7 +281,7 @@ def open_chain(
         pl.concat(batches, how="vertical_relaxed") if batches else pl.DataFrame(schema=table.schema)
     )
     frame = frame.with_row_index(ROW_COLUMN)
-    return Chain(spec, frame, StepsLayout(target), fmt.__name__, limit)
+    return Chain(spec, frame, StepsLayout(target, job_output), fmt.__name__, limit)
 
 
 def join_step(

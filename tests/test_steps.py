@@ -439,3 +439,26 @@ def test_a_group_over_the_token_budget_is_sent_in_parts_and_combined(
     # the group's row adds up every request it took, so the costs still add up
     total = final.get_column("sentiment_cost_usd").sum() + reduced.get_column("cost_usd").sum()
     assert f"cost: ${total:.6f} this run" in done.stderr
+
+
+def test_a_limited_run_writes_beside_the_output_and_its_answers_are_kept(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows, first = 40, 10
+    write_reviews(tmp_path, rows)
+    job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT, per_label()])
+
+    done = run_cli("run", str(job), "--limit", str(first), "--quiet", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    limited = pl.read_parquet(tmp_path / "out" / f"result.first-{first}.parquet")
+    assert limited.height == first
+    assert (tmp_path / "out" / f"result.first-{first}.per_label.parquet").exists()
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    sent = paid(simulator)
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    final, _ = outputs(tmp_path)
+    more_negative = negatives(final) - negatives(limited)
+    # the first rows' map answers are reused; the groups grew, so they are asked again
+    assert paid(simulator) - sent == (rows - first) + more_negative + len(LABELS)
