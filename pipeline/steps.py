@@ -25,7 +25,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from pipeline import storage
 from pipeline.columns import RESULT_NAMES
 from pipeline.errors import SpecError
 from pipeline.job import ResolvedJob, RunDir, layout_of, limited_output, table_of
@@ -245,9 +246,7 @@ class Chain:
     spec: JobSpec
     frame: pl.DataFrame  # the job's input rows (the first `limit`), with ROW_COLUMN
     layout: StepsLayout
-    output_format: str
     limit: int | None = None
-    results: list[StepResult] = field(default_factory=list)
 
     @property
     def steps(self) -> list[StepSpec]:
@@ -270,18 +269,41 @@ def open_chain(
         raise SpecError(
             f"input.path: column {ROW_COLUMN} is reserved in a job with steps; rename it"
         )
-    job_output = Path(output) if output else spec.output_path
+    _check_step_columns(spec, table.columns)
+    where = str(output) if output else str(spec.output_path)
+    if storage.is_remote(where) or where.endswith("/"):
+        raise SpecError(
+            f"output.path: {where}: a job with steps writes local files (object storage "
+            "and folders of part files are not supported for steps yet)"
+        )
+    job_output = Path(where)
+    if any(Path(p).resolve() == job_output.resolve() for p in table.paths):
+        raise SpecError(f"output.path: {job_output} is the job's input; choose another path")
     target = job_output
     if limit is not None and output is None:
         target = limited_output(job_output, limit)
-    fmt = output_format(target)
+    output_format(target)  # an extension no format has is refused before anything runs
     # The chain joins every step's columns onto the rows, so they are held in memory.
     batches = list(table.batches(100_000, limit))
     frame = (
         pl.concat(batches, how="vertical_relaxed") if batches else pl.DataFrame(schema=table.schema)
     )
     frame = frame.with_row_index(ROW_COLUMN)
-    return Chain(spec, frame, StepsLayout(target, job_output), fmt.__name__, limit)
+    return Chain(spec, frame, StepsLayout(target, job_output), limit)
+
+
+def _check_step_columns(spec: JobSpec, columns: list[str]) -> None:
+    """The output's columns must be unique: a step's prefixed column may not be an input's."""
+    for step in spec.steps or []:
+        if step.reduce is not None:
+            continue
+        if clashes := sorted(
+            {prefixed(step, c) for c in result_columns(step, spec)} & set(columns)
+        ):
+            raise SpecError(
+                f"steps.{step.name}: its column(s) {', '.join(clashes)} would clash with the "
+                "input's columns of the same name; rename the step or the columns"
+            )
 
 
 def join_step(

@@ -462,3 +462,17 @@ def test_a_limited_run_writes_beside_the_output_and_its_answers_are_kept(
     more_negative = negatives(final) - negatives(limited)
     # the first rows' map answers are reused; the groups grew, so they are asked again
     assert paid(simulator) - sent == (rows - first) + more_negative + len(LABELS)
+
+
+def test_a_step_column_that_an_input_column_already_has_is_refused(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    reviews(4).with_columns(pl.lit("x").alias("sentiment_label")).write_csv(
+        tmp_path / "reviews.csv"
+    )
+    job = steps_job(tmp_path, simulator, [sentiment()])
+
+    done = run_cli("validate", str(job), cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert "steps.sentiment: its column(s) sentiment_label would clash" in done.stderr
