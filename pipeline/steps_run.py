@@ -20,6 +20,7 @@ from pipeline.errors import SpecError
 from pipeline.executor import Cluster, executor_for
 from pipeline.job import ResolvedJob, layout_of
 from pipeline.output import scan_output
+from pipeline.runlock import RunLock
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.spec import JobSpec, StepSpec
 from pipeline.steps import (
@@ -157,7 +158,15 @@ def run_chain(
 ) -> ChainSummary:
     """Run every step in order, then write the job's output. A step that stops (a
     job-level failure, an interrupt) stops the chain: later steps are not started, and
-    a rerun resumes it, reusing every answer recorded."""
+    a rerun resumes it, reusing every answer recorded. One run per job: the lock on the
+    job's run folder is held throughout, as each step's run holds its own."""
+    with RunLock(chain.layout.run_dir.path):
+        return _run_steps(chain, options, cluster, batch, announce)
+
+
+def _run_steps(
+    chain: Chain, options: RunOptions, cluster: Cluster | None, batch: bool, announce: Announce
+) -> ChainSummary:
     summary = ChainSummary()
     frame = chain.frame
     # The chain reads each step's output to join it: a step always writes it, and

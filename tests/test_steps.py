@@ -476,3 +476,26 @@ def test_a_step_column_that_an_input_column_already_has_is_refused(
 
     assert done.returncode == 2
     assert "steps.sentiment: its column(s) sentiment_label would clash" in done.stderr
+
+
+def test_one_run_per_job_with_steps(tmp_path: Path, simulator: RunningSimulator) -> None:
+    write_reviews(tmp_path, 200)
+    simulator.configure(latency_ms=(20, 40))
+    job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT], limits__concurrency=4)
+    first = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while paid(simulator) == 0:  # the first run holds the job once it sends
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+        second = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+        assert second.returncode == 2
+        assert "another run" in second.stderr
+        assert "result.parquet.run/run.lock" in second.stderr, "held before any step's input"
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+        settle(simulator)
