@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import polars as pl
 import yaml
@@ -40,6 +40,7 @@ from pipeline.errors import SpecError
 from pipeline.job import ResolvedJob, RunDir, layout_of, limited_output, table_of
 from pipeline.output import OutputFile, output_format
 from pipeline.resolve import resolve_job
+from pipeline.runs import RunSummary
 from pipeline.spec import (
     InputSpec,
     JobSpec,
@@ -230,12 +231,13 @@ def resolve_step(
 
 @dataclass
 class StepResult:
-    """How one step of a run went (`summary` None: the step had no row to send)."""
+    """How one step of a run went."""
 
     step: StepSpec
     rows: int  # rows (or groups) the step covered
     skipped: int  # rows its `when` left out
-    summary: Any = None  # runs.RunSummary; Any keeps this module free of the executors
+    summary: RunSummary
+    failed: int = 0  # rows (or groups) of its output in error
     output: Path | None = None  # a reduce step's output
 
 

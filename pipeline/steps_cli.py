@@ -83,7 +83,7 @@ def describe_chain(summary: ChainSummary, rerun: str) -> str:
     lines = ["steps:"]
     for result in summary.steps:
         run = result.summary
-        failed = run.totals.failed if run is not None else 0
+        failed = result.failed
         lines.append(
             f"  {result.step.name}: {result.rows:,} {'group' if result.step.reduce else 'row'}(s)"
             + (f" ({result.skipped:,} left out by `when`)" if result.skipped else "")

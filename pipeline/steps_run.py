@@ -60,11 +60,11 @@ class ChainSummary:
 
     @property
     def run_cost(self) -> float:
-        return sum(r.summary.run_cost for r in self.steps if r.summary is not None)
+        return sum(r.summary.run_cost for r in self.steps)
 
     @property
     def sent(self) -> int:
-        return sum(r.summary.sent for r in self.steps if r.summary is not None)
+        return sum(r.summary.sent for r in self.steps)
 
 
 # --- validate -----------------------------------------------------------------------
@@ -185,6 +185,7 @@ def _run_steps(
         if not result.summary.finished:
             return summary
         answered = pl.read_parquet(job.output_path)
+        result.failed = answered.height - answered.get_column("error").null_count()
         if splits(step):
             combined = _combine(chain, step, answered, step_options, cluster, batch, summary)
             if not summary.steps[-1].summary.finished:
@@ -224,7 +225,11 @@ def _combine(
     result = StepResult(combining, groups.height, 0, _run_step(job, options, cluster))
     summary.steps.append(result)
     summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
-    return pl.read_parquet(job.output_path) if result.summary.finished else None
+    if not result.summary.finished:
+        return None
+    combined = pl.read_parquet(job.output_path)
+    result.failed = combined.height - combined.get_column("error").null_count()
+    return combined
 
 
 def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:

@@ -499,3 +499,26 @@ def test_one_run_per_job_with_steps(tmp_path: Path, simulator: RunningSimulator)
         first.kill()
         first.communicate(timeout=30)
         settle(simulator)
+
+
+def test_rows_failed_in_a_step_exit_1_and_later_steps_still_run(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows = 30
+    data = reviews(rows).with_columns(
+        pl.when(pl.int_range(rows) < 2)
+        .then(pl.col("text") + " [[sim:context]]")
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    data.write_csv(tmp_path / "reviews.csv")
+    job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert done.returncode == 1, done.stderr
+    final = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert final.get_column("sentiment_error").drop_nulls().len() == 2
+    assert final.head(2).get_column("sentiment_label").null_count() == 2
+    assert final.get_column("complaint_response").drop_nulls().len() == negatives(final) > 0
+    assert f"sentiment: {rows} row(s), 0 reused, {rows} request(s) sent, 2 failed" in done.stderr
