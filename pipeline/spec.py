@@ -281,7 +281,11 @@ class JobSpec(_Strict):
         """The prompt of a job that has one: every job a run resolves (a step is resolved
         into a job of its own with the step's prompt)."""
         if self.prompt is None:
-            raise SpecError("this job has steps: it runs step by step (pipeline/steps.py)")
+            raise SpecError(
+                "this job has steps: validate, run, status and estimate take the job file; "
+                "report, show and export take a step's output "
+                "(<output>.run/steps/<step name>/output.parquet)"
+            )
         return self.prompt
 
     @property

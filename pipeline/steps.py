@@ -49,7 +49,7 @@ from pipeline.spec import (
     load_spec,
 )
 
-ROW_COLUMN = "_row"  # each input row's position, carried through every step to join on
+ROW_COLUMN = "_input_row"  # each input row's position, carried through every step to join on
 ROWS_VARIABLE = "rows"  # a reduce step's template variable: the group's rows
 
 
