@@ -55,6 +55,11 @@ def run_steps(
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
         f" --output {shlex.quote(output)}" if output else ""
     )
+    if options.detach:
+        raise SpecError(
+            "--detach: a job with steps waits for each step's batches, since the next step "
+            "reads their answers; drop --detach"
+        )
     if cluster is not None:
         cluster.require_ray()
     chain = open_chain(job, output=output, limit=limit)
