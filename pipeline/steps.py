@@ -334,7 +334,7 @@ def aliases_of_earlier(spec: JobSpec, upto: StepSpec) -> list[str]:
     property of the same name replaces them)."""
     names: list[str] = []
     for step in spec.steps or []:
-        if step is upto:
+        if step.name == upto.name:
             break
         if step.reduce is None:
             names.extend(schema_properties(step, spec))

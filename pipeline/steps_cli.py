@@ -14,7 +14,7 @@ from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
 from pipeline.steps import StepsLayout, open_chain, step_job_spec
-from pipeline.steps_run import ChainSummary, check_chain, run_chain
+from pipeline.steps_run import ChainSummary, check_chain, recorded_steps, run_chain
 
 EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
 EXIT_STOPPED, EXIT_CRASHED = 3, 4
@@ -121,7 +121,7 @@ def status_steps(job: Path, output: Path | None) -> None:
     spec = load_spec(job)
     layout = StepsLayout(output or spec.output_path)
     lines, cost = [], 0.0
-    for step in spec.steps or []:
+    for step in recorded_steps(spec.steps or []):
         step_input = layout.step_input(step)
         if not step_input.exists():
             lines.append(f"  {step.name}: not started")
@@ -138,7 +138,7 @@ def status_steps(job: Path, output: Path | None) -> None:
             f"{'group' if step.reduce else 'row'}(s) finished ({report.failed:,} failed), "
             f"{report.pending:,} pending, {state}; cost ${report.totals.cost_usd:.6f}"
         )
-    click.echo(f"{spec.name}: {len(lines)} steps, ${cost:.6f} spent in all")
+    click.echo(f"{spec.name}: {len(spec.steps or [])} steps, ${cost:.6f} spent in all")
     click.echo("\n".join(lines))
 
 

@@ -235,21 +235,35 @@ def _combine(
 def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:
     """The step with the job's spending limits made one budget across the steps: what
     the other steps' records have spent is taken off (a step's own records are counted
-    by its run, as any job's are). A budget already spent stops the step before it sends."""
-    limits = step.limits or chain.spec.limits
-    if limits.max_cost_usd is None and limits.max_tokens_total is None:
+    by its run, as any job's are); a step's own lower limit still holds. A budget already
+    spent stops the step before it sends."""
+    job, limits = chain.spec.limits, step.limits or chain.spec.limits
+    if job.max_cost_usd is None and job.max_tokens_total is None:
         return step
     elsewhere = Totals()
-    for other in chain.steps:
-        if other is not step:
+    for other in recorded_steps(chain.steps):
+        if other.name != step.name:
             elsewhere += recorded_totals(chain.layout.step_checkpoint(other))
     update: dict[str, float | int] = {}
-    if limits.max_cost_usd is not None:
-        update["max_cost_usd"] = max(NOTHING_LEFT_USD, limits.max_cost_usd - elsewhere.cost_usd)
-    if limits.max_tokens_total is not None:
+    if job.max_cost_usd is not None:
+        left = max(NOTHING_LEFT_USD, job.max_cost_usd - elsewhere.cost_usd)
+        update["max_cost_usd"] = min(left, limits.max_cost_usd or left)
+    if job.max_tokens_total is not None:
         used = elsewhere.prompt_tokens + elsewhere.output_tokens + elsewhere.reasoning_tokens
-        update["max_tokens_total"] = max(1, limits.max_tokens_total - used)
+        left_tokens = max(1, job.max_tokens_total - used)
+        update["max_tokens_total"] = min(left_tokens, limits.max_tokens_total or left_tokens)
     return step.model_copy(update={"limits": limits.model_copy(update=update)})
+
+
+def recorded_steps(steps: list[StepSpec]) -> list[StepSpec]:
+    """Every step that keeps a record: the job's, and the combining step of each reduce
+    that splits its groups."""
+    found = []
+    for step in steps:
+        found.append(step)
+        if splits(step):
+            found.append(combine_step(step))
+    return found
 
 
 # The limits must stay positive; this leaves no request room.

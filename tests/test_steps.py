@@ -439,6 +439,9 @@ def test_a_group_over_the_token_budget_is_sent_in_parts_and_combined(
     # the group's row adds up every request it took, so the costs still add up
     total = final.get_column("sentiment_cost_usd").sum() + reduced.get_column("cost_usd").sum()
     assert f"cost: ${total:.6f} this run" in done.stderr
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert f"per_label_combine: {len(split_groups)}/{len(split_groups)} group(s)" in status.stdout
+    assert f"${total:.6f} spent in all" in status.stdout
 
 
 def test_a_limited_run_writes_beside_the_output_and_its_answers_are_kept(
