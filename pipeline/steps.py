@@ -174,7 +174,8 @@ class RowFilter:
             except Exception as exc:
                 raise SpecError(
                     f"{self.where}: fails on row {n} ({type(exc).__name__}: {exc}); guard the "
-                    "expression (e.g. `x is not none and x > 3`)"
+                    "expression (e.g. `x is not none and x > 3`) and rerun: the answers "
+                    "recorded so far are kept"
                 ) from None
         return pl.Series("kept", kept, dtype=pl.Boolean)
 

@@ -525,3 +525,18 @@ def test_rows_failed_in_a_step_exit_1_and_later_steps_still_run(
     assert final.head(2).get_column("sentiment_label").null_count() == 2
     assert final.get_column("complaint_response").drop_nulls().len() == negatives(final) > 0
     assert f"sentiment: {rows} row(s), 0 reused, {rows} request(s) sent, 2 failed" in done.stderr
+
+
+def test_a_when_that_fails_on_a_row_stops_before_its_step_sends(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    write_reviews(tmp_path, 10)
+    failing = {**COMPLAINT, "when": "rating / 0 > 1"}
+    job = steps_job(tmp_path, simulator, [sentiment(), failing])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert "steps.complaint.when: fails on row" in done.stderr
+    assert "answers recorded so far are kept" in done.stderr
+    assert paid(simulator) == 10, "step 1 ran; step 2 sent nothing"
