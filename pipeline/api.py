@@ -142,7 +142,6 @@ async def arun(
         cluster.require_ray()
         if on_result is not None:
             raise SpecError("on_result is called by local runs only; drop it or ray=")
-    prepared = await anyio.to_thread.run_sync(lambda: _prepare(job, data, output, limit))
     options = RunOptions(
         show_progress=progress,
         notebook=_notebook,
@@ -150,6 +149,11 @@ async def arun(
         retry_failed=retry_failed,
         on_result=on_result,
     )
+    if job.spec.steps is not None:
+        return await anyio.to_thread.run_sync(
+            lambda: _run_steps(job, data, output, limit, options, cluster)
+        )
+    prepared = await anyio.to_thread.run_sync(lambda: _prepare(job, data, output, limit))
     try:
         with simulator_for(prepared) as served:
             summary = await execute_async(served, options, cluster)
@@ -170,6 +174,13 @@ async def arun(
 def _prepare(
     job: Job, data: DataLike | None, output: str | Path | None, limit: int | None
 ) -> ResolvedJob:
+    spec, target = _with_data(job, data, output)
+    return resolve_job(spec, output=target, limit=limit)
+
+
+def _with_data(job: Job, data: DataLike | None, output: str | Path | None) -> tuple[JobSpec, str]:
+    """The job reading `data` (staged beside the run when it is not a path), and where
+    its output goes."""
     spec = job.spec
     target = str(output) if output else str(spec.output.path or spec.output_path)
     output_path = storage.local_stage(target) if storage.is_remote(target) else Path(target)
@@ -178,7 +189,32 @@ def _prepare(
     if data is not None:
         source = _stage(data, output_path)
         spec = spec.model_copy(update={"input": spec.input.model_copy(update={"path": source})})
-    return resolve_job(spec, output=target, limit=limit)
+    return spec, target
+
+
+def _run_steps(
+    job: Job,
+    data: DataLike | None,
+    output: str | Path | None,
+    limit: int | None,
+    options: RunOptions,
+    cluster: Cluster | None,
+) -> pl.DataFrame:
+    """A job with steps (pipeline/steps.py): the row output; reduce outputs are beside it."""
+    from pipeline.steps import open_chain
+    from pipeline.steps_run import run_chain
+
+    spec, target = _with_data(job, data, output)
+    chain = open_chain(spec, output=target, limit=limit)
+    summary = run_chain(chain, options, cluster)
+    if summary.output_path is None:
+        stopped = summary.steps[-1]
+        raise RunFailed(
+            f"step {stopped.step.name}: {stopped.summary.why_unfinished}; finished rows are "
+            "kept, call again to resume",
+            stopped.summary,
+        )
+    return scan_output(summary.output_path).collect()
 
 
 def _stage(data: DataLike, output_path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.cache import remember_answers
 from pipeline.checkpoint import Checkpoint
 from pipeline.job import ResolvedJob
 from pipeline.output import write_output
@@ -22,6 +23,7 @@ def assemble_output(job: ResolvedJob, results: Checkpoint, plan: WorkPlan | None
     names a remote output; returns the local file."""
     hashes = (plan or job.plan(results)).hashes_for
     write_output(job.table, results, job.output_path, job.limit, layout=job.layout, hashes=hashes)
+    remember_answers(job, results)
     if job.output_uri is not None:
         storage.upload(job.output_path, job.output_uri)
     return job.output_path

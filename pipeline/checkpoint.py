@@ -234,6 +234,39 @@ class Checkpoint:
             )
             self._writer.execute("INSERT OR REPLACE INTO meta VALUES ('keyed_by_request', '1')")
 
+    def carry(self, moves: list[tuple[str, str, str, str]]) -> None:
+        """Record answers under the request a row makes now: (key recorded, new key, new
+        request hash, what the answer was given for). A key that changes (a row keyed by
+        its request) moves, so the answer is counted once; `carried` keeps, per row,
+        what the kept answer was given for."""
+        copy = (
+            f"INSERT OR REPLACE INTO results (row_key, request_hash, {', '.join(_STORED_NAMES)}, "
+            f"finished_at) SELECT ?, ?, {', '.join(_STORED_NAMES)}, finished_at FROM results "
+            "WHERE row_key = ?"
+        )
+        with self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.execute(
+                "CREATE TABLE IF NOT EXISTS carried (row_key TEXT PRIMARY KEY, given_for TEXT)"
+            )
+            for old_key, new_key, new_hash, given_for in moves:
+                self._writer.execute(copy, (new_key, new_hash, old_key))
+                if new_key != old_key:
+                    self._writer.execute("DELETE FROM results WHERE row_key = ?", (old_key,))
+                self._writer.execute(
+                    "INSERT OR REPLACE INTO carried VALUES (?, ?)", (new_key, given_for)
+                )
+
+    def replace_results(self, rows: list[tuple[Any, ...]]) -> None:
+        """Record results found elsewhere (key, hash, then the stored columns), replacing
+        whatever the keys held."""
+        now = self._stamp()
+        self._write_rows([(*row, now) for row in rows])
+
+    def stored_rows(self, keys: list[str]) -> list[tuple[Any, ...]]:
+        """(key, hash, then the stored columns) of these keys' results."""
+        return list(self._select(f"row_key, request_hash, {', '.join(_STORED_NAMES)}", keys))
+
     def finished(self, keys: list[str]) -> dict[str, Finished]:
         """Which of these rows already have a result, and for which request."""
         found: dict[str, Finished] = {}

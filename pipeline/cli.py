@@ -24,6 +24,8 @@ from pipeline.plan import template_failures
 from pipeline.resolve import resolve_job
 from pipeline.results import Status
 from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.spec import with_cache
+from pipeline.steps import job_has_steps
 
 EXIT_INVALID, EXIT_STOPPED, EXIT_CRASHED, EXIT_INTERRUPTED = 2, 3, 4, 130
 EXIT_CODES = {
@@ -123,6 +125,10 @@ def _reopen_closed_std_streams() -> None:
 @click.argument("job", type=click.Path(path_type=Path))
 def validate(job: Path) -> None:
     """Check JOB (spec, input, templates, output, key) without sending anything."""
+    if job_has_steps(job):
+        from pipeline.steps_cli import validate_steps
+
+        return validate_steps(job)
     try:
         prepared = resolve_job(job)
     except SpecError as exc:
@@ -154,7 +160,7 @@ def _warn_empty_prompts(prepared: ResolvedJob) -> None:
         return
     which = prepared.spec.input.id_column or "row number"
     sample = f" ({which} {', '.join(examples)}{', ...' if count > len(examples) else ''})"
-    if prepared.spec.prompt.skip_empty:
+    if prepared.spec.the_prompt.skip_empty:
         click.echo(
             f"note: {count:,} row(s) render an empty prompt{sample}; prompt.skip_empty is on, "
             "so they are not sent (their output rows say finish_reason: skipped)",
@@ -203,6 +209,12 @@ def _warn_empty_prompts(prepared: ResolvedJob) -> None:
     type=click.IntRange(min=1),
     help="Shards to run at once (default: the cluster's CPUs).",
 )
+@click.option(
+    "--cache",
+    "cache_dir",
+    metavar="DIR",
+    help="Reuse answers any job on this machine got for the same requests (shared folder).",
+)
 def run(
     job: Path,
     limit: int | None,
@@ -215,6 +227,7 @@ def run(
     use_ray: bool,
     ray_address: str | None,
     ray_workers: int | None,
+    cache_dir: str | None,
 ) -> None:
     """Run JOB: send every row that has no result yet, then write the output Parquet.
 
@@ -230,18 +243,34 @@ def run(
     rerun = f"pipeline run {shlex.quote(str(job))}" + (
         f" --output {shlex.quote(str(output))}" if output else ""
     )
+    options = RunOptions(
+        handle_signals=True,
+        show_progress=not quiet,
+        fresh=fresh,
+        retry_failed=retry_failed,
+        detach=detach,
+        command=shlex.join(["pipeline", *sys.argv[1:]]),
+    )
+    if job_has_steps(job):
+        from pipeline.steps_cli import run_steps
+
+        sys.exit(
+            run_steps(
+                job,
+                options,
+                output=output,
+                limit=limit,
+                batch=batch,
+                cluster=cluster,
+                cache=cache_dir,
+            )
+        )
     try:
         if cluster is not None:
             cluster.require_ray()
         prepared = resolve_job(job, output=output, limit=limit, batch=batch)
-        options = RunOptions(
-            handle_signals=True,
-            show_progress=not quiet,
-            fresh=fresh,
-            retry_failed=retry_failed,
-            detach=detach,
-            command=shlex.join(["pipeline", *sys.argv[1:]]),
-        )
+        if cache_dir:
+            prepared.spec = with_cache(prepared.spec, cache_dir)
         executor = executor_for(prepared, options, cluster)
     except SpecError as exc:
         _fail(str(exc), EXIT_INVALID)
@@ -425,6 +454,10 @@ def _learned_limits(counters: RunCounters) -> list[str]:
 @click.option("--output", type=click.Path(path_type=Path), help="The run's --output, if given.")
 def status_command(job: Path, output: Path | None) -> None:
     """Show progress of JOB from its checkpoint: done, failed, pending, tokens, cost, ETA."""
+    if job_has_steps(job):
+        from pipeline.steps_cli import status_steps
+
+        return status_steps(job, output)
     try:
         prepared = resolve_job(job, output=output, read_key=False)
     except SpecError as exc:
@@ -662,6 +695,10 @@ def show(
 @click.option("--limit", type=click.IntRange(min=0), help="Estimate only the first N rows.")
 def estimate(job: Path, sample: int, limit: int | None) -> None:
     """Estimate JOB's tokens, cost and time. Sends no completion unless --sample is given."""
+    if job_has_steps(job):
+        from pipeline.steps_cli import estimate_steps
+
+        return estimate_steps(job, sample, limit)
     import anyio
 
     from pipeline.estimate import estimate as make_estimate

@@ -71,6 +71,10 @@ class RunDir:
         """A dated folder for what `--fresh` sets aside."""
         return self.path / "set-aside" / stamp
 
+    def step(self, name: str) -> Path:
+        """A multi-step job's folder for one step: its input, output and run folder."""
+        return self.path / "steps" / name
+
     @property
     def staged_input(self) -> Path:
         """Where the Python API writes a DataFrame it was given, to read it as a file."""
@@ -162,7 +166,7 @@ class ResolvedJob:
             retry_failed=retry_failed,
             request_extra=self.request_extra,
             start_at=start_at,
-            skip_empty=self.spec.prompt.skip_empty,
+            skip_empty=self.spec.the_prompt.skip_empty,
         )
 
     def keys_for(self, batch: pl.DataFrame, offset: int, results: ResultStore) -> list[str]:
@@ -209,7 +213,7 @@ class JobParts:
             spec,
             self.settings,
             table_of(spec),
-            PromptRenderer(spec.prompt),
+            PromptRenderer(spec.the_prompt),
             self.rows,
             self.output_path,
             self.limit,

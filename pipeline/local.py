@@ -308,7 +308,7 @@ def _open_log(job: ResolvedJob, settings: ProviderSettings, options: RunOptions)
         model=settings.model,
         provider=settings.name,
         params=settings.params,
-        prompt=job.spec.prompt.model_dump(exclude_none=True, exclude_defaults=True),
+        prompt=job.spec.the_prompt.model_dump(exclude_none=True, exclude_defaults=True),
         limit=job.limit,
         command=options.command,
     )

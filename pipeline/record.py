@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from pipeline.cache import fill_from_cache
+from pipeline.carry import carry_answers
 from pipeline.checkpoint import Checkpoint
 from pipeline.identity import claim, describe_job, open_checkpoint
 from pipeline.job import ResolvedJob
@@ -32,6 +34,9 @@ def open_record(job: ResolvedJob, *, fresh: bool) -> tuple[Checkpoint, list[str]
             checkpoint.key_by_request()
         elif checkpoint.get_meta("keyed_by_request") == "1":
             checkpoint.set_meta("keyed_by_request", "0")  # keyed by id again from now on
+        if not fresh:
+            notes.extend(carry_answers(job, checkpoint))
+            notes.extend(fill_from_cache(job, checkpoint))
     except BaseException:
         checkpoint.close()
         raise

@@ -40,7 +40,7 @@ def resolve_job(
     layout = layout_of(spec)
     settings = resolve_provider(spec.model, read_key=read_key, schema=layout.schema)
     require_batch_api(spec.model, settings.preset)
-    renderer = PromptRenderer(spec.prompt)
+    renderer = PromptRenderer(spec.the_prompt)
     table = table_of(spec)
     renderer.check_columns(table.columns)
     _check_column_names(spec, table, layout)

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -195,13 +196,123 @@ class OutputSpec(_Strict):
     schema_retries: int = Field(default=1, ge=0, le=10)
 
 
+class CacheSpec(_Strict):
+    path: str = Field(min_length=1)
+    max_entries: int = Field(default=1_000_000, ge=1)
+
+
+class ReduceSpec(_Strict):
+    # The columns whose values make a group: input columns or earlier steps' columns.
+    by: list[str] = Field(min_length=1)
+    # A group whose rows estimate over this many tokens is sent in parts, whose answers
+    # one more request per group combines (`combine`); see pipeline/steps_reduce.py.
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    combine: PromptSpec | None = None
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _one_or_many(cls, by: object) -> object:
+        return [by] if isinstance(by, str) else by
+
+
+class StepOutputSpec(_Strict):
+    """A step's answer shape; where it is written follows from the job's output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_retries: int = Field(default=1, ge=0, le=10)
+
+
+class StepSpec(_Strict):
+    """One step of a multi-step job (docs/JOB_SPEC.md, `steps`). `model` and `limits`
+    arrive merged over the job's (see `JobSpec._merge_step_overrides`)."""
+
+    # Prefixes the step's columns in the output, so it must read as a column name.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    prompt: PromptSpec
+    when: str | None = Field(default=None, min_length=1)
+    reduce: ReduceSpec | None = None
+    model: ModelSpec | None = None
+    limits: LimitsSpec | None = None
+    output: StepOutputSpec = Field(default_factory=StepOutputSpec)
+
+
 class JobSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     input: InputSpec
     model: ModelSpec
-    prompt: PromptSpec
+    # Exactly one of the two: a single prompt, or a list of steps (pipeline/steps.py).
+    prompt: PromptSpec | None = None
+    steps: list[StepSpec] | None = Field(default=None, min_length=1)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    # Opt-in: an answer is kept when only model.params changed since it was given,
+    # unless it was cut short (finish_reason: length) or failed (pipeline/carry.py).
+    reuse_across_params: bool = False
+    # Opt-in: a folder of answers shared by every job on this machine (pipeline/cache.py).
+    cache: CacheSpec | None = None
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _folder_alone(cls, cache: object) -> object:
+        return {"path": cache} if isinstance(cache, str) else cache
+
+    @field_validator("prompt", "steps", mode="before")
+    @classmethod
+    def _not_blank(cls, value: object, info: ValidationInfo) -> object:
+        # Optional only in that a job has one or the other: a key left without a value
+        # is a mistake worded as for any other section.
+        if value is None:
+            section = PromptSpec if info.field_name == "prompt" else StepSpec
+            keys = ", ".join(f.alias or n for n, f in section.model_fields.items())
+            what = "a mapping" if info.field_name == "prompt" else "a list of steps, each a mapping"
+            raise ValueError(
+                f"expected {what} with keys among {keys}, got nothing (the key has no value; "
+                "remove it or give it one)"
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_step_overrides(cls, data: Any) -> Any:
+        """A step's `model` and `limits` are overrides of the job's: merged here, so a
+        merged section is checked (and its mistakes named) under the step's key."""
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            return data
+        steps = []
+        for step in data["steps"]:
+            if isinstance(step, dict):
+                step = dict(step)
+                for key in ("model", "limits"):
+                    if isinstance(step.get(key), dict) and isinstance(data.get(key, {}), dict):
+                        step[key] = _merged(data.get(key) or {}, step[key])
+            steps.append(step)
+        return {**data, "steps": steps}
+
+    @model_validator(mode="after")
+    def _prompt_or_steps(self) -> JobSpec:
+        if self.prompt is None and self.steps is None:
+            raise ValueError("prompt: required key is missing (or give steps, for several)")
+        if self.prompt is not None and self.steps is not None:
+            raise ValueError("give either prompt (one step) or steps (several), not both")
+        if self.steps is not None:
+            names = [step.name for step in self.steps]
+            if repeated := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"steps: step name(s) {', '.join(repeated)} used twice")
+        return self
+
+    @property
+    def the_prompt(self) -> PromptSpec:
+        """The prompt of a job that has one: every job a run resolves (a step is resolved
+        into a job of its own with the step's prompt)."""
+        if self.prompt is None:
+            raise SpecError(
+                "this job has steps: validate, run, status and estimate take the job file; "
+                "report, show and export take a step's output "
+                "(<output>.run/steps/<step name>/output.parquet)"
+            )
+        return self.prompt
 
     @property
     def output_path(self) -> Path:
@@ -209,7 +320,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cached_prefix_is_the_same_for_every_row(self) -> JobSpec:
-        if not self.model.prompt_cache:
+        if not self.model.prompt_cache or self.prompt is None:  # a step is checked as its job
             return self
         for _, source, where in self.prompt.parts()[:-1]:
             if "{{" in source or "{%" in source:
@@ -220,6 +331,21 @@ class JobSpec(_Strict):
                     f"{where} uses row variables; move them into the last message"
                 )
         return self
+
+
+def with_cache(spec: JobSpec, folder: str) -> JobSpec:
+    """The job with `cache:` set to `folder` (`run --cache DIR`)."""
+    limit = spec.cache.max_entries if spec.cache else CacheSpec.model_fields["max_entries"].default
+    return spec.model_copy(update={"cache": CacheSpec(path=folder, max_entries=limit)})
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, one level deep into `params` (a step that sets
+    `max_tokens` keeps the job's `temperature`)."""
+    merged = {**base, **override}
+    if isinstance(base.get("params"), dict) and isinstance(override.get("params"), dict):
+        merged["params"] = {**base["params"], **override["params"]}
+    return merged
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -262,6 +388,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(name, str) and name:
             output = data["output"] = {**(output or {}), "path": f"out/{name}.parquet"}
     sections.append((output, "path"))
+    cache = data.get("cache")
+    if isinstance(cache, str):
+        cache = data["cache"] = {"path": cache}
+    sections.append((cache, "path"))
     for section, key in sections:
         if isinstance(section, dict) and isinstance(section.get(key), str):
             value = section[key]

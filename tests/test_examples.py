@@ -39,6 +39,12 @@ def test_example_job_runs(project: Path, name: str) -> None:
     assert result.returncode == 0, result.stderr
     spec = load_spec(project / "jobs" / name)
     out = pl.read_parquet(project / spec.output_path)
+    if spec.steps is not None:  # each map step's columns, prefixed with its name
+        for step in (s for s in spec.steps if s.reduce is None):
+            assert f"{step.name}_response" in out.columns
+            errors = out[f"{step.name}_error"]
+            assert errors.null_count() == out.height > 0
+        return
     start = out.columns.index("response")
     assert out.columns[start : start + len(RESULT_NAMES)] == list(RESULT_NAMES)
     if spec.output.schema_:

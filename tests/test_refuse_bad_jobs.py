@@ -68,6 +68,33 @@ INVALID: dict[str, Any] = {
     "output.path": ".",
     "output.schema": {"label": "no-such-type"},
     "output.schema_retries": -1,
+    "reuse_across_params": "sometimes",
+    "cache": 5,
+    "cache.path": "",
+    "cache.max_entries": 0,
+}
+# A step's keys: its own, and the job's prompt, model and limits keys under it (the same
+# invalid values: a step's model and limits are overrides of the job's).
+STEP_INVALID: dict[str, Any] = {
+    "steps": "Summarize",
+    "steps.name": "two words",
+    "steps.when": "text ==",
+    "steps.reduce": "text",
+    "steps.reduce.by": ["no_such_column"],
+    "steps.reduce.max_prompt_tokens": 0,
+    **{
+        f"steps.reduce.combine{key.removeprefix('prompt')}": value
+        for key, value in INVALID.items()
+        if key.split(".")[0] == "prompt"
+    },
+    "steps.output": "out.parquet",
+    "steps.output.schema": {"label": "no-such-type"},
+    "steps.output.schema_retries": -1,
+    **{
+        f"steps.{key}": value
+        for key, value in INVALID.items()
+        if key.split(".")[0] in ("prompt", "model", "limits")
+    },
 }
 LIST_ITEMS = {"prompt.messages"}  # keys whose sub-keys live in the list's items
 
@@ -90,7 +117,7 @@ def _model_types(annotation: Any) -> list[type[BaseModel]]:
 
 
 def test_every_spec_key_has_an_invalid_value_here() -> None:
-    assert sorted(spec_keys(JobSpec)) == sorted(INVALID)
+    assert sorted(spec_keys(JobSpec)) == sorted([*INVALID, *STEP_INVALID])
 
 
 def with_invalid(spec: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -117,6 +144,33 @@ def test_an_invalid_value_is_refused_before_sending(
     reviews(5).write_csv(tmp_path / "reviews.csv")
     job = make_job(tmp_path, simulator)
     spec = with_invalid(yaml.safe_load(job.read_text()), key, INVALID[key])
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIM_API_KEY", SIM_KEY)
+    monkeypatch.delenv("PIPELINE_TEST_KEY_THAT_IS_NOT_SET", raising=False)
+
+    result = CliRunner().invoke(main, ["run", str(job)])
+
+    assert result.exit_code == 2, (key, result.output, result.exception)
+    assert simulator.stats()["requests"] == 0
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("key", sorted(STEP_INVALID))
+def test_an_invalid_step_value_is_refused_before_sending(
+    key: str, tmp_path: Path, simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reviews(5).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator)
+    spec = yaml.safe_load(job.read_text())
+    step = {"name": "first", "prompt": spec.pop("prompt")}
+    if key.startswith("steps.reduce."):
+        combine = {"template": "{{ rows|length }}"}
+        step["reduce"] = {"by": "text", "max_prompt_tokens": 100, "combine": combine}
+    if key == "steps":
+        spec["steps"] = STEP_INVALID[key]
+    else:
+        spec["steps"] = [with_invalid(step, key.removeprefix("steps."), STEP_INVALID[key])]
     job.write_text(yaml.safe_dump(spec, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SIM_API_KEY", SIM_KEY)

@@ -1,0 +1,373 @@
+"""Multi-step jobs: map, filter (`when`) and reduce steps over one table, on the one engine.
+
+Each step is resolved into a `ResolvedJob` of its own and run by the executor the job
+asks for, like any job: its input is the job's input joined with the earlier steps'
+result columns, materialised as Parquet in the job's run folder
+(`<output>.run/steps/<name>/input.parquet`); its output and its checkpoint live in the
+same folder. So every step has its own durable record keyed by request hash: it is
+exactly-once, resumes after a kill, and a step whose requests did not change sends
+nothing when the job is edited and run again.
+
+    input -> [when] -> step 1 -> join -> [when] -> step 2 -> join -> ... -> output
+                                      \\-> reduce: rows grouped by `by` -> <stem>.<step><suffix>
+
+A map step adds its result columns to every row, prefixed with its name
+(`sentiment_label`, `complaint_response`); a row its `when` skips gets nulls there
+and is never sent. Its `output.schema` properties are also variables of later steps
+under their own names (`label`), unless an input column has that name. A reduce step
+renders one request per group with `rows` (the group's rows, as a list of mappings)
+and the `by` columns as variables. Steps run one after another.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import yaml
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from pipeline import storage
+from pipeline.columns import RESULT_NAMES
+from pipeline.errors import SpecError
+from pipeline.job import ResolvedJob, RunDir, layout_of, limited_output, table_of
+from pipeline.output import OutputFile, output_format
+from pipeline.resolve import resolve_job
+from pipeline.runs import RunSummary
+from pipeline.spec import (
+    InputSpec,
+    JobSpec,
+    OutputSpec,
+    StepSpec,
+    load_spec,
+)
+
+ROW_COLUMN = "_input_row"  # each input row's position, carried through every step to join on
+ROWS_VARIABLE = "rows"  # a reduce step's template variable: the group's rows
+
+
+def job_has_steps(job: str | Path) -> bool:
+    """Whether a job file declares `steps:`. Only a glance at the YAML (libyaml's parser:
+    a tenth of a millisecond): a file that cannot be read is the normal path's to report."""
+    try:
+        data = yaml.load(Path(job).read_text(encoding="utf-8"), Loader=_LOADER)
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "steps" in data
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# --- what each step adds ------------------------------------------------------------
+
+
+def result_columns(step: StepSpec, spec: JobSpec) -> list[str]:
+    """The columns a step's answers carry, unprefixed: the standard ones, then
+    `tool_calls` and the schema's properties where the step has them."""
+    return [*RESULT_NAMES, *layout_of(step_job_spec(spec, step, "-", "-")).extra_columns]
+
+
+def schema_properties(step: StepSpec, spec: JobSpec) -> list[str]:
+    layout = layout_of(step_job_spec(spec, step, "-", "-"))
+    return layout.schema.columns if layout.schema else []
+
+
+def prefixed(step: StepSpec, column: str) -> str:
+    return f"{step.name}_{column}"
+
+
+# --- a step as a job ----------------------------------------------------------------
+
+
+def step_job_spec(spec: JobSpec, step: StepSpec, input_path: str, output_path: str) -> JobSpec:
+    """The job a step runs as: its prompt, the job's model and limits unless the step
+    overrides them, over its materialised input, into its own output (and run folder).
+    A reduce step's groups are keyed by their request; a map step's rows as the job's."""
+    id_column = None if step.reduce is not None else spec.input.id_column
+    return JobSpec(
+        name=f"{spec.name}.{step.name}",
+        input=InputSpec(path=input_path, id_column=id_column),
+        model=step.model or spec.model,
+        prompt=step.prompt,
+        limits=step.limits or spec.limits,
+        output=OutputSpec(
+            path=output_path,
+            schema=step.output.schema_,
+            schema_retries=step.output.schema_retries,
+        ),
+        reuse_across_params=spec.reuse_across_params,
+        cache=spec.cache,
+    )
+
+
+@dataclass(frozen=True)
+class StepsLayout:
+    """Where a multi-step job keeps its files: the one place their names are spelled."""
+
+    output: Path  # the row output this run writes
+    # The job's own output, whose run folder holds the steps' records: a `--limit` run
+    # writes its outputs beside it and keeps its answers there for the full run.
+    records: Path | None = None
+
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir.beside(self.records or self.output)
+
+    def folder(self, step: StepSpec) -> Path:
+        return self.run_dir.step(step.name)
+
+    def step_input(self, step: StepSpec) -> Path:
+        return self.folder(step) / "input.parquet"
+
+    def step_output(self, step: StepSpec) -> Path:
+        return self.folder(step) / "output.parquet"
+
+    def step_checkpoint(self, step: StepSpec) -> Path:
+        return RunDir.beside(self.step_output(step)).checkpoint
+
+    def reduce_output(self, step: StepSpec) -> Path:
+        """`out/reviews.parquet` -> `out/reviews.per_label.parquet`."""
+        return self.output.with_name(f"{self.output.stem}.{step.name}{self.output.suffix}")
+
+
+# --- `when` -------------------------------------------------------------------------
+
+
+class RowFilter:
+    """A step's `when`: a Jinja2 expression (sandboxed, strict undefined) over the
+    variables a template of the step would see, evaluated per row."""
+
+    def __init__(self, source: str, where: str) -> None:
+        env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+        try:
+            parsed = env.parse(f"{{{{ ({source}) }}}}")
+            self._expression = env.compile_expression(source, undefined_to_none=False)
+        except TemplateSyntaxError as exc:
+            raise SpecError(f"{where}: not a valid expression: {exc.message}") from None
+        self.variables = tuple(sorted(meta.find_undeclared_variables(parsed) - set(env.globals)))
+        self.where = where
+
+    def check_columns(self, columns: list[str]) -> None:
+        if missing := sorted(set(self.variables) - set(columns)):
+            raise SpecError(
+                f"{self.where}: variable(s) {', '.join(missing)} not found among the columns "
+                f"this step sees ({', '.join(columns)})"
+            )
+
+    def mask(self, frame: pl.DataFrame) -> pl.Series:
+        """True for the rows the step keeps. A row the expression fails on is an error
+        of the job's, not a row to skip silently."""
+        rows = frame.select(self.variables).rows(named=True) if self.variables else None
+        kept = []
+        for n in range(frame.height):
+            values = rows[n] if rows is not None else {}
+            try:
+                kept.append(bool(self._expression(**values)))
+            except Exception as exc:
+                raise SpecError(
+                    f"{self.where}: fails on row {n} ({type(exc).__name__}: {exc}); guard the "
+                    "expression (e.g. `x is not none and x > 3`) and rerun: the answers "
+                    "recorded so far are kept"
+                ) from None
+        return pl.Series("kept", kept, dtype=pl.Boolean)
+
+
+# --- the step's input ---------------------------------------------------------------
+
+
+def reduce_groups(frame: pl.DataFrame, step: StepSpec) -> pl.DataFrame:
+    """One row per group of `frame` by the step's `by` columns (in order of first
+    appearance), with the group's rows as a list of mappings in `rows`."""
+    assert step.reduce is not None
+    by = step.reduce.by
+    members = [c for c in frame.columns if c != ROW_COLUMN]
+    return frame.group_by(by, maintain_order=True).agg(pl.struct(members).alias(ROWS_VARIABLE))
+
+
+def write_parquet_atomically(frame: pl.DataFrame, path: Path) -> None:
+    """A step's input is replaced whole or not at all: a kill never leaves half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        frame.write_parquet(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def resolve_step(
+    spec: JobSpec,
+    step: StepSpec,
+    step_input: pl.DataFrame,
+    layout: StepsLayout,
+    *,
+    read_key: bool | Literal["if_set"] = True,
+    batch: bool = False,
+    where: str | None = None,
+) -> ResolvedJob:
+    """The step as a `ResolvedJob` over `step_input` (written to the step's folder):
+    every check of a job (provider, key, templates against these columns, output);
+    a problem is named at `where` (default: the step's key)."""
+    input_path = layout.step_input(step)
+    write_parquet_atomically(step_input, input_path)
+    derived = step_job_spec(spec, step, str(input_path), str(layout.step_output(step)))
+    try:
+        return resolve_job(derived, read_key=read_key, batch=batch)
+    except SpecError as exc:
+        raise SpecError(f"{where or f'steps.{step.name}'}: {exc}") from None
+
+
+# --- the chain ----------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """How one step of a run went."""
+
+    step: StepSpec
+    rows: int  # rows (or groups) the step covered
+    skipped: int  # rows its `when` left out
+    summary: RunSummary
+    failed: int = 0  # rows (or groups) of its output in error
+    output: Path | None = None  # a reduce step's output
+
+
+@dataclass
+class Chain:
+    """A multi-step job checked and ready to run: the spec, its input, where it writes."""
+
+    spec: JobSpec
+    frame: pl.DataFrame  # the job's input rows (the first `limit`), with ROW_COLUMN
+    layout: StepsLayout
+    limit: int | None = None
+
+    @property
+    def steps(self) -> list[StepSpec]:
+        assert self.spec.steps is not None
+        return self.spec.steps
+
+
+def open_chain(
+    job: str | Path | JobSpec, *, output: str | Path | None = None, limit: int | None = None
+) -> Chain:
+    """Load a multi-step job and read its input (SpecError for any problem)."""
+    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    if spec.steps is None:
+        raise SpecError("this job has no steps")
+    if limit is not None and limit < 0:
+        raise SpecError("--limit must be zero or more")
+    table = table_of(spec)
+    table.check()
+    if ROW_COLUMN in table.columns:
+        raise SpecError(
+            f"input.path: column {ROW_COLUMN} is reserved in a job with steps; rename it"
+        )
+    _check_step_columns(spec, table.columns)
+    where = str(output) if output else str(spec.output_path)
+    if storage.is_remote(where) or where.endswith("/"):
+        raise SpecError(
+            f"output.path: {where}: a job with steps writes local files (object storage "
+            "and folders of part files are not supported for steps yet)"
+        )
+    job_output = Path(where)
+    if any(Path(p).resolve() == job_output.resolve() for p in table.paths):
+        raise SpecError(f"output.path: {job_output} is the job's input; choose another path")
+    target = job_output
+    if limit is not None and output is None:
+        target = limited_output(job_output, limit)
+    output_format(target)  # an extension no format has is refused before anything runs
+    # The chain joins every step's columns onto the rows, so they are held in memory.
+    batches = list(table.batches(100_000, limit))
+    frame = (
+        pl.concat(batches, how="vertical_relaxed") if batches else pl.DataFrame(schema=table.schema)
+    )
+    frame = frame.with_row_index(ROW_COLUMN)
+    return Chain(spec, frame, StepsLayout(target, job_output), limit)
+
+
+def _check_step_columns(spec: JobSpec, columns: list[str]) -> None:
+    """The output's columns must be unique: a step's prefixed column may not be an input's."""
+    for step in spec.steps or []:
+        if step.reduce is not None:
+            continue
+        if clashes := sorted(
+            {prefixed(step, c) for c in result_columns(step, spec)} & set(columns)
+        ):
+            raise SpecError(
+                f"steps.{step.name}: its column(s) {', '.join(clashes)} would clash with the "
+                "input's columns of the same name; rename the step or the columns"
+            )
+
+
+def join_step(
+    frame: pl.DataFrame, step: StepSpec, spec: JobSpec, answered: pl.DataFrame
+) -> pl.DataFrame:
+    """`frame` with a map step's result columns (prefixed), and its schema properties
+    under their own names unless an input column has that name."""
+    columns = result_columns(step, spec)
+    renamed = answered.select(ROW_COLUMN, *(pl.col(c).alias(prefixed(step, c)) for c in columns))
+    joined = frame.join(renamed, on=ROW_COLUMN, how="left", maintain_order="left")
+    return joined.with_columns(plain_aliases(step, spec, frame.columns))
+
+
+def plain_aliases(step: StepSpec, spec: JobSpec, taken: list[str]) -> list[pl.Expr]:
+    """A later step's own names for this step's schema properties (`label`)."""
+    base = set(taken) - set(aliases_of_earlier(spec, step))
+    return [
+        pl.col(prefixed(step, name)).alias(name)
+        for name in schema_properties(step, spec)
+        if name not in base
+    ]
+
+
+def aliases_of_earlier(spec: JobSpec, upto: StepSpec) -> list[str]:
+    """The plain names earlier map steps gave their schema properties (a later step's
+    property of the same name replaces them)."""
+    names: list[str] = []
+    for step in spec.steps or []:
+        if step.name == upto.name:
+            break
+        if step.reduce is None:
+            names.extend(schema_properties(step, spec))
+    return names
+
+
+def final_frame(chain: Chain, frame: pl.DataFrame) -> pl.DataFrame:
+    """The job's output: input columns, then each map step's prefixed columns."""
+    aliases = {
+        name
+        for step in chain.steps
+        if step.reduce is None
+        for name in schema_properties(step, chain.spec)
+    }
+    input_columns = set(chain.frame.columns)
+    return frame.drop(ROW_COLUMN, *(a for a in aliases if a not in input_columns))
+
+
+def reduce_frame(step: StepSpec, spec: JobSpec, answered: pl.DataFrame) -> pl.DataFrame:
+    """A reduce step's output: the `by` columns, then the standard result columns."""
+    assert step.reduce is not None
+    return answered.select(*step.reduce.by, *result_columns(step, spec))
+
+
+def write_frame(frame: pl.DataFrame, path: Path) -> None:
+    """Written in the format `path`'s extension names, atomically."""
+    with OutputFile(path, output_format(path)) as out:
+        out.write(frame.to_arrow())
+
+
+@contextmanager
+def validation_folder() -> Iterator[Path]:
+    """Where `validate` materialises empty step inputs: nothing of the job's is touched."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-validate-") as folder:
+        yield Path(folder)

@@ -1,0 +1,151 @@
+"""The commands of a multi-step job (`validate`, `run`, `status`, `estimate`): what they
+print, and the exit code, the same as a single-step job's for the same end."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+from pipeline.errors import PipelineError, RunCrashed, SpecError
+from pipeline.executor import Cluster
+from pipeline.resolve import resolve_job
+from pipeline.runs import RunEnd, RunOptions
+from pipeline.spec import load_spec, with_cache
+from pipeline.steps import StepsLayout, open_chain, step_job_spec
+from pipeline.steps_run import ChainSummary, check_chain, recorded_steps, run_chain
+
+EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
+EXIT_STOPPED, EXIT_CRASHED = 3, 4
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def validate_steps(job: Path) -> None:
+    """Check every step against the columns it will see; SpecError names the first problem."""
+    chain = open_chain(job)
+    resolved = check_chain(chain)
+    click.echo(
+        f"ok: {job} is valid: {chain.frame.height:,} rows from {chain.spec.input.path}, "
+        f"{len(resolved)} steps, output {chain.layout.output}"
+    )
+    for step, prepared in zip(chain.steps, resolved, strict=True):
+        kind = f"reduce by {', '.join(step.reduce.by)}" if step.reduce else "map"
+        when = f" when {step.when}" if step.when else ""
+        click.echo(
+            f"  {step.name}: {kind}{when}; provider {prepared.settings.name}, "
+            f"model {prepared.settings.model}"
+        )
+
+
+def run_steps(
+    job: Path,
+    options: RunOptions,
+    *,
+    output: str | None = None,
+    limit: int | None = None,
+    batch: bool = False,
+    cluster: Cluster | None = None,
+    cache: str | None = None,
+) -> int:
+    """Run a multi-step job and print one summary; returns the exit code."""
+    rerun = f"pipeline run {shlex.quote(str(job))}" + (
+        f" --output {shlex.quote(output)}" if output else ""
+    )
+    if options.detach:
+        raise SpecError(
+            "--detach: a job with steps waits for each step's batches, since the next step "
+            "reads their answers; drop --detach"
+        )
+    if cluster is not None:
+        cluster.require_ray()
+    chain = open_chain(job, output=output, limit=limit)
+    if cache:
+        chain.spec = with_cache(chain.spec, cache)
+    check_chain(chain, read_key=True)  # every step checked before the first is sent
+    try:
+        summary = run_chain(chain, options, cluster, batch=batch, announce=_say)
+    except SpecError:
+        raise
+    except RunCrashed as exc:
+        _say(
+            f"error: the run stopped on an unexpected error: {exc}; finished rows are saved "
+            f"and `{rerun}` resumes (PIPELINE_DEBUG=1 shows the traceback)"
+        )
+        return EXIT_CRASHED
+    except PipelineError as exc:
+        _say(f"error: {exc}")
+        return EXIT_STOPPED
+    _say(describe_chain(summary, rerun))
+    return EXIT_CODES[summary.end]
+
+
+def describe_chain(summary: ChainSummary, rerun: str) -> str:
+    """One summary for the whole job: a line per step, then the totals and the outputs."""
+    lines = ["steps:"]
+    for result in summary.steps:
+        run = result.summary
+        failed = result.failed
+        lines.append(
+            f"  {result.step.name}: {result.rows:,} {'group' if result.step.reduce else 'row'}(s)"
+            + (f" ({result.skipped:,} left out by `when`)" if result.skipped else "")
+            + f", {run.reused:,} reused, {run.sent:,} request(s) sent, {failed:,} failed; "
+            f"cost ${run.run_cost:.6f} this run"
+        )
+    total = summary.total_cost_usd
+    lines.append(
+        f"cost: ${summary.run_cost:.6f} this run"
+        + (f", ${total:.6f} for every answer in the outputs" if total is not None else "")
+    )
+    if summary.end is RunEnd.STOPPED:
+        stopped = summary.steps[-1]
+        fatal = stopped.summary.fatal
+        why = fatal.describe() if fatal is not None else stopped.summary.why_unfinished
+        lines.append(f"stopped in step {stopped.step.name}: {why}; `{rerun}` resumes")
+    elif summary.end is RunEnd.INTERRUPTED:
+        lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
+    if summary.output_path is not None:
+        lines.append(f"output: {summary.output_path}")
+    lines.extend(f"output (reduce): {path}" for path in summary.reduce_outputs)
+    return "\n".join(lines)
+
+
+def status_steps(job: Path, output: Path | None) -> None:
+    """A line per step from its own record (`not started` before its first run), then
+    the cost of every step together."""
+    from pipeline.cluster.status import job_status
+
+    spec = load_spec(job)
+    layout = StepsLayout(output or spec.output_path)
+    lines, cost = [], 0.0
+    for step in recorded_steps(spec.steps or []):
+        step_input = layout.step_input(step)
+        if not step_input.exists():
+            lines.append(f"  {step.name}: not started")
+            continue
+        derived = step_job_spec(spec, step, str(step_input), str(layout.step_output(step)))
+        report = job_status(resolve_job(derived, read_key=False))
+        if report is None:
+            lines.append(f"  {step.name}: not started")
+            continue
+        cost += report.totals.cost_usd
+        state = "running" if report.running else "done" if report.pending == 0 else "stopped"
+        lines.append(
+            f"  {step.name}: {report.finished:,}/{report.rows:,} "
+            f"{'group' if step.reduce else 'row'}(s) finished ({report.failed:,} failed), "
+            f"{report.pending:,} pending, {state}; cost ${report.totals.cost_usd:.6f}"
+        )
+    click.echo(f"{spec.name}: {len(spec.steps or [])} steps, ${cost:.6f} spent in all")
+    click.echo("\n".join(lines))
+
+
+def estimate_steps(job: Path, sample: int, limit: int | None) -> None:
+    """Each step's estimate and the total; `sample` rows go through every step for real."""
+    from pipeline.steps_estimate import describe_estimates, estimate_chain
+
+    chain = open_chain(job, limit=limit)
+    check_chain(chain, read_key=True if sample else "if_set")
+    click.echo(describe_estimates(estimate_chain(chain, sample=sample)))

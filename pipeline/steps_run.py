@@ -1,0 +1,313 @@
+"""Checking and running a multi-step job (`steps.py`): each step is resolved into a
+job of its own and handed to `executor.executor_for`, like any job, so `--batch` and
+`--ray` run a step exactly as they run a job."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import pyarrow as pa
+
+from pipeline.checkpoint import Checkpoint, Totals
+from pipeline.columns import RESULT_COLUMNS
+from pipeline.embedded import simulator_for
+from pipeline.errors import SpecError
+from pipeline.executor import Cluster, executor_for
+from pipeline.job import ResolvedJob, layout_of
+from pipeline.output import scan_output
+from pipeline.runlock import RunLock
+from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.spec import JobSpec, StepSpec
+from pipeline.steps import (
+    ROW_COLUMN,
+    ROWS_VARIABLE,
+    Chain,
+    RowFilter,
+    StepResult,
+    StepsLayout,
+    aliases_of_earlier,
+    final_frame,
+    join_step,
+    prefixed,
+    reduce_frame,
+    reduce_groups,
+    resolve_step,
+    result_columns,
+    step_job_spec,
+    validation_folder,
+    write_frame,
+)
+from pipeline.steps_reduce import combine_input, combine_step, merged, split_groups, splits
+
+# How a chain ends when its steps end differently: the most serious end wins.
+SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
+
+
+@dataclass
+class ChainSummary:
+    """How a multi-step run went: one result per step that ran, the outputs written."""
+
+    steps: list[StepResult] = field(default_factory=list)
+    end: RunEnd = RunEnd.ALL_OK
+    output_path: Path | None = None
+    reduce_outputs: list[Path] = field(default_factory=list)
+    total_cost_usd: float | None = None  # over every cost column of the outputs
+
+    @property
+    def run_cost(self) -> float:
+        return sum(r.summary.run_cost for r in self.steps)
+
+    @property
+    def sent(self) -> int:
+        return sum(r.summary.sent for r in self.steps)
+
+
+# --- validate -----------------------------------------------------------------------
+
+
+def empty_answers(step: StepSpec, spec: JobSpec) -> pl.DataFrame:
+    """A step's answers with no rows: the columns and types its output has."""
+    layout = layout_of(step_job_spec(spec, step, "-", "-"))
+    fields = [pa.field(c.name, c.type) for c in RESULT_COLUMNS]
+    if layout.tool_calls:
+        fields.append(pa.field("tool_calls", pa.string()))
+    if layout.schema is not None:
+        fields.extend(layout.schema.arrow_fields())
+    schema = pa.schema([pa.field(ROW_COLUMN, pa.uint32()), *fields])
+    frame = pl.from_arrow(schema.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> list[ResolvedJob]:
+    """Every check of every step, in order, against the columns it will see (the
+    earlier steps' included); nothing is sent and nothing of the job's is written."""
+    frame = chain.frame.head(0)
+    resolved = []
+    with validation_folder() as folder:
+        scratch = StepsLayout(folder / chain.layout.output.name)
+        for step in chain.steps:
+            step_input = step_rows(chain, step, frame)
+            resolved.append(resolve_step(chain.spec, step, step_input, scratch, read_key=read_key))
+            if splits(step):
+                answers = empty_answers(step, chain.spec).drop(ROW_COLUMN)
+                parts = pl.concat(
+                    [step_input.drop(ROWS_VARIABLE).head(0), answers], how="horizontal"
+                )
+                combining = combine_step(step)
+                resolved.append(
+                    resolve_step(
+                        chain.spec,
+                        combining,
+                        combine_input(parts, step),
+                        scratch,
+                        read_key=read_key,
+                        where=f"steps.{step.name}.reduce.combine",
+                    )
+                )
+            if step.reduce is None:
+                frame = join_step(frame, step, chain.spec, empty_answers(step, chain.spec))
+    return resolved
+
+
+# --- run ----------------------------------------------------------------------------
+
+
+def step_rows(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> pl.DataFrame:
+    """What a step is sent: the rows its `when` keeps (grouped, for a reduce step),
+    without the plain names of earlier steps' properties that this step produces."""
+    if step.when is not None:
+        row_filter = RowFilter(step.when, f"steps.{step.name}.when")
+        row_filter.check_columns(_visible(frame))
+        frame = frame.filter(row_filter.mask(frame)) if frame.height else frame
+    own = set(result_columns(step, chain.spec))
+    shadowed = [c for c in aliases_of_earlier(chain.spec, step) if c in own and c in frame.columns]
+    frame = frame.drop(shadowed)
+    if step.reduce is None:
+        return frame
+    if missing := [c for c in step.reduce.by if c not in frame.columns]:
+        raise SpecError(
+            f"steps.{step.name}.reduce.by: column(s) {', '.join(missing)} not found among "
+            f"the columns this step sees ({', '.join(_visible(frame))})"
+        )
+    if ROWS_VARIABLE in step.reduce.by:
+        raise SpecError(f"steps.{step.name}.reduce.by: '{ROWS_VARIABLE}' is the group's rows")
+    groups = reduce_groups(frame, step)
+    return split_groups(groups, step) if splits(step) else groups
+
+
+def _visible(frame: pl.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c != ROW_COLUMN]
+
+
+Announce = Callable[[str], None]
+
+
+def run_chain(
+    chain: Chain,
+    options: RunOptions,
+    cluster: Cluster | None = None,
+    *,
+    batch: bool = False,
+    announce: Announce = lambda line: None,
+) -> ChainSummary:
+    """Run every step in order, then write the job's output. A step that stops (a
+    job-level failure, an interrupt) stops the chain: later steps are not started, and
+    a rerun resumes it, reusing every answer recorded. One run per job: the lock on the
+    job's run folder is held throughout, as each step's run holds its own."""
+    with RunLock(chain.layout.run_dir.path):
+        return _run_steps(chain, options, cluster, batch, announce)
+
+
+def _run_steps(
+    chain: Chain, options: RunOptions, cluster: Cluster | None, batch: bool, announce: Announce
+) -> ChainSummary:
+    summary = ChainSummary()
+    frame = chain.frame
+    # The chain reads each step's output to join it: a step always writes it, and
+    # `options.write_output` is about the job's own outputs.
+    step_options = dataclasses.replace(options, write_output=True)
+    for number, step in enumerate(chain.steps, start=1):
+        step_input = step_rows(chain, step, frame)
+        covered = step_input.height
+        skipped = frame.height - (covered if step.reduce is None else _rows_in(step_input))
+        announce(_headline(number, len(chain.steps), step, covered, skipped))
+        budgeted = within_job_budget(chain, step)
+        job = resolve_step(chain.spec, budgeted, step_input, chain.layout, batch=batch)
+        result = StepResult(step, covered, skipped, _run_step(job, step_options, cluster))
+        summary.steps.append(result)
+        summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
+        if not result.summary.finished:
+            return summary
+        answered = pl.read_parquet(job.output_path)
+        result.failed = answered.height - answered.get_column("error").null_count()
+        if splits(step):
+            combined = _combine(chain, step, answered, step_options, cluster, batch, summary)
+            if not summary.steps[-1].summary.finished:
+                return summary
+            answered = merged(answered, combined, step)
+        if step.reduce is None:
+            frame = join_step(frame, step, chain.spec, answered)
+        elif options.write_output:
+            result.output = chain.layout.reduce_output(step)
+            write_frame(reduce_frame(step, chain.spec, answered), result.output)
+            summary.reduce_outputs.append(result.output)
+    if options.write_output:
+        final = final_frame(chain, frame)
+        write_frame(final, chain.layout.output)
+        summary.output_path = chain.layout.output
+        summary.total_cost_usd = _total_cost(chain, final, summary.reduce_outputs)
+    return summary
+
+
+def _combine(
+    chain: Chain,
+    step: StepSpec,
+    answered: pl.DataFrame,
+    options: RunOptions,
+    cluster: Cluster | None,
+    batch: bool,
+    summary: ChainSummary,
+) -> pl.DataFrame | None:
+    """Combine the parts of every split group (steps_reduce.py): their answers (None
+    when no group was split); the combining step's run is added to the summary."""
+    groups = combine_input(answered, step)
+    if groups.height == 0:
+        return None
+    combining = within_job_budget(chain, combine_step(step))
+    where = f"steps.{step.name}.reduce.combine"
+    job = resolve_step(chain.spec, combining, groups, chain.layout, batch=batch, where=where)
+    result = StepResult(combining, groups.height, 0, _run_step(job, options, cluster))
+    summary.steps.append(result)
+    summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
+    if not result.summary.finished:
+        return None
+    combined = pl.read_parquet(job.output_path)
+    result.failed = combined.height - combined.get_column("error").null_count()
+    return combined
+
+
+def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:
+    """The step with the job's spending limits made one budget across the steps: what
+    the other steps' records have spent is taken off (a step's own records are counted
+    by its run, as any job's are); a step's own lower limit still holds. A budget already
+    spent stops the step before it sends."""
+    job, limits = chain.spec.limits, step.limits or chain.spec.limits
+    if job.max_cost_usd is None and job.max_tokens_total is None:
+        return step
+    elsewhere = Totals()
+    for other in recorded_steps(chain.steps):
+        if other.name != step.name:
+            elsewhere += recorded_totals(chain.layout.step_checkpoint(other))
+    update: dict[str, float | int] = {}
+    if job.max_cost_usd is not None:
+        left = max(NOTHING_LEFT_USD, job.max_cost_usd - elsewhere.cost_usd)
+        update["max_cost_usd"] = min(left, limits.max_cost_usd or left)
+    if job.max_tokens_total is not None:
+        used = elsewhere.prompt_tokens + elsewhere.output_tokens + elsewhere.reasoning_tokens
+        left_tokens = max(1, job.max_tokens_total - used)
+        update["max_tokens_total"] = min(left_tokens, limits.max_tokens_total or left_tokens)
+    return step.model_copy(update={"limits": limits.model_copy(update=update)})
+
+
+def recorded_steps(steps: list[StepSpec]) -> list[StepSpec]:
+    """Every step that keeps a record: the job's, and the combining step of each reduce
+    that splits its groups."""
+    found = []
+    for step in steps:
+        found.append(step)
+        if splits(step):
+            found.append(combine_step(step))
+    return found
+
+
+# The limits must stay positive; this leaves no request room.
+NOTHING_LEFT_USD = 1e-12
+
+
+def recorded_totals(path: Path) -> Totals:
+    """What a step's checkpoint holds (nothing, before its first run)."""
+    if not path.exists():
+        return Totals()
+    checkpoint = Checkpoint(path)
+    try:
+        return checkpoint.totals()
+    finally:
+        checkpoint.close()
+
+
+def _rows_in(groups: pl.DataFrame) -> int:
+    return int(groups.get_column(ROWS_VARIABLE).list.len().sum()) if groups.height else 0
+
+
+def _run_step(job: ResolvedJob, options: RunOptions, cluster: Cluster | None) -> RunSummary:
+    executor = executor_for(job, options, cluster)
+    with simulator_for(job) as served:
+        return executor.run(served, options)
+
+
+def _headline(number: int, of: int, step: StepSpec, covered: int, skipped: int) -> str:
+    if step.reduce is not None:
+        what = f"reduce by {', '.join(step.reduce.by)}: {covered:,} group(s)"
+    else:
+        what = f"map: {covered:,} row(s)"
+    left_out = f", {skipped:,} left out by its `when`" if skipped else ""
+    return f"step {number}/{of} {step.name}: {what}{left_out}"
+
+
+def _total_cost(chain: Chain, final: pl.DataFrame, reduce_outputs: list[Path]) -> float:
+    """Every cost column of the outputs added up: what the answers in them cost."""
+    total = sum(
+        float(final.get_column(prefixed(step, "cost_usd")).sum() or 0.0)
+        for step in chain.steps
+        if step.reduce is None
+    )
+    for path in reduce_outputs:
+        costs = scan_output(path).select(pl.col("cost_usd").sum()).collect()
+        total += float(costs.item() or 0.0)
+    return total
