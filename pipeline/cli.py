@@ -354,7 +354,7 @@ def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) ->
         )
     )
     lines.append(
-        f"time: {summary.wall_s:,.1f}s in all, "
+        f"time: {summary.wall_s:,.2f}s in all, "
         + (
             f"{summary.outcome.active_s:,.2f}s from first request to last answer"
             if summary.outcome.last_answer_at is not None
