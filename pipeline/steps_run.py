@@ -180,12 +180,9 @@ def _run_steps(
         budgeted = within_job_budget(chain, step)
         job = resolve_step(chain.spec, budgeted, step_input, chain.layout, batch=batch)
         result = StepResult(step, covered, skipped, _run_step(job, step_options, cluster))
-        summary.steps.append(result)
-        summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
-        if not result.summary.finished:
+        answered = _answers_of(result, job.output_path, summary)
+        if answered is None:
             return summary
-        answered = pl.read_parquet(job.output_path)
-        result.failed = answered.height - answered.get_column("error").null_count()
         if splits(step):
             combined = _combine(chain, step, answered, step_options, cluster, batch, summary)
             if not summary.steps[-1].summary.finished:
@@ -223,13 +220,18 @@ def _combine(
     where = f"steps.{step.name}.reduce.combine"
     job = resolve_step(chain.spec, combining, groups, chain.layout, batch=batch, where=where)
     result = StepResult(combining, groups.height, 0, _run_step(job, options, cluster))
+    return _answers_of(result, job.output_path, summary)
+
+
+def _answers_of(result: StepResult, output: Path, summary: ChainSummary) -> pl.DataFrame | None:
+    """Add a step's run to the summary; its answers when it finished, else None."""
     summary.steps.append(result)
     summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
     if not result.summary.finished:
         return None
-    combined = pl.read_parquet(job.output_path)
-    result.failed = combined.height - combined.get_column("error").null_count()
-    return combined
+    answered = pl.read_parquet(output)
+    result.failed = answered.height - answered.get_column("error").null_count()
+    return answered
 
 
 def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:
