@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
-
 from pipeline import storage
 from pipeline.config import ProviderSettings
 from pipeline.inputs import InputTable
@@ -168,11 +166,6 @@ class ResolvedJob:
             start_at=start_at,
             skip_empty=self.spec.the_prompt.skip_empty,
         )
-
-    def keys_for(self, batch: pl.DataFrame, offset: int, results: ResultStore) -> list[str]:
-        """The key each row of an input batch is recorded under."""
-        plan = self.plan(results)
-        return plan.keys_for(batch, offset, plan.hashes_for(batch))
 
     def parts(self) -> JobParts:
         """What another process (a Ray worker) builds this job from. Templates and lazy
