@@ -104,10 +104,17 @@ class Budget:
         """Replace a reservation with what the attempt really cost (nothing if it failed)."""
         if reserved is None:
             return
+        self.release(reserved)
+        self.count(answer)
+
+    def release(self, reserved: tuple[float, float]) -> None:
         self._reserved_usd -= reserved[0]
         self._reserved_tokens -= reserved[1]
+
+    def count(self, answer: Completion | ProviderError | None) -> tuple[float, int]:
+        """Add what an attempt cost to what is spent; returns that (USD, tokens)."""
         if not isinstance(answer, Completion):
-            return
+            return 0.0, 0
         usage = answer.usage
         cost = attempt_cost(answer, self.price) or 0.0
         tokens = usage.prompt_tokens + usage.output_tokens if usage is not None else 0
@@ -117,3 +124,70 @@ class Budget:
             self._answers += 1
             self._answer_usd += cost
             self._answer_tokens += tokens
+        return cost, tokens
+
+
+@dataclass
+class SharedBudget:
+    """The job's spending limits over several runs sending at once (the steps of a job
+    streaming rows to each other): what each run reserves and spends is counted here
+    too, so requests in flight in any of them count against the one limit."""
+
+    max_cost_usd: float | None
+    max_tokens_total: int | None
+    spent_usd: float = 0.0
+    spent_tokens: int = 0
+    _reserved_usd: float = 0.0
+    _reserved_tokens: float = 0.0
+
+    def reserve(self, usd: float, tokens: float) -> None:
+        if self.max_cost_usd is not None:
+            projected = self.spent_usd + self._reserved_usd + usd
+            if projected > self.max_cost_usd:
+                raise BudgetExceeded(
+                    f"budget reached: ${self.spent_usd:.4f} spent by the job's steps, and the "
+                    f"next request would take the projected spend to ${projected:.4f}, over "
+                    f"limits.max_cost_usd = ${self.max_cost_usd:g}"
+                )
+        if self.max_tokens_total is not None:
+            projected_tokens = self.spent_tokens + self._reserved_tokens + tokens
+            if projected_tokens > self.max_tokens_total:
+                raise BudgetExceeded(
+                    f"token budget reached: {self.spent_tokens} tokens used by the job's "
+                    f"steps, and the next request would take the projection to "
+                    f"{projected_tokens:.0f}, over limits.max_tokens_total = "
+                    f"{self.max_tokens_total}"
+                )
+        self._reserved_usd += usd
+        self._reserved_tokens += tokens
+
+    def settle(self, reserved: tuple[float, float], spent: tuple[float, int]) -> None:
+        self._reserved_usd -= reserved[0]
+        self._reserved_tokens -= reserved[1]
+        self.spent_usd += spent[0]
+        self.spent_tokens += spent[1]
+
+
+@dataclass
+class JointLimit:
+    """A run's own limits and the limits it shares with other runs: an attempt needs
+    room in both. The run's own `Budget` prices the attempt; the shared one counts it."""
+
+    own: Budget
+    shared: SharedBudget
+
+    def reserve(self, request: ChatRequest) -> Reservation:
+        reserved = self.own.reserve(request)
+        usd, tokens = reserved if reserved is not None else self.own.projection(request)
+        try:
+            self.shared.reserve(usd, tokens)
+        except BudgetExceeded:
+            self.own.settle(reserved, None)
+            raise
+        return usd, tokens
+
+    def settle(self, reserved: Reservation, answer: Completion | ProviderError | None) -> None:
+        assert reserved is not None  # `reserve` always reserves
+        if self.own.active:  # the own budget reserved only when it has limits of its own
+            self.own.release(reserved)
+        self.shared.settle(reserved, self.own.count(answer))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from pipeline.job import ResolvedJob
 
@@ -37,3 +37,31 @@ def simulator_for(job: ResolvedJob) -> Iterator[ResolvedJob]:
     with start_in_thread(config) as simulator:
         served = dataclasses.replace(settings, base_url=simulator.base_url)
         yield dataclasses.replace(job, settings=served)
+
+
+class SharedSimulators:
+    """One in-process simulator per preset for runs that send at the same time from one
+    process (the steps of a job streaming rows to each other), started on first use and
+    stopped when the block ends, so they share its rate limits as they would a server's."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._urls: dict[str, str] = {}
+
+    def __enter__(self) -> SharedSimulators:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def serve(self, job: ResolvedJob) -> ResolvedJob:
+        """`job` pointed at its preset's simulator when `simulator_for` would start one."""
+        if not served_in_process(job):
+            return job
+        name = job.settings.name
+        if name not in self._urls:
+            served = self._stack.enter_context(simulator_for(job))
+            assert served.settings.base_url is not None
+            self._urls[name] = served.settings.base_url
+        settings = dataclasses.replace(job.settings, base_url=self._urls[name])
+        return dataclasses.replace(job, settings=settings)

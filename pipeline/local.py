@@ -6,6 +6,7 @@ checkpoint (a killed run's journal folded in) -> plan -> scheduler -> recorder -
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sqlite3
 import time
@@ -19,7 +20,7 @@ import anyio
 
 from pipeline.assemble import assemble_output
 from pipeline.breaker import Breaker
-from pipeline.budget import Budget
+from pipeline.budget import Budget, JointLimit, SpendingLimit
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ProviderSettings
 from pipeline.connect import open_provider
@@ -285,6 +286,13 @@ def _budget(job: ResolvedJob, settings: ProviderSettings, checkpoint: Checkpoint
     )
 
 
+def _spending_limit(
+    job: ResolvedJob, settings: ProviderSettings, checkpoint: Checkpoint, options: RunOptions
+) -> SpendingLimit:
+    own = _budget(job, settings, checkpoint)
+    return own if options.budget is None else JointLimit(own, options.budget)
+
+
 def _pacer(limits: LimitsSpec, note: Callable[[str], None] | None = None) -> Pacer:
     # Every connection is an open file: a pool above the limit would fail mid-run.
     cap, capped = fit_concurrency(limits.concurrency or ADAPTIVE_MAX_CONCURRENCY)
@@ -297,6 +305,17 @@ def _pacer(limits: LimitsSpec, note: Callable[[str], None] | None = None) -> Pac
         # A cap the user chose is used from the start; otherwise start small and grow.
         initial_concurrency=min(cap, limits.concurrency or ADAPTIVE_START_CONCURRENCY),
     )
+
+
+def _shared_pacer(job: ResolvedJob, options: RunOptions, progress: Progress) -> Pacer:
+    """The pacer of every run of this provider account and model that sends at the same
+    time as this one. Its limits are part of the key: a step that sets its own is paced
+    on its own."""
+    assert options.pacers is not None
+    settings, limits = job.settings, job.spec.limits
+    account = hashlib.sha256((settings.api_key or "").encode()).hexdigest()
+    key = (settings.base_url, account, settings.model, limits.model_dump_json())
+    return options.pacers.pacer_for(key, partial(_pacer, limits, progress.note))
 
 
 def _open_log(job: ResolvedJob, settings: ProviderSettings, options: RunOptions) -> RunLog:
@@ -327,7 +346,9 @@ async def _pump(
     log = _open_log(job, settings, options)
     run_state = RunState(os.getpid(), job.limit, job.rows, time.time())
     checkpoint.set_meta(RUN_STATE_META, run_state.dumps(counters))
-    pacer = _pacer(limits, progress.note)
+    pacer = (
+        _shared_pacer(job, options, progress) if options.pacers else _pacer(limits, progress.note)
+    )
     async with open_provider(
         settings, connections=pacer.max_concurrency, timeout_s=limits.timeout_s
     ) as provider:
@@ -337,7 +358,7 @@ async def _pump(
             RetryPolicy(max_attempts=limits.max_attempts),
             settings.price,
             concurrency=pacer.max_concurrency,
-            budget=_budget(job, settings, checkpoint),
+            budget=_spending_limit(job, settings, checkpoint, options),
             log=log,
             schema=job.layout.schema,
             schema_retries=job.spec.output.schema_retries,
@@ -366,7 +387,12 @@ async def _pump(
             on_show=run.show,
         )
         try:
-            return await scheduler.run(plan.requests(), sink, handle_signals=options.handle_signals)
+            return await scheduler.run(
+                plan.requests(),
+                sink,
+                handle_signals=options.handle_signals,
+                signals=options.signals,
+            )
         finally:
             run.finish()
 

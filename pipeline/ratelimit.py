@@ -266,3 +266,18 @@ class Pacer(PacerBase):
     def recent_rate(self) -> float:
         """Requests sent per second over the last two seconds."""
         return self.policy.recent_rate(self._clock()) or 0.0
+
+
+class SharedPacers:
+    """One pacer per provider account and model for runs that send at the same time
+    from one event loop (the steps of a job streaming rows to each other): the
+    provider's limits hold for all of them together, not for each. A run that finds
+    its pacer here also keeps what an earlier run learned (limits, concurrency)."""
+
+    def __init__(self) -> None:
+        self._pacers: dict[tuple[object, ...], Pacer] = {}
+
+    def pacer_for(self, key: tuple[object, ...], make: Callable[[], Pacer]) -> Pacer:
+        if key not in self._pacers:
+            self._pacers[key] = make()
+        return self._pacers[key]

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from pipeline.budget import SharedBudget
 from pipeline.checkpoint import Totals
 from pipeline.counters import RunCounters
 from pipeline.errors import JobFatalError, JobStopped
-from pipeline.scheduler import Outcome
+from pipeline.ratelimit import SharedPacers
+from pipeline.scheduler import Outcome, StopHub
 from pipeline.types import RowResult
 
 
@@ -73,3 +75,9 @@ class RunOptions:
     write_output: bool = True
     detach: bool = False  # batch jobs: submit the batches and return without waiting
     command: str | None = None  # how the run was started, for the run log and the report
+    # Runs sending at once from one event loop (streaming steps) share these: one
+    # watcher of the stop signals, one pacer per provider account and model, and the
+    # job's spending limits.
+    signals: StopHub | None = None
+    pacers: SharedPacers | None = None
+    budget: SharedBudget | None = None

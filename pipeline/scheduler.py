@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import FrameType
 from typing import Protocol, runtime_checkable
@@ -131,6 +131,37 @@ def catch_stops_early() -> Iterator[None]:
             signal.signal(each, handler)
 
 
+class StopHub:
+    """One watcher of the stop signals for several pools sending at once in one event
+    loop: a signal handler is per process, so the pools cannot each install one. Every
+    pool that listens gets each signal (the first stops it gently, the next at once);
+    `received` tells the caller not to start another."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._pools: set[Scheduler] = set()
+
+    async def watch(self) -> None:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            for _ in range(take_early_stops()):
+                self._deliver()
+            async for _ in signals:
+                self._deliver()
+
+    def _deliver(self) -> None:
+        self.received += 1
+        for pool in list(self._pools):
+            pool._on_signal()
+
+    @contextmanager
+    def listening(self, pool: Scheduler) -> Iterator[None]:
+        self._pools.add(pool)
+        try:
+            yield
+        finally:
+            self._pools.discard(pool)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -178,20 +209,30 @@ class Scheduler:
         self._flush_wanted = anyio.Event()
 
     async def run(
-        self, planned: Iterator[Planned], sink: ResultSink, *, handle_signals: bool = False
+        self,
+        planned: Iterator[Planned],
+        sink: ResultSink,
+        *,
+        handle_signals: bool = False,
+        signals: StopHub | None = None,
     ) -> Outcome:
-        """Process every planned row; returns when all are recorded or the run stopped."""
+        """Process every planned row; returns when all are recorded or the run stopped.
+        Stop signals are watched here (`handle_signals`) or by a hub shared with other
+        pools (`signals`)."""
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._record_periodically, sink)
                 outer.start_soon(self._beat, sink)
-                if handle_signals:
+                if handle_signals and signals is None:
                     outer.start_soon(self._watch_signals)
-                async with anyio.create_task_group() as work:
-                    self._work = work
-                    shared = iter(planned)
-                    for _ in range(self.concurrency):
-                        work.start_soon(self._worker, shared, sink)
+                with signals.listening(self) if signals is not None else nullcontext():
+                    async with anyio.create_task_group() as work:
+                        self._work = work
+                        for _ in range(signals.received if signals is not None else 0):
+                            self._on_signal()  # a stop that came while the pool started
+                        shared = iter(planned)
+                        for _ in range(self.concurrency):
+                            work.start_soon(self._worker, shared, sink)
                 outer.cancel_scope.cancel()
         finally:
             self._settle_held(sink)

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Literal
 
 import polars as pl
+import pyarrow as pa
 import yaml
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline import storage
-from pipeline.columns import RESULT_NAMES
+from pipeline.columns import RESULT_COLUMNS, RESULT_NAMES
 from pipeline.errors import SpecError
 from pipeline.job import ResolvedJob, RunDir, layout_of, limited_output, table_of
 from pipeline.output import OutputFile, output_format
@@ -48,6 +49,7 @@ from pipeline.spec import (
     StepSpec,
     load_spec,
 )
+from pipeline.steps_reduce import split_groups, splits
 
 ROW_COLUMN = "_input_row"  # each input row's position, carried through every step to join on
 ROWS_VARIABLE = "rows"  # a reduce step's template variable: the group's rows
@@ -225,6 +227,50 @@ def resolve_step(
         return resolve_job(derived, read_key=read_key, batch=batch)
     except SpecError as exc:
         raise SpecError(f"{where or f'steps.{step.name}'}: {exc}") from None
+
+
+# --- what a step is sent -----------------------------------------------------------
+
+
+def empty_answers(step: StepSpec, spec: JobSpec) -> pl.DataFrame:
+    """A step's answers with no rows: the columns and types its output has."""
+    layout = layout_of(step_job_spec(spec, step, "-", "-"))
+    fields = [pa.field(c.name, c.type) for c in RESULT_COLUMNS]
+    if layout.tool_calls:
+        fields.append(pa.field("tool_calls", pa.string()))
+    if layout.schema is not None:
+        fields.extend(layout.schema.arrow_fields())
+    schema = pa.schema([pa.field(ROW_COLUMN, pa.uint32()), *fields])
+    frame = pl.from_arrow(schema.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def step_rows(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> pl.DataFrame:
+    """What a step is sent: the rows its `when` keeps (grouped, for a reduce step),
+    without the plain names of earlier steps' properties that this step produces."""
+    if step.when is not None:
+        row_filter = RowFilter(step.when, f"steps.{step.name}.when")
+        row_filter.check_columns(_visible(frame))
+        frame = frame.filter(row_filter.mask(frame)) if frame.height else frame
+    own = set(result_columns(step, chain.spec))
+    shadowed = [c for c in aliases_of_earlier(chain.spec, step) if c in own and c in frame.columns]
+    frame = frame.drop(shadowed)
+    if step.reduce is None:
+        return frame
+    if missing := [c for c in step.reduce.by if c not in frame.columns]:
+        raise SpecError(
+            f"steps.{step.name}.reduce.by: column(s) {', '.join(missing)} not found among "
+            f"the columns this step sees ({', '.join(_visible(frame))})"
+        )
+    if ROWS_VARIABLE in step.reduce.by:
+        raise SpecError(f"steps.{step.name}.reduce.by: '{ROWS_VARIABLE}' is the group's rows")
+    groups = reduce_groups(frame, step)
+    return split_groups(groups, step) if splits(step) else groups
+
+
+def _visible(frame: pl.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c != ROW_COLUMN]
 
 
 # --- the chain ----------------------------------------------------------------------

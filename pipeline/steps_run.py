@@ -11,38 +11,34 @@ from pathlib import Path
 from typing import Literal
 
 import polars as pl
-import pyarrow as pa
 
+from pipeline.budget import SharedBudget
 from pipeline.checkpoint import Checkpoint, Totals
-from pipeline.columns import RESULT_COLUMNS
 from pipeline.embedded import simulator_for
-from pipeline.errors import SpecError
 from pipeline.executor import Cluster, executor_for
-from pipeline.job import ResolvedJob, layout_of
+from pipeline.job import ResolvedJob
 from pipeline.output import scan_output
 from pipeline.runlock import RunLock
 from pipeline.runs import RunEnd, RunOptions, RunSummary
-from pipeline.spec import JobSpec, StepSpec
+from pipeline.spec import StepSpec
 from pipeline.steps import (
     ROW_COLUMN,
     ROWS_VARIABLE,
     Chain,
-    RowFilter,
     StepResult,
     StepsLayout,
-    aliases_of_earlier,
+    empty_answers,
     final_frame,
     join_step,
     prefixed,
     reduce_frame,
-    reduce_groups,
     resolve_step,
-    result_columns,
-    step_job_spec,
+    step_rows,
     validation_folder,
     write_frame,
 )
-from pipeline.steps_reduce import combine_input, combine_step, merged, split_groups, splits
+from pipeline.steps_reduce import combine_input, combine_step, merged, splits
+from pipeline.steps_stream import StreamedStep, StreamResult, stream, streamed_steps
 
 # How a chain ends when its steps end differently: the most serious end wins.
 SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
@@ -68,20 +64,6 @@ class ChainSummary:
 
 
 # --- validate -----------------------------------------------------------------------
-
-
-def empty_answers(step: StepSpec, spec: JobSpec) -> pl.DataFrame:
-    """A step's answers with no rows: the columns and types its output has."""
-    layout = layout_of(step_job_spec(spec, step, "-", "-"))
-    fields = [pa.field(c.name, c.type) for c in RESULT_COLUMNS]
-    if layout.tool_calls:
-        fields.append(pa.field("tool_calls", pa.string()))
-    if layout.schema is not None:
-        fields.extend(layout.schema.arrow_fields())
-    schema = pa.schema([pa.field(ROW_COLUMN, pa.uint32()), *fields])
-    frame = pl.from_arrow(schema.empty_table())
-    assert isinstance(frame, pl.DataFrame)
-    return frame
 
 
 def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> list[ResolvedJob]:
@@ -118,33 +100,6 @@ def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> l
 # --- run ----------------------------------------------------------------------------
 
 
-def step_rows(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> pl.DataFrame:
-    """What a step is sent: the rows its `when` keeps (grouped, for a reduce step),
-    without the plain names of earlier steps' properties that this step produces."""
-    if step.when is not None:
-        row_filter = RowFilter(step.when, f"steps.{step.name}.when")
-        row_filter.check_columns(_visible(frame))
-        frame = frame.filter(row_filter.mask(frame)) if frame.height else frame
-    own = set(result_columns(step, chain.spec))
-    shadowed = [c for c in aliases_of_earlier(chain.spec, step) if c in own and c in frame.columns]
-    frame = frame.drop(shadowed)
-    if step.reduce is None:
-        return frame
-    if missing := [c for c in step.reduce.by if c not in frame.columns]:
-        raise SpecError(
-            f"steps.{step.name}.reduce.by: column(s) {', '.join(missing)} not found among "
-            f"the columns this step sees ({', '.join(_visible(frame))})"
-        )
-    if ROWS_VARIABLE in step.reduce.by:
-        raise SpecError(f"steps.{step.name}.reduce.by: '{ROWS_VARIABLE}' is the group's rows")
-    groups = reduce_groups(frame, step)
-    return split_groups(groups, step) if splits(step) else groups
-
-
-def _visible(frame: pl.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c != ROW_COLUMN]
-
-
 Announce = Callable[[str], None]
 
 
@@ -172,14 +127,27 @@ def _run_steps(
     # The chain reads each step's output to join it: a step always writes it, and
     # `options.write_output` is about the job's own outputs.
     step_options = dataclasses.replace(options, write_output=True)
+    streamed: dict[str, StreamedStep] = {}
     for number, step in enumerate(chain.steps, start=1):
+        if step.name not in streamed and cluster is None and not batch:
+            ahead = _streaming(chain, number - 1, frame, step_options, announce)
+            streamed.update({account.step.name: account for account in ahead.steps})
+            if not ahead.finished:
+                _add_stopped_stream(summary, ahead)
+                return summary
         step_input = step_rows(chain, step, frame)
         covered = step_input.height
         skipped = frame.height - (covered if step.reduce is None else _rows_in(step_input))
         announce(_headline(number, len(chain.steps), step, covered, skipped))
         budgeted = within_job_budget(chain, step)
         job = resolve_step(chain.spec, budgeted, step_input, chain.layout, batch=batch)
-        result = StepResult(step, covered, skipped, _run_step(job, step_options, cluster))
+        # A step the rows streamed through has answered them all: this run writes its
+        # output from its record, sending nothing (and setting nothing aside again).
+        once = dataclasses.replace(step_options, fresh=False, retry_failed=False)
+        run = _run_step(job, once if step.name in streamed else step_options, cluster)
+        if step.name in streamed:
+            run = _with_streamed(run, streamed[step.name])
+        result = StepResult(step, covered, skipped, run)
         answered = _answers_of(result, job.output_path, summary)
         if answered is None:
             return summary
@@ -200,6 +168,65 @@ def _run_steps(
         summary.output_path = chain.layout.output
         summary.total_cost_usd = _total_cost(chain, final, summary.reduce_outputs)
     return summary
+
+
+def _streaming(
+    chain: Chain, start: int, frame: pl.DataFrame, options: RunOptions, announce: Announce
+) -> StreamResult:
+    """Stream the rows through the map steps from `start` on (`steps_stream.py`), when
+    they can stream: every one runs online, and there are rows for more than one wave."""
+    segment = streamed_steps(chain, start)
+    if any((step.model or chain.spec.model).batch for step in segment):
+        segment = []
+    if not segment:
+        return StreamResult([])
+    return stream(chain, segment, frame, options, _shared_budget(chain), announce)
+
+
+def _shared_budget(chain: Chain) -> SharedBudget | None:
+    """The job's spending limits, less what every step's record has spent already."""
+    limits = chain.spec.limits
+    if limits.max_cost_usd is None and limits.max_tokens_total is None:
+        return None
+    spent = Totals()
+    for step in recorded_steps(chain.steps):
+        spent += recorded_totals(chain.layout.step_checkpoint(step))
+    return SharedBudget(
+        limits.max_cost_usd,
+        limits.max_tokens_total,
+        spent_usd=spent.cost_usd,
+        spent_tokens=spent.prompt_tokens + spent.output_tokens + spent.reasoning_tokens,
+    )
+
+
+def _add_stopped_stream(summary: ChainSummary, ahead: StreamResult) -> None:
+    """A streaming pass that stopped, in the summary: each step that ran, the one that
+    stopped the pass last (the summary names it)."""
+    accounts = sorted(
+        (account for account in ahead.steps if account.runs),
+        key=lambda account: SEVERITY.index(account.end),
+    )
+    for account in accounts:
+        run = account.summary()
+        assert run is not None
+        summary.steps.append(StepResult(account.step, account.rows, account.skipped, run))
+        summary.end = max(summary.end, run.end, key=SEVERITY.index)
+
+
+def _with_streamed(final: RunSummary, account: StreamedStep) -> RunSummary:
+    """A streamed step's run: what its waves sent and spent, and the rows they did not
+    send reused (the run over all its rows found every answer recorded)."""
+    waves = account.summary()
+    if waves is None:
+        return final
+    return dataclasses.replace(
+        final,
+        reused=max(0, final.reused - account.sent_rows),
+        sent=final.sent + waves.sent,
+        run_cost=final.run_cost + waves.run_cost,
+        run_failed=final.run_failed + waves.run_failed,
+        wall_s=final.wall_s + waves.wall_s,
+    )
 
 
 def _combine(

@@ -1,0 +1,274 @@
+"""Rows streaming between consecutive map steps.
+
+A run of map steps with no reduce between them does not wait for a step to finish
+before the next starts: the rows are cut into waves, and each step takes a wave as
+soon as the step before it has answered every row of it. All the steps' pools send
+at once from one event loop, so they share what must be shared: one pacer per
+provider account and model (the provider's limits hold for the steps together), one
+spending limit across the steps (`budget.SharedBudget`: requests in flight in any
+step count against it), and one watcher of the stop signals.
+
+Each wave of a step is an ordinary run of the step's job (`steps.resolve_step`) on the
+local executor, over the rows the step has taken so far (that wave's first, so they
+are sent at once): the step's one record, keyed by request hash, holds every answer, so
+a kill anywhere resumes without paying twice, and its input, output and `status` tell
+everything it has done. When
+every wave is through, the chain runs each step over all its rows as before
+(`steps_run.py`): every answer is reused, nothing is sent, and the step's output and
+the job's outputs are written from the records as for any run.
+
+A reduce step is a barrier (it needs all of its rows); batch (`--batch`) and cluster
+(`--ray`) runs keep a barrier between steps too: a batch is collected whole, and a
+cluster run shards all of its rows at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import anyio
+import polars as pl
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.budget import SharedBudget
+from pipeline.embedded import SharedSimulators
+from pipeline.executor import LocalExecutor
+from pipeline.job import ResolvedJob
+from pipeline.ratelimit import SharedPacers
+from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.scheduler import StopHub, catch_stops_early
+from pipeline.spec import StepSpec
+from pipeline.steps import Chain, join_step, resolve_step
+
+WAVES = 16  # waves per streamed run: more overlap, against a run's start-up cost each
+MIN_WAVE_ROWS = 250
+WAVE_ROWS_ENV = "PIPELINE_STEP_WAVE_ROWS"  # a fixed wave size, overriding the two above
+
+Wave = tuple[int, pl.DataFrame]  # (its number, its rows with the earlier steps' columns)
+
+
+def wave_rows(rows: int) -> int:
+    """How many rows a wave has for a job of `rows` rows."""
+    fixed = os.environ.get(WAVE_ROWS_ENV, "")
+    if fixed.isdigit() and int(fixed) > 0:
+        return int(fixed)
+    return max(MIN_WAVE_ROWS, math.ceil(rows / WAVES))
+
+
+def streamed_steps(chain: Chain, start: int) -> list[StepSpec]:
+    """The map steps from position `start` on that stream into each other: up to the
+    next reduce step, when there are two or more and the rows make more than one wave."""
+    segment: list[StepSpec] = []
+    for step in chain.steps[start:]:
+        if step.reduce is not None:
+            break
+        segment.append(step)
+    rows = chain.frame.height
+    return segment if len(segment) > 1 and rows > wave_rows(rows) else []
+
+
+@dataclass
+class StreamedStep:
+    """What one step did over the waves: the runs it made, the rows it covered."""
+
+    step: StepSpec
+    runs: list[RunSummary] = field(default_factory=list)
+    rows: int = 0
+    skipped: int = 0
+    sent_rows: int = 0  # rows answered (or failed) by a request of this streaming pass
+    inputs: list[pl.DataFrame] = field(default_factory=list)  # its waves, the latest first
+
+    @property
+    def end(self) -> RunEnd:
+        ends = [run.end for run in self.runs] or [RunEnd.ALL_OK]
+        return max(ends, key=_SEVERITY.index)
+
+    def summary(self) -> RunSummary | None:
+        """The waves' runs as one (None before the first wave ran)."""
+        if not self.runs:
+            return None
+        last = self.runs[-1]
+        unfinished = next((run for run in self.runs if not run.finished), last)
+        return dataclasses.replace(
+            unfinished,
+            rows=self.rows,
+            reused=self.rows - self.sent_rows,
+            sent=sum(run.sent for run in self.runs),
+            totals=last.totals,
+            wall_s=sum(run.wall_s for run in self.runs),
+            run_cost=sum(run.run_cost for run in self.runs),
+            run_failed=sum(run.run_failed for run in self.runs),
+        )
+
+
+_SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
+
+
+@dataclass
+class StreamResult:
+    """The streaming pass: each step's account, in order, and how the pass ended."""
+
+    steps: list[StreamedStep]
+
+    @property
+    def end(self) -> RunEnd:
+        return max((s.end for s in self.steps), key=_SEVERITY.index, default=RunEnd.ALL_OK)
+
+    @property
+    def finished(self) -> bool:
+        return self.end in (RunEnd.ALL_OK, RunEnd.ROWS_FAILED)
+
+
+Say = Callable[[str], None]  # a line for the operator
+
+
+def stream(
+    chain: Chain,
+    steps: list[StepSpec],
+    frame: pl.DataFrame,
+    options: RunOptions,
+    budget: SharedBudget | None,
+    say: Say,
+) -> StreamResult:
+    """Every wave of `frame` through `steps`, each step starting on a wave as soon as
+    the one before has answered it. Blocking: runs its own event loop."""
+    pass_ = _StreamPass(chain, steps, options, budget, say)
+    with catch_stops_early() if options.handle_signals else nullcontext():
+        anyio.run(pass_.run, frame, backend="asyncio", backend_options={"use_uvloop": True})
+    return StreamResult(pass_.accounts)
+
+
+class _StreamPass:
+    def __init__(
+        self,
+        chain: Chain,
+        steps: list[StepSpec],
+        options: RunOptions,
+        budget: SharedBudget | None,
+        say: Say,
+    ) -> None:
+        self.chain, self.steps, self.say = chain, steps, say
+        self.options = options
+        self.budget = budget
+        self.accounts = [StreamedStep(step) for step in steps]
+        self.stopping = False
+        self.hub = StopHub()
+        self.pacers = SharedPacers()
+        self.simulators = SharedSimulators()
+
+    async def run(self, frame: pl.DataFrame) -> None:
+        size = wave_rows(frame.height)
+        waves = math.ceil(frame.height / size)
+        names = ", ".join(step.name for step in self.steps)
+        self.say(f"streaming steps {names}: {frame.height:,} rows in {waves} waves of {size:,}")
+        with self.simulators:
+            async with anyio.create_task_group() as watching:
+                if self.options.handle_signals:
+                    watching.start_soon(self.hub.watch)
+                async with anyio.create_task_group() as group:
+                    sends, receives = _links(len(self.steps))
+                    for index in range(len(self.steps)):
+                        onward = sends[index + 1] if index + 1 < len(self.steps) else None
+                        group.start_soon(self._step, index, receives[index], onward)
+                    with sends[0]:
+                        for number, start in enumerate(range(0, frame.height, size)):
+                            if not await _pass_on(sends[0], (number, frame.slice(start, size))):
+                                break
+                watching.cancel_scope.cancel()
+
+    async def _step(
+        self,
+        index: int,
+        waves: MemoryObjectReceiveStream[Wave],
+        onward: MemoryObjectSendStream[Wave] | None,
+    ) -> None:
+        """One step's waves, in order, each passed on as soon as it is answered."""
+        account = self.accounts[index]
+        with waves, onward if onward is not None else nullcontext():
+            async for number, wave in waves:
+                if self.stopping or self.hub.received:
+                    return
+                joined = await self._wave(account, wave)
+                if joined is None:
+                    self.stopping = True  # the other steps finish the waves they hold
+                    return
+                if onward is not None and not await _pass_on(onward, (number, joined)):
+                    return
+
+    async def _wave(self, account: StreamedStep, wave: pl.DataFrame) -> pl.DataFrame | None:
+        """One wave through one step: the wave with the step's columns joined, or None
+        when the step's run stopped."""
+        from pipeline.steps_run import empty_answers, step_rows
+
+        step = account.step
+        step_input = step_rows(self.chain, step, wave)
+        account.rows += step_input.height
+        account.skipped += wave.height - step_input.height
+        if step_input.height == 0:
+            return join_step(wave, step, self.chain.spec, empty_answers(step, self.chain.spec))
+        # The step's run covers every row it has taken so far, this wave's first: they
+        # are sent at once, the earlier ones are found answered, and the step's input,
+        # output and status always tell the whole of what it has done.
+        account.inputs.insert(0, step_input)
+        so_far = pl.concat(account.inputs, how="vertical_relaxed")
+        job = await anyio.to_thread.run_sync(self._resolve, step, so_far)
+        summary = await LocalExecutor().arun(job, self._options_for(account))
+        account.runs.append(summary)
+        account.sent_rows += summary.rows - summary.reused - summary.deduplicated
+        self._show(account)
+        if not summary.finished:
+            return None
+        answered = await anyio.to_thread.run_sync(pl.read_parquet, job.output_path)
+        return join_step(wave, step, self.chain.spec, answered)
+
+    def _resolve(self, step: StepSpec, step_input: pl.DataFrame) -> ResolvedJob:
+        job = resolve_step(self.chain.spec, step, step_input, self.chain.layout)
+        return self.simulators.serve(job)
+
+    def _options_for(self, account: StreamedStep) -> RunOptions:
+        # `--fresh` sets a step's record aside once, before its first wave, not before each.
+        return dataclasses.replace(
+            self.options,
+            fresh=self.options.fresh and not account.runs,
+            show_progress=False,
+            handle_signals=False,
+            write_output=True,
+            signals=self.hub,
+            pacers=self.pacers,
+            budget=self.budget,
+            on_result=None,
+        )
+
+    def _show(self, account: StreamedStep) -> None:
+        sent = sum(run.sent for run in account.runs)
+        cost = sum(run.run_cost for run in account.runs)
+        self.say(
+            f"  {account.step.name}: {account.rows:,} row(s) through, {sent:,} request(s) "
+            f"sent, ${cost:.6f}"
+        )
+
+
+def _links(
+    count: int,
+) -> tuple[list[MemoryObjectSendStream[Wave]], list[MemoryObjectReceiveStream[Wave]]]:
+    """A stream into each step; unbounded, as every row is in memory already."""
+    sends, receives = [], []
+    for _ in range(count):
+        send, receive = anyio.create_memory_object_stream[Wave](math.inf)
+        sends.append(send)
+        receives.append(receive)
+    return sends, receives
+
+
+async def _pass_on(onward: MemoryObjectSendStream[Wave], wave: Wave) -> bool:
+    """Hand a wave to the next step; False once that step has stopped taking waves."""
+    try:
+        await onward.send(wave)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        return False
+    return True
