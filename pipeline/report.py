@@ -60,7 +60,12 @@ class Target:
 
     @property
     def default_report(self) -> Path:
-        return self.output_path.with_name(f"{self.output_path.stem}.report.html")
+        return report_beside(self.output_path)
+
+
+def report_beside(output: Path) -> Path:
+    """Where a report is written by default: `out/x.parquet` -> `out/x.report.html`."""
+    return output.with_name(f"{output.stem}.report.html")
 
 
 @contextmanager
