@@ -631,8 +631,13 @@ def report(target: Path, destination: Path | None) -> None:
     from pipeline.report import locate, write_report
 
     try:
-        with locate(target) as found:
-            written = write_report(found, destination or found.default_report)
+        if target.suffix.lower() != ".parquet" and job_has_steps(target):
+            from pipeline.steps_report import write_steps_report
+
+            written = write_steps_report(target, destination)
+        else:
+            with locate(target) as found:
+                written = write_report(found, destination or found.default_report)
     except (SpecError, OSError) as exc:
         _fail(str(exc), EXIT_INVALID)
     for note in written.notes:

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.columns import RESULT_NAMES
-from pipeline.job import RunDir
+from pipeline.job import ResolvedJob, RunDir
 from pipeline.output import scan_output
 from pipeline.runlog import read_events
 
@@ -60,7 +60,12 @@ class Target:
 
     @property
     def default_report(self) -> Path:
-        return self.output_path.with_name(f"{self.output_path.stem}.report.html")
+        return report_beside(self.output_path)
+
+
+def report_beside(output: Path) -> Path:
+    """Where a report is written by default: `out/x.parquet` -> `out/x.report.html`."""
+    return output.with_name(f"{output.stem}.report.html")
 
 
 @contextmanager
@@ -77,12 +82,20 @@ def locate(target: Path) -> Iterator[Target]:
         yield Target(target.stem, target, beside if beside.exists() else None, None)
         return
     from pipeline.resolve import resolve_job
+
+    with locate_job(resolve_job(target, read_key=False)) as found:
+        yield found
+
+
+@contextmanager
+def locate_job(job: ResolvedJob, name: str | None = None) -> Iterator[Target]:
+    """A resolved job's output and run log (a partial export while it is unfinished);
+    `name` heads the report instead of the job's."""
     from pipeline.results import export_partial
 
-    job = resolve_job(target, read_key=False)
     log = job.log_path if job.log_path.exists() else None
     found = Target(
-        job.spec.name,
+        name or job.spec.name,
         job.output_path,
         log,
         job.spec.input.id_column,
@@ -660,7 +673,28 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class RunView:
+    """One run read and charted: its results, its log and what is missing from them.
+    A report shows one; a multi-step job's report shows one per step."""
+
+    target: Target
+    frame: pl.DataFrame
+    stats: OutputStats
+    timeline: Timeline | None
+    run: RunInfo | None
+    charts: list[str]
+    notes: list[str]
+
+
 def write_report(target: Target, destination: Path) -> Report:
+    view = view_run(target)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(_page(view), encoding="utf-8")
+    return Report(destination, len(view.charts), view.notes)
+
+
+def view_run(target: Target) -> RunView:
     from matplotlib import rc_context
 
     frame = pl.read_parquet(target.source)
@@ -690,10 +724,7 @@ def write_report(target: Target, destination: Path) -> Report:
         if frame.height:
             charts += result_charts(frame)
             charts += [_latency_chart(frame, stats), _distribution_chart(frame)]
-    page = _page(target, frame, stats, timeline, charts, notes, run)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_text(page, encoding="utf-8")
-    return Report(destination, len(charts), notes)
+    return RunView(target, frame, stats, timeline, run, charts, notes)
 
 
 def summary_rows(
@@ -748,7 +779,8 @@ def _sample(frame: pl.DataFrame, limit: int = SAMPLE_ROWS) -> pl.DataFrame:
     spread over the output."""
     numbered = frame.with_row_index("_row")
     ok = numbered.filter(pl.col("error").is_null())
-    inputs = input_columns(frame)
+    # A list or struct (a reduce step's `rows`) has no text to be blank; it is not cast.
+    inputs = [c for c in input_columns(frame) if not frame.schema[c].is_nested()]
     blank = pl.any_horizontal(
         [pl.col(c).cast(pl.String).str.strip_chars().fill_null("") == "" for c in inputs]
         or [pl.lit(False)]
@@ -871,57 +903,64 @@ def header_rows(run: RunInfo | None) -> list[tuple[str, str]]:
     return rows
 
 
-def _page(
-    target: Target,
-    frame: pl.DataFrame,
-    stats: OutputStats,
-    timeline: Timeline | None,
-    charts: list[str],
-    notes: list[str],
-    run: RunInfo | None = None,
-) -> str:
-    table = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-        for k, v in summary_rows(stats, timeline, run)
-    )
-    header = "".join(
-        f"<dt>{html.escape(k)}</dt><dd><code>{html.escape(v)}</code></dd>"
-        for k, v in header_rows(run)
-    )
-    sample = _sample(frame)
+def _page(view: RunView) -> str:
+    target = view.target
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(target.name)}: run report</title>
-<style>{_CSS}</style></head>
+<style>{CSS}</style></head>
 <body>
 <h1>{html.escape(target.name)}</h1>
-<p class="meta">{html.escape(str(target.output_path.name))} · {stats.rows:,} rows ·
+<p class="meta">{html.escape(str(target.output_path.name))} · {view.stats.rows:,} rows ·
 report written {time.strftime("%Y-%m-%d %H:%M")}</p>
-<dl class="run">{header}</dl>
-{"".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)}
-<div class="top"><section><h2>Summary</h2><table class="summary">{table}</table></section>
-<section class="charts">{"".join(f"<figure>{c}</figure>" for c in charts)}</section></div>
-<h2>Sample rows</h2>
-<p class="meta">{sample.height:,} of {frame.height:,} rows, picked to be worth reading:
-failures first, then the slowest, the most retried, empty inputs and one per answer category;
-texts are cut at {CELL_CHARS:,} characters.</p>
-<div class="filter"><input id="find" type="search" placeholder="filter the sample: any text">
-<select id="status"><option value="">all</option><option>ok</option><option>failed</option>
-<option>skipped</option></select> <span id="count"></span></div>
-<div id="sample">{_sample_html(target, frame, sample)}</div>
-<script>{_FILTER_JS}</script>
+{run_html(view)}
+<script>{filter_script([""])}</script>
 </body></html>
 """
 
 
-# The one script: filters the embedded sample cards as you type (no network, no library).
+def run_html(view: RunView, ids: str = "", level: int = 2) -> str:
+    """One run's header, notes, summary, charts and filterable sample rows: the body of
+    a report. `ids` prefixes the sample's element ids (one filter per run on a page);
+    `level` is its headings' (h2 in a report of its own)."""
+    frame, stats = view.frame, view.stats
+    table = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in summary_rows(stats, view.timeline, view.run)
+    )
+    header = "".join(
+        f"<dt>{html.escape(k)}</dt><dd><code>{html.escape(v)}</code></dd>"
+        for k, v in header_rows(view.run)
+    )
+    sample = _sample(frame)
+    h = f"h{level}"
+    return f"""<dl class="run">{header}</dl>
+{"".join(f'<p class="note">{html.escape(n)}</p>' for n in view.notes)}
+<div class="top"><section><{h}>Summary</{h}><table class="summary">{table}</table></section>
+<section class="charts">{"".join(f"<figure>{c}</figure>" for c in view.charts)}</section></div>
+<{h}>Sample rows</{h}>
+<p class="meta">{sample.height:,} of {frame.height:,} rows, picked to be worth reading:
+failures first, then the slowest, the most retried, empty inputs and one per answer category;
+texts are cut at {CELL_CHARS:,} characters.</p>
+<div class="filter"><input id="{ids}find" type="search" placeholder="filter the sample: any text">
+<select id="{ids}status"><option value="">all</option><option>ok</option><option>failed</option>
+<option>skipped</option></select> <span id="{ids}count"></span></div>
+<div id="{ids}sample">{_sample_html(view.target, frame, sample)}</div>"""
+
+
+# The one script: filters each run's embedded sample cards as you type (no network, no
+# library); `ids` are the prefixes of the samples' element ids on the page.
+def filter_script(ids: list[str]) -> str:
+    return f"const samples = {json.dumps(ids)};" + _FILTER_JS
+
+
 _FILTER_JS = """
-function filterSample() {
-  const words = document.getElementById('find').value.toLowerCase().split(/\\s+/)
+function filterSample(p) {
+  const words = document.getElementById(p + 'find').value.toLowerCase().split(/\\s+/)
     .filter(Boolean);
-  const status = document.getElementById('status').value;
-  const cards = document.querySelectorAll('#sample .card');
+  const status = document.getElementById(p + 'status').value;
+  const cards = document.getElementById(p + 'sample').querySelectorAll('.card');
   let shown = 0;
   for (const card of cards) {
     const text = card.textContent.toLowerCase();
@@ -930,16 +969,18 @@ function filterSample() {
     card.hidden = !keep;
     shown += keep;
   }
-  document.getElementById('count').textContent = shown + ' of ' + cards.length + ' shown';
+  document.getElementById(p + 'count').textContent = shown + ' of ' + cards.length + ' shown';
   return shown;
 }
-document.getElementById('find').addEventListener('input', filterSample);
-document.getElementById('status').addEventListener('change', filterSample);
-filterSample();
+for (const p of samples) {
+  document.getElementById(p + 'find').addEventListener('input', () => filterSample(p));
+  document.getElementById(p + 'status').addEventListener('change', () => filterSample(p));
+  filterSample(p);
+}
 """
 
 
-_CSS = """
+CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
   margin: 24px auto; max-width: 1200px; padding: 0 16px; color: #222; background: #fff; }
 h1 { margin: 0 0 4px; font-size: 22px; } h2 { font-size: 17px; margin: 24px 0 8px; }
