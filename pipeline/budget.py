@@ -12,7 +12,8 @@ the cluster's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline.config import Price
@@ -139,6 +140,14 @@ class SharedBudget:
     spent_tokens: int = 0
     _reserved_usd: float = 0.0
     _reserved_tokens: float = 0.0
+    _runs: dict[str, Budget] = field(default_factory=dict)
+
+    def own_budget(self, run: str, make: Callable[[], Budget]) -> Budget:
+        """The budget of one of the runs (a step), kept from one of its runs to the next:
+        what it learned of the cost of an answer still holds for the next wave."""
+        if run not in self._runs:
+            self._runs[run] = make()
+        return self._runs[run]
 
     def reserve(self, usd: float, tokens: float) -> None:
         if self.max_cost_usd is not None:

@@ -289,8 +289,10 @@ def _budget(job: ResolvedJob, settings: ProviderSettings, checkpoint: Checkpoint
 def _spending_limit(
     job: ResolvedJob, settings: ProviderSettings, checkpoint: Checkpoint, options: RunOptions
 ) -> SpendingLimit:
-    own = _budget(job, settings, checkpoint)
-    return own if options.budget is None else JointLimit(own, options.budget)
+    if options.budget is None:
+        return _budget(job, settings, checkpoint)
+    own = options.budget.own_budget(job.spec.name, partial(_budget, job, settings, checkpoint))
+    return JointLimit(own, options.budget)
 
 
 def _pacer(limits: LimitsSpec, note: Callable[[str], None] | None = None) -> Pacer:

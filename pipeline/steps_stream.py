@@ -43,7 +43,7 @@ from pipeline.ratelimit import SharedPacers
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import StopHub, catch_stops_early
 from pipeline.spec import StepSpec
-from pipeline.steps import Chain, join_step, resolve_step
+from pipeline.steps import Chain, empty_answers, join_step, resolve_step, step_rows
 
 WAVES = 16  # waves per streamed run: more overlap, against a run's start-up cost each
 MIN_WAVE_ROWS = 250
@@ -203,7 +203,6 @@ class _StreamPass:
     async def _wave(self, account: StreamedStep, wave: pl.DataFrame) -> pl.DataFrame | None:
         """One wave through one step: the wave with the step's columns joined, or None
         when the step's run stopped."""
-        from pipeline.steps_run import empty_answers, step_rows
 
         step = account.step
         step_input = step_rows(self.chain, step, wave)
