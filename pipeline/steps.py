@@ -16,7 +16,8 @@ A map step adds its result columns to every row, prefixed with its name
 and is never sent. Its `output.schema` properties are also variables of later steps
 under their own names (`label`), unless an input column has that name. A reduce step
 renders one request per group with `rows` (the group's rows, as a list of mappings)
-and the `by` columns as variables. Steps run one after another.
+and the `by` columns as variables. Consecutive map steps stream rows into each other
+(`steps_stream.py`); a reduce step waits for all of its rows.
 """
 
 from __future__ import annotations
