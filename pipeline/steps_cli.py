@@ -14,6 +14,7 @@ from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
 from pipeline.steps import StepsLayout, open_chain, step_job_spec
+from pipeline.steps_reduce import with_window_budgets
 from pipeline.steps_run import ChainSummary, check_chain, recorded_steps, run_chain
 
 EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
@@ -118,7 +119,7 @@ def status_steps(job: Path, output: Path | None) -> None:
     the cost of every step together."""
     from pipeline.cluster.status import job_status
 
-    spec = load_spec(job)
+    spec = with_window_budgets(load_spec(job))
     layout = StepsLayout(output or spec.output_path)
     lines, cost = [], 0.0
     for step in recorded_steps(spec.steps or []):

@@ -8,7 +8,13 @@ one more request combines the parts' answers: the `reduce.combine` prompt (or
 `DEFAULT_COMBINE`), whose `rows` are the parts' answers (`r.response`, `r.part`, in
 order) and whose variables include the `by` columns. The group's row in the reduce
 output has the combined answer, and its tokens, cost and attempts add up every request
-the group took, so the cost columns still add up to the run's total.
+the group took, so the cost columns still add up to the run's total. A group a part
+of which failed gets that part's error instead of a combined answer: it is not combined
+from the parts that did answer, which would leave the failed part's rows out unseen.
+
+Without `max_prompt_tokens`, a step whose model has a known context window
+(`model.context_window`, else configs/pricing.yaml) splits by what fits in it:
+`window_budget` (`with_window_budgets`, applied when a chain is opened).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from typing import Any
 import orjson
 import polars as pl
 
-from pipeline.spec import PromptSpec, ReduceSpec, StepSpec
+from pipeline.config import context_window, load_preset
+from pipeline.errors import SpecError
+from pipeline.plan import requested_reply_tokens
+from pipeline.spec import JobSpec, ModelSpec, PromptSpec, ReduceSpec, StepSpec
 
 PART, PARTS = "part", "parts"  # a part's number in its group, and the group's parts
 ROWS = "rows"
@@ -38,6 +47,67 @@ DEFAULT_COMBINE = PromptSpec(
         "{% for r in rows %}- {{ r.response }}\n{% endfor %}"
     )
 )
+
+
+# Room kept for the answer when the request names no max_tokens: a reasoning model's
+# thinking fills the window too.
+REPLY_RESERVE = 4096
+# The share of what the window leaves after the answer that a part's rows may fill: the
+# budget counts the rows (as JSON), not the prompt as rendered, so the rest is for the
+# template's own text and for tokenizers that take fewer characters a token than 4.
+ROWS_SHARE = 0.75
+
+
+def with_window_budgets(spec: JobSpec) -> JobSpec:
+    """The job with every reduce step that sets no `max_prompt_tokens` split by what fits
+    in its model's context window; a budget set over the window is refused."""
+    if spec.steps is None:
+        return spec
+    return spec.model_copy(update={"steps": [_budgeted(spec, step) for step in spec.steps]})
+
+
+def _budgeted(spec: JobSpec, step: StepSpec) -> StepSpec:
+    if step.reduce is None:
+        return step
+    model = step.model or spec.model
+    window = context_window(model)
+    if window is None:
+        return step
+    chosen = step.reduce.max_prompt_tokens
+    if chosen is not None:
+        if chosen > window:
+            raise SpecError(
+                f"steps.{step.name}.reduce.max_prompt_tokens: {chosen:,} is more than model "
+                f"{model.model}'s context window of {window:,} tokens; lower it (leaving room "
+                "for the answer) or remove it to split by what fits in the window"
+            )
+        return step
+    reply = reply_room(model, f"steps.{step.name}")
+    budget = window_budget(window, reply)
+    if budget < 1:
+        raise SpecError(
+            f"steps.{step.name}.model.params: an answer of up to {reply:,} tokens leaves no "
+            f"room for a prompt in model {model.model}'s context window of {window:,} "
+            "tokens; lower max_tokens"
+        )
+    reduce = step.reduce.model_copy(update={"max_prompt_tokens": budget})
+    return step.model_copy(update={"reduce": reduce})
+
+
+def window_budget(window: int, reply: int) -> int:
+    """Estimated tokens of rows a part may hold to fit in `window` with an answer of
+    `reply` tokens."""
+    return math.floor((window - reply) * ROWS_SHARE)
+
+
+def reply_room(model: ModelSpec, where: str) -> int:
+    """The answer's room in the window: the request's max_tokens (the job's, else the
+    provider's default), else `REPLY_RESERVE`."""
+    try:
+        preset = load_preset(model.provider)
+    except SpecError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    return requested_reply_tokens({**preset.default_params, **model.params}) or REPLY_RESERVE
 
 
 def splits(step: StepSpec) -> bool:
@@ -89,39 +159,65 @@ def combine_step(step: StepSpec) -> StepSpec:
 
 
 def combine_input(answered: pl.DataFrame, step: StepSpec) -> pl.DataFrame:
-    """One row per split group: its `by` columns and its parts' answers as `rows`."""
+    """One row per split group whose every part answered: its `by` columns and its
+    parts' answers as `rows`."""
     assert step.reduce is not None
+    by = step.reduce.by
     split = answered.filter(pl.col(PARTS) > 1).sort(PART, maintain_order=True)
-    return split.group_by(step.reduce.by, maintain_order=True).agg(
+    whole = split.filter(pl.col("error").is_null().all().over(by))
+    return whole.group_by(by, maintain_order=True).agg(
         pl.struct(PART, "response", "error").alias(ROWS)
     )
 
 
 def merged(answered: pl.DataFrame, combined: pl.DataFrame | None, step: StepSpec) -> pl.DataFrame:
     """The step's answers, one row per group: a whole group's own, a split group's
-    combined answer with every part's tokens, cost and attempts added to it."""
+    combined answer (or its first failed part's error) with every part's tokens, cost
+    and attempts added to it."""
     assert step.reduce is not None
     by = step.reduce.by
-    if combined is None or combined.height == 0:
-        return answered.drop(PART, PARTS)
 
     def group_of(row: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(row[c] for c in by)
 
     spent: dict[tuple[Any, ...], dict[str, float]] = {}
+    failed: dict[tuple[Any, ...], dict[str, Any]] = {}
     for part in answered.filter(pl.col(PARTS) > 1).iter_rows(named=True):
         sums = spent.setdefault(group_of(part), dict.fromkeys(ADDED_UP, 0))
         for name in ADDED_UP:
             sums[name] += part[name] or 0
-    answers = {group_of(row): row for row in combined.iter_rows(named=True)}
+        if part["error"] is not None:
+            failed.setdefault(group_of(part), part)
+    answers = {
+        group_of(row): row
+        for row in (combined.iter_rows(named=True) if combined is not None else [])
+    }
     rows = []
     for row in answered.iter_rows(named=True):
         if row[PARTS] == 1:
             rows.append(row)
         elif row[PART] == 0:
             group = group_of(row)
-            final = dict(answers[group])
+            final = _group_answer(row, failed.get(group), answers.get(group))
             for name in ADDED_UP:
                 final[name] = (final[name] or 0) + spent[group][name]
-            rows.append({**row, **{k: v for k, v in final.items() if k != ROWS}})
+            rows.append(final)
     return pl.DataFrame(rows, schema=answered.schema).drop(PART, PARTS)
+
+
+def _group_answer(
+    first: dict[str, Any], failed: dict[str, Any] | None, combined: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A split group's row, with the tokens, cost and attempts of any request beyond its
+    parts (the combining one): the failed part's error, or the combined answer."""
+    parts = first[PARTS]
+    if failed is not None:
+        error = f"part {failed[PART] + 1} of {parts}: {failed['error']}"
+        return {**failed, **dict.fromkeys(ADDED_UP, 0), "error": error}
+    if combined is None:  # the combining run recorded no answer for the group
+        error = f"combining the {parts} parts: no answer was recorded"
+        return {**first, **dict.fromkeys(ADDED_UP, 0), "response": None, "error": error}
+    answer = {**first, **{k: v for k, v in combined.items() if k != ROWS}}
+    if answer["error"] is not None:
+        answer["error"] = f"combining the {parts} parts: {answer['error']}"
+    return answer
