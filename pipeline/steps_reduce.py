@@ -13,13 +13,15 @@ of which failed gets that part's error instead of a combined answer: it is not c
 from the parts that did answer, which would leave the failed part's rows out unseen.
 
 Without `max_prompt_tokens`, a step whose model has a known context window
-(`model.context_window`, else configs/pricing.yaml) splits by what fits in it:
-`window_budget` (`with_window_budgets`, applied when a chain is opened).
+(`model.context_window`, else configs/pricing.yaml) splits a group only when its prompt,
+rendered, estimates over `window_budget`: the window less the answer's room, times
+`PROMPT_SHARE`. Its parts are packed by what each row adds to the rendered prompt.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +30,7 @@ import polars as pl
 from pipeline.config import context_window, load_preset
 from pipeline.errors import SpecError
 from pipeline.plan import requested_reply_tokens
+from pipeline.render import PromptRenderer, estimate_prompt_tokens
 from pipeline.spec import JobSpec, ModelSpec, PromptSpec, ReduceSpec, StepSpec
 
 PART, PARTS = "part", "parts"  # a part's number in its group, and the group's parts
@@ -52,52 +55,47 @@ DEFAULT_COMBINE = PromptSpec(
 # Room kept for the answer when the request names no max_tokens: a reasoning model's
 # thinking fills the window too.
 REPLY_RESERVE = 4096
-# The share of what the window leaves after the answer that a part's rows may fill: the
-# budget counts the rows (as JSON), not the prompt as rendered, so the rest is for the
-# template's own text and for tokenizers that take fewer characters a token than 4.
-ROWS_SHARE = 0.75
+# The share of what the window leaves after the answer that a prompt may fill: the
+# estimate counts ~4 characters a token, and some text takes more tokens than that.
+PROMPT_SHARE = 0.75
 
 
-def with_window_budgets(spec: JobSpec) -> JobSpec:
-    """The job with every reduce step that sets no `max_prompt_tokens` split by what fits
-    in its model's context window; a budget set over the window is refused."""
+def with_reduce_models(spec: JobSpec) -> JobSpec:
+    """The job with each reduce step's model named on the step, so that the step alone
+    says whether it splits by its model's context window; a budget set over the window,
+    or an answer that leaves no room in it, is refused."""
     if spec.steps is None:
         return spec
-    return spec.model_copy(update={"steps": [_budgeted(spec, step) for step in spec.steps]})
+    return spec.model_copy(update={"steps": [_with_model(spec, step) for step in spec.steps]})
 
 
-def _budgeted(spec: JobSpec, step: StepSpec) -> StepSpec:
+def _with_model(spec: JobSpec, step: StepSpec) -> StepSpec:
     if step.reduce is None:
         return step
     model = step.model or spec.model
     window = context_window(model)
-    if window is None:
-        return step
     chosen = step.reduce.max_prompt_tokens
-    if chosen is not None:
-        if chosen > window:
-            raise SpecError(
-                f"steps.{step.name}.reduce.max_prompt_tokens: {chosen:,} is more than model "
-                f"{model.model}'s context window of {window:,} tokens; lower it (leaving room "
-                "for the answer) or remove it to split by what fits in the window"
-            )
-        return step
-    reply = reply_room(model, f"steps.{step.name}")
-    budget = window_budget(window, reply)
-    if budget < 1:
+    if window is not None and chosen is not None and chosen > window:
         raise SpecError(
-            f"steps.{step.name}.model.params: an answer of up to {reply:,} tokens leaves no "
-            f"room for a prompt in model {model.model}'s context window of {window:,} "
-            "tokens; lower max_tokens"
+            f"steps.{step.name}.reduce.max_prompt_tokens: {chosen:,} is more than model "
+            f"{model.model}'s context window of {window:,} tokens; lower it (leaving room "
+            "for the answer) or remove it to split by what fits in the window"
         )
-    reduce = step.reduce.model_copy(update={"max_prompt_tokens": budget})
-    return step.model_copy(update={"reduce": reduce})
+    if window is not None and chosen is None:
+        reply = reply_room(model, f"steps.{step.name}")
+        if window_budget(window, reply) < 1:
+            raise SpecError(
+                f"steps.{step.name}.model.params: an answer of up to {reply:,} tokens leaves "
+                f"no room for a prompt in model {model.model}'s context window of "
+                f"{window:,} tokens; lower max_tokens"
+            )
+    return step.model_copy(update={"model": model})
 
 
 def window_budget(window: int, reply: int) -> int:
-    """Estimated tokens of rows a part may hold to fit in `window` with an answer of
+    """Estimated prompt tokens a request may hold to fit in `window` with an answer of
     `reply` tokens."""
-    return math.floor((window - reply) * ROWS_SHARE)
+    return math.floor((window - reply) * PROMPT_SHARE)
 
 
 def reply_room(model: ModelSpec, where: str) -> int:
@@ -110,37 +108,88 @@ def reply_room(model: ModelSpec, where: str) -> int:
     return requested_reply_tokens({**preset.default_params, **model.params}) or REPLY_RESERVE
 
 
+def _window_of(step: StepSpec) -> int | None:
+    return context_window(step.model) if step.model is not None else None
+
+
 def splits(step: StepSpec) -> bool:
-    return step.reduce is not None and step.reduce.max_prompt_tokens is not None
+    """Whether the step's groups may be sent in parts: a budget set, or a known window."""
+    if step.reduce is None:
+        return False
+    return step.reduce.max_prompt_tokens is not None or _window_of(step) is not None
 
 
 def row_tokens(row: dict[str, Any]) -> int:
     return math.ceil(len(orjson.dumps(row, default=str)) / 4)
 
 
+Rows = list[dict[str, Any]]
+
+
 def split_groups(groups: pl.DataFrame, step: StepSpec) -> pl.DataFrame:
     """Each group as one or more parts of whole rows, each under the step's budget."""
-    assert step.reduce is not None and step.reduce.max_prompt_tokens is not None
-    budget, by = step.reduce.max_prompt_tokens, step.reduce.by
+    assert step.reduce is not None
+    by = step.reduce.by
+    cut = _cutter(step)
     parts: list[dict[str, Any]] = []
     for group in groups.iter_rows(named=True):
-        cut = _packed(group[ROWS], budget)
-        for number, rows in enumerate(cut):
-            parts.append({**{c: group[c] for c in by}, PART: number, PARTS: len(cut), ROWS: rows})
+        pieces = cut(group)
+        for number, rows in enumerate(pieces):
+            parts.append(
+                {**{c: group[c] for c in by}, PART: number, PARTS: len(pieces), ROWS: rows}
+            )
     schema: dict[str, Any] = {**{c: groups.schema[c] for c in by}, PART: pl.Int64, PARTS: pl.Int64}
     return pl.DataFrame(parts, schema={**schema, ROWS: groups.schema[ROWS]})
 
 
-def _packed(rows: list[dict[str, Any]], budget: int) -> list[list[dict[str, Any]]]:
-    parts: list[list[dict[str, Any]]] = [[]]
+def _cutter(step: StepSpec) -> Callable[[dict[str, Any]], list[Rows]]:
+    assert step.reduce is not None
+    budget = step.reduce.max_prompt_tokens
+    if budget is not None:
+        chosen = budget
+        return lambda group: packed(group[ROWS], [row_tokens(r) for r in group[ROWS]], chosen)
+    window = _window_of(step)
+    assert window is not None and step.model is not None
+    limit = window_budget(window, reply_room(step.model, f"steps.{step.name}"))
+    return WindowCut(step.prompt, limit)
+
+
+class WindowCut:
+    """Parts of a group whose rendered prompts each estimate within `limit` tokens: the
+    group whole when it fits, else packed by what each row adds to the prompt."""
+
+    def __init__(self, prompt: PromptSpec, limit: int) -> None:
+        self.renderer = PromptRenderer(prompt)
+        self.limit = limit
+
+    def __call__(self, group: dict[str, Any]) -> list[Rows]:
+        rows = group[ROWS]
+        try:
+            if self._tokens(group, rows) <= self.limit:
+                return [rows]
+            base = self._tokens(group, [])
+            sizes = [self._tokens(group, [row]) - base for row in rows]
+        except Exception:  # the run names the template's error on each part it fails on
+            return packed(rows, [row_tokens(r) for r in rows], self.limit)
+        return packed(rows, sizes, self.limit - base)
+
+    def _tokens(self, group: dict[str, Any], rows: Rows) -> int:
+        values = {**group, ROWS: rows}
+        messages = self.renderer.render(tuple(values[v] for v in self.renderer.variables))
+        return estimate_prompt_tokens(messages)
+
+
+def packed(rows: Rows, sizes: list[int], budget: int) -> list[Rows]:
+    """`rows` in order, cut into parts whose sizes add up to `budget` at most (a row over
+    it alone: rows are never cut)."""
+    parts: list[Rows] = [[]]
     used = 0
-    for row in rows:
-        tokens = row_tokens(row)
-        if parts[-1] and used + tokens > budget:
+    for row, size in zip(rows, sizes, strict=True):
+        if parts[-1] and used + size > budget:
             parts.append([])
             used = 0
         parts[-1].append(row)
-        used += tokens
+        used += size
     return parts
 
 
