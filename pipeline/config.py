@@ -111,6 +111,7 @@ class ProviderSettings:
     schema: OutputSchema | None = None
     batch_price: Price | None = None
     prompt_cache: bool | str = False  # mark the stable prefix cacheable (a str: the key)
+    context_window: int | None = None  # None: unknown, so nothing is checked locally
 
     @property
     def needs_key(self) -> bool:
@@ -141,6 +142,16 @@ def load_prices() -> dict[str, Pricing]:
     return _load_prices(config_dir())
 
 
+def load_context_windows() -> dict[str, int]:
+    return _load_context_windows(config_dir())
+
+
+def context_window(model: ModelSpec) -> int | None:
+    """Tokens the model takes in one request: the job's `model.context_window`, else its
+    entry in pricing.yaml; None when neither knows it."""
+    return model.context_window or load_context_windows().get(model.model)
+
+
 # Cached per folder, so pointing PIPELINE_CONFIG_DIR elsewhere reads that folder's files.
 @cache
 def _load_preset(folder: Path, name: str) -> ProviderPreset:
@@ -154,16 +165,48 @@ def _load_preset(folder: Path, name: str) -> ProviderPreset:
         raise SpecError(f"{path}: invalid provider preset: {exc}") from None
 
 
+# pricing.yaml holds each model's facts: its prices, and its context window, which is
+# no price (a job's `model.pricing` does not take it) and is read apart from them.
+WINDOW_KEY = "context_window"
+
+
 @cache
-def _load_prices(folder: Path) -> dict[str, Pricing]:
+def _model_entries(folder: Path) -> dict[str, dict[str, Any]]:
     path = folder / "pricing.yaml"
     if not path.is_file():
         return {}
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict) or not all(isinstance(e, dict) for e in raw.values()):
+        raise SpecError(f"{path}: expected a mapping of model name to its entry")
+    return raw
+
+
+@cache
+def _load_prices(folder: Path) -> dict[str, Pricing]:
+    entries = _model_entries(folder)
     try:
-        return {model: Pricing.model_validate(entry) for model, entry in raw.items()}
+        return {
+            model: Pricing.model_validate({k: v for k, v in entry.items() if k != WINDOW_KEY})
+            for model, entry in entries.items()
+        }
     except ValidationError as exc:
-        raise SpecError(f"{path}: invalid price entry: {exc}") from None
+        raise SpecError(f"{folder / 'pricing.yaml'}: invalid price entry: {exc}") from None
+
+
+@cache
+def _load_context_windows(folder: Path) -> dict[str, int]:
+    windows = {}
+    for model, entry in _model_entries(folder).items():
+        window = entry.get(WINDOW_KEY)
+        if window is None:
+            continue
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise SpecError(
+                f"{folder / 'pricing.yaml'}: {model}.{WINDOW_KEY}: expected a whole number "
+                f"of tokens above 0, got {window!r}"
+            )
+        windows[model] = window
+    return windows
 
 
 def resolve_price(model: ModelSpec) -> Price | None:
@@ -294,4 +337,5 @@ def resolve_provider(
         schema=schema,
         batch_price=resolve_batch_price(model, preset),
         prompt_cache=model.prompt_cache,
+        context_window=context_window(model),
     )

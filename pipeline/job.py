@@ -165,6 +165,7 @@ class ResolvedJob:
             request_extra=self.request_extra,
             start_at=start_at,
             skip_empty=self.spec.the_prompt.skip_empty,
+            context_window=self.settings.context_window,
         )
 
     def parts(self) -> JobParts:

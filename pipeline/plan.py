@@ -15,7 +15,9 @@ from pipeline.render import (
     PromptRenderer,
     estimate_prompt_tokens,
     is_empty_prompt,
+    over_window,
     template_error,
+    window_error,
 )
 from pipeline.store import ResultStore
 from pipeline.types import ChatRequest, Completion, Message, RowResult, Usage
@@ -41,6 +43,8 @@ class WorkPlan:
     request_extra: Any = None
     start_at: int = 0
     skip_empty: bool = False
+    # The model's context window: a prompt that clearly cannot fit is an error row, unsent.
+    context_window: int | None = None
     reused: int = 0
     planned: int = 0
     cursor: int = 0
@@ -175,6 +179,10 @@ class WorkPlan:
             skipped = Completion("", None, Usage(), SKIPPED, None)
             return RowResult(index, key, request_hash + _SKIPPED_HASH, 0, None, completion=skipped)
         prompt_estimate = estimate_prompt_tokens(messages)
+        if over_window(prompt_estimate, self.context_window):
+            assert self.context_window is not None
+            error = window_error(prompt_estimate, self.context_window, self.model)
+            return RowResult(index, key, request_hash, 0, None, error=error)
         return ChatRequest(index, key, messages, request_hash, prompt_estimate, max_tokens)
 
 
@@ -250,8 +258,13 @@ def max_reply_tokens(params: dict[str, Any]) -> int:
 
 def _max_tokens(params: dict[str, Any]) -> int:
     # Providers charge rate limits for the reply they might have to give, not the one they give.
+    return requested_reply_tokens(params) or 1000
+
+
+def requested_reply_tokens(params: dict[str, Any]) -> int | None:
+    """The longest answer the request asks for, when it names one."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = params.get(name)
         if isinstance(value, int) and value > 0:
             return value
-    return 1000
+    return None

@@ -129,6 +129,31 @@ def estimate_prompt_tokens(messages: list[Message]) -> int:
     return 3 + sum(4 + math.ceil(len(m["content"]) / 4) for m in messages)
 
 
+# The estimate counts ~4 characters a token; real tokenizers vary around that, so a
+# prompt is refused before sending only when it could fit in no tokenizer of ordinary
+# text: over the window by half again (it would need 6 characters a token). One between
+# the window and that margin is sent, and the provider has the last word (its refusal
+# costs nothing).
+WINDOW_MARGIN = 1.5
+CONTEXT_ERROR = "context_window_exceeded"
+
+
+def over_window(prompt_estimate: int, window: int | None) -> bool:
+    """Whether a prompt clearly cannot fit in the model's context window."""
+    return window is not None and prompt_estimate > window * WINDOW_MARGIN
+
+
+def window_error(prompt_estimate: int, window: int, model: str) -> str:
+    """How a row refused for its size is recorded (the `error` column)."""
+    return (
+        f"{CONTEXT_ERROR}: the prompt is estimated at {prompt_estimate:,} tokens, more than "
+        f"{model}'s context window of {window:,} can hold (refused at {WINDOW_MARGIN}x the "
+        "window, as the estimate is approximate); nothing was sent. Shorten the prompt or "
+        "this row's input, use a model with a larger window, or set model.context_window "
+        "if this model's is larger"
+    )
+
+
 def is_empty_prompt(messages: list[Message]) -> bool:
     """Whether every user message rendered to nothing but whitespace."""
     return all(not m["content"].strip() for m in messages if m["role"] == "user")

@@ -83,6 +83,9 @@ class ModelSpec(_Strict):
     # Send through the provider's batch API (half price, results within 24 h).
     batch: bool = False
     batch_poll_s: float = Field(default=30.0, gt=0)
+    # Tokens the model takes in one request (prompt and answer); unset: the model's entry
+    # in configs/pricing.yaml, and no local check for a model that has none.
+    context_window: int | None = Field(default=None, ge=1)
 
     @field_validator("base_url")
     @classmethod

@@ -50,7 +50,7 @@ from pipeline.spec import (
     StepSpec,
     load_spec,
 )
-from pipeline.steps_reduce import split_groups, splits
+from pipeline.steps_reduce import split_groups, splits, with_reduce_models
 
 ROW_COLUMN = "_input_row"  # each input row's position, carried through every step to join on
 ROWS_VARIABLE = "rows"  # a reduce step's template variable: the group's rows
@@ -311,6 +311,7 @@ def open_chain(
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     if spec.steps is None:
         raise SpecError("this job has no steps")
+    spec = with_reduce_models(spec)
     if limit is not None and limit < 0:
         raise SpecError("--limit must be zero or more")
     table = table_of(spec)

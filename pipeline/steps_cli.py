@@ -14,6 +14,7 @@ from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
 from pipeline.steps import StepsLayout, open_chain, step_job_spec
+from pipeline.steps_reduce import combine_step, splits, with_reduce_models
 from pipeline.steps_run import ChainSummary, check_chain, recorded_steps, run_chain
 
 EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
@@ -30,10 +31,14 @@ def validate_steps(job: Path) -> None:
     resolved = check_chain(chain)
     click.echo(
         f"ok: {job} is valid: {chain.frame.height:,} rows from {chain.spec.input.path}, "
-        f"{len(resolved)} steps, output {chain.layout.output}"
+        f"{len(chain.steps)} steps, output {chain.layout.output}"
     )
-    for step, prepared in zip(chain.steps, resolved, strict=True):
+    # A reduce step that may split its groups is checked with the step that combines them.
+    combining = {combine_step(step).name for step in chain.steps if splits(step)}
+    for step, prepared in zip(recorded_steps(chain.steps), resolved, strict=True):
         kind = f"reduce by {', '.join(step.reduce.by)}" if step.reduce else "map"
+        if step.name in combining:
+            kind = "combines the parts of a group too large for one request"
         when = f" when {step.when}" if step.when else ""
         click.echo(
             f"  {step.name}: {kind}{when}; provider {prepared.settings.name}, "
@@ -118,7 +123,7 @@ def status_steps(job: Path, output: Path | None) -> None:
     the cost of every step together."""
     from pipeline.cluster.status import job_status
 
-    spec = load_spec(job)
+    spec = with_reduce_models(load_spec(job))
     layout = StepsLayout(output or spec.output_path)
     lines, cost = [], 0.0
     for step in recorded_steps(spec.steps or []):

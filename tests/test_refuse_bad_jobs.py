@@ -48,6 +48,7 @@ INVALID: dict[str, Any] = {
     "model.tool_choice": 42,
     "model.batch": "overnight",
     "model.batch_poll_s": 0,
+    "model.context_window": 0,
     "prompt": "Summarize",
     "prompt.skip_empty": "sometimes",
     "prompt.system": "{{ no_such_column }}",

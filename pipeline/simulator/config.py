@@ -46,6 +46,10 @@ class SimulatorConfig(BaseModel):
         default_factory=lambda: ["x-ai-grok-3-mini", "grok-3-mini", "gpt-4o-mini", "sim-model"]
     )
     accept_any_model: bool = False
+    context_window: int | None = Field(default=None, ge=1)
+    """Prompt tokens a request may hold: a longer prompt gets the provider's 400
+    (OpenAI-compatible: code ``context_length_exceeded``; Anthropic: "prompt is too
+    long") before any limit or fault is drawn. None: any length is answered."""
 
     # --- answers --------------------------------------------------------------------
     latency_ms: tuple[float, float] = (0.0, 0.0)

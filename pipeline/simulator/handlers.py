@@ -165,6 +165,12 @@ def _triggered(
     return None
 
 
+def _over_window(prompt: int, window: int, anthropic: bool) -> web.Response:
+    if anthropic:
+        return E.json_response(E.context_error_anthropic(prompt, window), 400)
+    return E.json_response(E.context_error_openai(prompt, window), 400)
+
+
 def _fault_response(fault: str, request: web.Request, anthropic: bool, model: str) -> web.Response:
     if fault == "fail_500":
         return status_response(500, anthropic)
@@ -327,6 +333,8 @@ async def complete(sim: Simulator, request: web.Request, anthropic: bool) -> web
     if sim.throttled(now):
         raise E.Reject(throttled(cfg.throttle_retry_after_s, model, anthropic))
     prompt = estimate_prompt_tokens(msgs)
+    if cfg.context_window is not None and prompt > cfg.context_window:
+        raise E.Reject(_over_window(prompt, cfg.context_window, anthropic))
     limiter = sim.limiter
     if limiter.active:
         cost = prompt + (max_tokens if max_tokens is not None else cfg.default_max_tokens)
