@@ -37,7 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.budget import SharedBudget
 from pipeline.embedded import SharedSimulators
-from pipeline.executor import LocalExecutor
+from pipeline.executor import LocalExecutor, root_cause
 from pipeline.job import ResolvedJob
 from pipeline.ratelimit import SharedPacers
 from pipeline.runs import RunEnd, RunOptions, RunSummary
@@ -137,9 +137,17 @@ def stream(
 ) -> StreamResult:
     """Every wave of `frame` through `steps`, each step starting on a wave as soon as
     the one before has answered it. Blocking: runs its own event loop."""
+    # The first step's `when` sees only columns known now: a row it fails on is refused
+    # before anything is sent (a later step's, on the wave that reaches the row).
+    step_rows(chain, steps[0], frame)
     pass_ = _StreamPass(chain, steps, options, budget, say)
-    with catch_stops_early() if options.handle_signals else nullcontext():
-        anyio.run(pass_.run, frame, backend="asyncio", backend_options={"use_uvloop": True})
+    try:
+        with catch_stops_early() if options.handle_signals else nullcontext():
+            anyio.run(pass_.run, frame, backend="asyncio", backend_options={"use_uvloop": True})
+    except BaseExceptionGroup as group:
+        # A step's error (a `when` failing on a row, a crash) is the one the caller knows,
+        # not the task group's wrapping of it.
+        raise root_cause(group) from None
     return StreamResult(pass_.accounts)
 
 
@@ -240,7 +248,6 @@ class _StreamPass:
             signals=self.hub,
             pacers=self.pacers,
             budget=self.budget,
-            on_result=None,
         )
 
     def _show(self, account: StreamedStep) -> None:

@@ -210,3 +210,37 @@ def _wait_for_both_steps(
         assert time.monotonic() < deadline, "step 2 never started"
         time.sleep(0.005)
     assert paid(simulator) < 400, "step 1 finished before step 2 started: nothing streamed"
+
+
+def test_a_when_that_fails_while_streaming_stops_with_exit_2_and_keeps_the_answers(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows = 300
+    write_reviews(tmp_path, rows)
+    # Fails on the first row rated 5 that step 1 labels negative.
+    failing = {**COMPLAINT, "when": "label == 'negative' and rating / (rating - 5) < 9"}
+    job = make_steps_job(tmp_path, simulator, [sentiment(), failing])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=WAVE)
+
+    assert done.returncode == 2, done.stderr
+    assert "steps.complaint.when: fails on row" in done.stderr
+    assert "Traceback" not in done.stderr
+    # Step 2 sent nothing: its first wave stopped it; step 1's answers are recorded.
+    assert 0 < paid(simulator) <= rows
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert "sentiment: " in status.stdout and "complaint: not started" in status.stdout
+
+
+def test_a_when_the_first_streamed_step_fails_on_is_refused_before_sending(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    write_reviews(tmp_path, 300)
+    failing = {**sentiment(), "when": "rating / (rating - 5) < 1"}
+    job = make_steps_job(tmp_path, simulator, [failing, COMPLAINT])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=WAVE)
+
+    assert done.returncode == 2, done.stderr
+    assert "steps.sentiment.when: fails on row 4" in done.stderr
+    assert paid(simulator) == 0
