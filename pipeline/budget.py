@@ -37,6 +37,35 @@ class SpendingLimit(Protocol):
         ...
 
 
+def refuse_past_limits(
+    max_cost_usd: float | None,
+    max_tokens_total: int | None,
+    *,
+    spent: tuple[float, int],
+    reserved: tuple[float, float],
+    wanted: tuple[float, float],
+    spender: str = "",
+) -> None:
+    """BudgetExceeded when what is spent, what attempts in flight hold and what one more
+    attempt wants (USD, tokens) would cross a limit."""
+    if max_cost_usd is not None:
+        projected = spent[0] + reserved[0] + wanted[0]
+        if projected > max_cost_usd:
+            raise BudgetExceeded(
+                f"budget reached: ${spent[0]:.4f} spent{spender}, and the next request would "
+                f"take the projected spend to ${projected:.4f}, over "
+                f"limits.max_cost_usd = ${max_cost_usd:g}"
+            )
+    if max_tokens_total is not None:
+        projected_tokens = spent[1] + reserved[1] + wanted[1]
+        if projected_tokens > max_tokens_total:
+            raise BudgetExceeded(
+                f"token budget reached: {spent[1]} tokens used{spender}, and the next request "
+                f"would take the projection to {projected_tokens:.0f}, over "
+                f"limits.max_tokens_total = {max_tokens_total}"
+            )
+
+
 @dataclass
 class Budget:
     max_cost_usd: float | None
@@ -81,22 +110,13 @@ class Budget:
         if not self.active:
             return None
         usd, tokens = self.projection(request)
-        if self.max_cost_usd is not None:
-            projected = self.spent_usd + self._reserved_usd + usd
-            if projected > self.max_cost_usd:
-                raise BudgetExceeded(
-                    f"budget reached: ${self.spent_usd:.4f} spent, and the next request would "
-                    f"take the projected spend to ${projected:.4f}, over "
-                    f"limits.max_cost_usd = ${self.max_cost_usd:g}"
-                )
-        if self.max_tokens_total is not None:
-            projected_tokens = self.spent_tokens + self._reserved_tokens + tokens
-            if projected_tokens > self.max_tokens_total:
-                raise BudgetExceeded(
-                    f"token budget reached: {self.spent_tokens} tokens used, and the next request "
-                    f"would take the projection to {projected_tokens:.0f}, over "
-                    f"limits.max_tokens_total = {self.max_tokens_total}"
-                )
+        refuse_past_limits(
+            self.max_cost_usd,
+            self.max_tokens_total,
+            spent=(self.spent_usd, self.spent_tokens),
+            reserved=(self._reserved_usd, self._reserved_tokens),
+            wanted=(usd, tokens),
+        )
         self._reserved_usd += usd
         self._reserved_tokens += tokens
         return usd, tokens
@@ -150,23 +170,14 @@ class SharedBudget:
         return self._runs[run]
 
     def reserve(self, usd: float, tokens: float) -> None:
-        if self.max_cost_usd is not None:
-            projected = self.spent_usd + self._reserved_usd + usd
-            if projected > self.max_cost_usd:
-                raise BudgetExceeded(
-                    f"budget reached: ${self.spent_usd:.4f} spent by the job's steps, and the "
-                    f"next request would take the projected spend to ${projected:.4f}, over "
-                    f"limits.max_cost_usd = ${self.max_cost_usd:g}"
-                )
-        if self.max_tokens_total is not None:
-            projected_tokens = self.spent_tokens + self._reserved_tokens + tokens
-            if projected_tokens > self.max_tokens_total:
-                raise BudgetExceeded(
-                    f"token budget reached: {self.spent_tokens} tokens used by the job's "
-                    f"steps, and the next request would take the projection to "
-                    f"{projected_tokens:.0f}, over limits.max_tokens_total = "
-                    f"{self.max_tokens_total}"
-                )
+        refuse_past_limits(
+            self.max_cost_usd,
+            self.max_tokens_total,
+            spent=(self.spent_usd, self.spent_tokens),
+            reserved=(self._reserved_usd, self._reserved_tokens),
+            wanted=(usd, tokens),
+            spender=" by the job's steps",
+        )
         self._reserved_usd += usd
         self._reserved_tokens += tokens
 

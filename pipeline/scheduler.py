@@ -270,11 +270,9 @@ class Scheduler:
             self._work.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            for _ in range(take_early_stops()):
-                self._on_signal()
-            async for _ in signals:
-                self._on_signal()
+        hub = StopHub()  # a pool alone: the hub has one listener
+        with hub.listening(self):
+            await hub.watch()
 
     def _on_signal(self) -> None:
         if self._stopping:

@@ -123,20 +123,9 @@ def test_ctrl_c_while_streaming_stops_every_step_and_a_rerun_finishes(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
     rows = 400
-    write_reviews(tmp_path, rows)
-    simulator.configure(latency_ms=(20, 60))
-    job = steps_job(tmp_path, simulator, limits__concurrency=8)
-    proc = start_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=WAVE)
-    try:
-        _wait_for_both_steps(proc, tmp_path, simulator)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
+    job, returncode, stderr = _signalled_while_streaming(tmp_path, simulator, rows, signal.SIGINT)
+    assert returncode == 130, stderr
     assert "interrupted" in stderr
-    settle(simulator)
 
     done = run_cli("run", str(job), "--quiet", cwd=tmp_path, timeout=300)
 
@@ -151,18 +140,8 @@ def test_a_kill_while_streaming_resumes_without_paying_twice(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
     rows = 400
-    write_reviews(tmp_path, rows)
-    simulator.configure(latency_ms=(20, 60))
-    job = steps_job(tmp_path, simulator, limits__concurrency=8)
-    proc = start_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=WAVE)
-    try:
-        _wait_for_both_steps(proc, tmp_path, simulator)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    settle(simulator)
+    job, returncode, _ = _signalled_while_streaming(tmp_path, simulator, rows, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
 
     done = run_cli("run", str(job), "--quiet", cwd=tmp_path, timeout=300)
 
@@ -195,6 +174,26 @@ def test_fresh_sets_each_steps_record_aside_once(
         assert len(list((run_dir / "set-aside").iterdir())) == 1, "set aside once, not per wave"
     final, _ = outputs(tmp_path)
     assert final.height == rows
+
+
+def _signalled_while_streaming(
+    workdir: Path, simulator: RunningSimulator, rows: int, signum: int
+) -> tuple[Path, int, str]:
+    """Run a streaming job, send it `signum` once both steps send, and wait for the
+    simulator to go idle: (the job, the exit code, what the run printed)."""
+    write_reviews(workdir, rows)
+    simulator.configure(latency_ms=(20, 60))
+    job = steps_job(workdir, simulator, limits__concurrency=8)
+    proc = start_cli("run", str(job), "--quiet", cwd=workdir, PIPELINE_STEP_WAVE_ROWS=WAVE)
+    try:
+        _wait_for_both_steps(proc, workdir, simulator)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    settle(simulator)
+    return job, proc.returncode, stderr
 
 
 def _wait_for_both_steps(
