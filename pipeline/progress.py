@@ -66,7 +66,7 @@ class Snapshot:
 
     def essentials(self, *, compact: bool = False) -> list[str]:
         """ETA, failures, cost so far and projected; `compact` for narrow terminals."""
-        eta = "?" if self.eta_s is None else _clock(self.eta_s)
+        eta = "?" if self.eta_s is None else clock(self.eta_s)
         money = _short_money if compact else _money
         parts = [f"ETA {eta}", f"{'fail' if compact else 'failed'} {self.failed:,}"]
         if self.cost is None:
@@ -275,7 +275,7 @@ class Progress:
         print(
             f"progress: {s.done:,}/{s.total:,} rows ({s.done / max(s.total, 1):.0%}), "
             f"{s.rows_per_s:,.1f} rows/s, "
-            + ("time left unknown" if s.eta_s is None else f"{_clock(s.eta_s)} left")
+            + ("time left unknown" if s.eta_s is None else f"{clock(s.eta_s)} left")
             + ", "
             + ", ".join(s.essentials()[1:] + s.details()[len(s.waits) :])
             + "".join(f"; {wait}" for wait in s.waits),
@@ -324,7 +324,7 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:,.0f}" if seconds >= 10 else f"{seconds:.1f}"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

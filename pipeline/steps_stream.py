@@ -30,6 +30,7 @@ import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import polars as pl
@@ -39,11 +40,13 @@ from pipeline.budget import SharedBudget
 from pipeline.embedded import SharedSimulators
 from pipeline.executor import LocalExecutor, root_cause
 from pipeline.job import ResolvedJob
+from pipeline.progress import clock, log_interval
 from pipeline.ratelimit import SharedPacers
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import StopHub, catch_stops_early
 from pipeline.spec import StepSpec
 from pipeline.steps import Chain, empty_answers, join_step, resolve_step, step_rows
+from pipeline.types import RowResult
 
 WAVES = 16  # waves per streamed run: more overlap, against a run's start-up cost each
 MIN_WAVE_ROWS = 250
@@ -82,6 +85,17 @@ class StreamedStep:
     skipped: int = 0
     sent_rows: int = 0  # rows answered (or failed) by a request of this streaming pass
     inputs: list[pl.DataFrame] = field(default_factory=list)  # its waves, the latest first
+    # As rows land, for the progress line: rows of its finished waves, rows answered in
+    # the wave it is on, and this pass's failures and cost.
+    done: int = 0
+    landed: int = 0
+    failed: int = 0
+    cost_usd: float = 0.0
+
+    def count(self, result: RowResult) -> None:
+        self.landed += 1
+        self.failed += not result.ok
+        self.cost_usd += result.cost_usd or 0.0
 
     @property
     def end(self) -> RunEnd:
@@ -178,6 +192,8 @@ class _StreamPass:
             async with anyio.create_task_group() as watching:
                 if self.options.handle_signals:
                     watching.start_soon(self.hub.watch)
+                if self.options.show_progress:
+                    watching.start_soon(self._heartbeat, frame.height)
                 async with anyio.create_task_group() as group:
                     sends, receives = _links(len(self.steps))
                     for index in range(len(self.steps)):
@@ -226,6 +242,7 @@ class _StreamPass:
         job = await anyio.to_thread.run_sync(self._resolve, step, so_far)
         summary = await LocalExecutor().arun(job, self._options_for(account))
         account.runs.append(summary)
+        account.done, account.landed = account.rows, 0
         account.sent_rows += summary.rows - summary.reused - summary.deduplicated
         self._show(account)
         if not summary.finished:
@@ -248,6 +265,34 @@ class _StreamPass:
             signals=self.hub,
             pacers=self.pacers,
             budget=self.budget,
+            on_result=partial(self._landed, account),
+        )
+
+    def _landed(self, account: StreamedStep, result: RowResult) -> None:
+        account.count(result)
+        if self.options.on_result is not None:
+            self.options.on_result(result)
+
+    async def _heartbeat(self, rows: int) -> None:
+        """A progress line every few seconds: waves can take minutes each."""
+        started = anyio.current_time()
+        while True:
+            await anyio.sleep(log_interval())
+            self.say(self._progress(rows, anyio.current_time() - started))
+
+    def _progress(self, rows: int, elapsed: float) -> str:
+        first = self.accounts[0]
+        through = first.done + first.landed
+        seen = first.skipped + through
+        # Rows answered by a request: rows found in the record take no time to come.
+        rate = (first.sent_rows + first.landed) / max(elapsed, 1e-9)
+        left = "time left unknown" if rate <= 0 else f"{clock((rows - seen) / rate)} left"
+        steps = ", ".join(f"{a.step.name} {a.done + a.landed:,}/{a.rows:,}" for a in self.accounts)
+        failed = sum(a.failed for a in self.accounts)
+        cost = sum(a.cost_usd for a in self.accounts)
+        return (
+            f"progress: {seen:,}/{rows:,} rows into {first.step.name}, {left} there; rows "
+            f"answered of those taken: {steps}; failed {failed:,}; ${cost:.4f} this run"
         )
 
     def _show(self, account: StreamedStep) -> None:

@@ -243,3 +243,27 @@ def test_a_when_the_first_streamed_step_fails_on_is_refused_before_sending(
     assert done.returncode == 2, done.stderr
     assert "steps.sentiment.when: fails on row 4" in done.stderr
     assert paid(simulator) == 0
+
+
+def test_progress_lines_come_while_the_waves_run(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows = 400
+    write_reviews(tmp_path, rows)
+    simulator.configure(latency_ms=(20, 60))
+    job = steps_job(tmp_path, simulator, limits__concurrency=8)
+
+    done = run_cli(
+        "run",
+        str(job),
+        cwd=tmp_path,
+        PIPELINE_STEP_WAVE_ROWS=WAVE,
+        PIPELINE_PROGRESS_EVERY_S="0.2",
+    )
+
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stderr.splitlines() if "rows into sentiment" in x]
+    assert lines, done.stderr
+    assert "rows answered of those taken: sentiment " in lines[-1]
+    assert ", complaint " in lines[-1]
+    assert "this run" in lines[-1]
