@@ -18,6 +18,7 @@ from pipeline.embedded import simulator_for
 from pipeline.executor import Cluster, executor_for
 from pipeline.job import ResolvedJob
 from pipeline.output import scan_output
+from pipeline.ratelimit import SharedPacers
 from pipeline.runlock import RunLock
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.spec import StepSpec
@@ -126,7 +127,9 @@ def _run_steps(
     frame = chain.frame
     # The chain reads each step's output to join it: a step always writes it, and
     # `options.write_output` is about the job's own outputs.
-    step_options = dataclasses.replace(options, write_output=True)
+    # One pacer per provider account and model for every step: a step's run starts
+    # inside the server's window the step before it used (its last second's share sent).
+    step_options = dataclasses.replace(options, write_output=True, pacers=SharedPacers())
     streamed: dict[str, StreamedStep] = {}
     for number, step in enumerate(chain.steps, start=1):
         if step.name not in streamed and cluster is None and not batch:

@@ -180,7 +180,7 @@ class _StreamPass:
         self.accounts = [StreamedStep(step) for step in steps]
         self.stopping = False
         self.hub = StopHub()
-        self.pacers = SharedPacers()
+        self.pacers = options.pacers or SharedPacers()
         self.simulators = SharedSimulators()
 
     async def run(self, frame: pl.DataFrame) -> None:

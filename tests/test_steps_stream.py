@@ -267,3 +267,20 @@ def test_progress_lines_come_while_the_waves_run(
     assert "rows answered of those taken: sentiment " in lines[-1]
     assert ", complaint " in lines[-1]
     assert "this run" in lines[-1]
+
+
+def test_steps_one_after_another_keep_the_providers_limit_at_the_boundary(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    # Step 2's run starts while step 1's last second is still the server's window: a
+    # pacer of its own would send a whole second's share into it.
+    rows = 300
+    write_reviews(tmp_path, rows)
+    simulator.configure(rpm=6000, limit_window="second")
+    job = steps_job(tmp_path, simulator, limits__requests_per_minute=6000)
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=NO_STREAMING)
+
+    assert done.returncode == 0, done.stderr
+    assert "streaming" not in done.stderr
+    assert simulator.stats(full=False)["rate_limited"] == 0
