@@ -74,6 +74,12 @@ class RunDir:
         return self.path / "steps" / name
 
     @property
+    def streaming(self) -> Path:
+        """A multi-step job's account of the waves its steps have finished while the rows
+        stream, for `status`; gone once every wave is through."""
+        return self.path / "steps" / "streaming.json"
+
+    @property
     def staged_input(self) -> Path:
         """Where the Python API writes a DataFrame it was given, to read it as a file."""
         return self.path / "input.parquet"

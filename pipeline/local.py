@@ -81,7 +81,10 @@ async def _adopt_lost_output(job: ResolvedJob, checkpoint: Checkpoint, plan: Wor
 async def _open_progress(
     job: ResolvedJob, checkpoint: Checkpoint, options: RunOptions, stack: ExitStack
 ) -> Progress:
-    start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
+    # The starting point is for the headline: finding it checks every row once more.
+    start = StartingPoint(0, job.rows)
+    if options.show_progress:
+        start = await anyio.to_thread.run_sync(_starting_point, job, checkpoint, options)
     progress = Progress(
         job.rows,
         reused=start.reused,
@@ -276,6 +279,8 @@ def _note_stopping(progress: Progress, counters: RunCounters, grace_s: float) ->
 def _budget(job: ResolvedJob, settings: ProviderSettings, checkpoint: Checkpoint) -> Budget:
     """The job's spending limits, counting what earlier runs of it already spent."""
     limits = job.spec.limits
+    if limits.max_cost_usd is None and limits.max_tokens_total is None:
+        return Budget(None, None, settings.price)  # summing the record would be for nothing
     spent = checkpoint.totals()
     return Budget(
         limits.max_cost_usd,

@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
@@ -168,19 +168,33 @@ class RowFilter:
     def mask(self, frame: pl.DataFrame) -> pl.Series:
         """True for the rows the step keeps. A row the expression fails on is an error
         of the job's, not a row to skip silently."""
-        rows = frame.select(self.variables).rows(named=True) if self.variables else None
+        rows = frame.select(self.variables).rows() if self.variables else [()] * frame.height
+        # A `when` usually reads a few columns of few values (a label): each distinct
+        # combination is evaluated once.
+        seen: dict[tuple[Any, ...], bool] = {}
         kept = []
-        for n in range(frame.height):
-            values = rows[n] if rows is not None else {}
+        for n, values in enumerate(rows):
             try:
-                kept.append(bool(self._expression(**values)))
-            except Exception as exc:
-                raise SpecError(
-                    f"{self.where}: fails on row {n} ({type(exc).__name__}: {exc}); guard the "
-                    "expression (e.g. `x is not none and x > 3`) and rerun: the answers "
-                    "recorded so far are kept"
-                ) from None
+                keep = seen.get(values)
+            except TypeError:  # a list or a mapping among the values: not hashable
+                keep = None
+            if keep is None:
+                keep = self._keeps(values, frame, n)
+                with suppress(TypeError):
+                    seen[values] = keep
+            kept.append(keep)
         return pl.Series("kept", kept, dtype=pl.Boolean)
+
+    def _keeps(self, values: tuple[Any, ...], frame: pl.DataFrame, n: int) -> bool:
+        try:
+            return bool(self._expression(**dict(zip(self.variables, values, strict=True))))
+        except Exception as exc:
+            row = frame.get_column(ROW_COLUMN)[n] if ROW_COLUMN in frame.columns else n
+            raise SpecError(
+                f"{self.where}: fails on row {row} ({type(exc).__name__}: {exc}); guard the "
+                "expression (e.g. `x is not none and x > 3`) and rerun: the answers "
+                "recorded so far are kept"
+            ) from None
 
 
 # --- the step's input ---------------------------------------------------------------

@@ -7,15 +7,17 @@ import shlex
 from pathlib import Path
 
 import click
+import polars as pl
 
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.executor import Cluster
 from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
-from pipeline.steps import StepsLayout, open_chain, step_job_spec
+from pipeline.steps import ROW_COLUMN, StepsLayout, open_chain, step_job_spec
 from pipeline.steps_reduce import combine_step, splits, with_reduce_models
 from pipeline.steps_run import ChainSummary, check_chain, recorded_steps, run_chain
+from pipeline.steps_stream import read_state
 
 EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
 EXIT_STOPPED, EXIT_CRASHED = 3, 4
@@ -125,6 +127,7 @@ def status_steps(job: Path, output: Path | None) -> None:
 
     spec = with_reduce_models(load_spec(job))
     layout = StepsLayout(output or spec.output_path)
+    streaming = read_state(layout.run_dir.streaming)
     lines, cost = [], 0.0
     for step in recorded_steps(spec.steps or []):
         step_input = layout.step_input(step)
@@ -137,14 +140,30 @@ def status_steps(job: Path, output: Path | None) -> None:
             lines.append(f"  {step.name}: not started")
             continue
         cost += report.totals.cost_usd
-        state = "running" if report.running else "done" if report.pending == 0 else "stopped"
+        rows, finished, failed = report.rows, report.finished, report.failed
+        waves = streaming.get(step.name)
+        if waves is not None:
+            # The input holds the wave the step is on; the waves before it are counted
+            # in the streaming account (unless this input is one of them).
+            if _first_row(step_input) <= waves["through"]:
+                rows = finished = failed = 0
+            rows, finished = rows + waves["rows"], finished + waves["rows"]
+            failed += waves["failed"]
+        pending = rows - finished
+        state = "running" if report.running else "done" if pending == 0 else "stopped"
         lines.append(
-            f"  {step.name}: {report.finished:,}/{report.rows:,} "
-            f"{'group' if step.reduce else 'row'}(s) finished ({report.failed:,} failed), "
-            f"{report.pending:,} pending, {state}; cost ${report.totals.cost_usd:.6f}"
+            f"  {step.name}: {finished:,}/{rows:,} "
+            f"{'group' if step.reduce else 'row'}(s) finished ({failed:,} failed), "
+            f"{pending:,} pending, {state}; cost ${report.totals.cost_usd:.6f}"
         )
     click.echo(f"{spec.name}: {len(spec.steps or [])} steps, ${cost:.6f} spent in all")
     click.echo("\n".join(lines))
+
+
+def _first_row(step_input: Path) -> int:
+    """The first input row a step's materialised input holds (-1 when it is empty)."""
+    first = pl.scan_parquet(step_input).select(pl.col(ROW_COLUMN).min()).collect().item()
+    return -1 if first is None else int(first)
 
 
 def estimate_steps(job: Path, sample: int, limit: int | None) -> None:

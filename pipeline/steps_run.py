@@ -150,6 +150,8 @@ def _run_steps(
         run = _run_step(job, once if step.name in streamed else step_options, cluster)
         if step.name in streamed:
             run = _with_streamed(run, streamed[step.name])
+            if step.name == list(streamed)[-1]:  # every streamed step's files are whole
+                chain.layout.run_dir.streaming.unlink(missing_ok=True)
         result = StepResult(step, covered, skipped, run)
         answered = _answers_of(result, job.output_path, summary)
         if answered is None:

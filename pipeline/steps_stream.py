@@ -9,10 +9,10 @@ spending limit across the steps (`budget.SharedBudget`: requests in flight in an
 step count against it), and one watcher of the stop signals.
 
 Each wave of a step is an ordinary run of the step's job (`steps.resolve_step`) on the
-local executor, over the rows the step has taken so far (that wave's first, so they
-are sent at once): the step's one record, keyed by request hash, holds every answer, so
-a kill anywhere resumes without paying twice, and its input, output and `status` tell
-everything it has done. When
+local executor over that wave's rows: the step's one record, keyed by request hash,
+holds every answer, so a kill anywhere resumes without paying twice. What the finished
+waves hold is written to `RunDir.streaming` after each, so `status` counts every row a
+step has taken, not only its current wave's (`streamed_status`). When
 every wave is through, the chain runs each step over all its rows as before
 (`steps_run.py`): every answer is reused, nothing is sent, and the step's output and
 the job's outputs are written from the records as for any run.
@@ -25,12 +25,14 @@ cluster run shards all of its rows at once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import anyio
 import polars as pl
@@ -45,7 +47,7 @@ from pipeline.ratelimit import SharedPacers
 from pipeline.runs import RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import StopHub, catch_stops_early
 from pipeline.spec import StepSpec
-from pipeline.steps import Chain, empty_answers, join_step, resolve_step, step_rows
+from pipeline.steps import ROW_COLUMN, Chain, empty_answers, join_step, resolve_step, step_rows
 from pipeline.types import RowResult
 
 WAVES = 16  # waves per streamed run: more overlap, against a run's start-up cost each
@@ -84,13 +86,19 @@ class StreamedStep:
     rows: int = 0
     skipped: int = 0
     sent_rows: int = 0  # rows answered (or failed) by a request of this streaming pass
-    inputs: list[pl.DataFrame] = field(default_factory=list)  # its waves, the latest first
-    # As rows land, for the progress line: rows of its finished waves, rows answered in
+    # As rows land, for the progress line and `status`: rows of its finished waves and
+    # how many of them ended in error, the last input row they reach, rows answered in
     # the wave it is on, and this pass's failures and cost.
     done: int = 0
+    done_failed: int = 0
+    through: int = -1
     landed: int = 0
     failed: int = 0
     cost_usd: float = 0.0
+
+    def wave_done(self, answered: pl.DataFrame, through: int) -> None:
+        self.done, self.landed, self.through = self.rows, 0, through
+        self.done_failed += answered.height - answered.get_column("error").null_count()
 
     def count(self, result: RowResult) -> None:
         self.landed += 1
@@ -111,7 +119,8 @@ class StreamedStep:
         return dataclasses.replace(
             unfinished,
             rows=self.rows,
-            reused=self.rows - self.sent_rows,
+            reused=sum(run.reused for run in self.runs),
+            deduplicated=sum(run.deduplicated for run in self.runs),
             sent=sum(run.sent for run in self.runs),
             totals=last.totals,
             wall_s=sum(run.wall_s for run in self.runs),
@@ -155,6 +164,8 @@ def stream(
     # before anything is sent (a later step's, on the wave that reaches the row).
     step_rows(chain, steps[0], frame)
     pass_ = _StreamPass(chain, steps, options, budget, say)
+    state = chain.layout.run_dir.streaming
+    state.unlink(missing_ok=True)  # a stopped pass's account: this one counts afresh
     try:
         with catch_stops_early() if options.handle_signals else nullcontext():
             anyio.run(pass_.run, frame, backend="asyncio", backend_options={"use_uvloop": True})
@@ -184,6 +195,7 @@ class _StreamPass:
         self.simulators = SharedSimulators()
 
     async def run(self, frame: pl.DataFrame) -> None:
+        self._writing = anyio.Lock()
         size = wave_rows(frame.height)
         waves = math.ceil(frame.height / size)
         names = ", ".join(step.name for step in self.steps)
@@ -234,21 +246,24 @@ class _StreamPass:
         account.skipped += wave.height - step_input.height
         if step_input.height == 0:
             return join_step(wave, step, self.chain.spec, empty_answers(step, self.chain.spec))
-        # The step's run covers every row it has taken so far, this wave's first: they
-        # are sent at once, the earlier ones are found answered, and the step's input,
-        # output and status always tell the whole of what it has done.
-        account.inputs.insert(0, step_input)
-        so_far = pl.concat(account.inputs, how="vertical_relaxed")
-        job = await anyio.to_thread.run_sync(self._resolve, step, so_far)
+        job = await anyio.to_thread.run_sync(self._resolve, step, step_input)
         summary = await LocalExecutor().arun(job, self._options_for(account))
         account.runs.append(summary)
-        account.done, account.landed = account.rows, 0
         account.sent_rows += summary.rows - summary.reused - summary.deduplicated
-        self._show(account)
         if not summary.finished:
+            self._show(account)
             return None
         answered = await anyio.to_thread.run_sync(pl.read_parquet, job.output_path)
+        account.wave_done(answered, through=wave.select(pl.col(ROW_COLUMN).max()).item())
+        await self._write_state()
+        self._show(account)
         return join_step(wave, step, self.chain.spec, answered)
+
+    async def _write_state(self) -> None:
+        # Taken now and written in turn: the file never goes back to an older account.
+        state = account_of(self.accounts)
+        async with self._writing:
+            await anyio.to_thread.run_sync(write_state, self.chain.layout.run_dir.streaming, state)
 
     def _resolve(self, step: StepSpec, step_input: pl.DataFrame) -> ResolvedJob:
         job = resolve_step(self.chain.spec, step, step_input, self.chain.layout)
@@ -323,3 +338,30 @@ async def _pass_on(onward: MemoryObjectSendStream[Wave], wave: Wave) -> bool:
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         return False
     return True
+
+
+def account_of(accounts: list[StreamedStep]) -> dict[str, dict[str, int]]:
+    """Each step's finished waves: rows taken (all finished), failed, the last input row."""
+    return {
+        account.step.name: {
+            "rows": account.done,
+            "failed": account.done_failed,
+            "through": account.through,
+        }
+        for account in accounts
+    }
+
+
+def write_state(path: Path, state: dict[str, dict[str, int]]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(state))
+    os.replace(temporary, path)
+
+
+def read_state(path: Path) -> dict[str, dict[str, int]]:
+    """What `write_state` wrote, or nothing when no rows are streaming."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}

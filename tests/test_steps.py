@@ -344,8 +344,12 @@ def test_batch_and_ray_run_every_step_through_the_same_path(
         job = steps_job(
             workdir, simulator, [sentiment(), COMPLAINT, per_label()], model__batch_poll_s=0.05
         )
-        done = run_cli("run", str(job), *extra, "--quiet", cwd=workdir, timeout=300)
+        # Online, the rows stream from step to step in waves of 10; batch and Ray runs
+        # keep a barrier between steps. The rows must be the same.
+        waves = {"PIPELINE_STEP_WAVE_ROWS": "10"} if how == "online" else {}
+        done = run_cli("run", str(job), *extra, "--quiet", cwd=workdir, timeout=300, **waves)
         assert done.returncode == 0, done.stderr
+        assert ("streaming steps" in done.stderr) == (how == "online")
         finished[how] = outputs(workdir)
     answers = ["review_id", "sentiment_label", "sentiment_response", "complaint_response"]
     online, other = finished["online"], finished[mode]

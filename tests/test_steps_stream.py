@@ -142,6 +142,12 @@ def test_a_kill_while_streaming_resumes_without_paying_twice(
     rows = 400
     job, returncode, _ = _signalled_while_streaming(tmp_path, simulator, rows, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
+    # `status` counts every row a step took, not only its current wave's.
+    status = run_cli("status", str(job), cwd=tmp_path)
+    line = next(x for x in status.stdout.splitlines() if x.strip().startswith("sentiment: "))
+    finished, taken = (int(n) for n in line.split(": ")[1].split(" ")[0].split("/"))
+    assert int(WAVE) < taken <= rows and int(WAVE) <= finished <= taken, line
+    assert ", stopped;" in line
 
     done = run_cli("run", str(job), "--quiet", cwd=tmp_path, timeout=300)
 
