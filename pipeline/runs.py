@@ -29,6 +29,10 @@ class RunEnd(Enum):
     INTERRUPTED = "interrupted"
 
 
+# How runs that end differently end together (a job's steps): the most serious end wins.
+SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
+
+
 @dataclass
 class RunSummary:
     rows: int

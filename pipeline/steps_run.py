@@ -20,7 +20,7 @@ from pipeline.job import ResolvedJob
 from pipeline.output import scan_output
 from pipeline.ratelimit import SharedPacers
 from pipeline.runlock import RunLock
-from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.runs import SEVERITY, RunEnd, RunOptions, RunSummary
 from pipeline.spec import StepSpec
 from pipeline.steps import (
     ROW_COLUMN,
@@ -40,9 +40,6 @@ from pipeline.steps import (
 )
 from pipeline.steps_reduce import combine_input, combine_step, merged, splits
 from pipeline.steps_stream import StreamedStep, StreamResult, stream, streamed_steps
-
-# How a chain ends when its steps end differently: the most serious end wins.
-SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
 
 
 @dataclass

@@ -44,7 +44,7 @@ from pipeline.executor import LocalExecutor, root_cause
 from pipeline.job import ResolvedJob
 from pipeline.progress import clock, log_interval
 from pipeline.ratelimit import SharedPacers
-from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.runs import SEVERITY, RunEnd, RunOptions, RunSummary
 from pipeline.scheduler import StopHub, catch_stops_early
 from pipeline.spec import StepSpec
 from pipeline.steps import ROW_COLUMN, Chain, empty_answers, join_step, resolve_step, step_rows
@@ -108,7 +108,7 @@ class StreamedStep:
     @property
     def end(self) -> RunEnd:
         ends = [run.end for run in self.runs] or [RunEnd.ALL_OK]
-        return max(ends, key=_SEVERITY.index)
+        return max(ends, key=SEVERITY.index)
 
     def summary(self) -> RunSummary | None:
         """The waves' runs as one (None before the first wave ran)."""
@@ -129,9 +129,6 @@ class StreamedStep:
         )
 
 
-_SEVERITY = [RunEnd.ALL_OK, RunEnd.ROWS_FAILED, RunEnd.STOPPED, RunEnd.INTERRUPTED]
-
-
 @dataclass
 class StreamResult:
     """The streaming pass: each step's account, in order, and how the pass ended."""
@@ -140,7 +137,7 @@ class StreamResult:
 
     @property
     def end(self) -> RunEnd:
-        return max((s.end for s in self.steps), key=_SEVERITY.index, default=RunEnd.ALL_OK)
+        return max((s.end for s in self.steps), key=SEVERITY.index, default=RunEnd.ALL_OK)
 
     @property
     def finished(self) -> bool:
