@@ -50,7 +50,7 @@ from pipeline.spec import (
     StepSpec,
     load_spec,
 )
-from pipeline.steps_reduce import split_groups, splits, with_reduce_models
+from pipeline.steps_reduce import combine_step, split_groups, splits, with_reduce_models
 
 ROW_COLUMN = "_input_row"  # each input row's position, carried through every step to join on
 ROWS_VARIABLE = "rows"  # a reduce step's template variable: the group's rows
@@ -139,6 +139,18 @@ class StepsLayout:
     def reduce_output(self, step: StepSpec) -> Path:
         """`out/reviews.parquet` -> `out/reviews.per_label.parquet`."""
         return self.output.with_name(f"{self.output.stem}.{step.name}{self.output.suffix}")
+
+
+def combine_rounds(step: StepSpec, layout: StepsLayout | None) -> list[StepSpec]:
+    """A splitting reduce step's combining rounds: the first, and each later one whose
+    folder a run has made."""
+    rounds = [combine_step(step)]
+    while layout is not None:
+        later = combine_step(step, len(rounds) + 1)
+        if not layout.folder(later).exists():
+            break
+        rounds.append(later)
+    return rounds
 
 
 # --- `when` -------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def status_steps(job: Path, output: Path | None) -> None:
     layout = StepsLayout(output or spec.output_path)
     streaming = read_state(layout.run_dir.streaming)
     lines, cost = [], 0.0
-    for step in recorded_steps(spec.steps or []):
+    for step in recorded_steps(spec.steps or [], layout):
         step_input = layout.step_input(step)
         if not step_input.exists():
             lines.append(f"  {step.name}: not started")

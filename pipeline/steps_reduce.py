@@ -12,6 +12,14 @@ the group took, so the cost columns still add up to the run's total. A group a p
 of which failed gets that part's error instead of a combined answer: it is not combined
 from the parts that did answer, which would leave the failed part's rows out unseen.
 
+Combining goes in rounds: when a group's parts' answers do not fit one combining
+request (by the same budget or window), they are cut into parts in turn, each part's
+answers combined, and those answers combined again, until one request holds them all.
+Round 1 is the step `<name>_combine`, round n the step `<name>_combine_<n>`, each with
+its own record. A round must make a group smaller: answers each too large to share a
+request with another are sent together whole, and the check before sending (or the
+provider) makes that the group's error.
+
 Without `max_prompt_tokens`, a step whose model has a known context window
 (`model.context_window`, else configs/pricing.yaml) splits a group only when its prompt,
 rendered, estimates over `window_budget`: the window less the answer's room, times
@@ -126,14 +134,20 @@ def row_tokens(row: dict[str, Any]) -> int:
 Rows = list[dict[str, Any]]
 
 
-def split_groups(groups: pl.DataFrame, step: StepSpec) -> pl.DataFrame:
-    """Each group as one or more parts of whole rows, each under the step's budget."""
+def split_groups(
+    groups: pl.DataFrame, step: StepSpec, *, must_shrink: bool = False
+) -> pl.DataFrame:
+    """Each group as one or more parts of whole rows, each under the step's budget. With
+    `must_shrink` (a combining round), a group that would have as many parts as rows is
+    one part: another round would not bring it closer to one request."""
     assert step.reduce is not None
     by = step.reduce.by
     cut = _cutter(step)
     parts: list[dict[str, Any]] = []
     for group in groups.iter_rows(named=True):
         pieces = cut(group)
+        if must_shrink and len(pieces) >= len(group[ROWS]):
+            pieces = [group[ROWS]]
         for number, rows in enumerate(pieces):
             parts.append(
                 {**{c: group[c] for c in by}, PART: number, PARTS: len(pieces), ROWS: rows}
@@ -193,18 +207,29 @@ def packed(rows: Rows, sizes: list[int], budget: int) -> list[Rows]:
     return parts
 
 
-def combine_step(step: StepSpec) -> StepSpec:
-    """The step that combines a split group's parts: the step's model, limits and
-    schema, the combine prompt, its own record."""
+def combine_step(step: StepSpec, round_number: int = 1) -> StepSpec:
+    """The step of one combining round of a split group's parts: the step's model,
+    limits, schema and budget, the combine prompt, its own record."""
     assert step.reduce is not None
+    suffix = "" if round_number == 1 else f"_{round_number}"
     return StepSpec(
-        name=f"{step.name}_combine",
+        name=f"{step.name}_combine{suffix}",
         prompt=step.reduce.combine or DEFAULT_COMBINE,
-        reduce=ReduceSpec(by=step.reduce.by),  # over the same groups, keyed by request
+        # over the same groups, keyed by request, cut by the same budget
+        reduce=ReduceSpec(by=step.reduce.by, max_prompt_tokens=step.reduce.max_prompt_tokens),
         model=step.model,
         limits=step.limits,
         output=step.output,
     )
+
+
+def combine_parts(groups: pl.DataFrame, combining: StepSpec) -> pl.DataFrame:
+    """A combining round's requests: each group's answers to combine (`combine_input`) in
+    parts that fit one request, as a reduce step's groups are cut."""
+    if not splits(combining):
+        by = [pl.col(c) for c in groups.columns if c != ROWS]
+        return groups.select(*by, pl.lit(0).alias(PART), pl.lit(1).alias(PARTS), ROWS)
+    return split_groups(groups, combining, must_shrink=True)
 
 
 def combine_input(answered: pl.DataFrame, step: StepSpec) -> pl.DataFrame:

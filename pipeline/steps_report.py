@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -27,7 +27,7 @@ from pipeline.report import (
 )
 from pipeline.resolve import resolve_job
 from pipeline.spec import JobSpec, StepSpec, load_spec
-from pipeline.steps import ROWS_VARIABLE, StepsLayout, step_job_spec
+from pipeline.steps import ROWS_VARIABLE, StepsLayout, combine_rounds, step_job_spec
 from pipeline.steps_reduce import combine_step, splits
 
 
@@ -40,7 +40,8 @@ class StepSection:
     covered: int | None = None  # rows (groups, parts) in its input; None before it starts
     skipped: int | None = None  # rows its `when` left out (a reduce step: rows in no group)
     view: RunView | None = None  # None: not started
-    combines: StepSection | None = None  # a reduce step's combining step, when it splits
+    # a reduce step's combining rounds, when it splits its groups
+    combines: list[StepSection] = field(default_factory=list)
     part_of: str | None = None  # a combining step: the reduce step whose cost has its own
 
     @property
@@ -52,7 +53,7 @@ class StepSection:
     def cost(self) -> float:
         """What the step's answers in the outputs cost: a reduce step's groups include
         the requests that combined their parts."""
-        return self.own_cost + (self.combines.own_cost if self.combines else 0.0)
+        return self.own_cost + sum(combining.own_cost for combining in self.combines)
 
     @property
     def state(self) -> str:
@@ -87,12 +88,19 @@ def step_sections(spec: JobSpec, layout: StepsLayout, rows: int) -> list[StepSec
     for step in spec.steps or []:
         section = _section(spec, layout, StepSection(step, _kind(step)), rows)
         if splits(step):
-            combining = StepSection(
-                combine_step(step), f"combines {step.name}'s parts", part_of=step.name
-            )
-            section.combines = _section(spec, layout, combining, None)
+            section.combines = [
+                _section(spec, layout, _combining(step, combining), None)
+                for combining in combine_rounds(step, layout)
+            ]
         sections.append(section)
     return sections
+
+
+def _combining(step: StepSpec, combining: StepSpec) -> StepSection:
+    kind = f"combines {step.name}'s parts"
+    if combining.name != combine_step(step).name:
+        kind = f"combines {step.name}'s combined parts again"
+    return StepSection(combining, kind, part_of=step.name)
 
 
 def _section(
@@ -130,7 +138,7 @@ def _rows_in(step_input: Path) -> int:
 
 
 def _flat(sections: list[StepSection]) -> list[StepSection]:
-    return [s for section in sections for s in (section, section.combines) if s is not None]
+    return [s for section in sections for s in (section, *section.combines)]
 
 
 # ---- the page ------------------------------------------------------------------------
@@ -184,7 +192,7 @@ def _step_row(section: StepSection) -> str:
     cost = _dollars(section.cost)
     if section.part_of is not None:
         cost += f" (counted in {section.part_of})"
-    elif section.combines is not None:
+    elif section.combines:
         cost += " (with combining)"
     cells = [
         f'<a href="#step-{section.step.name}">{html.escape(section.step.name)}</a>',

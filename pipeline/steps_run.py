@@ -28,6 +28,7 @@ from pipeline.steps import (
     Chain,
     StepResult,
     StepsLayout,
+    combine_rounds,
     empty_answers,
     final_frame,
     join_step,
@@ -38,7 +39,7 @@ from pipeline.steps import (
     validation_folder,
     write_frame,
 )
-from pipeline.steps_reduce import combine_input, combine_step, merged, splits
+from pipeline.steps_reduce import combine_input, combine_parts, combine_step, merged, splits
 from pipeline.steps_stream import StreamedStep, StreamResult, stream, streamed_steps
 
 
@@ -84,7 +85,7 @@ def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> l
                     resolve_step(
                         chain.spec,
                         combining,
-                        combine_input(parts, step),
+                        combine_parts(combine_input(parts, step), combining),
                         scratch,
                         read_key=read_key,
                         where=f"steps.{step.name}.reduce.combine",
@@ -191,7 +192,7 @@ def _shared_budget(chain: Chain) -> SharedBudget | None:
     if limits.max_cost_usd is None and limits.max_tokens_total is None:
         return None
     spent = Totals()
-    for step in recorded_steps(chain.steps):
+    for step in recorded_steps(chain.steps, chain.layout):
         spent += recorded_totals(chain.layout.step_checkpoint(step))
     return SharedBudget(
         limits.max_cost_usd,
@@ -239,17 +240,27 @@ def _combine(
     cluster: Cluster | None,
     batch: bool,
     summary: ChainSummary,
+    round_number: int = 1,
 ) -> pl.DataFrame | None:
-    """Combine the parts of every split group (steps_reduce.py): their answers (None
-    when no group was split); the combining step's run is added to the summary."""
+    """Combine the parts of every split group (steps_reduce.py), in rounds until each
+    group's answers fit one request: one row per group (None when no group was split, or
+    a round stopped); each round's run is added to the summary."""
     groups = combine_input(answered, step)
     if groups.height == 0:
         return None
-    combining = within_job_budget(chain, combine_step(step))
+    combining = within_job_budget(chain, combine_step(step, round_number))
+    requests = combine_parts(groups, combining)
     where = f"steps.{step.name}.reduce.combine"
-    job = resolve_step(chain.spec, combining, groups, chain.layout, batch=batch, where=where)
-    result = StepResult(combining, groups.height, 0, _run_step(job, options, cluster))
-    return _answers_of(result, job.output_path, summary)
+    job = resolve_step(chain.spec, combining, requests, chain.layout, batch=batch, where=where)
+    run = _run_step(job, options, cluster)
+    result = StepResult(combining, requests.height, 0, run)
+    combined = _answers_of(result, job.output_path, summary)
+    if combined is None:
+        return None
+    further = _combine(chain, step, combined, options, cluster, batch, summary, round_number + 1)
+    if not summary.steps[-1].summary.finished:
+        return None
+    return merged(combined, further, step)
 
 
 def _answers_of(result: StepResult, output: Path, summary: ChainSummary) -> pl.DataFrame | None:
@@ -272,7 +283,7 @@ def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:
     if job.max_cost_usd is None and job.max_tokens_total is None:
         return step
     elsewhere = Totals()
-    for other in recorded_steps(chain.steps):
+    for other in recorded_steps(chain.steps, chain.layout):
         if other.name != step.name:
             elsewhere += recorded_totals(chain.layout.step_checkpoint(other))
     update: dict[str, float | int] = {}
@@ -286,14 +297,15 @@ def within_job_budget(chain: Chain, step: StepSpec) -> StepSpec:
     return step.model_copy(update={"limits": limits.model_copy(update=update)})
 
 
-def recorded_steps(steps: list[StepSpec]) -> list[StepSpec]:
+def recorded_steps(steps: list[StepSpec], layout: StepsLayout | None = None) -> list[StepSpec]:
     """Every step that keeps a record: the job's, and the combining step of each reduce
-    that splits its groups."""
+    that splits its groups, with (given the job's layout) every later combining round a
+    run has started."""
     found = []
     for step in steps:
         found.append(step)
         if splits(step):
-            found.append(combine_step(step))
+            found.extend(combine_rounds(step, layout))
     return found
 
 

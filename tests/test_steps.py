@@ -18,6 +18,8 @@ import pytest
 from conftest import SIM_KEY, make_job, reviews, run_cli, start_cli
 
 from pipeline.simulator import RunningSimulator
+from pipeline.spec import StepSpec
+from pipeline.steps_reduce import row_tokens, split_groups
 
 LABELS = ["positive", "negative", "neutral"]
 
@@ -64,6 +66,10 @@ def outputs(workdir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     return pl.read_parquet(out / "result.parquet"), pl.read_parquet(
         out / "result.per_label.parquet"
     )
+
+
+def parts_folder(workdir: Path) -> Path:
+    return workdir / "out" / "result.parquet.run" / "steps"
 
 
 def negatives(rows: pl.DataFrame) -> int:
@@ -440,7 +446,11 @@ def test_a_group_over_the_token_budget_is_sent_in_parts_and_combined(
     assert split_groups, "the budget must split some group for this test to mean anything"
     # no row is cut: every row is in exactly one part
     assert int(parts.get_column("rows").list.len().sum()) == rows
-    assert paid(simulator) == rows + parts.height + len(split_groups)
+    # the parts' answers are too many for one request too: combined in rounds
+    combining = sorted(parts_folder(tmp_path).glob("per_label_combine*"))
+    assert [d.name for d in combining] == ["per_label_combine", "per_label_combine_2"]
+    combined = sum(pl.read_parquet(d / "output.parquet").height for d in combining)
+    assert paid(simulator) == rows + parts.height + combined
     final, reduced = outputs(tmp_path)
     assert reduced.height == len(LABELS)
     combined = reduced.filter(pl.col("label").cast(pl.String).is_in(split_groups))
@@ -449,8 +459,75 @@ def test_a_group_over_the_token_budget_is_sent_in_parts_and_combined(
     total = final.get_column("sentiment_cost_usd").sum() + reduced.get_column("cost_usd").sum()
     assert f"cost: ${total:.6f} this run" in done.stderr
     status = run_cli("status", str(job), cwd=tmp_path)
-    assert f"per_label_combine: {len(split_groups)}/{len(split_groups)} group(s)" in status.stdout
+    last_round = f"per_label_combine_2: {len(split_groups)}/{len(split_groups)} group(s)"
+    assert last_round in status.stdout
     assert f"${total:.6f} spent in all" in status.stdout
+
+
+def test_answers_too_many_for_one_combining_request_are_combined_in_rounds(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    """80 rows a product under a budget of 150 tokens: ~14 parts a product, whose 14
+    answers do not fit one request either, so they are combined 4 at a time, then those
+    4 answers once more. Every request fits the budget, each is paid once, and the
+    product's row adds up all of them."""
+    budget = 150
+    reviews(240).write_csv(tmp_path / "reviews.csv")
+    per_product = {
+        "name": "per_product",
+        "reduce": {"by": "product", "max_prompt_tokens": budget},
+        "prompt": {"template": "Summarise: {% for r in rows %}{{ r.text }} {% endfor %}"},
+    }
+    job = steps_job(tmp_path, simulator, [per_product])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    steps = tmp_path / "out" / "result.parquet.run" / "steps"
+    rounds = [
+        pl.read_parquet(steps / name / "output.parquet")
+        for name in ("per_product", "per_product_combine", "per_product_combine_2")
+    ]
+    assert not (steps / "per_product_combine_3").exists()
+    assert [r.height for r in rounds] == [42, 12, 3]
+    for answers in rounds:
+        for part in answers.iter_rows(named=True):  # within the budget, or a lone row
+            assert len(part["rows"]) == 1 or sum(map(row_tokens, part["rows"])) <= budget
+    assert paid(simulator) == sum(r.height for r in rounds)
+    reduced = pl.read_parquet(tmp_path / "out" / "result.per_product.parquet")
+    assert reduced.height == 3 and reduced.get_column("error").null_count() == 3
+    last = dict(zip(*rounds[-1].select("product", "response"), strict=True))
+    assert dict(zip(*reduced.select("product", "response"), strict=True)) == last
+    assert int(reduced.get_column("attempts").sum()) == paid(simulator)
+    total = sum(float(r.get_column("cost_usd").sum()) for r in rounds)
+    assert reduced.get_column("cost_usd").sum() == pytest.approx(total)
+    assert f"cost: ${total:.6f} this run" in done.stderr
+    status = run_cli("status", str(job), cwd=tmp_path)
+    assert "per_product_combine_2: 3/3 group(s) finished" in status.stdout
+
+    again = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+
+    assert again.returncode == 0, again.stderr
+    assert paid(simulator) == sum(r.height for r in rounds)  # every round's answers kept
+    assert pl.read_parquet(tmp_path / "out" / "result.per_product.parquet").equals(reduced)
+
+
+def test_a_combining_round_that_cannot_shrink_a_group_sends_it_whole() -> None:
+    """Answers each too large to share a request: another round would make as many
+    parts as answers, forever, so they go as one part (which the check before sending,
+    or the provider, then refuses as the group's error)."""
+    step = StepSpec.model_validate(
+        {
+            "name": "per_product",
+            "reduce": {"by": "product", "max_prompt_tokens": 10},
+            "prompt": {"template": "x"},
+        }
+    )
+    answers = [{"part": n, "response": "long answer " * 20, "error": None} for n in range(3)]
+    groups = pl.DataFrame({"product": ["kettle"], "rows": [answers]})
+
+    assert split_groups(groups, step).height == 3
+    assert split_groups(groups, step, must_shrink=True).get_column("parts").to_list() == [1]
 
 
 def test_a_limited_run_writes_beside_the_output_and_its_answers_are_kept(
