@@ -4,7 +4,8 @@ on a Ray cluster (`--ray`) give the same rows, column for column, and the same e
 Each (case, mode) runs the real CLI in a folder of its own (its own checkpoint), against
 the session's simulator and, for `--ray`, the session's local Ray cluster. The online
 output of each case is the reference; every mode must also show what the case is about
-(skipped rows, typed input, schema retries, deduplicated rows, template errors).
+(skipped rows, typed input, schema retries, deduplicated rows, template errors,
+prompts refused for the model's context window).
 What legitimately differs: `latency_s` (timing), and `cost_usd` under batch prices.
 """
 
@@ -158,6 +159,34 @@ def _template_error_check(out: pl.DataFrame) -> None:
     assert out.filter(pl.col("error").is_null()).height == 11
 
 
+WINDOW = 600  # tokens: a review's prompt (~30) fits; a long one (~2,500) is far past 1.5x
+LONG_ROWS = ("R002", "R007")
+
+
+def _over_window_data() -> pl.DataFrame:
+    text = texts(12)
+    for i in (2, 7):
+        text[i] = "word " * 2000  # ~2,500 tokens by the estimate: refused before sending
+    return pl.DataFrame({"review_id": [f"R{i:03d}" for i in range(12)], "text": text})
+
+
+def _over_window_check(out: pl.DataFrame) -> None:
+    """Refused by the plan, not by the provider: no attempt, no cost, the model named."""
+    refused = out.filter(pl.col("error").is_not_null())
+    assert refused["review_id"].to_list() == list(LONG_ROWS)
+    for error in refused["error"]:
+        assert error.startswith("context_window_exceeded: the prompt is estimated at ")
+        assert f"{MODEL}'s context window of {WINDOW:,}" in error
+        assert "nothing was sent" in error
+    assert refused["attempts"].to_list() == [0, 0]
+    assert refused["cost_usd"].null_count() == 2
+    assert refused["response"].null_count() == 2
+    answered = out.filter(pl.col("error").is_null())
+    assert answered.height == 10
+    assert (answered["attempts"] == 1).all()
+    _plain_check(answered)
+
+
 CASES = [
     Case(
         "plain-parquet-two-shards",
@@ -213,6 +242,14 @@ CASES = [
         1,
         _template_error_check,
         {"prompt__template": "Summarize: {{ text }} ({{ 100 // share }}%)"},
+    ),
+    Case(
+        "over-context-window-parquet",
+        {"reviews.csv": _over_window_data()},
+        "result.parquet",
+        1,
+        _over_window_check,
+        {"model__context_window": WINDOW},
     ),
 ]
 
