@@ -33,7 +33,7 @@ from typing import Any, Literal
 import polars as pl
 import pyarrow as pa
 import yaml
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from pipeline import storage
@@ -276,6 +276,8 @@ def empty_answers(step: StepSpec, spec: JobSpec) -> pl.DataFrame:
 def step_rows(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> pl.DataFrame:
     """What a step is sent: the rows its `when` keeps (grouped, for a reduce step),
     without the plain names of earlier steps' properties that this step produces."""
+    if (failed := failed_upstream(chain, step)) is not None:
+        frame = frame.filter(failed.not_())
     if step.when is not None:
         row_filter = RowFilter(step.when, f"steps.{step.name}.when")
         row_filter.check_columns(_visible(frame))
@@ -313,6 +315,7 @@ class StepResult:
     summary: RunSummary
     failed: int = 0  # rows (or groups) of its output in error
     output: Path | None = None  # a reduce step's output
+    unsent: int = 0  # rows an earlier step it reads failed on
 
 
 @dataclass
@@ -384,14 +387,87 @@ def _check_step_columns(spec: JobSpec, columns: list[str]) -> None:
 
 
 def join_step(
-    frame: pl.DataFrame, step: StepSpec, spec: JobSpec, answered: pl.DataFrame
+    frame: pl.DataFrame, step: StepSpec, chain: Chain, answered: pl.DataFrame
 ) -> pl.DataFrame:
     """`frame` with a map step's result columns (prefixed), and its schema properties
-    under their own names unless an input column has that name."""
+    under their own names unless an input column has that name. A row not sent because
+    an earlier step it reads failed on it says so in the step's error column."""
+    spec = chain.spec
     columns = result_columns(step, spec)
     renamed = answered.select(ROW_COLUMN, *(pl.col(c).alias(prefixed(step, c)) for c in columns))
     joined = frame.join(renamed, on=ROW_COLUMN, how="left", maintain_order="left")
-    return joined.with_columns(plain_aliases(step, spec, frame.columns))
+    joined = joined.with_columns(plain_aliases(step, spec, frame.columns))
+    if (failed := failed_upstream(chain, step)) is None:
+        return joined
+    error = prefixed(step, "error")
+    return joined.with_columns(
+        pl.when(failed & pl.col(error).is_null())
+        .then(pl.lit(unsent_error(chain, step)))
+        .otherwise(pl.col(error))
+        .alias(error)
+    )
+
+
+# --- rows an earlier step failed on ---------------------------------------------------
+
+
+def failed_upstream(chain: Chain, step: StepSpec) -> pl.Expr | None:
+    """Whether an earlier map step that `step` reads failed on the row (None: it reads
+    none). Such a row is not sent: its request would be built from an answer that is
+    not there. A step that reads an earlier step's `error` column handles that step's
+    failures itself, and is sent them."""
+    upstream = reads_from(chain, step)
+    if not upstream:
+        return None
+    return pl.any_horizontal(pl.col(prefixed(s, "error")).is_not_null() for s in upstream)
+
+
+def unsent_error(chain: Chain, step: StepSpec) -> str:
+    names = " or ".join(s.name for s in reads_from(chain, step))
+    return (
+        f"not sent: step {names} failed on this row, and this step reads its answer; "
+        "`pipeline run --retry-failed` asks again"
+    )
+
+
+def reads_from(chain: Chain, step: StepSpec) -> list[StepSpec]:
+    """The earlier map steps whose answers `step` reads (in a template, its `when`, its
+    `by`, or as a field of a reduce's `rows`) and whose errors it does not read."""
+    spec, read = chain.spec, names_read(step)
+    owner: dict[str, StepSpec] = {}
+    for earlier in spec.steps or []:
+        if earlier.name == step.name:
+            break
+        if earlier.reduce is not None:
+            continue
+        owner.update({prefixed(earlier, c): earlier for c in result_columns(earlier, spec)})
+        plain = set(schema_properties(earlier, spec)) - set(chain.frame.columns)
+        owner.update(dict.fromkeys(plain, earlier))  # a later step's property replaces it
+    found = {owner[name].name: owner[name] for name in sorted(read) if name in owner}
+    return [s for s in found.values() if prefixed(s, "error") not in read]
+
+
+def names_read(step: StepSpec) -> set[str]:
+    """Every name a step's templates and `when` read, the fields taken of them (`r.label`,
+    `r['label']`) included, and its `by` columns."""
+    env = SandboxedEnvironment()
+    sources = [source for _, source, _ in step.prompt.parts()]
+    if step.when is not None:
+        sources.append(f"{{{{ ({step.when}) }}}}")
+    names = set(step.reduce.by) if step.reduce is not None else set()
+    for source in sources:
+        try:
+            parsed = env.parse(source)
+        except TemplateSyntaxError:  # the step's own checks name it
+            continue
+        names |= meta.find_undeclared_variables(parsed)
+        names |= {node.attr for node in parsed.find_all(nodes.Getattr)}
+        names |= {
+            node.arg.value
+            for node in parsed.find_all(nodes.Getitem)
+            if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str)
+        }
+    return names
 
 
 def plain_aliases(step: StepSpec, spec: JobSpec, taken: list[str]) -> list[pl.Expr]:

@@ -16,7 +16,7 @@ from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
 from pipeline.steps import ROW_COLUMN, StepsLayout, open_chain, step_job_spec
 from pipeline.steps_reduce import combine_step, splits, with_reduce_models
-from pipeline.steps_run import ChainSummary, check_chain, recorded_steps, run_chain
+from pipeline.steps_run import ChainSummary, check_chain, left_out, recorded_steps, run_chain
 from pipeline.steps_stream import read_state
 
 EXIT_CODES = {RunEnd.ALL_OK: 0, RunEnd.ROWS_FAILED: 1, RunEnd.STOPPED: 3, RunEnd.INTERRUPTED: 130}
@@ -96,9 +96,10 @@ def describe_chain(summary: ChainSummary, rerun: str) -> str:
     for result in summary.steps:
         run = result.summary
         failed = result.failed
+        reasons = result.skipped or result.unsent
         lines.append(
             f"  {result.step.name}: {result.rows:,} {'group' if result.step.reduce else 'row'}(s)"
-            + (f" ({result.skipped:,} left out by `when`)" if result.skipped else "")
+            + (f" ({left_out(result.skipped, result.unsent)[2:]})" if reasons else "")
             + f", {run.reused:,} reused, {run.sent:,} request(s) sent, {failed:,} failed; "
             f"cost ${run.run_cost:.6f} this run"
         )

@@ -88,7 +88,7 @@ def _worst_case(chain: Chain) -> list[StepEstimate]:
             )
             found.append(StepEstimate(step, made, made.rows, basis, 1.0))
             if step.reduce is None:
-                frame = join_step(frame, step, chain.spec, _no_answers(frame, step, chain))
+                frame = join_step(frame, step, chain, _no_answers(frame, step, chain))
     return found
 
 

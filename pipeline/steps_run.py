@@ -30,6 +30,7 @@ from pipeline.steps import (
     StepsLayout,
     combine_rounds,
     empty_answers,
+    failed_upstream,
     final_frame,
     join_step,
     prefixed,
@@ -92,7 +93,7 @@ def check_chain(chain: Chain, *, read_key: bool | Literal["if_set"] = True) -> l
                     )
                 )
             if step.reduce is None:
-                frame = join_step(frame, step, chain.spec, empty_answers(step, chain.spec))
+                frame = join_step(frame, step, chain, empty_answers(step, chain.spec))
     return resolved
 
 
@@ -138,8 +139,10 @@ def _run_steps(
                 return summary
         step_input = step_rows(chain, step, frame)
         covered = step_input.height
-        skipped = frame.height - (covered if step.reduce is None else _rows_in(step_input))
-        announce(_headline(number, len(chain.steps), step, covered, skipped))
+        unsent = _failed_upstream_in(chain, step, frame)
+        kept = covered if step.reduce is None else _rows_in(step_input)
+        skipped = frame.height - kept - unsent
+        announce(_headline(number, len(chain.steps), step, covered, skipped, unsent))
         budgeted = within_job_budget(chain, step)
         job = resolve_step(chain.spec, budgeted, step_input, chain.layout, batch=batch)
         # A step the rows streamed through has answered them all: this run writes its
@@ -150,7 +153,7 @@ def _run_steps(
             run = _with_streamed(run, streamed[step.name])
             if step.name == list(streamed)[-1]:  # every streamed step's files are whole
                 chain.layout.run_dir.streaming.unlink(missing_ok=True)
-        result = StepResult(step, covered, skipped, run)
+        result = StepResult(step, covered, skipped, run, unsent=unsent)
         answered = _answers_of(result, job.output_path, summary)
         if answered is None:
             return summary
@@ -160,7 +163,7 @@ def _run_steps(
                 return summary
             answered = merged(answered, combined, step)
         if step.reduce is None:
-            frame = join_step(frame, step, chain.spec, answered)
+            frame = join_step(frame, step, chain, answered)
         elif options.write_output:
             result.output = chain.layout.reduce_output(step)
             write_frame(reduce_frame(step, chain.spec, answered), result.output)
@@ -334,13 +337,25 @@ def _run_step(job: ResolvedJob, options: RunOptions, cluster: Cluster | None) ->
         return executor.run(served, options)
 
 
-def _headline(number: int, of: int, step: StepSpec, covered: int, skipped: int) -> str:
+def _headline(number: int, of: int, step: StepSpec, covered: int, skipped: int, unsent: int) -> str:
     if step.reduce is not None:
         what = f"reduce by {', '.join(step.reduce.by)}: {covered:,} group(s)"
     else:
         what = f"map: {covered:,} row(s)"
-    left_out = f", {skipped:,} left out by its `when`" if skipped else ""
-    return f"step {number}/{of} {step.name}: {what}{left_out}"
+    return f"step {number}/{of} {step.name}: {what}{left_out(skipped, unsent)}"
+
+
+def left_out(skipped: int, unsent: int) -> str:
+    """The rows a step was not sent, and why."""
+    reasons = [f"{skipped:,} left out by its `when`"] if skipped else []
+    if unsent:
+        reasons.append(f"{unsent:,} not sent as an earlier step failed on them")
+    return "".join(f", {reason}" for reason in reasons)
+
+
+def _failed_upstream_in(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> int:
+    failed = failed_upstream(chain, step)
+    return int(frame.select(failed.sum()).item()) if failed is not None else 0
 
 
 def _total_cost(chain: Chain, final: pl.DataFrame, reduce_outputs: list[Path]) -> float:

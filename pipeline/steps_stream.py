@@ -242,7 +242,7 @@ class _StreamPass:
         account.rows += step_input.height
         account.skipped += wave.height - step_input.height
         if step_input.height == 0:
-            return join_step(wave, step, self.chain.spec, empty_answers(step, self.chain.spec))
+            return join_step(wave, step, self.chain, empty_answers(step, self.chain.spec))
         job = await anyio.to_thread.run_sync(self._resolve, step, step_input)
         summary = await LocalExecutor().arun(job, self._options_for(account))
         account.runs.append(summary)
@@ -254,7 +254,7 @@ class _StreamPass:
         account.wave_done(answered, through=wave.select(pl.col(ROW_COLUMN).max()).item())
         await self._write_state()
         self._show(account)
-        return join_step(wave, step, self.chain.spec, answered)
+        return join_step(wave, step, self.chain, answered)
 
     async def _write_state(self) -> None:
         # Taken now and written in turn: the file never goes back to an older account.

@@ -613,6 +613,60 @@ def test_rows_failed_in_a_step_exit_1_and_later_steps_still_run(
     assert f"sentiment: {rows} row(s), 0 reused, {rows} request(s) sent, 2 failed" in done.stderr
 
 
+@pytest.mark.parametrize("wave", ["10", "1000000"], ids=["streamed", "step-by-step"])
+def test_a_row_an_earlier_step_failed_on_is_not_sent_to_the_steps_that_read_its_answer(
+    tmp_path: Path, simulator: RunningSimulator, wave: str
+) -> None:
+    """Two rows fail in step 1. A step built on its answer is not sent them (it would pay
+    for a request about nothing) and says why; a step that reads step 1's error is sent
+    exactly them; the reduce by label has no group of unlabelled rows. Once the input is
+    fixed, a rerun sends just what changed and exits 0."""
+    rows = 30
+    broken = reviews(rows).with_columns(
+        pl.when(pl.int_range(rows) < 2)
+        .then(pl.col("text") + " [[sim:context]]")
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    broken.write_csv(tmp_path / "reviews.csv")
+    explain = {"name": "explain", "prompt": {"template": "Why {{ sentiment_response }}?"}}
+    fallback = {
+        "name": "fallback",
+        "when": "sentiment_error is not none",
+        "prompt": {"template": "Try again on review {{ review_id }}"},
+    }
+    job = steps_job(tmp_path, simulator, [sentiment(), explain, fallback, per_label()])
+
+    done = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=wave)
+
+    assert done.returncode == 1, done.stderr
+    assert ("rows in 3 waves" in done.stderr) == (wave == "10")
+    assert "explain: 28 row(s) (2 not sent as an earlier step failed on them)" in done.stderr
+    assert paid(simulator) == (rows - 2) * 2 + 2 + len(LABELS)  # the 2 are refused, unpaid
+    final, reduced = outputs(tmp_path)
+    failed = final.head(2)
+    assert failed.get_column("sentiment_error").null_count() == 0
+    assert all(
+        error.startswith("not sent: step sentiment failed on this row")
+        for error in failed.get_column("explain_error")
+    )
+    assert failed.get_column("explain_cost_usd").null_count() == 2
+    assert failed.get_column("fallback_response").null_count() == 0
+    assert final.tail(rows - 2).get_column("explain_error").null_count() == rows - 2
+    assert sorted(reduced.get_column("label").cast(pl.String)) == sorted(LABELS)
+
+    reviews(rows).write_csv(tmp_path / "reviews.csv")  # the fix
+    before = paid(simulator)
+    again = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=wave)
+
+    assert again.returncode == 0, again.stderr
+    final, reduced = outputs(tmp_path)
+    assert final.get_column("explain_error").null_count() == rows
+    assert final.get_column("fallback_response").null_count() == rows
+    # the two rows through steps 1 and 2, and each label's group now holding them
+    assert 2 + 2 + 1 <= paid(simulator) - before <= 2 + 2 + len(LABELS)
+
+
 def test_a_when_that_fails_on_a_row_stops_before_its_step_sends(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
