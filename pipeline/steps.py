@@ -41,7 +41,7 @@ from pipeline.columns import RESULT_COLUMNS, RESULT_NAMES
 from pipeline.errors import SpecError
 from pipeline.job import ResolvedJob, RunDir, layout_of, limited_output, table_of
 from pipeline.output import OutputFile, output_format
-from pipeline.resolve import resolve_job
+from pipeline.resolve import limited_uri, resolve_job
 from pipeline.runs import RunSummary
 from pipeline.spec import (
     InputSpec,
@@ -119,6 +119,18 @@ class StepsLayout:
     # The job's own output, whose run folder holds the steps' records: a `--limit` run
     # writes its outputs beside it and keeps its answers there for the full run.
     records: Path | None = None
+    # Where the outputs go in object storage: `output` is then their local stage, and
+    # each is uploaded once it is whole.
+    uri: str | None = None
+
+    @classmethod
+    def of(cls, spec: JobSpec, output: str | Path | None = None) -> StepsLayout:
+        """The layout of the job's outputs, an object-storage output staged locally (as a
+        single-step job's is, so a rerun on this machine resumes)."""
+        where = str(output) if output else str(spec.output.path or spec.output_path)
+        if storage.is_remote(where):
+            return cls(storage.local_stage(where), uri=where)
+        return cls(Path(where))
 
     @property
     def run_dir(self) -> RunDir:
@@ -139,6 +151,18 @@ class StepsLayout:
     def reduce_output(self, step: StepSpec) -> Path:
         """`out/reviews.parquet` -> `out/reviews.per_label.parquet`."""
         return self.output.with_name(f"{self.output.stem}.{step.name}{self.output.suffix}")
+
+    def reduce_uri(self, step: StepSpec) -> str | None:
+        """`reduce_output`'s place in object storage, for an object-storage output."""
+        if self.uri is None:
+            return None
+        folder = self.uri.rpartition("/")[0]
+        return f"{folder}/{self.reduce_output(step).name}"
+
+    def limited(self, limit: int) -> StepsLayout:
+        """A `--limit` run's layout: outputs named for the limit, records the job's."""
+        uri = limited_uri(self.uri, limit) if self.uri is not None else None
+        return StepsLayout(limited_output(self.output, limit), self.output, uri)
 
 
 def combine_rounds(step: StepSpec, layout: StepsLayout | None) -> list[StepSpec]:
@@ -350,26 +374,29 @@ def open_chain(
             f"input.path: column {ROW_COLUMN} is reserved in a job with steps; rename it"
         )
     _check_step_columns(spec, table.columns)
-    where = str(output) if output else str(spec.output_path)
-    if storage.is_remote(where) or where.endswith("/"):
+    where = str(output) if output else str(spec.output.path or spec.output_path)
+    if where.endswith("/"):
         raise SpecError(
-            f"output.path: {where}: a job with steps writes local files (object storage "
-            "and folders of part files are not supported for steps yet)"
+            f"output.path: {where}: a job with steps writes one file per output "
+            "(folders of part files are not supported for steps); name a file"
         )
-    job_output = Path(where)
-    if any(Path(p).resolve() == job_output.resolve() for p in table.paths):
-        raise SpecError(f"output.path: {job_output} is the job's input; choose another path")
-    target = job_output
+    layout = StepsLayout.of(spec, output)
+    if layout.uri is None and any(
+        Path(p).resolve() == layout.output.resolve() for p in table.paths
+    ):
+        raise SpecError(f"output.path: {where} is the job's input; choose another path")
     if limit is not None and output is None:
-        target = limited_output(job_output, limit)
-    output_format(target)  # an extension no format has is refused before anything runs
+        layout = layout.limited(limit)
+    output_format(layout.output)  # an extension no format has is refused before anything runs
+    if layout.uri is not None:
+        storage.check_writable(layout.uri)
     # The chain joins every step's columns onto the rows, so they are held in memory.
     batches = list(table.batches(100_000, limit))
     frame = (
         pl.concat(batches, how="vertical_relaxed") if batches else pl.DataFrame(schema=table.schema)
     )
     frame = frame.with_row_index(ROW_COLUMN)
-    return Chain(spec, frame, StepsLayout(target, job_output), limit)
+    return Chain(spec, frame, layout, limit)
 
 
 def _check_step_columns(spec: JobSpec, columns: list[str]) -> None:

@@ -118,6 +118,7 @@ def describe_chain(summary: ChainSummary, rerun: str) -> str:
     if summary.output_path is not None:
         lines.append(f"output: {summary.output_path}")
     lines.extend(f"output (reduce): {path}" for path in summary.reduce_outputs)
+    lines.extend(f"uploaded: {uri}" for uri in summary.uploaded)
     return "\n".join(lines)
 
 
@@ -127,13 +128,16 @@ def status_steps(job: Path, output: Path | None) -> None:
     from pipeline.cluster.status import job_status
 
     spec = with_reduce_models(load_spec(job))
-    layout = StepsLayout(output or spec.output_path)
+    layout = StepsLayout.of(spec, output)
     streaming = read_state(layout.run_dir.streaming)
     lines, cost = [], 0.0
+    own = {step.name for step in spec.steps or []}
     for step in recorded_steps(spec.steps or [], layout):
         step_input = layout.step_input(step)
         if not step_input.exists():
-            lines.append(f"  {step.name}: not started")
+            # A combining round runs only for groups too large for one request.
+            idle = "not started" if step.name in own else "nothing to combine so far"
+            lines.append(f"  {step.name}: {idle}")
             continue
         derived = step_job_spec(spec, step, str(step_input), str(layout.step_output(step)))
         report = job_status(resolve_job(derived, read_key=False))

@@ -69,7 +69,7 @@ def write_steps_report(job: Path, destination: Path | None = None) -> Report:
     """The report of a multi-step job, by default beside its output as a single-step
     job's would be."""
     spec = load_spec(job)
-    layout = StepsLayout(spec.output_path)
+    layout = StepsLayout.of(spec)
     destination = destination or report_beside(layout.output)
     rows = table_of(spec).check()
     sections = step_sections(spec, layout, rows)

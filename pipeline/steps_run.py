@@ -12,6 +12,7 @@ from typing import Literal
 
 import polars as pl
 
+from pipeline import storage
 from pipeline.budget import SharedBudget
 from pipeline.checkpoint import Checkpoint, Totals
 from pipeline.embedded import simulator_for
@@ -52,6 +53,7 @@ class ChainSummary:
     end: RunEnd = RunEnd.ALL_OK
     output_path: Path | None = None
     reduce_outputs: list[Path] = field(default_factory=list)
+    uploaded: list[str] = field(default_factory=list)  # object-storage outputs
     total_cost_usd: float | None = None  # over every cost column of the outputs
 
     @property
@@ -168,12 +170,21 @@ def _run_steps(
             result.output = chain.layout.reduce_output(step)
             write_frame(reduce_frame(step, chain.spec, answered), result.output)
             summary.reduce_outputs.append(result.output)
+            _upload(result.output, chain.layout.reduce_uri(step), summary)
     if options.write_output:
         final = final_frame(chain, frame)
         write_frame(final, chain.layout.output)
         summary.output_path = chain.layout.output
         summary.total_cost_usd = _total_cost(chain, final, summary.reduce_outputs)
+        _upload(chain.layout.output, chain.layout.uri, summary)
     return summary
+
+
+def _upload(local: Path, uri: str | None, summary: ChainSummary) -> None:
+    """Copy a whole output to object storage, for a job whose output is there."""
+    if uri is not None:
+        storage.upload(local, uri)
+        summary.uploaded.append(uri)
 
 
 def _streaming(

@@ -115,3 +115,63 @@ def test_remote_glob_lists_only_matching_files(s3: dict[str, str], tmp_path: Pat
         f"s3://{bucket}/d/1.csv",
         f"s3://{bucket}/d/2.csv",
     ]
+
+
+def test_a_job_with_steps_writes_its_outputs_to_s3_and_resumes_from_the_stage(
+    tmp_path: Path, simulator: RunningSimulator, s3: dict[str, str]
+) -> None:
+    bucket = s3["BUCKET"]
+    reviews(40).write_csv(tmp_path / "reviews.csv")
+    steps = [
+        {
+            "name": "sentiment",
+            "prompt": {"template": "Classify: {{ text }}"},
+            "output": {"schema": {"label": {"enum": ["positive", "negative", "neutral"]}}},
+        },
+        {"name": "per_label", "reduce": {"by": "label"}, "prompt": {"template": "{{ rows }}"}},
+    ]
+    uri = f"s3://{bucket}/out/result.parquet"
+    job = make_job(tmp_path, simulator, prompt=None, steps=steps, output__path=uri)
+    stage = {**s3, "PIPELINE_STAGE_DIR": str(tmp_path / "stage")}
+
+    done = run_cli("run", str(job), cwd=tmp_path, **stage)
+
+    assert done.returncode == 0, done.stderr
+    rows = read_remote(uri)
+    groups = read_remote(f"s3://{bucket}/out/result.per_label.parquet")
+    assert rows.height == 40
+    assert rows.get_column("sentiment_label").null_count() == 0
+    assert sorted(groups.get_column("label").cast(pl.String).to_list()) == sorted(
+        rows.get_column("sentiment_label").unique().to_list()
+    )
+    assert f"uploaded: {uri}" in done.stderr
+    sent = simulator.stats()["completions"]
+    assert sent == 40 + groups.height
+
+    # The steps' records live in the local stage: a rerun sends nothing, and status reads them.
+    again = run_cli("run", str(job), cwd=tmp_path, **stage)
+    assert again.returncode == 0, again.stderr
+    assert simulator.stats()["completions"] == sent
+    status = run_cli("status", str(job), cwd=tmp_path, **stage)
+    assert "sentiment" in status.stdout + status.stderr
+    assert "not started" not in status.stdout + status.stderr
+
+
+def test_a_job_with_steps_and_an_unwritable_bucket_is_refused_before_sending(
+    tmp_path: Path, simulator: RunningSimulator, s3: dict[str, str]
+) -> None:
+    reviews(5).write_csv(tmp_path / "reviews.csv")
+    steps = [{"name": "summary", "prompt": {"template": "{{ text }}"}}]
+    job = make_job(
+        tmp_path,
+        simulator,
+        prompt=None,
+        steps=steps,
+        output__path="s3://no-such-bucket-x/out/result.parquet",
+    )
+
+    done = run_cli("run", str(job), cwd=tmp_path, **s3)
+
+    assert done.returncode == 2
+    assert "output.path: cannot write to s3://no-such-bucket-x" in done.stderr
+    assert simulator.stats()["completions"] == 0
