@@ -622,7 +622,12 @@ def simulate(host: str, port: int, config: Path | None) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the HTML (default: beside the output, <output stem>.report.html).",
 )
-def report(target: Path, destination: Path | None) -> None:
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The output of a run made with `run --output` (default: the job's output.path).",
+)
+def report(target: Path, destination: Path | None, output: Path | None) -> None:
     """Write an HTML report of a run: charts, summary and sample rows, viewable offline.
 
     TARGET is a job YAML or a results .parquet; the run log beside the output
@@ -634,9 +639,9 @@ def report(target: Path, destination: Path | None) -> None:
         if target.suffix.lower() != ".parquet" and job_has_steps(target):
             from pipeline.steps_report import write_steps_report
 
-            written = write_steps_report(target, destination)
+            written = write_steps_report(target, destination, output)
         else:
-            with locate(target) as found:
+            with locate(target, output) as found:
                 written = write_report(found, destination or found.default_report)
     except (SpecError, OSError) as exc:
         _fail(str(exc), EXIT_INVALID)

@@ -69,8 +69,9 @@ def report_beside(output: Path) -> Path:
 
 
 @contextmanager
-def locate(target: Path) -> Iterator[Target]:
-    """Resolve a job YAML or a results .parquet to its output and run log.
+def locate(target: Path, output: Path | None = None) -> Iterator[Target]:
+    """Resolve a job YAML (whose run wrote `output`, for a `run --output` run) or a
+    results .parquet to its output and run log.
 
     A job whose output is not written yet (still running, or stopped) is read from
     a partial export of its checkpoint, made in a temporary folder.
@@ -83,7 +84,7 @@ def locate(target: Path) -> Iterator[Target]:
         return
     from pipeline.resolve import resolve_job
 
-    with locate_job(resolve_job(target, read_key=False)) as found:
+    with locate_job(resolve_job(target, output=output, read_key=False)) as found:
         yield found
 
 

@@ -65,11 +65,13 @@ class StepSection:
         return "done"
 
 
-def write_steps_report(job: Path, destination: Path | None = None) -> Report:
-    """The report of a multi-step job, by default beside its output as a single-step
-    job's would be."""
+def write_steps_report(
+    job: Path, destination: Path | None = None, output: Path | None = None
+) -> Report:
+    """The report of a multi-step job (of the run that wrote `output`, for a
+    `run --output` run), by default beside its output as a single-step job's would be."""
     spec = load_spec(job)
-    layout = StepsLayout.of(spec)
+    layout = StepsLayout.of(spec, output)
     destination = destination or report_beside(layout.output)
     rows = table_of(spec).check()
     sections = step_sections(spec, layout, rows)

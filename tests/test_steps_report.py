@@ -91,3 +91,23 @@ def test_a_stopped_steps_run_reports_what_exists(
     assert 'id="step-sentiment"' in page and "The output is not written yet" in page
     assert not (tmp_path / "out" / "result.parquet").exists()
     assert not (tmp_path / "out" / "result.report.html").exists(), "--to says where"
+
+
+def test_the_report_of_a_run_made_with_output_reads_that_runs_records(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    write_reviews(tmp_path, 20)
+    job = steps_job(tmp_path, simulator, [sentiment(), per_label()])
+    elsewhere = tmp_path / "elsewhere" / "trial.parquet"
+    assert (
+        run_cli("run", str(job), "--quiet", "--output", str(elsewhere), cwd=tmp_path).returncode
+        == 0
+    )
+
+    made = run_cli("report", str(job), "--output", str(elsewhere), cwd=tmp_path)
+
+    assert made.returncode == 0, made.stderr
+    page = (tmp_path / "elsewhere" / "trial.report.html").read_text()
+    assert "not started" not in step_row(page, "sentiment")
+    assert "<td>20 row(s)</td>" in step_row(page, "sentiment")
+    assert not (tmp_path / "out").exists(), "the job's own output.path was never written"
