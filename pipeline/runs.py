@@ -49,6 +49,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     deduplicated: int = 0  # rows given the answer of an identical request sent once
     output_uri: str | None = None  # where the output was uploaded, for remote outputs
+    open_batches: int = 0  # batches `--detach` left running at the provider
     counters: RunCounters = field(default_factory=RunCounters)
 
     @property

@@ -14,7 +14,7 @@ from pipeline.executor import Cluster
 from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
-from pipeline.steps import ROW_COLUMN, StepsLayout, open_chain, step_job_spec
+from pipeline.steps import ROW_COLUMN, Chain, StepsLayout, open_chain, step_job_spec
 from pipeline.steps_reduce import combine_step, splits, with_reduce_models
 from pipeline.steps_run import ChainSummary, check_chain, left_out, recorded_steps, run_chain
 from pipeline.steps_stream import read_state
@@ -59,17 +59,16 @@ def run_steps(
     cache: str | None = None,
 ) -> int:
     """Run a multi-step job and print one summary; returns the exit code."""
-    rerun = f"pipeline run {shlex.quote(str(job))}" + (
-        f" --output {shlex.quote(output)}" if output else ""
+    rerun = (
+        f"pipeline run {shlex.quote(str(job))}"
+        + (f" --output {shlex.quote(output)}" if output else "")
+        + (" --batch" if batch else "")
     )
-    if options.detach:
-        raise SpecError(
-            "--detach: a job with steps waits for each step's batches, since the next step "
-            "reads their answers; drop --detach"
-        )
     if cluster is not None:
         cluster.require_ray()
     chain = open_chain(job, output=output, limit=limit)
+    if options.detach and not batch:
+        _check_every_step_batches(chain)
     if cache:
         chain.spec = with_cache(chain.spec, cache)
     check_chain(chain, read_key=True)  # every step checked before the first is sent
@@ -88,6 +87,16 @@ def run_steps(
         return EXIT_STOPPED
     _say(describe_chain(summary, rerun))
     return EXIT_CODES[summary.end]
+
+
+def _check_every_step_batches(chain: Chain) -> None:
+    """`--detach` leaves a step's batches at the provider; a step sent online cannot."""
+    for step in chain.steps:
+        if not (step.model or chain.spec.model).batch:
+            raise SpecError(
+                f"--detach: step {step.name} is sent online, and only batches can be left "
+                "running; add --batch (or model.batch: true to every step)"
+            )
 
 
 def describe_chain(summary: ChainSummary, rerun: str) -> str:
@@ -115,6 +124,13 @@ def describe_chain(summary: ChainSummary, rerun: str) -> str:
         lines.append(f"stopped in step {stopped.step.name}: {why}; `{rerun}` resumes")
     elif summary.end is RunEnd.INTERRUPTED:
         lines.append(f"interrupted: finished rows are saved; `{rerun}` resumes")
+    elif summary.detached is not None:
+        waiting = summary.detached
+        lines.append(
+            f"detached in step {waiting.step.name}: {waiting.summary.open_batches} batch(es) "
+            f"running at the provider; `{rerun} --detach` collects those that have ended "
+            "and goes on to the next step, without --detach it waits for them"
+        )
     if summary.output_path is not None:
         lines.append(f"output: {summary.output_path}")
     lines.extend(f"output (reduce): {path}" for path in summary.reduce_outputs)

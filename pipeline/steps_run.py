@@ -54,6 +54,9 @@ class ChainSummary:
     output_path: Path | None = None
     reduce_outputs: list[Path] = field(default_factory=list)
     uploaded: list[str] = field(default_factory=list)  # object-storage outputs
+    # `--detach`: the step whose batches were left running at the provider; the chain
+    # goes on from it on the next run.
+    detached: StepResult | None = None
     total_cost_usd: float | None = None  # over every cost column of the outputs
 
     @property
@@ -161,7 +164,7 @@ def _run_steps(
             return summary
         if splits(step):
             combined = _combine(chain, step, answered, step_options, cluster, batch, summary)
-            if not summary.steps[-1].summary.finished:
+            if not _went_on(summary):
                 return summary
             answered = merged(answered, combined, step)
         if step.reduce is None:
@@ -272,16 +275,23 @@ def _combine(
     if combined is None:
         return None
     further = _combine(chain, step, combined, options, cluster, batch, summary, round_number + 1)
-    if not summary.steps[-1].summary.finished:
+    if not _went_on(summary):
         return None
     return merged(combined, further, step)
+
+
+def _went_on(summary: ChainSummary) -> bool:
+    """Whether the last step run finished, and the chain goes on after it."""
+    return summary.steps[-1].summary.finished and summary.detached is None
 
 
 def _answers_of(result: StepResult, output: Path, summary: ChainSummary) -> pl.DataFrame | None:
     """Add a step's run to the summary; its answers when it finished, else None."""
     summary.steps.append(result)
     summary.end = max(summary.end, result.summary.end, key=SEVERITY.index)
-    if not result.summary.finished:
+    if result.summary.open_batches:
+        summary.detached = result
+    if not result.summary.finished or summary.detached is not None:
         return None
     answered = pl.read_parquet(output)
     result.failed = answered.height - answered.get_column("error").null_count()

@@ -252,6 +252,23 @@ def test_detach_submits_and_exits_then_status_shows_and_a_rerun_collects(
     assert "collected, provider status completed, 30/30 answered" in status.stdout
 
 
+def test_a_detached_rerun_collects_the_batches_that_have_ended_and_writes_the_output(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=3600)
+    reviews(10).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, **BATCH)
+    assert run_cli("run", str(job), "--detach", cwd=tmp_path).returncode == 0
+    assert simulator.finish_batches() == 1
+
+    collected = run_cli("run", str(job), "--detach", cwd=tmp_path)
+
+    assert collected.returncode == 0, collected.stderr
+    assert "running at the provider" not in collected.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet")["error"].null_count() == 10
+    assert simulator.stats()["batches_created"] == 1
+
+
 def test_cancel_stops_open_batches_and_a_later_run_sends_the_rows_again(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:

@@ -680,3 +680,54 @@ def test_a_when_that_fails_on_a_row_stops_before_its_step_sends(
     assert "steps.complaint.when: fails on row" in done.stderr
     assert "answers recorded so far are kept" in done.stderr
     assert paid(simulator) == 10, "step 1 ran; step 2 sent nothing"
+
+
+def test_detach_submits_a_steps_batches_and_each_detached_rerun_goes_on_to_the_next(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    write_reviews(tmp_path, 20)
+    job = steps_job(
+        tmp_path, simulator, [sentiment(), COMPLAINT], model__batch=True, model__batch_poll_s=0.05
+    )
+    simulator.configure(batch_turnaround_s=3600)
+
+    first = run_cli("run", str(job), "--detach", cwd=tmp_path)
+
+    assert first.returncode == 0, first.stderr
+    assert "detached in step sentiment: 1 batch(es)" in first.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    assert simulator.stats()["batches_created"] == 1
+
+    # Still running at the provider: a detached rerun looks once and leaves it there.
+    still = run_cli("run", str(job), "--detach", cwd=tmp_path)
+    assert still.returncode == 0, still.stderr
+    assert "detached in step sentiment" in still.stderr
+    assert simulator.stats()["batches_created"] == 1
+
+    assert simulator.finish_batches() == 1  # the sentiment batch ends; the next will not
+    collected = run_cli("run", str(job), "--detach", cwd=tmp_path)
+    assert collected.returncode == 0, collected.stderr
+    assert "detached in step complaint: 1 batch(es)" in collected.stderr
+    assert simulator.stats()["batches_created"] == 2
+
+    simulator.configure(batch_turnaround_s=0.01)
+    done = run_cli("run", str(job), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    final = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    negative = negatives(final)
+    assert final.get_column("complaint_response").drop_nulls().len() == negative
+    assert simulator.stats()["batch_requests_paid"] == 20 + negative
+    assert simulator.stats()["batches_created"] == 2
+
+
+def test_detach_is_refused_for_a_step_sent_online(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    write_reviews(tmp_path, 5)
+    job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT])
+
+    refused = run_cli("run", str(job), "--detach", cwd=tmp_path)
+
+    assert refused.returncode == 2
+    assert "--detach: step sentiment is sent online" in refused.stderr
+    assert paid(simulator) == 0

@@ -204,7 +204,12 @@ class _BatchRun:
                 first_round = False
                 continue
             if self.detach:
-                return
+                # One look: what has ended is collected (its rows planned again if they
+                # failed), what has not is left running at the provider.
+                await self.wait(submitted, once=True)
+                if self.store.chunks(["submitted"]):
+                    return
+                continue
             await self.wait(submitted)
 
     async def plan_round(self, *, retry_failed: bool) -> int:
@@ -305,8 +310,9 @@ class _BatchRun:
             raise JobStoppedByApi(error) from error
         await anyio.sleep(delay)
 
-    async def wait(self, chunks: list[Chunk]) -> None:
-        """Poll every open batch until it ends, collecting each as it does."""
+    async def wait(self, chunks: list[Chunk], *, once: bool = False) -> None:
+        """Poll every open batch until it ends (or, `once`, look once), collecting each as
+        it does."""
         pending = {chunk.chunk_id: chunk for chunk in chunks}
         failures = 0
         while pending:
@@ -334,6 +340,8 @@ class _BatchRun:
                     await self.collect(chunk, state)
                     del pending[chunk_id]
             self._show()
+            if once:
+                return
             if pending:
                 backoff = self.poll_s * 2**failures if failures else self.poll_s
                 await anyio.sleep(min(backoff, max(MAX_POLL_BACKOFF_S, self.poll_s)))
@@ -490,6 +498,7 @@ class _BatchRun:
         job = self.job
         output_path = None
         outcome = self.outcome
+        detached = 0
         if outcome.fatal is not None:
             end = RunEnd.STOPPED
         elif outcome.interrupted:
@@ -498,13 +507,14 @@ class _BatchRun:
                 "stopped waiting: the submitted batches go on at the provider; "
                 "rerun the same command to collect their results"
             )
-        elif self.detach:
+        elif self.detach and (open_batches := self.store.chunks(["submitted"])):
             end = RunEnd.ALL_OK
-            open_batches = self.store.chunks(["submitted"])
+            detached = len(open_batches)
             self.notes.append(
-                f"submitted: {len(open_batches)} batch(es) are running at the provider "
-                "(results within 24 h); `pipeline status` shows them, rerunning the same "
-                "command without --detach collects them"
+                f"submitted: {detached} batch(es) are running at the provider "
+                "(results within 24 h); `pipeline status` shows them; rerunning the same "
+                "command collects them (without --detach it waits for them, with it it "
+                "collects those that have ended)"
             )
         elif not self.options.write_output:
             end = RunEnd.ROWS_FAILED if self.counters.rows_failed else RunEnd.ALL_OK
@@ -528,6 +538,7 @@ class _BatchRun:
             notes=self.notes,
             counters=self.counters,
             output_uri=job.output_uri if output_path is not None else None,
+            open_batches=detached,
         )
 
 

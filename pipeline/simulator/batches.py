@@ -97,6 +97,7 @@ class Batch:
     cancel_requested_at: float | None = None
     cancel_looks: int = 0  # looks left before a cancellation completes
     finished_at: float | None = None
+    due: bool = False  # ends at the next look, whatever the turnaround (`finish_open`)
 
 
 class BatchStore:
@@ -108,6 +109,14 @@ class BatchStore:
         self.batches: dict[str, Batch] = {}
         self._dir: Path | None = None
         self._rng = random.Random(sim.config.seed + 7)
+
+    def finish_open(self) -> int:
+        """Let every batch open now end at its next look (how many), while batches
+        created later keep the turnaround: a test's control of the provider's clock."""
+        open_now = [b for b in self.batches.values() if b.finished_at is None]
+        for batch in open_now:
+            batch.due = True
+        return len(open_now)
 
     # --- storage -----------------------------------------------------------------------
 
@@ -442,7 +451,7 @@ class BatchStore:
             return
         if batch.status == "in_progress":
             # The turnaround is read now, so a test can shorten it for batches already created.
-            if now >= batch.created_at + self.sim.config.batch_turnaround_s:
+            if batch.due or now >= batch.created_at + self.sim.config.batch_turnaround_s:
                 self._process(batch, cancelled=False)
         elif batch.status == "finalizing":
             self._process(batch, cancelled=False)

@@ -96,6 +96,10 @@ class RunningSimulator:
     def reset(self) -> None:
         self._call(self.simulator.reset)
 
+    def finish_batches(self) -> int:
+        """Every batch open now ends at its next look; later batches keep the turnaround."""
+        return self._call(self.simulator.finish_batches)
+
     def configure(self, **fields: Any) -> SimulatorConfig:
         """Change config fields live, e.g. ``configure(fail_503=0.5)``."""
         return self._call(lambda: self.simulator.configure(**fields))

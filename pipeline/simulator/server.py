@@ -144,6 +144,10 @@ class Simulator:
     def stats(self, full: bool = True) -> dict[str, Any]:
         return self.stats_obj.snapshot(full)
 
+    def finish_batches(self) -> int:
+        """Every batch open now ends at its next look, whatever the turnaround."""
+        return self.batch_store.finish_open()
+
     def reset(self) -> None:
         """Zero the stats, the fail_first/drop_first/bad_json attempt counters and the
         limits."""
