@@ -86,3 +86,40 @@ def test_rows_keyed_by_request_keep_their_answers_too(
 
     assert run(tmp_path, simulator, 400, reuse_across_params=True, input__id_column=None) == cut
     assert output(tmp_path).get_column("error").null_count() == ROWS
+
+
+def test_a_step_whose_max_tokens_is_raised_resends_only_its_answers_cut_short(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    write_reviews(tmp_path)
+
+    def run_steps(max_tokens: int) -> int:
+        steps = [
+            {
+                "name": "sentiment",
+                "prompt": {"template": "Classify: {{ text }}"},
+                "output": {"schema": {"label": {"enum": ["positive", "negative", "neutral"]}}},
+            },
+            {
+                "name": "gist",
+                "prompt": {"template": "Gist of this {{ label }} review: {{ text }}"},
+                "model": {"params": {"max_tokens": max_tokens}},
+            },
+        ]
+        job = make_job(tmp_path, simulator, prompt=None, steps=steps, reuse_across_params=True)
+        before = paid(simulator)
+        done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return paid(simulator) - before
+
+    assert run_steps(15) == 2 * ROWS
+    first = output(tmp_path)
+    cut = first.filter(pl.col("gist_finish_reason") == "length").get_column("review_id")
+    assert 0 < cut.len() < ROWS, "the test needs some answers cut short and some whole"
+
+    assert run_steps(400) == cut.len(), "the first step and the whole answers are kept"
+
+    second = output(tmp_path)
+    assert second.get_column("gist_finish_reason").to_list() == ["stop"] * ROWS
+    assert second.get_column("sentiment_response").equals(first.get_column("sentiment_response"))
+    assert run_steps(400) == 0
