@@ -225,6 +225,15 @@ def test_anthropic_refusing_a_batch_stops_the_job(
     assert simulator.stats()["batches_created"] == 0
 
 
+def detached_job(workdir: Path, simulator: RunningSimulator, rows: int) -> Path:
+    """A batch job run with --detach, its one batch left running at the provider."""
+    simulator.configure(batch_turnaround_s=3600)
+    reviews(rows).write_csv(workdir / "reviews.csv")
+    job = make_job(workdir, simulator, **BATCH)
+    assert run_cli("run", str(job), "--detach", cwd=workdir).returncode == 0
+    return job
+
+
 def test_detach_submits_and_exits_then_status_shows_and_a_rerun_collects(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
@@ -255,10 +264,7 @@ def test_detach_submits_and_exits_then_status_shows_and_a_rerun_collects(
 def test_a_detached_rerun_collects_the_batches_that_have_ended_and_writes_the_output(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
-    simulator.configure(batch_turnaround_s=3600)
-    reviews(10).write_csv(tmp_path / "reviews.csv")
-    job = make_job(tmp_path, simulator, **BATCH)
-    assert run_cli("run", str(job), "--detach", cwd=tmp_path).returncode == 0
+    job = detached_job(tmp_path, simulator, 10)
     assert simulator.finish_batches() == 1
 
     collected = run_cli("run", str(job), "--detach", cwd=tmp_path)
@@ -272,10 +278,7 @@ def test_a_detached_rerun_collects_the_batches_that_have_ended_and_writes_the_ou
 def test_cancel_stops_open_batches_and_a_later_run_sends_the_rows_again(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
-    simulator.configure(batch_turnaround_s=3600)
-    reviews(20).write_csv(tmp_path / "reviews.csv")
-    job = make_job(tmp_path, simulator, **BATCH)
-    assert run_cli("run", str(job), "--detach", cwd=tmp_path).returncode == 0
+    job = detached_job(tmp_path, simulator, 20)
 
     cancelled = run_cli("cancel", str(job), cwd=tmp_path)
 
@@ -445,10 +448,7 @@ def test_detach_is_refused_where_the_batches_cannot_outlive_the_process(tmp_path
 def test_a_batch_the_provider_no_longer_knows_is_named_and_only_its_rows_are_resubmitted(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
-    simulator.configure(batch_turnaround_s=3600)
-    reviews(20).write_csv(tmp_path / "reviews.csv")
-    job = make_job(tmp_path, simulator, **BATCH)
-    assert run_cli("run", str(job), "--detach", cwd=tmp_path).returncode == 0
+    job = detached_job(tmp_path, simulator, 20)
     simulator.reset()  # the server that held the batch is gone, and the batch with it
     simulator.configure(batch_turnaround_s=0.1)
 

@@ -590,17 +590,22 @@ def test_one_run_per_job_with_steps(tmp_path: Path, simulator: RunningSimulator)
         settle(simulator)
 
 
-def test_rows_failed_in_a_step_exit_1_and_later_steps_still_run(
-    tmp_path: Path, simulator: RunningSimulator
-) -> None:
-    rows = 30
+def write_failing_reviews(workdir: Path, rows: int) -> None:
+    """Reviews whose first two the simulator refuses (over its context window)."""
     data = reviews(rows).with_columns(
         pl.when(pl.int_range(rows) < 2)
         .then(pl.col("text") + " [[sim:context]]")
         .otherwise(pl.col("text"))
         .alias("text")
     )
-    data.write_csv(tmp_path / "reviews.csv")
+    data.write_csv(workdir / "reviews.csv")
+
+
+def test_rows_failed_in_a_step_exit_1_and_later_steps_still_run(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    rows = 30
+    write_failing_reviews(tmp_path, rows)
     job = steps_job(tmp_path, simulator, [sentiment(), COMPLAINT])
 
     done = run_cli("run", str(job), "--quiet", cwd=tmp_path)
@@ -622,13 +627,7 @@ def test_a_row_an_earlier_step_failed_on_is_not_sent_to_the_steps_that_read_its_
     exactly them; the reduce by label has no group of unlabelled rows. Once the input is
     fixed, a rerun sends just what changed and exits 0."""
     rows = 30
-    broken = reviews(rows).with_columns(
-        pl.when(pl.int_range(rows) < 2)
-        .then(pl.col("text") + " [[sim:context]]")
-        .otherwise(pl.col("text"))
-        .alias("text")
-    )
-    broken.write_csv(tmp_path / "reviews.csv")
+    write_failing_reviews(tmp_path, rows)
     explain = {"name": "explain", "prompt": {"template": "Why {{ sentiment_response }}?"}}
     fallback = {
         "name": "fallback",
