@@ -11,6 +11,7 @@ import polars as pl
 
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.executor import Cluster
+from pipeline.job import ResolvedJob
 from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions
 from pipeline.spec import load_spec, with_cache
@@ -156,7 +157,8 @@ def status_steps(job: Path, output: Path | None) -> None:
             lines.append(f"  {step.name}: {idle}")
             continue
         derived = step_job_spec(spec, step, str(step_input), str(layout.step_output(step)))
-        report = job_status(resolve_job(derived, read_key=False))
+        resolved = resolve_job(derived, read_key=False)
+        report = job_status(resolved)
         if report is None:
             lines.append(f"  {step.name}: not started")
             continue
@@ -172,6 +174,8 @@ def status_steps(job: Path, output: Path | None) -> None:
             failed += waves["failed"]
         pending = rows - finished
         state = "running" if report.running else "done" if pending == 0 else "stopped"
+        if state == "stopped" and (waiting := _open_batches(resolved)):
+            state = f"{waiting} batch(es) open at the provider (`run` collects them)"
         lines.append(
             f"  {step.name}: {finished:,}/{rows:,} "
             f"{'group' if step.reduce else 'row'}(s) finished ({failed:,} failed), "
@@ -179,6 +183,13 @@ def status_steps(job: Path, output: Path | None) -> None:
         )
     click.echo(f"{spec.name}: {len(spec.steps or [])} steps, ${cost:.6f} spent in all")
     click.echo("\n".join(lines))
+
+
+def _open_batches(job: ResolvedJob) -> int:
+    """The step's batches submitted and not yet collected."""
+    from pipeline.batch.engine import batch_chunks
+
+    return sum(chunk.state == "submitted" for chunk in batch_chunks(job))
 
 
 def _first_row(step_input: Path) -> int:

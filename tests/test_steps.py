@@ -697,6 +697,8 @@ def test_detach_submits_a_steps_batches_and_each_detached_rerun_goes_on_to_the_n
     assert not (tmp_path / "out" / "result.parquet").exists()
     assert simulator.stats()["batches_created"] == 1
 
+    status = run_cli("status", str(job), cwd=tmp_path).stdout
+    assert "sentiment: 0/20 row(s) finished (0 failed), 20 pending, 1 batch(es) open" in status
     # Still running at the provider: a detached rerun looks once and leaves it there.
     still = run_cli("run", str(job), "--detach", cwd=tmp_path)
     assert still.returncode == 0, still.stderr
