@@ -127,6 +127,13 @@ def executor_for(job: ResolvedJob, options: RunOptions, cluster: Cluster | None 
             "this process, so its batches end when the process does; run without --detach, "
             "or point model.base_url at `pipeline simulate`"
         )
+    if not batch and (waiting := _open_batches(job)):
+        # Sending their rows online too would pay for them twice.
+        raise SpecError(
+            f"this job has {waiting} batch(es) open at the provider from an earlier "
+            "--batch run; rerun with --batch to collect them, or `pipeline cancel` them "
+            "first to send the rest online"
+        )
     if cluster is not None:
         if batch:
             raise SpecError("--ray: batch jobs run at the provider; drop --ray or --batch")
@@ -158,3 +165,12 @@ def root_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _open_batches(job: ResolvedJob) -> int:
+    """Batches an earlier batch run submitted and no run has collected yet."""
+    from pipeline.batch.store import read_chunks
+
+    if not job.checkpoint_path.exists():
+        return 0
+    return sum(chunk.state == "submitted" for chunk in read_chunks(job.checkpoint_path))

@@ -275,6 +275,27 @@ def test_a_detached_rerun_collects_the_batches_that_have_ended_and_writes_the_ou
     assert simulator.stats()["batches_created"] == 1
 
 
+def test_a_run_online_is_refused_while_the_jobs_batches_are_open(
+    tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    simulator.configure(batch_turnaround_s=3600)
+    reviews(10).write_csv(tmp_path / "reviews.csv")
+    job = make_job(tmp_path, simulator, model__batch_poll_s=0.05)
+    assert run_cli("run", str(job), "--batch", "--detach", cwd=tmp_path).returncode == 0
+
+    online = run_cli("run", str(job), cwd=tmp_path)
+
+    assert online.returncode == 2, online.stderr
+    assert "1 batch(es) open at the provider" in online.stderr
+    assert "rerun with --batch" in online.stderr
+    assert simulator.stats()["completions"] == 0, "no row paid for a second time online"
+    simulator.finish_batches()
+    collected = run_cli("run", str(job), "--batch", cwd=tmp_path)
+    assert collected.returncode == 0, collected.stderr
+    assert simulator.stats()["batch_requests_paid"] == 10
+    assert simulator.stats()["completions"] == 10, "the batch's answers, and only those"
+
+
 def test_cancel_stops_open_batches_and_a_later_run_sends_the_rows_again(
     tmp_path: Path, simulator: RunningSimulator
 ) -> None:
