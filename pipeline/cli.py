@@ -23,7 +23,7 @@ from pipeline.job import ResolvedJob
 from pipeline.plan import template_failures
 from pipeline.resolve import resolve_job
 from pipeline.results import Status
-from pipeline.runs import RunEnd, RunOptions, RunSummary
+from pipeline.runs import RunEnd, RunOptions, RunSummary, rerun_command
 from pipeline.spec import with_cache
 from pipeline.steps import job_has_steps
 
@@ -240,9 +240,7 @@ def run(
     """
     wants_cluster = use_ray or ray_address is not None or ray_workers is not None
     cluster = Cluster(ray_address, ray_workers) if wants_cluster else None
-    rerun = f"pipeline run {shlex.quote(str(job))}" + (
-        f" --output {shlex.quote(str(output))}" if output else ""
-    )
+    rerun = rerun_command(job, output, batch)
     options = RunOptions(
         handle_signals=True,
         show_progress=not quiet,
@@ -292,7 +290,7 @@ def run(
         _fail(str(exc), EXIT_STOPPED)
     except Exception as exc:  # the last line of defence
         _crashed(RunCrashed(f"{type(exc).__name__}: {exc}", log_path=prepared.log_path), exc, rerun)
-    _print_summary(summary, job, output)
+    _print_summary(summary, rerun_command(job, output, batch))
     if prepared.replaced_output is not None and summary.output_path is not None:
         click.echo(
             f"--limit {limit}: the first {prepared.rows:,} rows are in "
@@ -303,13 +301,10 @@ def run(
     sys.exit(EXIT_CODES[summary.end])
 
 
-def _print_summary(summary: RunSummary, job: Path, output: str | Path | None) -> None:
+def _print_summary(summary: RunSummary, rerun: str) -> None:
     from pipeline.report import OutputStats
 
     totals = summary.totals
-    rerun = f"pipeline run {shlex.quote(str(job))}" + (
-        f" --output {shlex.quote(str(output))}" if output else ""
-    )
     stats = OutputStats.read(summary.output_path) if summary.output_path is not None else None
     counters = summary.counters
     unfinished = max(
@@ -507,9 +502,7 @@ def _describe_status(name: str, report: Status, job: Path, output: Path | None) 
     elif report.pending == 0:
         lines.append("run: none active; done, every row has a result")
     else:
-        rerun = f"pipeline run {shlex.quote(str(job))}" + (
-            f" --output {shlex.quote(str(output))}" if output else ""
-        )
+        rerun = rerun_command(job, output)
         last = "" if run is None else f" (the last one sent {sent.get('requests_sent', 0):,})"
         lines.append(f"run: none active{last}; `{rerun}` resumes")
     return lines

@@ -4,6 +4,7 @@ the same for every executor (local pool, provider batch, Ray shards).
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -86,3 +87,12 @@ class RunOptions:
     signals: StopHub | None = None
     pacers: SharedPacers | None = None
     budget: SharedBudget | None = None
+
+
+def rerun_command(job: Path, output: str | Path | None, batch: bool = False) -> str:
+    """The command that resumes a run: the same job, output and executor."""
+    return (
+        f"pipeline run {shlex.quote(str(job))}"
+        + (f" --output {shlex.quote(str(output))}" if output else "")
+        + (" --batch" if batch else "")
+    )

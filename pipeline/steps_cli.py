@@ -3,7 +3,6 @@ print, and the exit code, the same as a single-step job's for the same end."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import click
@@ -13,7 +12,7 @@ from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.executor import Cluster
 from pipeline.job import ResolvedJob
 from pipeline.resolve import resolve_job
-from pipeline.runs import RunEnd, RunOptions
+from pipeline.runs import RunEnd, RunOptions, rerun_command
 from pipeline.spec import load_spec, with_cache
 from pipeline.steps import ROW_COLUMN, Chain, StepsLayout, open_chain, step_job_spec
 from pipeline.steps_reduce import combine_step, splits, with_reduce_models
@@ -60,11 +59,7 @@ def run_steps(
     cache: str | None = None,
 ) -> int:
     """Run a multi-step job and print one summary; returns the exit code."""
-    rerun = (
-        f"pipeline run {shlex.quote(str(job))}"
-        + (f" --output {shlex.quote(output)}" if output else "")
-        + (" --batch" if batch else "")
-    )
+    rerun = rerun_command(job, output, batch)
     if cluster is not None:
         cluster.require_ray()
     chain = open_chain(job, output=output, limit=limit)

@@ -319,15 +319,16 @@ def test_ctrl_c_stops_waiting_and_says_the_batches_go_on(
 ) -> None:
     simulator.configure(batch_turnaround_s=3600)
     reviews(20).write_csv(tmp_path / "reviews.csv")
-    job = make_job(tmp_path, simulator, **BATCH)
+    job = make_job(tmp_path, simulator, model__batch_poll_s=0.1)
 
-    process = start_cli("run", str(job), "--quiet", cwd=tmp_path)
+    process = start_cli("run", str(job), "--batch", "--quiet", cwd=tmp_path)
     wait_for(lambda: [s for s, _ in chunk_states(tmp_path)] == ["submitted"], process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
 
     assert process.returncode == 130, stderr
     assert "the submitted batches go on at the provider" in stderr
+    assert f"`pipeline run {job} --batch` resumes" in stderr, "the hint keeps --batch"
     assert simulator.stats()["batches_created"] == 1
 
 
