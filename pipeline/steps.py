@@ -152,6 +152,16 @@ class StepsLayout:
         """`out/reviews.parquet` -> `out/reviews.per_label.parquet`."""
         return self.output.with_name(f"{self.output.stem}.{step.name}{self.output.suffix}")
 
+    def combining_rounds(self, step: StepSpec) -> Path:
+        """How many combining rounds a reduce step's last complete run took."""
+        return self.folder(step) / "combining-rounds"
+
+    def rounds_taken(self, step: StepSpec) -> int | None:
+        try:
+            return int(self.combining_rounds(step).read_text())
+        except (OSError, ValueError):
+            return None
+
     def reduce_uri(self, step: StepSpec) -> str | None:
         """`reduce_output`'s place in object storage, for an object-storage output."""
         if self.uri is None:
@@ -166,12 +176,17 @@ class StepsLayout:
 
 
 def combine_rounds(step: StepSpec, layout: StepsLayout | None) -> list[StepSpec]:
-    """A splitting reduce step's combining rounds: the first, and each later one whose
-    folder a run has made."""
-    rounds = [combine_step(step)]
-    while layout is not None:
+    """A splitting reduce step's combining rounds: as many as its last complete run took
+    (later ones, and all of them when it split no group, are an earlier run's records,
+    kept for reuse but no longer part of the job); before that, the first and each later
+    one whose folder a run has made."""
+    if layout is None:
+        return [combine_step(step)]
+    taken = layout.rounds_taken(step)
+    rounds: list[StepSpec] = []
+    while taken is None or len(rounds) < taken:
         later = combine_step(step, len(rounds) + 1)
-        if not layout.folder(later).exists():
+        if rounds and not layout.folder(later).exists():
             break
         rounds.append(later)
     return rounds

@@ -264,6 +264,7 @@ def _combine(
     a round stopped); each round's run is added to the summary."""
     groups = combine_input(answered, step)
     if groups.height == 0:
+        chain.layout.combining_rounds(step).write_text(str(round_number - 1))
         return None
     combining = within_job_budget(chain, combine_step(step, round_number))
     requests = combine_parts(groups, combining)

@@ -8,6 +8,7 @@ counts follow from the output.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -510,6 +511,15 @@ def test_answers_too_many_for_one_combining_request_are_combined_in_rounds(
     assert again.returncode == 0, again.stderr
     assert paid(simulator) == sum(r.height for r in rounds)  # every round's answers kept
     assert pl.read_parquet(tmp_path / "out" / "result.per_product.parquet").equals(reduced)
+
+    # A budget that needs one combining round: the second, an earlier run's, is not
+    # listed any more; one that splits no group: no combining round is.
+    for larger, listed in ((400, ["per_product_combine"]), (5000, [])):
+        per_product["reduce"] = {"by": "product", "max_prompt_tokens": larger}
+        job = steps_job(tmp_path, simulator, [per_product])
+        assert run_cli("run", str(job), "--quiet", cwd=tmp_path).returncode == 0
+        status = run_cli("status", str(job), cwd=tmp_path).stdout
+        assert re.findall(r"(per_product_combine\w*):", status) == listed, status
 
 
 def test_a_combining_round_that_cannot_shrink_a_group_sends_it_whole() -> None:
