@@ -10,6 +10,7 @@ can honour before anything is sent.
 
 from __future__ import annotations
 
+import sqlite3
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -173,4 +174,8 @@ def _open_batches(job: ResolvedJob) -> int:
 
     if not job.checkpoint_path.exists():
         return 0
-    return sum(chunk.state == "submitted" for chunk in read_chunks(job.checkpoint_path))
+    try:
+        chunks = read_chunks(job.checkpoint_path)
+    except sqlite3.DatabaseError:
+        return 0  # a damaged checkpoint: opening it for the run says so, and how to fix it
+    return sum(chunk.state == "submitted" for chunk in chunks)
