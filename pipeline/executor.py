@@ -10,7 +10,6 @@ can honour before anything is sent.
 
 from __future__ import annotations
 
-import sqlite3
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Protocol
 
 import anyio
 
+from pipeline.batch.store import open_batches
 from pipeline.embedded import served_in_process
 from pipeline.errors import JobStopped, RunCrashed, SpecError
 from pipeline.job import ResolvedJob
@@ -128,7 +128,7 @@ def executor_for(job: ResolvedJob, options: RunOptions, cluster: Cluster | None 
             "this process, so its batches end when the process does; run without --detach, "
             "or point model.base_url at `pipeline simulate`"
         )
-    if not batch and (waiting := _open_batches(job)):
+    if not batch and (waiting := open_batches(job.checkpoint_path)):
         # Sending their rows online too would pay for them twice.
         raise SpecError(
             f"this job has {waiting} batch(es) open at the provider from an earlier "
@@ -166,16 +166,3 @@ def root_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _open_batches(job: ResolvedJob) -> int:
-    """Batches an earlier batch run submitted and no run has collected yet."""
-    from pipeline.batch.store import read_chunks
-
-    if not job.checkpoint_path.exists():
-        return 0
-    try:
-        chunks = read_chunks(job.checkpoint_path)
-    except sqlite3.DatabaseError:
-        return 0  # a damaged checkpoint: opening it for the run says so, and how to fix it
-    return sum(chunk.state == "submitted" for chunk in chunks)

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 import polars as pl
 
+from pipeline.batch.store import open_batches
 from pipeline.errors import PipelineError, RunCrashed, SpecError
 from pipeline.executor import Cluster
-from pipeline.job import ResolvedJob
 from pipeline.resolve import resolve_job
 from pipeline.runs import RunEnd, RunOptions, rerun_command
 from pipeline.spec import load_spec, with_cache
@@ -101,10 +101,10 @@ def describe_chain(summary: ChainSummary, rerun: str) -> str:
     for result in summary.steps:
         run = result.summary
         failed = result.failed
-        reasons = result.skipped or result.unsent
+        reasons = left_out(result.skipped, result.unsent)
         lines.append(
             f"  {result.step.name}: {result.rows:,} {'group' if result.step.reduce else 'row'}(s)"
-            + (f" ({left_out(result.skipped, result.unsent)[2:]})" if reasons else "")
+            + (f" ({', '.join(reasons)})" if reasons else "")
             + f", {run.reused:,} reused, {run.sent:,} request(s) sent, {failed:,} failed; "
             f"cost ${run.run_cost:.6f} this run"
         )
@@ -169,7 +169,7 @@ def status_steps(job: Path, output: Path | None) -> None:
             failed += waves["failed"]
         pending = rows - finished
         state = "running" if report.running else "done" if pending == 0 else "stopped"
-        if state == "stopped" and (waiting := _open_batches(resolved)):
+        if state == "stopped" and (waiting := open_batches(resolved.checkpoint_path)):
             state = f"{waiting} batch(es) open at the provider (`run` collects them)"
         lines.append(
             f"  {step.name}: {finished:,}/{rows:,} "
@@ -178,13 +178,6 @@ def status_steps(job: Path, output: Path | None) -> None:
         )
     click.echo(f"{spec.name}: {len(spec.steps or [])} steps, ${cost:.6f} spent in all")
     click.echo("\n".join(lines))
-
-
-def _open_batches(job: ResolvedJob) -> int:
-    """The step's batches submitted and not yet collected."""
-    from pipeline.batch.engine import batch_chunks
-
-    return sum(chunk.state == "submitted" for chunk in batch_chunks(job))
 
 
 def _first_row(step_input: Path) -> int:

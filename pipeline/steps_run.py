@@ -364,15 +364,17 @@ def _headline(number: int, of: int, step: StepSpec, covered: int, skipped: int, 
         what = f"reduce by {', '.join(step.reduce.by)}: {covered:,} group(s)"
     else:
         what = f"map: {covered:,} row(s)"
-    return f"step {number}/{of} {step.name}: {what}{left_out(skipped, unsent)}"
+    return f"step {number}/{of} {step.name}: {what}" + "".join(
+        f", {reason}" for reason in left_out(skipped, unsent)
+    )
 
 
-def left_out(skipped: int, unsent: int) -> str:
+def left_out(skipped: int, unsent: int) -> list[str]:
     """The rows a step was not sent, and why."""
     reasons = [f"{skipped:,} left out by its `when`"] if skipped else []
     if unsent:
         reasons.append(f"{unsent:,} not sent as an earlier step failed on them")
-    return "".join(f", {reason}" for reason in reasons)
+    return reasons
 
 
 def _failed_upstream_in(chain: Chain, step: StepSpec, frame: pl.DataFrame) -> int:

@@ -214,6 +214,18 @@ def read_chunks(path: Path) -> list[Chunk]:
     return [Chunk(*row) for row in rows]
 
 
+def open_batches(path: Path) -> int:
+    """Batches submitted and not yet collected, by the checkpoint at `path` (none when
+    it does not exist, or is damaged: opening it for a run says so, and how to fix it)."""
+    if not path.exists():
+        return 0
+    try:
+        chunks = read_chunks(path)
+    except sqlite3.DatabaseError:
+        return 0
+    return sum(chunk.state == "submitted" for chunk in chunks)
+
+
 def describe_errors(errors: list[dict[str, object]]) -> str:
     """Line errors as stored in a chunk's detail and shown to the user."""
     return orjson.dumps(errors).decode()
