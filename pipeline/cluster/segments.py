@@ -172,6 +172,11 @@ class ShardResults:
         self.records.update(other.records)
 
 
+def _finished_at(record: Sequence[object]) -> float:
+    stamp = record[-1]
+    return float(stamp) if isinstance(stamp, int | float) else 0.0
+
+
 # positions in a record (the request hash first, then the stored columns)
 _FIELDS = ("request_hash", *(c.name for c in STORED_COLUMNS))
 _ERROR = _FIELDS.index("error")
@@ -203,7 +208,6 @@ class ShardStore:
                 table = pq.read_table(pa.BufferReader(data))
             except (pa.ArrowInvalid, OSError):
                 continue  # a torn write from a killed worker on a file system without rename
-            table = table.sort_by("finished_at")
             # A segment written before a column was added has none: null, as in the checkpoint.
             columns = [
                 table.column(name).to_pylist()
@@ -212,7 +216,11 @@ class ShardStore:
                 for name in (*_FIELDS, "finished_at")
             ]
             for key, *values in zip(table.column("row_key").to_pylist(), *columns, strict=True):
-                records[key] = tuple(values)
+                # The latest result of a row wins, whichever segment holds it: segments
+                # are named by attempt, and a later run's may sort before an earlier one's.
+                earlier = records.get(key)
+                if earlier is None or _finished_at(values) >= _finished_at(earlier):
+                    records[key] = tuple(values)
         return ShardResults(records)
 
     def commit(self, rows: list[Row], log_lines: list[bytes]) -> None:
