@@ -54,6 +54,15 @@ def steps_job(
     )
 
 
+def mode_switches(how: str, request: pytest.FixtureRequest) -> list[str]:
+    """The `run` options of a mode; Ray's start the session's cluster."""
+    if how == "batch":
+        return ["--batch"]
+    if how == "ray":
+        return ["--ray-address", request.getfixturevalue("ray_cluster")]
+    return []
+
+
 def write_reviews(workdir: Path, rows: int) -> None:
     reviews(rows).write_csv(workdir / "reviews.csv")
 
@@ -339,10 +348,7 @@ def test_batch_and_ray_run_every_step_through_the_same_path(
 ) -> None:
     rows = 30
     simulator.configure(batch_turnaround_s=0.05)
-    switches = {
-        "batch": ["--batch"],
-        "ray": ["--ray-address", request.getfixturevalue("ray_cluster") if mode == "ray" else ""],
-    }[mode]
+    switches = mode_switches(mode, request)
     finished = {}
     for how, extra in (("online", []), (mode, switches)):
         workdir = tmp_path / how
@@ -600,11 +606,12 @@ def test_one_run_per_job_with_steps(tmp_path: Path, simulator: RunningSimulator)
         settle(simulator)
 
 
-def write_failing_reviews(workdir: Path, rows: int) -> None:
-    """Reviews whose first two the simulator refuses (over its context window)."""
+def write_failing_reviews(workdir: Path, rows: int, marker: str = "[[sim:context]]") -> None:
+    """Reviews whose first two the simulator refuses (by default, over its context
+    window; a 400 is refused in a batch too)."""
     data = reviews(rows).with_columns(
         pl.when(pl.int_range(rows) < 2)
-        .then(pl.col("text") + " [[sim:context]]")
+        .then(pl.col("text") + f" {marker}")
         .otherwise(pl.col("text"))
         .alias("text")
     )
@@ -628,28 +635,40 @@ def test_rows_failed_in_a_step_exit_1_and_later_steps_still_run(
     assert f"sentiment: {rows} row(s), 0 reused, {rows} request(s) sent, 2 failed" in done.stderr
 
 
-@pytest.mark.parametrize("wave", ["10", "1000000"], ids=["streamed", "step-by-step"])
+@pytest.mark.parametrize(
+    ("wave", "how"),
+    [("10", "online"), ("1000000", "online"), ("10", "batch"), ("10", "ray")],
+    ids=["streamed", "step-by-step", "batch", "ray"],
+)
 def test_a_row_an_earlier_step_failed_on_is_not_sent_to_the_steps_that_read_its_answer(
-    tmp_path: Path, simulator: RunningSimulator, wave: str
+    tmp_path: Path,
+    simulator: RunningSimulator,
+    wave: str,
+    how: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Two rows fail in step 1. A step built on its answer is not sent them (it would pay
     for a request about nothing) and says why; a step that reads step 1's error is sent
     exactly them; the reduce by label has no group of unlabelled rows. Once the input is
     fixed, a rerun sends just what changed and exits 0."""
+    mode = mode_switches(how, request)
     rows = 30
-    write_failing_reviews(tmp_path, rows)
+    write_failing_reviews(tmp_path, rows, "[[sim:status=400]]")
     explain = {"name": "explain", "prompt": {"template": "Why {{ sentiment_response }}?"}}
     fallback = {
         "name": "fallback",
         "when": "sentiment_error is not none",
         "prompt": {"template": "Try again on review {{ review_id }}"},
     }
-    job = steps_job(tmp_path, simulator, [sentiment(), explain, fallback, per_label()])
+    simulator.configure(batch_turnaround_s=0.05)
+    job = steps_job(
+        tmp_path, simulator, [sentiment(), explain, fallback, per_label()], model__batch_poll_s=0.05
+    )
 
-    done = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=wave)
+    done = run_cli("run", str(job), "--quiet", *mode, cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=wave)
 
     assert done.returncode == 1, done.stderr
-    assert ("rows in 3 waves" in done.stderr) == (wave == "10")
+    assert ("rows in 3 waves" in done.stderr) == (wave == "10" and how == "online")
     assert "explain: 28 row(s) (2 not sent as an earlier step failed on them)" in done.stderr
     assert paid(simulator) == (rows - 2) * 2 + 2 + len(LABELS)  # the 2 are refused, unpaid
     final, reduced = outputs(tmp_path)
@@ -666,7 +685,7 @@ def test_a_row_an_earlier_step_failed_on_is_not_sent_to_the_steps_that_read_its_
 
     reviews(rows).write_csv(tmp_path / "reviews.csv")  # the fix
     before = paid(simulator)
-    again = run_cli("run", str(job), "--quiet", cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=wave)
+    again = run_cli("run", str(job), "--quiet", *mode, cwd=tmp_path, PIPELINE_STEP_WAVE_ROWS=wave)
 
     assert again.returncode == 0, again.stderr
     final, reduced = outputs(tmp_path)
